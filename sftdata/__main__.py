@@ -1,0 +1,3 @@
+from sftdata.cli import main
+
+main()

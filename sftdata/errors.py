@@ -1,0 +1,27 @@
+"""The one error tree. Library code raises these; the CLIs map them to one-line messages."""
+
+from __future__ import annotations
+
+
+class SftError(Exception):
+    """Base of every error caused by what the user gave us (data, paths, options, configs)."""
+
+
+class ConversionError(SftError):
+    """A raw input file or record cannot be turned into a canonical conversation."""
+
+
+class ValidationError(SftError):
+    """A canonical conversation file breaks the schema or the structural rules."""
+
+
+class TemplateError(SftError):
+    """A chat template cannot be loaded or cannot render a record."""
+
+
+class ShardError(SftError):
+    """A shard folder is missing, incomplete, foreign, corrupted or unsafe."""
+
+
+class ConfigError(SftError):
+    """A training/packing configuration is unknown, ill-typed or impossible."""

@@ -1,0 +1,3 @@
+from sfttrain.cli import main
+
+main()

@@ -1,0 +1,37 @@
+"""Shared test fixtures: paths to the project's fixtures and to ../shared real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "fixtures"
+SHARED = ROOT.parent / "shared"
+SHARED_DATA = SHARED / "data"
+LLAMA2_TOKENIZER = SHARED / "tokenizers" / "llama2"
+
+
+def _absent(what: str) -> None:
+    # CI always has ../shared beside the clone: there a missing folder is a failure, not a skip.
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing but CI=true: the real-data tests must run in CI")
+    pytest.skip(f"{what} is not present (fresh clone without the shared folder)")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data, or a clean skip on a user's fresh clone (CI always has it)."""
+    if not SHARED_DATA.is_dir():
+        _absent("../shared/data")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def llama2_tokenizer_dir() -> Path:
+    """../shared/tokenizers/llama2, or a clean skip where the shared folder is absent."""
+    if not (LLAMA2_TOKENIZER / "tokenizer.model").is_file():
+        _absent("../shared/tokenizers/llama2")
+    return LLAMA2_TOKENIZER
