@@ -8,7 +8,9 @@ later error can name the file and line/row it came from.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sftdata.errors import ConversionError
@@ -107,7 +109,9 @@ class Conversation:
         )
 
     @classmethod
-    def from_dict(cls, d: Any, *, where: str) -> Conversation:
+    def from_dict(
+        cls, d: Any, *, where: str, fallback_source: Source | None = None
+    ) -> Conversation:
         """Build from a parsed canonical JSON object, raising ConversionError naming ``where``.
 
         Only type checks needed to build the object happen here; ``sftdata.validate`` reports
@@ -146,5 +150,42 @@ class Conversation:
         if tools is not None and not isinstance(tools, list):
             raise ConversionError(f"{where}: 'tools' must be a list")
         src = d.get("source")
-        source = Source.from_dict(src) if isinstance(src, dict) else Source(file=where)
+        source = (
+            Source.from_dict(src)
+            if isinstance(src, dict)
+            else (fallback_source or Source(file=where))
+        )
         return cls(id=rid, messages=messages, source=source, tools=tools)
+
+
+def read_jsonl(path: str | Path) -> Iterator[Conversation]:
+    """Stream canonical conversations from a JSONL file, one line at a time.
+
+    Raises:
+        ConversionError: naming ``path:line`` for unreadable files, invalid JSON or bad records.
+    """
+    path = Path(path)
+    try:
+        f = path.open("r", encoding="utf-8")
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConversionError(f"{path}: is a folder, expected a .jsonl file") from None
+    with f:
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConversionError(
+                        f"{where}: invalid JSON ({e.msg} at column {e.colno})"
+                    ) from None
+                yield Conversation.from_dict(
+                    d, where=where, fallback_source=Source(file=str(path), line=lineno)
+                )
+        except UnicodeDecodeError:
+            raise ConversionError(f"{path}:{lineno + 1}: not valid UTF-8 text") from None
