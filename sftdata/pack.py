@@ -1,0 +1,145 @@
+"""Packing: whole records into rows of exactly ``seq_len`` tokens (pure functions, no I/O).
+
+``pack_rows`` decides which records share a row (best-fit decreasing over the whole dataset);
+``build_row`` lays one row out: concatenated tokens, HF-convention labels (unshifted, -100 where
+not trained and at every record's first token, so no record learns from its neighbour),
+``position_ids`` restarting at 0 per record, and a trailing padding segment.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from sftdata import IGNORE_INDEX
+
+
+def pack_rows(lengths: Sequence[int] | np.ndarray, *, seq_len: int) -> list[list[int]]:
+    """Group record indices into rows whose total length is at most ``seq_len``.
+
+    Best-fit decreasing: records are taken longest first (ties by index, so the result is
+    deterministic) and each goes into the open row with the least remaining room that still
+    fits it. Open rows are kept in buckets keyed by remaining capacity, with a sorted list of
+    the non-empty capacities searched by ``bisect``: O(n log seq_len) overall.
+
+    Measured on 49,950 Alpaca records (10.9M Llama-2 tokens, see benchmarks/): at seq_len
+    4096 this gives the floor ceil(total/seq_len) = 2,668 rows or within a row of it (≥ 99.9%
+    fill); the many short records fill the gaps the long ones leave.
+
+    Args:
+        lengths: token count of each record; every one must be in ``1..seq_len``.
+        seq_len: row capacity.
+
+    Returns:
+        Rows as lists of record indices (ascending within a row), in order of creation.
+    """
+    lens = np.asarray(lengths, dtype=np.int64)
+    if lens.size and (lens.min() < 1 or lens.max() > seq_len):
+        bad = int(np.flatnonzero((lens < 1) | (lens > seq_len))[0])
+        raise ValueError(f"record {bad} has length {int(lens[bad])}, not in 1..{seq_len}")
+    order = np.argsort(-lens, kind="stable")
+    rows: list[list[int]] = []
+    by_room: dict[int, list[int]] = {}  # remaining capacity -> open rows with exactly that room
+    rooms: list[int] = []  # sorted distinct capacities that have at least one open row
+    for i in order.tolist():
+        n = int(lens[i])
+        k = bisect.bisect_left(rooms, n)
+        if k == len(rooms):
+            r = len(rows)
+            rows.append([i])
+            room = seq_len - n
+        else:
+            room_before = rooms[k]
+            bucket = by_room[room_before]
+            r = bucket.pop()
+            if not bucket:
+                del by_room[room_before]
+                rooms.pop(k)
+            rows[r].append(i)
+            room = room_before - n
+        if room > 0:
+            bucket = by_room.get(room)
+            if bucket is None:
+                by_room[room] = [r]
+                bisect.insort(rooms, room)
+            else:
+                bucket.append(r)
+    for row in rows:
+        row.sort()
+    return rows
+
+
+def next_fit(lengths: Sequence[int] | np.ndarray, *, seq_len: int) -> list[list[int]]:
+    """The naive baseline (records in input order, new row when the next one does not fit)."""
+    rows: list[list[int]] = []
+    room = 0
+    for i, n in enumerate(np.asarray(lengths).tolist()):
+        if not rows or n > room:
+            rows.append([])
+            room = seq_len
+        rows[-1].append(i)
+        room -= n
+    return rows
+
+
+def efficiency(total_tokens: int, rows: int, seq_len: int) -> float:
+    """Fraction of row slots holding real tokens (1.0 = no padding at all)."""
+    return total_tokens / (rows * seq_len) if rows else 0.0
+
+
+@dataclass(frozen=True)
+class Row:
+    """One packed row, every array exactly ``seq_len`` long except ``seq_lens``."""
+
+    input_ids: np.ndarray
+    """int32[seq_len]: the records' tokens back to back, then padding."""
+    labels: np.ndarray
+    """int32[seq_len]: input_ids where trained, IGNORE_INDEX elsewhere (unshifted)."""
+    position_ids: np.ndarray
+    """int32[seq_len]: 0.. per record and 0.. again for the padding segment."""
+    seq_lens: np.ndarray
+    """int32[k]: segment lengths (records, then padding if any); sums to seq_len."""
+    num_pad: int
+    """Pad tokens at the end of the row (the last segment when > 0)."""
+
+
+def build_row(
+    segments: Sequence[tuple[np.ndarray, np.ndarray]], *, seq_len: int, pad_id: int
+) -> Row:
+    """Lay out whole records in one row.
+
+    Args:
+        segments: ``(input_ids, train_mask)`` per record, in row order.
+        seq_len: the row length; the records' total must not exceed it.
+        pad_id: token id used for padding (its labels are IGNORE_INDEX).
+    """
+    lens = [len(ids) for ids, _ in segments]
+    used = sum(lens)
+    if used > seq_len:
+        raise ValueError(f"records total {used} tokens, more than seq_len {seq_len}")
+    if any(n < 1 for n in lens):
+        raise ValueError("empty record in a row")
+    input_ids = np.full(seq_len, pad_id, dtype=np.int32)
+    labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int32)
+    position_ids = np.empty(seq_len, dtype=np.int32)
+    pos = 0
+    for (ids, mask), n in zip(segments, lens, strict=True):
+        sl = slice(pos, pos + n)
+        input_ids[sl] = ids
+        labels[sl] = np.where(mask, ids, IGNORE_INDEX)
+        # The first token of a record must not be predicted from the previous record's last one.
+        labels[pos] = IGNORE_INDEX
+        position_ids[sl] = np.arange(n, dtype=np.int32)
+        pos += n
+    num_pad = seq_len - used
+    position_ids[used:] = np.arange(num_pad, dtype=np.int32)
+    seq_lens = np.asarray(lens + ([num_pad] if num_pad else []), dtype=np.int32)
+    return Row(input_ids, labels, position_ids, seq_lens, num_pad)
+
+
+def trained_count(mask: np.ndarray) -> int:
+    """Tokens a record actually trains once packed (its first token's label is always ignored)."""
+    return int(np.count_nonzero(mask[1:]))

@@ -1,0 +1,284 @@
+"""Shard writer/reader: round trip, zero copy, datasets interop, and every refusal."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sftdata import IGNORE_INDEX, __version__
+from sftdata.errors import ShardError
+from sftdata.pack import build_row, pack_rows
+from sftdata.shards import (
+    INDEX_NAME,
+    ShardReader,
+    ShardWriter,
+    read_index,
+    validate_index,
+    write_index,
+)
+
+SEQ = 16
+
+
+def _records(n: int, seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        k = int(rng.integers(2, 12))
+        ids = rng.integers(5, 100, size=k).astype(np.int32)
+        mask = rng.random(k) < 0.6
+        out.append((f"rec-{i}", ids, mask))
+    return out
+
+
+def make_folder(
+    folder: Path, *, n: int = 40, shard_size: int = 4
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Pack ``n`` synthetic records into ``folder`` with a valid index; return the records."""
+    folder.mkdir(parents=True, exist_ok=True)
+    recs = _records(n)
+    rows = pack_rows([len(r[1]) for r in recs], seq_len=SEQ)
+    w = ShardWriter(folder, split="train", seq_len=SEQ, shard_size=shard_size)
+    tokens = trained = 0
+    for row in rows:
+        w.add(
+            build_row([(recs[i][1], recs[i][2]) for i in row], seq_len=SEQ, pad_id=0),
+            [recs[i][0] for i in row],
+        )
+    w.flush()
+    for _, ids, mask in recs:
+        tokens += len(ids)
+        trained += int(mask[1:].sum())
+    h = "0" * 64
+    index = {
+        "format_version": 1,
+        "kind": "sftpipe.shards",
+        "tool": {"name": "sftpipe", "version": __version__},
+        "seq_len": SEQ,
+        "packed": True,
+        "tokenizer": {"name": "t", "class": "X", "vocab_size": 100, "sha256": h, "pad_token_id": 0},
+        "template": {"name": "chatml", "sha256": h},
+        "options": {
+            "train_on": "all-assistant",
+            "overflow": "drop",
+            "pack": True,
+            "seed": 0,
+            "val_fraction": None,
+            "val_count": None,
+            "shard_size": shard_size,
+        },
+        "inputs": [{"file": "x.jsonl", "bytes": 1, "sha256": h}],
+        "fingerprint": h,
+        "counts": {
+            "records_in": n,
+            "dropped": {"zero_trained": 0, "overflow": 0},
+            "truncated": 0,
+            "records": n,
+            "rows": len(rows),
+            "tokens": tokens,
+            "trained_tokens": trained,
+            "pad_tokens": len(rows) * SEQ - tokens,
+            "packing_efficiency": tokens / (len(rows) * SEQ),
+        },
+        "splits": {
+            "train": {
+                "rows": len(rows),
+                "records": n,
+                "tokens": tokens,
+                "trained_tokens": trained,
+                "shards": w.shards,
+            }
+        },
+    }
+    write_index(folder, index)
+    return recs
+
+
+def _edit_index(folder: Path, fn) -> None:
+    p = folder / INDEX_NAME
+    index = json.loads(p.read_text())
+    fn(index)
+    p.write_text(json.dumps(index))
+
+
+def test_round_trip_every_record_once_with_correct_labels(tmp_path: Path) -> None:
+    recs = make_folder(tmp_path / "s")
+    by_id = {r[0]: r for r in recs}
+    reader = ShardReader(tmp_path / "s", verify="full")
+    assert reader.seq_len == SEQ and len(reader) == reader.index["counts"]["rows"]
+    seen = []
+    for i in range(len(reader)):
+        row = reader[i]
+        assert row["input_ids"].shape == (SEQ,) and row["input_ids"].dtype == np.int32
+        assert int(row["seq_lens"].sum()) == SEQ
+        pos = 0
+        for j, n in enumerate(row["seq_lens"].tolist()):
+            assert row["position_ids"][pos : pos + n].tolist() == list(range(n))
+            if j < len(row["record_ids"]):
+                rid, ids, mask = by_id[row["record_ids"][j]]
+                assert row["input_ids"][pos : pos + n].tolist() == ids.tolist()
+                want = np.where(mask, ids, IGNORE_INDEX)
+                want[0] = IGNORE_INDEX
+                assert row["labels"][pos : pos + n].tolist() == want.tolist()
+                seen.append(rid)
+            else:  # the padding segment
+                assert n == row["num_pad"]
+                assert (row["labels"][pos:] == IGNORE_INDEX).all()
+            pos += n
+    assert sorted(seen) == sorted(by_id)
+
+
+def test_rows_are_zero_copy_views_of_the_memory_map(tmp_path: Path) -> None:
+    make_folder(tmp_path / "s")
+    reader = ShardReader(tmp_path / "s")
+    row = reader[0]
+    assert not row["input_ids"].flags.owndata
+    assert not row["input_ids"].flags.writeable
+    batch = reader.get_batch([0, 2, 1])
+    assert batch["input_ids"].shape == (3, SEQ)
+    assert batch["labels"][1].tolist() == reader[2]["labels"].tolist()
+    assert len(batch["seq_lens"]) == 3 and len(batch["record_ids"]) == 3
+    assert batch["num_pad"].tolist() == [reader[i]["num_pad"] for i in (0, 2, 1)]
+    assert reader[-1]["record_ids"] == reader[len(reader) - 1]["record_ids"]
+    with pytest.raises(IndexError):
+        reader[len(reader)]
+
+
+def test_datasets_from_file_opens_a_shard(tmp_path: Path) -> None:
+    import datasets
+
+    make_folder(tmp_path / "s")
+    reader = ShardReader(tmp_path / "s")
+    first = reader.index["splits"]["train"]["shards"][0]
+    ds = datasets.Dataset.from_file(str(tmp_path / "s" / first["file"]))
+    assert len(ds) == first["rows"]
+    assert set(ds.column_names) == {
+        "input_ids",
+        "labels",
+        "position_ids",
+        "seq_lens",
+        "num_pad",
+        "record_ids",
+    }
+    assert ds[0]["input_ids"] == reader[0]["input_ids"].tolist()
+    assert ds[0]["record_ids"] == reader[0]["record_ids"]
+    assert ds.with_format("numpy")[:2]["labels"].shape == (2, SEQ)
+
+
+def test_index_validates_and_find_record(tmp_path: Path) -> None:
+    make_folder(tmp_path / "s")
+    index = read_index(tmp_path / "s")
+    validate_index(index, where="x")
+    with pytest.raises(ShardError, match="counts"):
+        validate_index({**index, "counts": {}}, where="x")
+    reader = ShardReader(tmp_path / "s")
+    row, seg = reader.find_record("rec-7")
+    assert reader[row]["record_ids"][seg] == "rec-7"
+    with pytest.raises(ShardError, match="no record 'nope'"):
+        reader.find_record("nope")
+    assert ShardReader.splits(tmp_path / "s") == ["train"]
+
+
+def test_writer_is_byte_deterministic(tmp_path: Path) -> None:
+    make_folder(tmp_path / "a")
+    make_folder(tmp_path / "b")
+    for name in sorted(os.listdir(tmp_path / "a")):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_refuses_folder_without_index(tmp_path: Path) -> None:
+    make_folder(tmp_path / "s")
+    (tmp_path / "s" / INDEX_NAME).unlink()
+    with pytest.raises(ShardError, match=r"s: no index.json"):
+        ShardReader(tmp_path / "s")
+    with pytest.raises(ShardError, match="not a folder"):
+        ShardReader(tmp_path / "missing")
+
+
+def test_refuses_unknown_format_version(tmp_path: Path) -> None:
+    make_folder(tmp_path / "s")
+    _edit_index(tmp_path / "s", lambda ix: ix.update(format_version=99))
+    with pytest.raises(ShardError, match="format_version 99 is not supported"):
+        ShardReader(tmp_path / "s")
+
+
+def test_refuses_size_mismatch(tmp_path: Path) -> None:
+    make_folder(tmp_path / "s")
+    with open(tmp_path / "s" / "train-00001.arrow", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ShardError, match=r"train-00001.arrow: size \d+ bytes, the index says \d+"):
+        ShardReader(tmp_path / "s")
+
+
+def test_refuses_sha256_mismatch_full_and_lazy(tmp_path: Path) -> None:
+    make_folder(tmp_path / "s", shard_size=100)
+    p = tmp_path / "s" / "train-00000.arrow"
+    data = bytearray(p.read_bytes())
+    data[-200] ^= 0xFF  # same size, different bytes
+    p.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"train-00000\.arrow: sha256 .* does not match the index"):
+        ShardReader(tmp_path / "s", verify="full")
+    lazy = ShardReader(tmp_path / "s")  # opens: sizes are fine
+    with pytest.raises(ShardError, match="does not match the index"):
+        lazy[0]
+    assert ShardReader(tmp_path / "s", verify="size")[0]["input_ids"].shape == (SEQ,)
+
+
+@pytest.mark.parametrize("name", ["../evil.arrow", "/etc/passwd", "sub/x.arrow", "..", ""])
+def test_refuses_escaping_shard_names(tmp_path: Path, name: str) -> None:
+    make_folder(tmp_path / "s")
+    _edit_index(tmp_path / "s", lambda ix: ix["splits"]["train"]["shards"][0].update(file=name))
+    with pytest.raises(ShardError, match="not a plain file name inside the folder"):
+        ShardReader(tmp_path / "s")
+
+
+def test_refuses_symlink_out_of_folder(tmp_path: Path) -> None:
+    make_folder(tmp_path / "s")
+    outside = tmp_path / "outside.arrow"
+    (tmp_path / "s" / "train-00000.arrow").rename(outside)
+    (tmp_path / "s" / "train-00000.arrow").symlink_to(outside)
+    with pytest.raises(ShardError, match="points outside the folder"):
+        ShardReader(tmp_path / "s")
+
+
+def test_refuses_missing_shard_file_and_unknown_split(tmp_path: Path) -> None:
+    make_folder(tmp_path / "s")
+    (tmp_path / "s" / "train-00002.arrow").unlink()
+    with pytest.raises(ShardError, match=r"train-00002\.arrow: shard file is missing"):
+        ShardReader(tmp_path / "s")
+    make_folder(tmp_path / "t")
+    with pytest.raises(ShardError, match="no split 'validation'"):
+        ShardReader(tmp_path / "t", split="validation")
+
+
+def test_refuses_foreign_file_with_right_size_and_hash(tmp_path: Path) -> None:
+    make_folder(tmp_path / "s")
+    p = tmp_path / "s" / "train-00000.arrow"
+    p.write_bytes(b"not arrow at all")
+
+    def fix(ix: dict) -> None:
+        e = ix["splits"]["train"]["shards"][0]
+        e.update(bytes=p.stat().st_size, sha256=hashlib.sha256(p.read_bytes()).hexdigest())
+
+    _edit_index(tmp_path / "s", fix)
+    reader = ShardReader(tmp_path / "s")
+    with pytest.raises(ShardError, match=r"train-00000\.arrow: not a readable Arrow shard"):
+        reader[0]
+
+
+def test_reader_pickles_for_dataloader_workers(tmp_path: Path) -> None:
+    import pickle
+
+    make_folder(tmp_path / "s")
+    reader = ShardReader(tmp_path / "s")
+    _ = reader[0]
+    clone = pickle.loads(pickle.dumps(reader))
+    assert clone[3]["input_ids"].tolist() == reader[3]["input_ids"].tolist()
