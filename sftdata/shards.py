@@ -130,10 +130,18 @@ class ShardWriter:
             sink = pa.PythonFile(f, mode="w")
             with pa.ipc.new_stream(sink, schema) as w:
                 w.write_batch(batch)
+        _make_readable(path)
         self.shards.append(
             {"file": name, "rows": n, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
         )
         self._reset()
+
+
+def _make_readable(path: Path) -> None:
+    # atomic_file's mkstemp creates 0600 files; shards are data meant to be shared like any file.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def validate_index(index: Any, *, where: str) -> None:
@@ -156,6 +164,7 @@ def write_index(folder: str | os.PathLike[str], index: dict[str, Any]) -> Path:
     with atomic_file(path) as f:
         json.dump(index, f, indent=2, ensure_ascii=False, sort_keys=False)
         f.write("\n")
+    _make_readable(path)
     return path
 
 

@@ -1,0 +1,153 @@
+"""`sftdata pack`: canonical JSONL -> packed, label-masked, memory-mapped Arrow shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("pack")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Shard folder to write."
+)
+@click.option(
+    "--tokenizer",
+    required=True,
+    help="'tiny', a local HF tokenizer folder or a SentencePiece .model file.",
+)
+@click.option("--seq-len", required=True, type=int, help="Row length in tokens.")
+@click.option(
+    "--template",
+    default="auto",
+    show_default=True,
+    help="auto (the tokenizer's chat_template), chatml, llama2, alpaca, fastchat:NAME or FILE.jinja.",
+)
+@click.option(
+    "--train-on",
+    default="all-assistant",
+    show_default=True,
+    type=click.Choice(["all-assistant", "last-assistant", "everything"]),
+    help="Trained turns when a message has no 'train' flag (the flag always wins).",
+)
+@click.option(
+    "--overflow",
+    default="drop",
+    show_default=True,
+    type=click.Choice(["drop", "truncate", "error"]),
+    help="Records longer than --seq-len: drop and count, keep the first seq-len tokens, or stop.",
+)
+@click.option("--no-pack", is_flag=True, help="One record per row, padded (no packing).")
+@click.option(
+    "--val-fraction",
+    type=float,
+    default=None,
+    help="Hold out this fraction of records as 'validation'.",
+)
+@click.option(
+    "--val-count", type=int, default=None, help="Hold out this many records as 'validation'."
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the validation pick and row shuffle.",
+)
+@click.option(
+    "--num-proc",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Encoding processes (output is identical).",
+)
+@click.option(
+    "--shard-size",
+    type=int,
+    default=None,
+    help="Rows per shard file [default: about 64 MB per file].",
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an output folder that holds something else."
+)
+def command(
+    inputs: tuple[Path, ...],
+    output: Path,
+    tokenizer: str,
+    seq_len: int,
+    template: str,
+    train_on: str,
+    overflow: str,
+    no_pack: bool,
+    val_fraction: float | None,
+    val_count: int | None,
+    seed: int,
+    num_proc: int,
+    shard_size: int | None,
+    overwrite: bool,
+) -> None:
+    """Render, mask, pack and shard canonical JSONL files (from `sftdata convert`).
+
+    Writes OUTPUT/index.json (last, atomically) and OUTPUT/<split>-NNNNN.arrow. Running it again
+    with the same inputs and options does nothing; changing any of them rebuilds.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sftdata.packer import PackOptions, pack
+
+    opts = PackOptions(
+        seq_len=seq_len,
+        tokenizer=tokenizer,
+        template=template,
+        train_on=train_on,
+        overflow=overflow,
+        pack=not no_pack,
+        val_fraction=val_fraction,
+        val_count=val_count,
+        seed=seed,
+        shard_size=shard_size,
+        num_proc=num_proc,
+    )
+    console = Console(stderr=True)
+    bar = Progress(
+        TextColumn("{task.description:<8}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    tasks: dict[str, int] = {}
+
+    def progress(stage: str, done: int, total: int | None) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    with bar:
+        report = pack(inputs, output, opts, overwrite=overwrite, progress=progress)
+    if report.noop:
+        click.echo(
+            f"{output}: already up to date (same inputs, tokenizer, template and options); "
+            f"nothing to do ({report.rows:,} rows, {report.records:,} records)"
+        )
+        return
+    split_txt = ", ".join(f"{k} {v:,}" for k, v in report.splits.items())
+    d = report.dropped
+    ratio = report.trained_tokens / report.tokens if report.tokens else 0.0
+    tps = report.tokens / report.seconds if report.seconds else 0.0
+    click.echo(
+        f"packed {report.records:,} records into {report.rows:,} rows of {seq_len} ({split_txt}) in {output}"
+    )
+    click.echo(
+        f"  records in {report.records_in:,}; dropped {d.get('zero_trained', 0):,} with zero trained "
+        f"tokens, {d.get('overflow', 0):,} longer than --seq-len; truncated {report.truncated:,}"
+    )
+    click.echo(
+        f"  tokens {report.tokens:,}; trained {report.trained_tokens:,} ({ratio:.1%}); "
+        f"packing efficiency {report.packing_efficiency:.2%}"
+    )
+    click.echo(f"  {report.seconds:.1f} s ({tps / 1e6:.2f}M tokens/s)")

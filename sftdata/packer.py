@@ -1,0 +1,565 @@
+"""The pipeline behind ``sftdata pack``: canonical JSONL -> encoded records -> packed shards.
+
+Stages, each streaming so memory stays flat in the number of records:
+
+1. read canonical JSONL (``read_jsonl``) in chunks of ``chunk_size`` records;
+2. encode each chunk with ONE ``Renderer.encode_batch`` call, in ``num_proc`` worker processes
+   (results consumed in submission order, so the output never depends on ``num_proc``);
+   apply the zero-trained and overflow policies there;
+3. spill tokens and masks to flat files inside the work folder (only lengths and ids stay in
+   memory: packing needs nothing else);
+4. pick the validation split, pack each split (best-fit decreasing over the whole split),
+   shuffle rows by ``seed``, gather rows from the memory-mapped spill, write shards;
+5. write ``index.json`` last and atomically, then move the work folder into place.
+
+All work happens in ``.<name>.partial`` beside the output folder; the output is only replaced
+once everything succeeded, so an interrupted or failed pack leaves no ``index.json`` anywhere
+(and a previous good output intact). A rerun clears a stale work folder and starts again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sftdata import __version__
+from sftdata.conversation import Conversation, read_jsonl
+from sftdata.errors import ConfigError, ShardError, ValidationError
+from sftdata.pack import build_row, efficiency, pack_rows
+from sftdata.shards import INDEX_NAME, KIND, ShardReader, ShardWriter, write_index
+
+OVERFLOW = ("drop", "truncate", "error")
+TRAIN_ON = ("all-assistant", "last-assistant", "everything")
+MARKER = ".sftdata-pack"
+SHARD_BYTES = 64 << 20
+"""Auto shard size: about this many bytes per shard file (3 int32 columns x seq_len per row)."""
+
+Progress = Callable[[str, int, int | None], None]
+"""``progress(stage, done, total)``: stage is "encode" (records) or "write" (rows)."""
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    """Everything that decides the bytes of the shards (plus ``num_proc``, which never does)."""
+
+    seq_len: int
+    """Row length in tokens."""
+    tokenizer: str
+    """``"tiny"``, a local HF tokenizer folder or a SentencePiece ``.model`` file."""
+    template: str = "auto"
+    """Chat template: auto, chatml, llama2, alpaca, fastchat:NAME or a .jinja file."""
+    train_on: str = "all-assistant"
+    """Which turns are trained when a message carries no ``train`` flag."""
+    overflow: str = "drop"
+    """Records longer than seq_len: drop (counted), truncate (keep the first seq_len), error."""
+    pack: bool = True
+    """False: one record per row, padded (``--no-pack``)."""
+    val_fraction: float | None = None
+    """Fraction of kept records held out as the ``validation`` split."""
+    val_count: int | None = None
+    """Number of kept records held out as the ``validation`` split."""
+    seed: int = 0
+    """Seed of the validation pick and of the row shuffle."""
+    shard_size: int | None = None
+    """Rows per shard file; None: about 64 MB per file."""
+    num_proc: int = 1
+    """Encoding worker processes (does not change the output)."""
+    chunk_size: int = 2000
+    """Records per encode_batch call (does not change the output)."""
+
+    def resolved_shard_size(self) -> int:
+        """Rows per shard file after applying the automatic default."""
+        if self.shard_size is not None:
+            return self.shard_size
+        return max(1, SHARD_BYTES // (12 * self.seq_len))
+
+    def output_options(self) -> dict[str, Any]:
+        """The options recorded in the index and fingerprinted (those that change the bytes)."""
+        return {
+            "train_on": self.train_on,
+            "overflow": self.overflow,
+            "pack": self.pack,
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "val_count": self.val_count,
+            "shard_size": self.resolved_shard_size(),
+        }
+
+
+@dataclass
+class PackReport:
+    """What a pack did (or found already done)."""
+
+    output: Path
+    noop: bool
+    records_in: int = 0
+    dropped: dict[str, int] = field(default_factory=lambda: {"zero_trained": 0, "overflow": 0})
+    truncated: int = 0
+    records: int = 0
+    rows: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    packing_efficiency: float = 0.0
+    splits: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @classmethod
+    def from_index(
+        cls, output: Path, index: dict[str, Any], *, noop: bool, seconds: float
+    ) -> PackReport:
+        c = index["counts"]
+        return cls(
+            output=output,
+            noop=noop,
+            records_in=c["records_in"],
+            dropped=dict(c["dropped"]),
+            truncated=c["truncated"],
+            records=c["records"],
+            rows=c["rows"],
+            tokens=c["tokens"],
+            trained_tokens=c["trained_tokens"],
+            packing_efficiency=c["packing_efficiency"],
+            splits={k: v["rows"] for k, v in index["splits"].items()},
+            seconds=seconds,
+        )
+
+
+# ------------------------------------------------------------------ encoding (worker side)
+
+
+@dataclass
+class _Chunk:
+    """One encoded chunk: flat tokens/masks of the kept records and the counts."""
+
+    ids: np.ndarray  # int32, all kept records back to back
+    mask: np.ndarray  # bool, same length
+    lengths: np.ndarray  # int32 per kept record
+    record_ids: list[str]
+    n_in: int
+    zero_trained: int
+    overflow: int
+    truncated: int
+
+
+_STATE: dict[str, Any] = {}  # per process: the renderer for a (tokenizer, template, train_on) key
+
+
+def _renderer_key(opts: PackOptions) -> tuple[str, str, str]:
+    return (opts.tokenizer, opts.template, opts.train_on)
+
+
+def _get_renderer(opts: PackOptions) -> Any:
+    key = _renderer_key(opts)
+    if _STATE.get("key") != key:
+        from sftdata.render import Renderer
+        from sftdata.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(opts.tokenizer)
+        _STATE["tok"] = tok
+        _STATE["renderer"] = Renderer(tok, template=opts.template, train_on=opts.train_on)
+        _STATE["key"] = key
+    return _STATE["renderer"]
+
+
+def _init_worker(opts: PackOptions) -> None:
+    # Under fork the parent's renderer is inherited and reused; under spawn it is built here.
+    _get_renderer(opts)
+
+
+def _encode_chunk(convs: Sequence[Conversation], opts: PackOptions) -> _Chunk:
+    renderer = _get_renderer(opts)
+    encoded = renderer.encode_batch(convs)
+    ids_parts, mask_parts, lengths, rids = [], [], [], []
+    zero = over = trunc = 0
+    for conv, enc in zip(convs, encoded, strict=True):
+        ids, mask = enc.input_ids, enc.train_mask
+        # The first token's label is always ignored once packed, so it does not count as trained.
+        if not mask[1:].any():
+            zero += 1
+            continue
+        if len(ids) > opts.seq_len:
+            if opts.overflow == "drop":
+                over += 1
+                continue
+            if opts.overflow == "error":
+                raise ValidationError(
+                    f"{conv.source}: record {conv.id!r} has {len(ids)} tokens, more than "
+                    f"--seq-len {opts.seq_len} (--overflow error; use drop or truncate)"
+                )
+            ids, mask = ids[: opts.seq_len], mask[: opts.seq_len]
+            if not mask[1:].any():
+                zero += 1
+                continue
+            trunc += 1
+        ids_parts.append(np.asarray(ids, dtype=np.int32))
+        mask_parts.append(np.asarray(mask, dtype=bool))
+        lengths.append(len(ids))
+        rids.append(conv.id)
+    return _Chunk(
+        ids=np.concatenate(ids_parts) if ids_parts else np.empty(0, np.int32),
+        mask=np.concatenate(mask_parts) if mask_parts else np.empty(0, bool),
+        lengths=np.asarray(lengths, dtype=np.int32),
+        record_ids=rids,
+        n_in=len(convs),
+        zero_trained=zero,
+        overflow=over,
+        truncated=trunc,
+    )
+
+
+def _read_chunks(inputs: Sequence[Path], size: int) -> Iterator[list[Conversation]]:
+    chunk: list[Conversation] = []
+    for path in inputs:
+        for conv in read_jsonl(path):
+            chunk.append(conv)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def _encoded_chunks(inputs: Sequence[Path], opts: PackOptions) -> Iterator[_Chunk]:
+    """Encoded chunks in input order, from ``num_proc`` processes with bounded look-ahead."""
+    chunks = _read_chunks(inputs, opts.chunk_size)
+    if opts.num_proc <= 1:
+        for convs in chunks:
+            yield _encode_chunk(convs, opts)
+        return
+    import multiprocessing as mp
+
+    # The workers each run one single-threaded tokenizer; this also silences the tokenizers
+    # library's fork warning.
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(opts.num_proc, initializer=_init_worker, initargs=(opts,)) as pool:
+            pending: deque = deque()
+            # Bounded look-ahead: Pool.imap would read the whole input ahead into its queue.
+            for convs in chunks:
+                pending.append(pool.apply_async(_encode_chunk, (convs, opts)))
+                if len(pending) >= 2 * opts.num_proc:
+                    yield pending.popleft().get()
+            while pending:
+                yield pending.popleft().get()
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+# ------------------------------------------------------------------ folder handling
+
+
+def _hash_inputs(inputs: Sequence[Path]) -> tuple[list[dict[str, Any]], int]:
+    """sha256 and size of every input (and its line count, a progress total)."""
+    out, lines = [], 0
+    for p in inputs:
+        if not p.is_file():
+            raise ConfigError(f"{p}: no such file" if not p.exists() else f"{p}: not a file")
+        h = hashlib.sha256()
+        size = 0
+        with p.open("rb") as f:
+            while block := f.read(4 << 20):
+                h.update(block)
+                size += len(block)
+                lines += block.count(b"\n")
+        out.append({"file": p.name, "bytes": size, "sha256": h.hexdigest()})
+    return out, lines
+
+
+def fingerprint(
+    inputs: list[dict[str, Any]], tok_sha: str, tpl_sha: str, opts: PackOptions, seq_len: int
+) -> str:
+    """sha256 of everything that decides the output bytes; equal fingerprints => pack is a no-op."""
+    payload = {
+        "inputs": [[i["sha256"], i["bytes"]] for i in inputs],
+        "tokenizer": tok_sha,
+        "template": tpl_sha,
+        "seq_len": seq_len,
+        "options": opts.output_options(),
+        "tool": __version__,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _existing_index(output: Path) -> dict[str, Any] | None:
+    with contextlib.suppress(OSError, ValueError):
+        d = json.loads((output / INDEX_NAME).read_text(encoding="utf-8"))
+        if isinstance(d, dict) and d.get("kind") == KIND:
+            return d
+    return None
+
+
+def _check_output(output: Path, inputs: Sequence[Path], *, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"{output}: exists and is not a folder")
+    out = output.resolve()
+    if out == Path(out.anchor) or out == Path.home().resolve():
+        raise ConfigError(f"{output}: refusing to use this folder as a shard folder")
+    for p in inputs:
+        if out in p.resolve().parents:
+            raise ConfigError(f"{output}: the output folder contains the input {p}")
+    if not output.exists() or overwrite or _existing_index(output) is not None:
+        return
+    if any(output.iterdir()) and not (output / MARKER).exists():
+        raise ShardError(
+            f"{output}: exists and holds other files (not an sftdata shard folder); "
+            "use --overwrite to replace it"
+        )
+
+
+def _swap_into_place(work: Path, output: Path) -> None:
+    old = output.with_name(f".{output.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if output.exists():
+        os.replace(output, old)
+    os.replace(work, output)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ the pipeline
+
+
+def pack(
+    inputs: Sequence[str | os.PathLike[str]],
+    output: str | os.PathLike[str],
+    opts: PackOptions,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> PackReport:
+    """Pack canonical JSONL files into a shard folder (see the module docstring).
+
+    Raises:
+        ConfigError, TemplateError, ValidationError, ConversionError, ShardError: one line each,
+            naming the file/record/option; nothing is left behind.
+    """
+    t0 = time.perf_counter()
+    inputs = [Path(p) for p in inputs]
+    output = Path(output)
+    _check_options(opts, inputs)
+    in_meta, approx_records = _hash_inputs(inputs)
+    _check_output(output, inputs, overwrite=overwrite)
+
+    from sftdata.tokenizer import tokenizer_identity
+
+    renderer = _get_renderer(opts)
+    ident = tokenizer_identity(_STATE["tok"])
+    if opts.seq_len <= renderer.fixed_overhead:
+        raise ConfigError(
+            f"--seq-len {opts.seq_len} is not larger than template {renderer.name!r}'s fixed "
+            f"overhead of {renderer.fixed_overhead} tokens per record"
+        )
+    tpl_sha = hashlib.sha256(renderer.template_text.encode("utf-8")).hexdigest()
+    fp = fingerprint(in_meta, ident["sha256"], f"{renderer.name}:{tpl_sha}", opts, opts.seq_len)
+
+    old = _existing_index(output)
+    if old is not None and old.get("fingerprint") == fp:
+        try:
+            for split in old["splits"]:
+                ShardReader(output, split=split, verify="full")
+        except ShardError:
+            pass  # damaged: rebuild below
+        else:
+            return PackReport.from_index(output, old, noop=True, seconds=time.perf_counter() - t0)
+
+    work = output.with_name(f".{output.name}.partial")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # a stale one from a killed run
+    work.mkdir()
+    try:
+        (work / MARKER).write_text(json.dumps({"kind": KIND, "fingerprint": fp}) + "\n")
+        index = _build(
+            inputs, work, opts,
+            ident=ident, tok_spec=_spec_of(opts.tokenizer), template={"name": renderer.name, "sha256": tpl_sha},
+            in_meta=in_meta, fp=fp, approx_records=approx_records, progress=progress,
+        )  # fmt: skip
+        (work / MARKER).unlink()
+        _swap_into_place(work, output)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return PackReport.from_index(output, index, noop=False, seconds=time.perf_counter() - t0)
+
+
+def _spec_of(spec: str) -> str:
+    return spec if spec == "tiny" else str(Path(spec).expanduser().resolve())
+
+
+def _check_options(opts: PackOptions, inputs: Sequence[Path]) -> None:
+    if not inputs:
+        raise ConfigError("no input files given")
+    if opts.seq_len < 2:
+        raise ConfigError(f"--seq-len {opts.seq_len}: must be at least 2")
+    if opts.overflow not in OVERFLOW:
+        raise ConfigError(f"--overflow {opts.overflow!r}: must be one of {', '.join(OVERFLOW)}")
+    if opts.train_on not in TRAIN_ON:
+        raise ConfigError(f"--train-on {opts.train_on!r}: must be one of {', '.join(TRAIN_ON)}")
+    if opts.val_fraction is not None and opts.val_count is not None:
+        raise ConfigError("--val-fraction and --val-count: give at most one")
+    if opts.val_fraction is not None and not 0 <= opts.val_fraction < 1:
+        raise ConfigError(f"--val-fraction {opts.val_fraction}: must be in [0, 1)")
+    if opts.val_count is not None and opts.val_count < 0:
+        raise ConfigError(f"--val-count {opts.val_count}: must not be negative")
+    if opts.shard_size is not None and opts.shard_size < 1:
+        raise ConfigError(f"--shard-size {opts.shard_size}: must be at least 1")
+    if opts.num_proc < 1:
+        raise ConfigError(f"--num-proc {opts.num_proc}: must be at least 1")
+
+
+def _build(
+    inputs: Sequence[Path],
+    work: Path,
+    opts: PackOptions,
+    *,
+    ident: dict[str, Any],
+    tok_spec: str,
+    template: dict[str, str],
+    in_meta: list[dict[str, Any]],
+    fp: str,
+    approx_records: int,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    # 1-3: encode and spill. Only lengths and ids stay in memory.
+    lengths_parts: list[np.ndarray] = []
+    record_ids: list[str] = []
+    n_in = zero = over = trunc = 0
+    ids_path, mask_path = work / ".spill-ids.bin", work / ".spill-mask.bin"
+    with ids_path.open("wb") as fi, mask_path.open("wb") as fm:
+        for chunk in _encoded_chunks(inputs, opts):
+            chunk.ids.tofile(fi)
+            chunk.mask.astype(np.uint8).tofile(fm)
+            lengths_parts.append(chunk.lengths)
+            record_ids.extend(chunk.record_ids)
+            n_in += chunk.n_in
+            zero += chunk.zero_trained
+            over += chunk.overflow
+            trunc += chunk.truncated
+            if progress:
+                progress("encode", n_in, max(approx_records, n_in))
+    lengths = np.concatenate(lengths_parts) if lengths_parts else np.empty(0, np.int32)
+    n = len(lengths)
+    if n == 0:
+        raise ValidationError(
+            f"{', '.join(map(str, inputs))}: no record left to write ({n_in} read: {zero} with zero "
+            f"trained tokens, {over} longer than --seq-len {opts.seq_len})"
+        )
+    starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    ids_mm = np.memmap(ids_path, dtype=np.int32, mode="r", shape=(int(starts[-1]),))
+    mask_mm = np.memmap(mask_path, dtype=np.uint8, mode="r", shape=(int(starts[-1]),))
+
+    # 4: split, pack, shuffle, write.
+    val_n = _val_size(opts, n)
+    if val_n >= n:
+        raise ConfigError(f"validation split of {val_n} records leaves no training record (of {n})")
+    pick = np.random.default_rng([opts.seed, 0]).permutation(n)[:val_n]
+    is_val = np.zeros(n, dtype=bool)
+    is_val[pick] = True
+    members = {"train": np.flatnonzero(~is_val)}
+    if val_n:
+        members["validation"] = np.flatnonzero(is_val)
+
+    pad_id = ident.get("pad_token_id")
+    pad_id = 0 if pad_id is None else int(pad_id)
+    shard_size = opts.resolved_shard_size()
+    total_rows = 0
+    plans = {}
+    for k, (name, idx) in enumerate(members.items()):
+        if opts.pack:
+            rows = [
+                idx[r].tolist()
+                for r in map(np.asarray, pack_rows(lengths[idx], seq_len=opts.seq_len))
+            ]
+        else:
+            rows = [[int(i)] for i in idx]
+        order = np.random.default_rng([opts.seed, 1, k]).permutation(len(rows))
+        plans[name] = [rows[j] for j in order]
+        total_rows += len(rows)
+
+    splits: dict[str, Any] = {}
+    written = 0
+    for name, rows in plans.items():
+        writer = ShardWriter(work, split=name, seq_len=opts.seq_len, shard_size=shard_size)
+        tokens = trained = 0
+        for row in rows:
+            segs = []
+            for i in row:
+                a, b = int(starts[i]), int(starts[i + 1])
+                segs.append((ids_mm[a:b], mask_mm[a:b].astype(bool)))
+                tokens += b - a
+                trained += int(np.count_nonzero(mask_mm[a + 1 : b]))
+            writer.add(
+                build_row(segs, seq_len=opts.seq_len, pad_id=pad_id), [record_ids[i] for i in row]
+            )
+            written += 1
+            if progress and written % 256 == 0:
+                progress("write", written, total_rows)
+        writer.flush()
+        splits[name] = {
+            "rows": len(rows),
+            "records": int(sum(len(r) for r in rows)),
+            "tokens": tokens,
+            "trained_tokens": trained,
+            "shards": writer.shards,
+        }
+    if progress:
+        progress("write", written, total_rows)
+    del ids_mm, mask_mm
+    ids_path.unlink()
+    mask_path.unlink()
+
+    tokens = sum(s["tokens"] for s in splits.values())
+    index = {
+        "format_version": 1,
+        "kind": KIND,
+        "tool": {"name": "sftpipe", "version": __version__},
+        "seq_len": opts.seq_len,
+        "packed": opts.pack,
+        "tokenizer": {**ident, "spec": tok_spec},
+        "template": template,
+        "options": opts.output_options(),
+        "inputs": in_meta,
+        "fingerprint": fp,
+        "counts": {
+            "records_in": n_in,
+            "dropped": {"zero_trained": zero, "overflow": over},
+            "truncated": trunc,
+            "records": n,
+            "rows": total_rows,
+            "tokens": tokens,
+            "trained_tokens": sum(s["trained_tokens"] for s in splits.values()),
+            "pad_tokens": total_rows * opts.seq_len - tokens,
+            "packing_efficiency": round(efficiency(tokens, total_rows, opts.seq_len), 6),
+        },
+        "splits": splits,
+    }
+    write_index(work, index)  # last, atomically
+    return index
+
+
+def _val_size(opts: PackOptions, n: int) -> int:
+    if opts.val_count is not None:
+        return opts.val_count
+    if opts.val_fraction:
+        return max(1, round(opts.val_fraction * n))
+    return 0
+
+
+def options_dict(opts: PackOptions) -> dict[str, Any]:
+    """All options as a plain dict (for logs and reports)."""
+    return asdict(opts)
