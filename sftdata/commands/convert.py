@@ -1,0 +1,73 @@
+"""`sftdata convert INPUT... -o OUT.jsonl`: raw Q&A data of any shape → canonical JSONL."""
+
+from __future__ import annotations
+
+import click
+
+FORMAT_CHOICES = ("auto", "alpaca", "sharegpt", "openai", "lf_v1", "csv", "tsv", "xlsx")
+
+
+@click.command("convert")
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option(
+    "-o", "--output", required=True, metavar="OUT.jsonl", help="Canonical JSONL to write."
+)
+@click.option(
+    "--from",
+    "fmt",
+    type=click.Choice(FORMAT_CHOICES),
+    default="auto",
+    show_default=True,
+    help="Input format; auto detects it from the extension, then the first record.",
+)
+@click.option(
+    "--map",
+    "map_",
+    metavar="SRC=DST,...",
+    help="Map raw fields/columns onto instruction/input/output/system/history "
+    "(or conversations/messages/tools/id), e.g. 问题=instruction,背景=input,回应=output.",
+)
+@click.option("--sheet", metavar="NAME", help="Worksheet of .xlsx inputs (default: the first).")
+@click.option("--encoding", metavar="NAME", help="Text encoding of CSV/TSV/JSON (default utf-8).")
+@click.option("--system", metavar="TEXT", help="System prompt to add (replaces a record's own).")
+@click.option("--dedup", is_flag=True, help="Drop exact duplicate records (messages and tools).")
+@click.option("--skip-invalid", is_flag=True, help="Count and skip bad records instead of failing.")
+def command(
+    inputs: tuple[str, ...],
+    output: str,
+    fmt: str,
+    map_: str | None,
+    sheet: str | None,
+    encoding: str | None,
+    system: str | None,
+    dedup: bool,
+    skip_invalid: bool,
+) -> None:
+    """Convert Alpaca, ShareGPT, OpenAI, LLaMA-Factory v1, CSV/TSV and Excel files into one
+    canonical conversations JSONL (several inputs are concatenated)."""
+    from sftdata.convert import convert
+    from sftdata.sources import parse_mapping
+
+    def log(line: str) -> None:
+        click.echo(line, err=True)
+
+    report = convert(
+        list(inputs),
+        output,
+        fmt=fmt,
+        mapping=parse_mapping(map_) if map_ else None,
+        sheet=sheet,
+        encoding=encoding,
+        system=system,
+        dedup=dedup,
+        skip_invalid=skip_invalid,
+        log=log,
+    )
+    for message in report.examples:
+        log(f"skipped {message}")
+    shown = len(report.examples)
+    skipped = sum(n for r, n in report.dropped.items() if r != "duplicate")
+    if skipped > shown:
+        log(f"... and {skipped - shown} more skipped records")
+    for line in report.summary_lines():
+        log(line)

@@ -1,0 +1,41 @@
+"""`sftdata validate FILE...`: schema + structural checks of canonical JSONL, every problem."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("validate")
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "github"]),
+    default="text",
+    show_default=True,
+    help="text: file:line: problem; github: GitHub Actions ::error annotations.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
+def command(files: tuple[str, ...], fmt: str, as_json: bool) -> None:
+    """Check canonical conversation JSONL files; exit 0 only when every file is clean."""
+    from sftdata.validate import github_annotation, validate_file
+
+    reports = [validate_file(f) for f in files]
+    problems = [p for r in reports for p in r.problems]
+    if as_json:
+        doc = {
+            "ok": not problems,
+            "records": sum(r.records for r in reports),
+            "problems": len(problems),
+            "files": [r.to_dict() for r in reports],
+        }
+        click.echo(json.dumps(doc, ensure_ascii=False, indent=2))
+    else:
+        for p in problems:
+            click.echo(github_annotation(p) if fmt == "github" else str(p))
+        for r in reports:
+            status = "ok" if r.ok else f"{len(r.problems)} problems"
+            click.echo(f"{r.file}: {r.records} records, {status}", err=True)
+    click.get_current_context().exit(0 if not problems else 1)

@@ -1,0 +1,77 @@
+"""CSV and TSV files (RFC 4180 through the ``csv`` module: quoted fields may hold newlines).
+
+The first non-blank row is the header. A record's source line is the line it starts on, so a
+multi-line quoted answer is reported where an editor shows the record.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+
+from sftdata.conversation import Conversation
+from sftdata.errors import ConversionError
+from sftdata.sources.base import (
+    RecordError,
+    check_input_file,
+    locate_decode_error,
+    refuse_binary,
+    source_of,
+)
+from sftdata.sources.table import is_blank, resolve_columns, row_conversation
+
+
+def iter_table(
+    path: Path,
+    *,
+    delimiter: str,
+    encoding: str,
+    mapping: dict[str, str] | None,
+    stem: str,
+) -> Iterator[list[tuple[Conversation, bool]] | RecordError]:
+    """Yield one conversation list (or a RecordError) per non-blank data row."""
+    what = "CSV" if delimiter == "," else "TSV"
+    head = check_input_file(path)
+    refuse_binary(path, head, what)
+    # utf-8-sig: Excel writes a BOM in front of UTF-8 CSVs.
+    enc = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    try:
+        codecs.lookup(enc)
+    except LookupError:
+        raise ConversionError(f"--encoding {encoding!r}: unknown encoding") from None
+    with path.open(encoding=enc, newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
+        columns: dict[str, int] | None = None
+        index = 0
+        last = 0
+        try:
+            for cells in reader:
+                start, last = last + 1, reader.line_num
+                if is_blank(cells):
+                    continue
+                if columns is None:
+                    headers = [c.strip() for c in cells]
+                    columns = resolve_columns(headers, mapping, where=f"{path}:{start}: header")
+                    continue
+                where = f"{path}:{start}"
+                try:
+                    yield [
+                        row_conversation(
+                            cells,
+                            columns,
+                            where=where,
+                            source=source_of(path, line=start),
+                            rid=f"{stem}-{index}",
+                        )
+                    ]
+                except RecordError as e:
+                    yield e
+                index += 1
+        except UnicodeDecodeError:
+            raise locate_decode_error(path, enc) from None
+        except csv.Error as e:
+            raise ConversionError(f"{path}:{reader.line_num}: malformed {what} ({e})") from None
+        if columns is None:
+            raise ConversionError(f"{path}: has no header row")

@@ -1,0 +1,111 @@
+"""Header handling shared by the CSV/TSV and XLSX adapters: tables are Alpaca-like rows.
+
+Common headers map themselves (``question``/``context``/``answer``, ``prompt``/``response``,
+``问题``/``背景``/``回应`` ...); ``--map HEADER=FIELD`` maps anything else and wins.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from sftdata.conversation import Conversation, Source
+from sftdata.errors import ConversionError
+from sftdata.sources import alpaca
+from sftdata.sources.base import RecordError, cell_text
+
+TABLE_FIELDS = ("instruction", "input", "output", "system", "history", "id")
+
+#: Headers (case-insensitive, trimmed) that need no --map.
+AUTO_HEADERS = {
+    "instruction": "instruction",
+    "input": "input",
+    "output": "output",
+    "system": "system",
+    "history": "history",
+    "id": "id",
+    "question": "instruction",
+    "prompt": "instruction",
+    "query": "instruction",
+    "context": "input",
+    "answer": "output",
+    "response": "output",
+    "问题": "instruction",
+    "指令": "instruction",
+    "背景": "input",
+    "输入": "input",
+    "上下文": "input",
+    "回应": "output",
+    "回答": "output",
+    "答案": "output",
+    "输出": "output",
+}
+
+
+def resolve_columns(
+    headers: Sequence[str], mapping: dict[str, str] | None, *, where: str
+) -> dict[str, int]:
+    """Map canonical field → column index, or explain which column is missing.
+
+    Raises:
+        ConversionError: naming ``where`` (file, sheet, header row) and the headers found.
+    """
+    found = ", ".join(h for h in headers if h) or "none"
+    columns: dict[str, int] = {}
+    explicit = dict(mapping or {})
+    for src, dst in explicit.items():
+        if dst not in TABLE_FIELDS:
+            raise ConversionError(
+                f"--map {src}={dst}: a table column can only map to {', '.join(TABLE_FIELDS)}"
+            )
+        if src not in headers:
+            raise ConversionError(
+                f"{where}: --map names column {src!r}, but the headers are: {found}"
+            )
+        columns[dst] = headers.index(src)
+    auto: dict[str, list[str]] = {}
+    for i, h in enumerate(headers):
+        field = AUTO_HEADERS.get(h.strip().lower())
+        if field and field not in columns and h not in explicit:
+            auto.setdefault(field, []).append(h)
+            if len(auto[field]) == 1:
+                columns[field] = i
+    for field, names in auto.items():
+        if len(names) > 1 and field not in explicit.values():
+            raise ConversionError(
+                f"{where}: columns {', '.join(map(repr, names))} could all be {field!r}; "
+                f"choose one with --map {names[0]}={field}"
+            )
+    for field in ("instruction", "output"):
+        if field not in columns:
+            raise ConversionError(
+                f"{where}: no column for {field!r} (headers found: {found}); "
+                f"name one with --map HEADER={field}"
+            )
+    return columns
+
+
+def is_blank(cells: Sequence[Any]) -> bool:
+    """A row with no visible content (skipped, not counted)."""
+    return all(cell_text(c).strip() == "" for c in cells)
+
+
+def row_conversation(
+    cells: Sequence[Any], columns: dict[str, int], *, where: str, source: Source, rid: str
+) -> tuple[Conversation, bool]:
+    """One conversation from a table row, and whether its id came from an ``id`` column."""
+    record: dict[str, Any] = {}
+    for field, i in columns.items():
+        record[field] = cell_text(cells[i]) if i < len(cells) else ""
+    own_id = record.pop("id", "").strip()
+    history = record.pop("history", "")
+    if history.strip():
+        try:
+            record["history"] = json.loads(history)
+        except json.JSONDecodeError as e:
+            raise RecordError(
+                f"{where}: the history cell is not JSON [[question, answer], ...] ({e.msg})",
+                reason="wrong type",
+            ) from None
+    return alpaca.build(record, where=where, source=source, rid=own_id or rid), bool(own_id)

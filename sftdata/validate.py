@@ -1,0 +1,259 @@
+"""Check canonical JSONL files: JSON Schema plus the structural rules a chat template relies on.
+
+Every problem is reported (not just the first) as ``file:line: what is wrong``; a line that is
+not JSON is reported and validation goes on with the next line. The same structural rules run in
+``convert``, so what ``convert`` writes always validates clean.
+
+Rules beyond the schema: a known ``schema_version``; an optional system turn only first; the
+first other turn is the user's; an assistant turn follows a user or tool turn; a tool turn
+follows an assistant turn with ``tool_calls`` or another tool turn; a user turn follows the
+system prompt or an assistant turn; the record does not end on an unanswered user or tool turn;
+at least one trained assistant turn; no empty content (an assistant turn may be empty only when
+it calls tools); ids unique within the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from sftdata.conversation import SCHEMA_VERSION
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "conversation.v1.json"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem: ``line`` is 1-based (0 for the file as a whole); ``source`` the raw record."""
+
+    file: str
+    line: int
+    message: str
+    source: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        tail = f" (from {self.source})" if self.source else ""
+        return f"{where}: {self.message}{tail}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "line": self.line,
+            "message": self.message,
+            "source": self.source,
+        }
+
+
+@dataclass
+class ValidationReport:
+    """The outcome for one file: records read and every problem found."""
+
+    file: str
+    records: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "records": self.records,
+            "ok": self.ok,
+            "problems": [p.to_dict() for p in self.problems],
+        }
+
+
+@lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _path(parts) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def schema_problems(record: Any) -> list[str]:
+    """Messages for every JSON Schema violation of one parsed record."""
+    out = []
+    for err in sorted(
+        _validator().iter_errors(record), key=lambda e: list(map(str, e.absolute_path))
+    ):
+        where = _path(err.absolute_path)
+        out.append(f"{where}: {err.message}" if where else err.message)
+    return out
+
+
+def _is_trained(m: dict[str, Any]) -> bool:
+    train = m.get("train")
+    return m.get("role") == "assistant" if not isinstance(train, bool) else train
+
+
+def structure_problems(messages: Any) -> list[str]:
+    """Messages for every structural rule a list of message dicts breaks (see module doc)."""
+    if not isinstance(messages, list):
+        return []
+    msgs = [m if isinstance(m, dict) else {} for m in messages]
+    out: list[str] = []
+    prev: dict[str, Any] | None = None
+    for i, m in enumerate(msgs):
+        role, content = m.get("role"), m.get("content")
+        calls = m.get("tool_calls")
+        here = f"messages[{i}] ({role})"
+        if isinstance(content, str) and not content.strip():
+            if role != "assistant":
+                out.append(f"{here}: content is empty")
+            elif not calls:
+                out.append(
+                    f"{here}: empty answer (an assistant turn may be empty only with tool_calls)"
+                )
+        if calls and role != "assistant":
+            out.append(f"{here}: only assistant turns may have tool_calls")
+        if isinstance(calls, list):
+            for k, c in enumerate(calls):
+                fn = c.get("function") if isinstance(c, dict) else None
+                if (
+                    not isinstance(fn, dict)
+                    or not isinstance(fn.get("name"), str)
+                    or not fn["name"]
+                ):
+                    out.append(f"{here}: tool_calls[{k}] needs function.name")
+                elif not isinstance(fn.get("arguments", ""), str):
+                    out.append(f"{here}: tool_calls[{k}].function.arguments must be a JSON string")
+        prev_role = prev.get("role") if prev else None
+        if role == "system":
+            if i:
+                out.append(f"{here}: a system turn may only come first")
+        elif role == "user":
+            if prev_role == "user":
+                out.append(f"{here}: two user turns in a row")
+            elif prev_role == "tool":
+                out.append(
+                    f"{here}: a user turn after a tool result; the assistant must answer it first"
+                )
+        elif role == "assistant":
+            if prev_role in (None, "system"):
+                out.append(f"{here}: the conversation must start with a user turn")
+            elif prev_role == "assistant":
+                out.append(f"{here}: two assistant turns in a row")
+        elif role == "tool":
+            if prev_role in (None, "system"):
+                out.append(f"{here}: the conversation must start with a user turn")
+            elif not (prev_role == "tool" or (prev_role == "assistant" and prev.get("tool_calls"))):
+                out.append(f"{here}: a tool result must follow an assistant turn with tool_calls")
+        prev = m
+    if msgs and msgs[-1].get("role") in ("user", "tool"):
+        what = "a user turn" if msgs[-1].get("role") == "user" else "a tool result"
+        out.append(f"messages[{len(msgs) - 1}]: ends with {what} that has no answer")
+    if not any(m.get("role") == "assistant" and _is_trained(m) for m in msgs):
+        out.append("no trained assistant turn (nothing to learn from this record)")
+    return out
+
+
+def record_problems(record: Any) -> list[str]:
+    """Every schema and structural problem of one parsed canonical record."""
+    if not isinstance(record, dict):
+        return [f"expected a JSON object, got {type(record).__name__}"]
+    version = record.get("schema_version")
+    if version != SCHEMA_VERSION:
+        return [f"schema_version {version!r} is not supported (this is version {SCHEMA_VERSION})"]
+    return schema_problems(record) + structure_problems(record.get("messages"))
+
+
+def _source_text(record: Any) -> str | None:
+    src = record.get("source") if isinstance(record, dict) else None
+    if not isinstance(src, dict) or not isinstance(src.get("file"), str):
+        return None
+    if src.get("sheet") is not None:
+        return f"{src['file']}:{src['sheet']}:row {src.get('row')}"
+    if src.get("line") is not None:
+        return f"{src['file']}:{src['line']}"
+    if src.get("row") is not None:
+        return f"{src['file']}:row {src['row']}"
+    return src["file"]
+
+
+def validate_file(path: str | Path) -> ValidationReport:
+    """Validate one canonical JSONL file, streaming it line by line.
+
+    Memory stays flat in file size except for one 8-byte hash per record (duplicate ids) and
+    the problems found.
+    """
+    path = Path(path)
+    report = ValidationReport(file=str(path))
+
+    def problem(line: int, message: str, source: str | None = None) -> None:
+        report.problems.append(Problem(str(path), line, message, source))
+
+    if not path.exists():
+        problem(0, "no such file")
+        return report
+    if path.is_dir():
+        problem(0, "is a folder, expected a .jsonl file")
+        return report
+    seen: dict[bytes, int] = {}
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problem(
+                    lineno,
+                    f"not valid UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1})",
+                )
+                continue
+            if lineno == 1:
+                text = text.lstrip("\ufeff")
+            if not text.strip():
+                continue
+            report.records += 1
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                problem(lineno, f"invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            source = _source_text(record)
+            for msg in record_problems(record):
+                problem(lineno, msg, source)
+            rid = record.get("id") if isinstance(record, dict) else None
+            if isinstance(rid, str):
+                key = hashlib.blake2b(rid.encode(), digest_size=8).digest()
+                if key in seen:
+                    problem(lineno, f"duplicate id {rid!r} (first on line {seen[key]})", source)
+                else:
+                    seen[key] = lineno
+    if report.records == 0 and not report.problems:
+        problem(0, "is empty (no records)")
+    return report
+
+
+def github_annotation(p: Problem) -> str:
+    """A GitHub Actions ``::error`` workflow command for one problem (escaped per the spec)."""
+
+    def prop(s: str) -> str:
+        return (
+            s.replace("%", "%25")
+            .replace("\r", "%0D")
+            .replace("\n", "%0A")
+            .replace(":", "%3A")
+            .replace(",", "%2C")
+        )
+
+    def data(s: str) -> str:
+        return s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+    msg = p.message + (f" (from {p.source})" if p.source else "")
+    loc = f"file={prop(p.file)}" + (f",line={p.line}" if p.line else "")
+    return f"::error {loc}::{data(msg)}"
