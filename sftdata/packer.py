@@ -177,7 +177,10 @@ def _init_worker(opts: PackOptions) -> None:
     _get_renderer(opts)
 
 
-def _encode_chunk(convs: Sequence[Conversation], opts: PackOptions) -> _Chunk:
+def encode_chunk(
+    convs: Sequence[Conversation], opts: PackOptions, *, keep_zero_trained: bool = False
+) -> _Chunk:
+    """Encode one chunk with one ``encode_batch`` call and apply the drop/overflow policies."""
     renderer = _get_renderer(opts)
     encoded = renderer.encode_batch(convs)
     ids_parts, mask_parts, lengths, rids = [], [], [], []
@@ -185,7 +188,7 @@ def _encode_chunk(convs: Sequence[Conversation], opts: PackOptions) -> _Chunk:
     for conv, enc in zip(convs, encoded, strict=True):
         ids, mask = enc.input_ids, enc.train_mask
         # The first token's label is always ignored once packed, so it does not count as trained.
-        if not mask[1:].any():
+        if not keep_zero_trained and not mask[1:].any():
             zero += 1
             continue
         if len(ids) > opts.seq_len:
@@ -218,7 +221,8 @@ def _encode_chunk(convs: Sequence[Conversation], opts: PackOptions) -> _Chunk:
     )
 
 
-def _read_chunks(inputs: Sequence[Path], size: int) -> Iterator[list[Conversation]]:
+def read_chunks(inputs: Sequence[Path], size: int) -> Iterator[list[Conversation]]:
+    """Canonical records of ``inputs`` in order, in lists of ``size``."""
     chunk: list[Conversation] = []
     for path in inputs:
         for conv in read_jsonl(path):
@@ -232,10 +236,10 @@ def _read_chunks(inputs: Sequence[Path], size: int) -> Iterator[list[Conversatio
 
 def _encoded_chunks(inputs: Sequence[Path], opts: PackOptions) -> Iterator[_Chunk]:
     """Encoded chunks in input order, from ``num_proc`` processes with bounded look-ahead."""
-    chunks = _read_chunks(inputs, opts.chunk_size)
+    chunks = read_chunks(inputs, opts.chunk_size)
     if opts.num_proc <= 1:
         for convs in chunks:
-            yield _encode_chunk(convs, opts)
+            yield encode_chunk(convs, opts)
         return
     import multiprocessing as mp
 
@@ -249,7 +253,7 @@ def _encoded_chunks(inputs: Sequence[Path], opts: PackOptions) -> Iterator[_Chun
             pending: deque = deque()
             # Bounded look-ahead: Pool.imap would read the whole input ahead into its queue.
             for convs in chunks:
-                pending.append(pool.apply_async(_encode_chunk, (convs, opts)))
+                pending.append(pool.apply_async(encode_chunk, (convs, opts)))
                 if len(pending) >= 2 * opts.num_proc:
                     yield pending.popleft().get()
             while pending:

@@ -1,0 +1,171 @@
+"""`sftdata inspect`: show a packed row (or one record) with trained and masked tokens apart.
+
+On a terminal trained text is green and masked text dim; when the output is piped (or with
+``--plain``) trained text is wrapped in ``[[`` ... ``]]`` and every record starts with a line
+``--- record ID (N tokens, M trained) ---``. The padding segment is summarised, not decoded.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from sftdata import IGNORE_INDEX
+
+TRAIN_OPEN, TRAIN_CLOSE = "[[", "]]"
+
+
+def segments(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Split a reader row into its record segments (and the padding segment, if any).
+
+    Each item: ``record_id`` (None for padding), ``ids`` (int32), ``trained`` (bool per token:
+    the label is not IGNORE_INDEX, i.e. what the model learns), ``start`` (offset in the row).
+    """
+    out, pos = [], 0
+    rids = row["record_ids"]
+    for k, n in enumerate(np.asarray(row["seq_lens"]).tolist()):
+        sl = slice(pos, pos + n)
+        out.append(
+            {
+                "record_id": rids[k] if k < len(rids) else None,
+                "ids": row["input_ids"][sl],
+                "trained": row["labels"][sl] != IGNORE_INDEX,
+                "start": pos,
+            }
+        )
+        pos += n
+    return out
+
+
+def runs(ids: np.ndarray, trained: np.ndarray, decode) -> list[tuple[bool, str]]:
+    """Decoded text of consecutive same-status tokens, as ``(trained, text)`` pieces.
+
+    Text is decoded from the record start up to each run's end and differenced, so pieces join
+    to the same text a whole-record decode gives (no spaces lost at run edges).
+    """
+    if len(ids) == 0:
+        return []
+    edges = np.flatnonzero(np.diff(trained.astype(np.int8))) + 1
+    bounds = [0, *edges.tolist(), len(ids)]
+    pieces, prev = [], ""
+    for a, b in itertools.pairwise(bounds):
+        upto = decode(ids[:b].tolist())
+        piece = upto[len(prev) :] if upto.startswith(prev) else decode(ids[a:b].tolist())
+        pieces.append((bool(trained[a]), piece))
+        prev = upto
+    return pieces
+
+
+def plain_text(pieces: list[tuple[bool, str]]) -> str:
+    """Pieces joined with trained text wrapped in the ``[[``/``]]`` markers."""
+    return "".join(f"{TRAIN_OPEN}{t}{TRAIN_CLOSE}" if tr else t for tr, t in pieces)
+
+
+def load_decoder(index: dict[str, Any], tokenizer: str | None):
+    """A tokenizer matching the shard index (``--tokenizer`` or the path stored at pack time)."""
+    from sftdata.errors import ConfigError
+    from sftdata.tokenizer import load_tokenizer, tokenizer_identity
+
+    spec = tokenizer or index["tokenizer"].get("spec")
+    if not spec:
+        raise ConfigError("the shard index names no tokenizer path: pass --tokenizer")
+    if tokenizer is None and spec != "tiny" and not Path(spec).exists():
+        raise ConfigError(
+            f"{spec}: the tokenizer these shards were packed with is gone: pass --tokenizer"
+        )
+    tok = load_tokenizer(spec)
+    if tokenizer_identity(tok)["sha256"] != index["tokenizer"]["sha256"]:
+        raise ConfigError(
+            f"{spec}: not the tokenizer these shards were packed with (content hash differs)"
+        )
+    return tok
+
+
+@click.command("inspect")
+@click.argument("shards", type=click.Path(path_type=Path))
+@click.option("--row", "row_i", type=int, default=None, help="Row to show [default: 0].")
+@click.option(
+    "--record", "record_id", default=None, help="Show the record with this id (and where it is)."
+)
+@click.option("--split", default="train", show_default=True, help="Split to read.")
+@click.option(
+    "--tokenizer",
+    default=None,
+    help="Tokenizer to decode with [default: the one recorded at pack time].",
+)
+@click.option("--plain", is_flag=True, help="Text markers instead of colour even on a terminal.")
+def command(
+    shards: Path,
+    row_i: int | None,
+    record_id: str | None,
+    split: str,
+    tokenizer: str | None,
+    plain: bool,
+) -> None:
+    """Show what the model learns from a row: trained text [[like this]], masked text plain."""
+    from rich.console import Console
+    from rich.text import Text
+
+    from sftdata.errors import ConfigError
+    from sftdata.shards import ShardReader
+
+    if row_i is not None and record_id is not None:
+        raise ConfigError("--row and --record: give at most one")
+    reader = ShardReader(shards, split=split)
+    seg_pick = None
+    if record_id is not None:
+        row_i, seg_pick = reader.find_record(record_id)
+    row_i = 0 if row_i is None else row_i
+    if not -len(reader) <= row_i < len(reader):
+        raise ConfigError(f"--row {row_i}: split {split!r} of {shards} has {len(reader)} rows")
+    row_i %= len(reader)
+    row = reader[row_i]
+    tok = load_decoder(reader.index, tokenizer)
+
+    def decode(ids: list[int]) -> str:
+        return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    segs = segments(row)
+    recs = [s for s in segs if s["record_id"] is not None]
+    n_trained = int(sum(s["trained"].sum() for s in recs))
+    console = Console(highlight=False, soft_wrap=True)
+    colour = console.is_terminal and not plain
+    header = (
+        f"row {row_i} of {len(reader)} (split {split}, seq_len {reader.seq_len}): {len(recs)} records, "
+        f"lengths {[len(s['ids']) for s in recs]}, padding {row['num_pad']}, "
+        f"trained {n_trained} of {reader.seq_len} tokens"
+    )
+    if not colour:
+        header += f"; trained text is wrapped in {TRAIN_OPEN} {TRAIN_CLOSE}"
+    shown = segs if seg_pick is None else [segs[seg_pick]]
+    out = [header]
+    for s in shown:
+        n = len(s["ids"])
+        if s["record_id"] is None:
+            out.append(f"--- padding ({n} tokens, not trained) ---")
+            continue
+        out.append(
+            f"--- record {s['record_id']} ({n} tokens, {int(s['trained'].sum())} trained) ---"
+        )
+        pieces = runs(s["ids"], s["trained"], decode)
+        if colour:
+            text = Text()
+            for tr, t in pieces:
+                text.append(t, style="bold green" if tr else "dim")
+            out.append(text)
+        else:
+            out.append(plain_text(pieces))
+    if colour:
+        for item in out:
+            console.print(
+                item,
+                style="bold cyan"
+                if isinstance(item, str) and item.startswith(("---", "row "))
+                else None,
+            )
+    else:
+        click.echo("\n".join(str(x) for x in out))
