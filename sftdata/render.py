@@ -1,0 +1,549 @@
+"""Chat-template rendering with exact label masks (DESIGN §2, invariant C2).
+
+A record is rendered to ONE string by a chat template (the tokenizer's own ``chat_template``, a
+built-in Jinja file from ``sftdata/templates/``, a FastChat conversation template, or a user's
+Jinja file). The trained part is computed on that string as character spans, from its structure:
+each message's content is located where the template put it (searching forward from the previous
+message), and a trained assistant message's span runs on through the template's end-of-turn string
+(learned once per template by rendering a probe conversation with sentinel contents). The whole
+string is then tokenized once and a token is trained iff its character span overlaps a trained
+span. No prompt prefix is ever tokenized separately, so BPE merges across a boundary cannot shift
+the mask.
+
+Tool calls and tool schemas are passed to templates that use them (``tool_calls`` / ``tools`` in
+the template source). For templates that don't, they are rendered in a documented plain way rather
+than dropped: each call becomes one line of compact JSON (``{"name": ..., "arguments": ...}``)
+appended to the assistant's content, and the tool schemas become a JSON list after the line
+"Available tools:" at the end of the system message (a system message is added if there is none).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sftdata.conversation import Conversation
+from sftdata.errors import ConfigError, TemplateError
+
+TRAIN_ON = ("all-assistant", "last-assistant", "everything")
+BUILTIN_TEMPLATES = ("chatml", "llama2", "alpaca")
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+_OPTIONS = "auto, chatml, llama2, alpaca, fastchat:NAME (e.g. fastchat:vicuna_v1.1) or FILE.jinja"
+
+# Sentinel contents for the probe renders: plain ASCII letters so that templates which strip or
+# capitalise nothing still render them verbatim, and unlikely to occur in template text.
+_S = {
+    "system": "Qzx7SystemProbe",
+    "user": "Qzx7UserProbe",
+    "user2": "Qzx7UserProbeTwo",
+    "assistant": "Qzx7AssistantProbe",
+    "assistant2": "Qzx7AssistantProbeTwo",
+    "tool": "Qzx7ToolProbe",
+}
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenized record: token ids and which of them are trained."""
+
+    input_ids: np.ndarray
+    """int32 token ids of the rendered record (no padding)."""
+    train_mask: np.ndarray
+    """bool, same length: True where the token is trained (its label is itself)."""
+
+
+# ----------------------------------------------------------------------------- template backends
+
+
+class _GenerationTag:
+    """Factory of a Jinja extension accepting HF's ``{% generation %}`` tag (rendered as is)."""
+
+    @staticmethod
+    def make() -> type:
+        from jinja2 import nodes
+        from jinja2.ext import Extension
+
+        class GenerationTag(Extension):
+            tags = frozenset({"generation"})
+
+            def parse(self, parser: Any) -> Any:
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+                return nodes.CallBlock(self.call_method("_passthrough"), [], [], body).set_lineno(
+                    lineno
+                )
+
+            def _passthrough(self, caller: Any) -> str:
+                return caller()
+
+        return GenerationTag
+
+
+@lru_cache(maxsize=1)
+def _jinja_env() -> Any:
+    # The same sandbox and options transformers' apply_chat_template uses, so that "auto" renders
+    # exactly what the model's authors intended.
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+               sort_keys: bool = False) -> str:  # fmt: skip
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[_GenerationTag.make(), "jinja2.ext.loopcontrols"],
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+class _JinjaBackend:
+    """A compiled Jinja chat template (reused for every record)."""
+
+    def __init__(self, source: str, *, where: str, specials: dict[str, str]) -> None:
+        import jinja2
+
+        try:
+            self._template = _jinja_env().from_string(source)
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateError(f"{where}:{e.lineno}: template syntax error: {e.message}") from None
+        self.native_tool_calls = "tool_calls" in source
+        self.native_tools = re.search(r"\btools\b", source) is not None
+        self._specials = specials
+
+    def render(
+        self, messages: list[dict[str, Any]], tools: list[Any] | None, generation_prompt: bool
+    ) -> str:
+        return self._template.render(
+            messages=messages,
+            tools=tools,
+            add_generation_prompt=generation_prompt,
+            **self._specials,
+        )
+
+
+class _FastChatBackend:
+    """A FastChat ``Conversation`` template (``fastchat.conversation.get_conv_template``).
+
+    FastChat's training code tokenizes ``conv.get_prompt()`` with the tokenizer's BOS added; we
+    render the BOS token into the text instead (we tokenize with ``add_special_tokens=False``).
+    The first system message becomes the conversation's system message; tool results and later
+    system messages are user turns.
+    """
+
+    def __init__(self, name: str, *, bos: str) -> None:
+        try:
+            from fastchat.conversation import get_conv_template
+        except ImportError:
+            raise TemplateError(
+                f"fastchat:{name}: FastChat templates need the 'fschat' package (pip install fschat)"
+            ) from None
+        try:
+            self._base = get_conv_template(name)
+        except KeyError:
+            raise TemplateError(
+                f"fastchat:{name}: not a FastChat conversation template (e.g. vicuna_v1.1, "
+                "llama-2, chatml, one_shot)"
+            ) from None
+        self._bos = bos
+        self.native_tool_calls = self.native_tools = False
+        fields = {f.name: getattr(self._base, f.name) for f in dataclasses.fields(self._base)}
+        fields.pop("messages", None)
+        self.text = json.dumps(
+            {"fastchat": name, "bos": bos, "conversation": fields},
+            sort_keys=True,
+            ensure_ascii=False,
+            default=str,
+        )
+
+    def render(
+        self, messages: list[dict[str, Any]], tools: list[Any] | None, generation_prompt: bool
+    ) -> str:
+        conv = self._base.copy()
+        rest = messages
+        if messages and messages[0]["role"] == "system":
+            conv.set_system_message(messages[0]["content"])
+            rest = messages[1:]
+        user, assistant = conv.roles[0], conv.roles[1]
+        for m in rest:
+            conv.append_message(assistant if m["role"] == "assistant" else user, m["content"])
+        if generation_prompt:
+            conv.append_message(assistant, None)
+        return self._bos + conv.get_prompt()
+
+
+# ------------------------------------------------------------------------------------ the renderer
+
+
+def _plain_tool_call(call: Any) -> str:
+    fn = call.get("function", call) if isinstance(call, dict) else call
+    if isinstance(fn, dict) and "name" in fn:
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            with contextlib.suppress(json.JSONDecodeError):
+                args = json.loads(args)
+        fn = {"name": fn["name"], "arguments": args}
+    return json.dumps(fn, ensure_ascii=False, separators=(", ", ": "))
+
+
+class Renderer:
+    """Render canonical conversations with a chat template and compute exact train masks.
+
+    Args:
+        tokenizer: a fast tokenizer (``sftdata.tokenizer.load_tokenizer``).
+        template: ``auto`` (the tokenizer's chat_template), ``chatml``, ``llama2``, ``alpaca``,
+            ``fastchat:NAME`` or a path to a ``.jinja`` file.
+        train_on: one of :data:`TRAIN_ON`; per-message ``train`` flags always win.
+
+    Raises:
+        TemplateError: unknown template, Jinja syntax error (file:line), ``auto`` without a
+            chat_template, or a template whose output does not contain message contents verbatim.
+        ConfigError: ``train_on`` not one of :data:`TRAIN_ON`.
+    """
+
+    def __init__(self, tokenizer: Any, *, template: str = "auto", train_on: str = "all-assistant"):
+        if train_on not in TRAIN_ON:
+            raise ConfigError(f"train_on {train_on!r} is not one of {', '.join(TRAIN_ON)}")
+        self.train_on = train_on
+        self._tok = tokenizer
+        self._backend_tok = tokenizer.backend_tokenizer
+        self._specials = {
+            "bos_token": tokenizer.bos_token or "",
+            "eos_token": tokenizer.eos_token or "",
+            "unk_token": tokenizer.unk_token or "",
+            "pad_token": tokenizer.pad_token or "",
+        }
+        self.name, self.template_text, self._backend = self._load(str(template))
+        self._probe()
+        minimal = self._backend.render(
+            [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}], None, False
+        )
+        self.fixed_overhead: int = len(self._backend_tok.encode(minimal, add_special_tokens=False))
+
+    # -- template loading ---------------------------------------------------------------------
+
+    def _load(self, spec: str) -> tuple[str, str, Any]:
+        if spec == "auto":
+            text = self._tok.chat_template
+            if isinstance(text, dict):
+                text = text.get("default")
+            if not isinstance(text, str) or not text.strip():
+                where = getattr(self._tok, "name_or_path", "") or "the tokenizer"
+                raise TemplateError(
+                    f"{where}: the tokenizer has no chat_template, so --template auto cannot be "
+                    f"used; choose one of {_OPTIONS}"
+                )
+            return "auto", text, _JinjaBackend(text, where="chat_template", specials=self._specials)
+        if spec in BUILTIN_TEMPLATES:
+            path = TEMPLATES_DIR / f"{spec}.jinja"
+            text = path.read_text(encoding="utf-8")
+            return spec, text, _JinjaBackend(text, where=str(path), specials=self._specials)
+        if spec.startswith("fastchat:"):
+            backend = _FastChatBackend(spec.split(":", 1)[1], bos=self._specials["bos_token"])
+            return spec, backend.text, backend
+        path = Path(spec)
+        if spec.endswith(".jinja") or path.is_file():
+            if not path.is_file():
+                raise TemplateError(f"{spec}: template file does not exist")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise TemplateError(f"{spec}: cannot read the template file ({e})") from None
+            return path.name, text, _JinjaBackend(text, where=spec, specials=self._specials)
+        raise TemplateError(f"template {spec!r} is not known; choose one of {_OPTIONS}")
+
+    def _render_probe(self, messages: list[dict[str, Any]]) -> str | None:
+        try:
+            return self._backend.render(messages, None, False)
+        except Exception:
+            return None
+
+    def _probe(self) -> None:
+        """Learn the end-of-turn string and which roles the template renders at all."""
+        s = _S
+        u, a = (
+            {"role": "user", "content": s["user"]},
+            {"role": "assistant", "content": s["assistant"]},
+        )
+        one = self._render_probe([u, a])
+        two = self._render_probe(
+            [u, a, {"role": "user", "content": s["user2"]}, {"role": "assistant", "content": s["assistant2"]}]
+        )  # fmt: skip
+        if one is None or two is None or s["assistant"] not in one or s["user2"] not in two:
+            raise TemplateError(
+                f"template {self.name}: cannot render a plain user/assistant conversation with the "
+                "message contents verbatim, so label masks cannot be derived from it"
+            )
+        last = one[one.index(s["assistant"]) + len(s["assistant"]) :].rstrip()
+        a1 = two.index(s["assistant"]) + len(s["assistant"])
+        mid = two[a1 : two.index(s["user2"], a1)]
+        n = 0
+        while n < min(len(last), len(mid)) and last[n] == mid[n]:
+            n += 1
+        # The end-of-turn string is what follows an assistant's content both mid-conversation and
+        # at the end (e.g. "<|im_end|>", " </s>"); layout whitespace after it is not trained.
+        self.eot: str = last[:n].rstrip()
+        with_system = self._render_probe([{"role": "system", "content": s["system"]}, u, a])
+        with_tool = self._render_probe([u, a, {"role": "tool", "content": s["tool"]}, a])
+        self._renders = {
+            "user": True,
+            "assistant": True,
+            "system": with_system is not None and s["system"] in with_system,
+            "tool": with_tool is not None and s["tool"] in with_tool,
+        }
+
+    # -- rendering ----------------------------------------------------------------------------
+
+    def _messages(self, conv: Conversation) -> tuple[list[dict[str, Any]], list[Any] | None, int]:
+        """Template messages (tool calls folded in where unsupported), tools, and index shift."""
+        native_calls = self._backend.native_tool_calls
+        msgs: list[dict[str, Any]] = []
+        for m in conv.messages:
+            d: dict[str, Any] = {"role": m.role, "content": m.content}
+            if m.tool_calls:
+                if native_calls:
+                    d["tool_calls"] = m.tool_calls
+                else:
+                    lines = [_plain_tool_call(c) for c in m.tool_calls]
+                    d["content"] = "\n".join(([m.content] if m.content else []) + lines)
+            msgs.append(d)
+        tools = conv.tools or None
+        shift = 0
+        if tools and not self._backend.native_tools:
+            block = "Available tools:\n" + json.dumps(tools, ensure_ascii=False)
+            if msgs and msgs[0]["role"] == "system":
+                sep = "\n\n" if msgs[0]["content"] else ""
+                msgs[0] = {**msgs[0], "content": msgs[0]["content"] + sep + block}
+            else:
+                msgs.insert(0, {"role": "system", "content": block})
+                shift = 1
+            tools = None
+        return msgs, tools, shift
+
+    def _flags(self, conv: Conversation) -> list[bool | None]:
+        """Per message: True trained, False explicitly untrained, None untrained by policy."""
+        msgs = conv.messages
+        if self.train_on == "all-assistant":
+            return [True if m.trained else (False if m.train is False else None) for m in msgs]
+        if self.train_on == "last-assistant":
+            last = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=-1)
+            return [
+                m.train if m.train is not None else (True if i == last else None)
+                for i, m in enumerate(msgs)
+            ]
+        return [m.train is not False for m in msgs]
+
+    def render(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+        """Render a record; return the text and its trained character spans (sorted, disjoint).
+
+        Raises:
+            TemplateError: naming ``conv.source`` when the template fails or does not put a
+                trained message's content (and end-of-turn) where the mask needs them.
+        """
+        msgs, tools, shift = self._messages(conv)
+        try:
+            text = self._backend.render(msgs, tools, False)
+        except Exception as e:
+            raise TemplateError(
+                f"{conv.source}: template {self.name} cannot render record {conv.id!r}: "
+                f"{type(e).__name__}: {_one_line(e)}"
+            ) from None
+        flags = self._flags(conv)
+        everything = self.train_on == "everything"
+        spans: list[tuple[int, int]] = []
+        excluded: list[tuple[int, int]] = []
+        cursor = 0
+        for i, m in enumerate(conv.messages):
+            if not self._renders.get(m.role, True):
+                continue
+            flag = flags[i]
+            content = msgs[i + shift]["content"]
+            wanted = flag is True if not everything else flag is False
+            pos, end = -1, -1
+            if content:
+                pos = text.find(content, cursor)
+                end = pos + len(content)
+                if pos < 0 and content.strip():
+                    stripped = content.strip()
+                    pos = text.find(stripped, cursor)
+                    end = pos + len(stripped)
+            if pos < 0:
+                if not wanted:
+                    continue
+                if content:
+                    raise self._not_found(conv, i, m.role)
+                if m.role != "assistant" or everything:
+                    continue  # nothing of an empty non-assistant message to train or exclude
+                pos = end = self._generation_start(conv, msgs, tools, i + shift, text, cursor)
+            if wanted and m.role == "assistant" and self.eot and not everything:
+                if pos == end and not self._ends_turn(text, end):
+                    continue  # an empty reply the template renders as an open prompt (FastChat)
+                end = self._eot_end(
+                    conv, i, text, end, native=bool(msgs[i + shift].get("tool_calls"))
+                )
+            if wanted:
+                (excluded if everything else spans).append((pos, end))
+            cursor = end
+        if everything:
+            spans = _subtract([(0, len(text))], excluded)
+        return text, [(s, e) for s, e in spans if e > s]
+
+    def _not_found(self, conv: Conversation, i: int, role: str) -> TemplateError:
+        return TemplateError(
+            f"{conv.source}: template {self.name} did not render message {i} ({role}) of record "
+            f"{conv.id!r} verbatim, so its label mask cannot be located"
+        )
+
+    def _ends_turn(self, text: str, end: int) -> bool:
+        return text.startswith(self.eot, end) or text[end:].lstrip().startswith(self.eot.lstrip())
+
+    def _eot_end(self, conv: Conversation, i: int, text: str, end: int, *, native: bool) -> int:
+        if text.startswith(self.eot, end):
+            return end + len(self.eot)
+        eot = self.eot.lstrip()
+        j = end
+        while j < len(text) and text[j].isspace():
+            j += 1
+        if text.startswith(eot, j):
+            return j + len(eot)
+        if native:  # a natively rendered tool call sits between the content and the end of turn
+            k = text.find(eot, end)
+            if k >= 0:
+                return k + len(eot)
+        raise TemplateError(
+            f"{conv.source}: template {self.name} did not end assistant message {i} of record "
+            f"{conv.id!r} with its end-of-turn {self.eot!r}"
+        )
+
+    def _generation_start(
+        self,
+        conv: Conversation,
+        msgs: list[dict[str, Any]],
+        tools: Any,
+        j: int,
+        text: str,
+        cursor: int,
+    ) -> int:
+        # An assistant turn with empty content: its start is where the template's generation
+        # prompt for the preceding messages ends (rendered as text, never tokenized separately).
+        try:
+            prefix = self._backend.render(msgs[:j], tools, True)
+        except Exception:
+            prefix = ""
+        if not prefix or not text.startswith(prefix) or len(prefix) < cursor:
+            raise self._not_found(conv, j, "assistant")
+        return len(prefix)
+
+    # -- tokenizing ---------------------------------------------------------------------------
+
+    def encode(self, conv: Conversation) -> Encoded:
+        """Render and tokenize one record (see :meth:`encode_batch`)."""
+        return self.encode_batch([conv])[0]
+
+    def encode_batch(self, convs: Sequence[Conversation]) -> list[Encoded]:
+        """Render and tokenize records with ONE batched call of the Rust tokenizer.
+
+        Token masks come from ``char_to_token`` at span edges (two lookups per span) rather than
+        converting every token's offsets to Python: measured on alpaca_en_demo (llama2 template,
+        Llama-2 tokenizer, 2 cores) converting offsets alone costs ~30% of the batch encode time.
+        """
+        rendered = [self.render(c) for c in convs]
+        encodings = self._backend_tok.encode_batch(
+            [text for text, _ in rendered], add_special_tokens=False
+        )
+        out = []
+        for (text, spans), enc in zip(rendered, encodings, strict=True):
+            ids = np.array(enc.ids, dtype=np.int32)
+            mask = _mask_by_edges(enc, len(ids), len(text), spans)
+            if mask is None:
+                mask = mask_from_offsets(
+                    np.array(enc.offsets, dtype=np.int64).reshape(-1, 2), spans
+                )
+            out.append(Encoded(input_ids=ids, train_mask=mask))
+        return out
+
+
+# --------------------------------------------------------------------------------- span -> tokens
+
+
+def _subtract(spans: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out = spans
+    for hs, he in holes:
+        nxt = []
+        for s, e in out:
+            if he <= s or hs >= e:
+                nxt.append((s, e))
+                continue
+            if s < hs:
+                nxt.append((s, hs))
+            if he < e:
+                nxt.append((he, e))
+        out = nxt
+    return out
+
+
+def mask_from_offsets(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Reference rule: a token is trained iff its ``[start, end)`` overlaps a trained span.
+
+    Zero-width tokens count as covering their start character. ``offsets`` is int[n, 2].
+    """
+    n = len(offsets)
+    if not spans or n == 0:
+        return np.zeros(n, dtype=bool)
+    starts = np.array([s for s, _ in spans], dtype=np.int64)
+    ends = np.array([e for _, e in spans], dtype=np.int64)
+    tok_start = offsets[:, 0]
+    tok_end = np.maximum(offsets[:, 1], tok_start + 1)
+    k = np.searchsorted(ends, tok_start, side="right")  # first span ending after the token start
+    ok = k < len(spans)
+    mask = np.zeros(n, dtype=bool)
+    mask[ok] = starts[k[ok]] < tok_end[ok]
+    return mask
+
+
+def _mask_by_edges(
+    enc: Any, n: int, text_len: int, spans: list[tuple[int, int]]
+) -> np.ndarray | None:
+    """Same rule as :func:`mask_from_offsets` via two ``char_to_token`` lookups per span.
+
+    Returns None when a span edge falls on a character no token covers (the caller then uses
+    the offsets).
+    """
+    mask = np.zeros(n, dtype=bool)
+    for s, e in spans:
+        first = enc.char_to_token(s)
+        if first is None:
+            return None
+        if e >= text_len:
+            last = n - 1
+        else:
+            t = enc.char_to_token(e)
+            if t is None:
+                return None
+            last = t if enc.token_to_chars(t)[0] < e else t - 1
+        mask[first : last + 1] = True
+    return mask
+
+
+def _one_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else ""
