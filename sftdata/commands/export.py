@@ -1,0 +1,91 @@
+"""`sftdata export`: shards -> MindRecord, or canonical JSONL -> ShareGPT / Alpaca / OpenAI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from sftdata.errors import ConfigError
+
+FORMATS = ("mindrecord", "sharegpt", "alpaca", "openai")
+
+
+@click.command("export")
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    required=True,
+    type=click.Choice(FORMATS),
+    help="mindrecord: INPUT is a shard folder from `sftdata pack`; "
+    "sharegpt/alpaca/openai: INPUT is canonical JSONL from `sftdata convert`.",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="File to write (MindRecord also writes OUTPUT.db beside it).",
+)
+@click.option(
+    "--split",
+    default="train",
+    show_default=True,
+    help="[mindrecord] Which split of the shards to export.",
+)
+@click.option(
+    "--layout",
+    type=click.Choice(("legacy", "mcore")),
+    default="legacy",
+    show_default=True,
+    help="[mindrecord] legacy: rows seq_len+1, unshifted labels (llama_preprocess.py); "
+    "mcore: rows seq_len, labels shifted (MindFormers' HF data handlers).",
+)
+@click.option(
+    "--pad-token-id",
+    type=int,
+    default=None,
+    help="[mindrecord] Id written at padding positions (default: the shards' pad id; "
+    "MindFormers' LlamaTokenizer pads with 0 = <unk>).",
+)
+@click.option(
+    "--boundaries/--no-boundaries",
+    default=None,
+    help="[mindrecord] Write the actual_seq_len column of packed record boundaries "
+    "(default: when rows hold several records).",
+)
+def command(
+    input_path: Path,
+    fmt: str,
+    output: Path,
+    split: str,
+    layout: str,
+    pad_token_id: int | None,
+    boundaries: bool | None,
+) -> None:
+    """Write data for other training stacks: MindSpore (MindRecord), FastChat, LLaMA-Factory, TRL."""
+    if fmt == "mindrecord":
+        from sftdata.exporters.mindrecord import export_mindrecord
+
+        rep = export_mindrecord(
+            input_path,
+            output,
+            split=split,
+            layout=layout,
+            pad_token_id=pad_token_id,
+            boundaries=boundaries,
+        )
+        click.echo(
+            f"wrote {rep.rows} rows of {rep.row_len} tokens ({', '.join(rep.columns)}; "
+            f"{rep.layout} layout) to {rep.output} and {rep.output}.db"
+        )
+        return
+    ctx = click.get_current_context()
+    for name in ("split", "layout", "pad_token_id", "boundaries"):
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            raise ConfigError(f"--{name.replace('_', '-')} only applies to --format mindrecord")
+    from sftdata.export import export_conversations
+
+    report = export_conversations(input_path, output, fmt=fmt)
+    click.echo(f"wrote {report.records_out} records to {report.output} ({fmt})")

@@ -1,0 +1,1 @@
+"""Exporters of packed shards to other training stacks' binary formats (MindRecord)."""
