@@ -1,0 +1,375 @@
+"""Checkpoints: written to a temp folder, completed with a marker, renamed; found and validated on resume.
+
+Layout of ``OUT_DIR/checkpoints/step-0000050/`` (``schemas/checkpoint.v1.json`` describes
+``trainer_state.json``):
+
+- ``adapter_model.safetensors`` + ``adapter_config.json`` (LoRA, PEFT format) or
+  ``model.safetensors`` + ``config.json`` (full fine-tuning; the folder is then an HF model folder);
+- tokenizer files (so the folder can be loaded, exported or sampled on its own);
+- ``optimizer.pt``: optimizer and scheduler state (``torch.save``; loaded with ``weights_only=True``,
+  i.e. tensors and plain containers only — never arbitrary pickle);
+- ``rng.pt``: python, numpy and torch RNG states (same loading rule);
+- ``trainer_state.json``: step, data cursor, trained tokens, the resolved config and its
+  trajectory hash, the shards' identity, the model spec;
+- ``COMPLETE``: written last; a folder without it is never resumed from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sftdata import __version__
+from sftdata.atomic import atomic_dir
+from sftdata.errors import ConfigError, SftError
+from sfttrain.config import TrainConfig, config_from_dict, trajectory_hash
+
+FORMAT_VERSION = 1
+KIND = "sftpipe.checkpoint"
+MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+CHECKPOINTS = "checkpoints"
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "checkpoint.v1.json"
+
+
+class CheckpointError(SftError):
+    """A checkpoint cannot be written (disk full, permissions) or read."""
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    """``run_dir/checkpoints/step-0000050``: zero-padded so names sort by step."""
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
+
+
+def shards_identity(shards_dir: str | Path, index: dict[str, Any]) -> dict[str, Any]:
+    """What identifies the training data of a run: the index's fingerprint and the index bytes' hash."""
+    raw = (Path(shards_dir) / "index.json").read_bytes()
+    return {
+        "path": str(Path(shards_dir).resolve()),
+        "fingerprint": index.get("fingerprint"),
+        "index_sha256": hashlib.sha256(raw).hexdigest(),
+    }
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (CPU and every CUDA device) RNG states as tensors and plain containers."""
+    import torch
+
+    py = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured."""
+    import torch
+
+    v, keys, gauss = state["python"]
+    random.setstate((v, tuple(keys), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            n["kind"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def save_weights(model, folder: Path, *, finetuning_type: str) -> None:
+    """The trained weights as safetensors: a PEFT adapter (LoRA) or a full HF model folder."""
+    from sfttrain.model import unwrap
+
+    if finetuning_type == "lora":
+        model.save_pretrained(str(folder), safe_serialization=True)
+    else:
+        unwrap(model).save_pretrained(str(folder), safe_serialization=True)
+
+
+def load_weights(model, folder: Path, *, finetuning_type: str) -> None:
+    """Load what ``save_weights`` wrote into the (identically built) ``model``, in place."""
+    from safetensors.torch import load_file
+
+    from sfttrain.model import unwrap
+
+    if finetuning_type == "lora":
+        from peft import set_peft_model_state_dict
+
+        f = folder / "adapter_model.safetensors"
+        if not f.is_file():
+            raise ConfigError(f"{folder}: no adapter_model.safetensors (not a LoRA checkpoint)")
+        result = set_peft_model_state_dict(model, load_file(str(f)))
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise ConfigError(f"{f}: adapter does not fit the model (e.g. {unexpected[0]})")
+        return
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise ConfigError(f"{folder}: no model.safetensors (not a full fine-tuning checkpoint)")
+    inner = unwrap(model)
+    state: dict[str, Any] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = inner.load_state_dict(state, strict=False)
+    tied = set(getattr(inner, "_tied_weights_keys", None) or [])
+    if isinstance(getattr(inner, "_tied_weights_keys", None), dict):
+        tied = set(inner._tied_weights_keys)
+    missing = [k for k in missing if k not in tied]
+    if unexpected or missing:
+        what = (unexpected or missing)[0]
+        raise ConfigError(f"{folder}: weights do not fit the model (e.g. {what})")
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    *,
+    step: int,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    state: dict[str, Any],
+    config: TrainConfig,
+) -> Path:
+    """Write checkpoint ``step`` atomically, then apply ``save_total_limit``. Returns its folder.
+
+    On any failure (e.g. a full disk) the temp folder is removed, earlier checkpoints are untouched,
+    and a one-line CheckpointError says so.
+    """
+    import torch
+
+    target = checkpoint_dir(run_dir, step)
+    full_state = {
+        "format_version": FORMAT_VERSION,
+        "kind": KIND,
+        "tool": {"name": "sftpipe", "version": __version__},
+        "step": step,
+        **state,
+        "finetuning_type": config.finetuning_type,
+        "config": config.to_dict(),
+        "config_hash": trajectory_hash(config),
+    }
+    try:
+        with atomic_dir(target) as tmp:
+            save_weights(model, tmp, finetuning_type=config.finetuning_type)
+            tokenizer.save_pretrained(str(tmp))
+            torch.save(
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                tmp / OPTIMIZER_FILE,
+            )
+            torch.save(rng_state(), tmp / RNG_FILE)
+            (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=2) + "\n", encoding="utf-8")
+            (tmp / MARKER).write_text(f"step {step}\n", encoding="utf-8")
+    except OSError as e:
+        prev = latest_checkpoint(run_dir)
+        kept = f"; {prev} is still valid" if prev else ""
+        raise CheckpointError(
+            f"{target}: could not write the checkpoint ({e.strerror or e}){kept}"
+        ) from None
+    if config.save_total_limit is not None:
+        rotate(run_dir, keep=config.save_total_limit)
+    return target
+
+
+def rotate(run_dir: str | Path, *, keep: int) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond ``keep``; returns what was removed."""
+    done = complete_checkpoints(run_dir)
+    old = done[:-keep] if keep > 0 else []
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return old
+
+
+def remove_stale_temps(run_dir: str | Path) -> None:
+    """Temp folders left by a run killed mid-checkpoint (they never became checkpoints)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if root.is_dir():
+        for p in root.glob(".step-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- find and load
+
+
+def _step_of(p: Path) -> int:
+    try:
+        return int(p.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint folders with their completion marker, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith("step-") and _step_of(p) >= 0 and (p / MARKER).is_file()
+    ]
+    return sorted(found, key=_step_of)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run folder, or None."""
+    done = complete_checkpoints(run_dir)
+    return done[-1] if done else None
+
+
+def read_state(folder: str | Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a complete checkpoint, or ConfigError (one line)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: checkpoint folder does not exist")
+    if not (folder / MARKER).is_file():
+        raise ConfigError(
+            f"{folder}: checkpoint is incomplete (no {MARKER} marker); resume from an earlier one"
+        )
+    path = folder / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read checkpoint state ({e})") from None
+    if not isinstance(state, dict) or state.get("kind") != KIND:
+        raise ConfigError(f"{path}: not an sftpipe checkpoint")
+    if state.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(
+            f"{path}: format_version {state.get('format_version')!r} is not supported (this reader knows {FORMAT_VERSION})"
+        )
+    _validate_schema(state, where=str(path))
+    return state
+
+
+def _validate_schema(state: dict[str, Any], *, where: str) -> None:
+    import jsonschema
+
+    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    err = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(schema).iter_errors(state)
+    )
+    if err is not None:
+        at = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise ConfigError(f"{where}: {at}: {err.message}")
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
+    """``auto`` -> newest complete checkpoint of ``run_dir`` (None if there is none); else the path."""
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    return Path(resume)
+
+
+def check_resumable(
+    folder: Path, *, config: TrainConfig, shards: dict[str, Any], model_spec: str
+) -> dict[str, Any]:
+    """The state of ``folder`` if this run can continue from it; else ConfigError naming the difference."""
+    state = read_state(folder)
+    saved = config_from_dict(state["config"], where=f"{folder / STATE_FILE}: config: ")
+    if trajectory_hash(saved) != state["config_hash"]:
+        raise ConfigError(
+            f"{folder / STATE_FILE}: config_hash does not match its config (edited by hand?)"
+        )
+    if trajectory_hash(saved) != trajectory_hash(config):
+        mine, theirs = config.to_dict(), saved.to_dict()
+        diff = [k for k in mine if mine[k] != theirs.get(k)]
+        from sfttrain.config import NON_TRAJECTORY_KEYS
+
+        key = next(k for k in diff if k not in NON_TRAJECTORY_KEYS)
+        raise ConfigError(
+            f"{folder}: checkpoint is from a run with a different config "
+            f"({key}: {theirs.get(key)!r} there, {mine[key]!r} now)"
+        )
+    if state["shards"]["index_sha256"] != shards["index_sha256"]:
+        raise ConfigError(
+            f"{folder}: checkpoint was trained on other shards ({state['shards']['path']}), not {shards['path']}"
+        )
+    if state["model"] != model_spec:
+        raise ConfigError(
+            f"{folder}: checkpoint was trained from model {state['model']!r}, not {model_spec!r}"
+        )
+    return state
+
+
+def load_checkpoint(folder: Path, *, model, optimizer, scheduler) -> None:
+    """Weights, optimizer and scheduler state from ``folder`` (RNG is restored separately, last)."""
+    import torch
+
+    state = read_state(folder)
+    load_weights(model, folder, finetuning_type=state["finetuning_type"])
+    try:
+        opt = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(opt["optimizer"])
+        scheduler.load_state_dict(opt["scheduler"])
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        raise ConfigError(f"{folder / OPTIMIZER_FILE}: cannot load optimizer state ({e})") from None
+
+
+def load_rng(folder: Path) -> None:
+    """Restore the RNG states saved in ``folder`` (call it right before the first resumed step)."""
+    import torch
+
+    try:
+        state = torch.load(folder / RNG_FILE, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as e:
+        raise ConfigError(f"{folder / RNG_FILE}: cannot load RNG state ({e})") from None
+    set_rng_state(state)
+
+
+__all__ = [
+    "CHECKPOINTS",
+    "FORMAT_VERSION",
+    "MARKER",
+    "CheckpointError",
+    "check_resumable",
+    "checkpoint_dir",
+    "complete_checkpoints",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_rng",
+    "load_weights",
+    "read_state",
+    "remove_stale_temps",
+    "resolve_resume",
+    "rng_state",
+    "rotate",
+    "save_checkpoint",
+    "save_weights",
+    "set_rng_state",
+    "shards_identity",
+]

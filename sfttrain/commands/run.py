@@ -1,0 +1,129 @@
+"""`sfttrain run`: fine-tune a model on a shard folder."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("run")
+@click.argument("shards", type=click.Path(file_okay=False, path_type=str))
+@click.option(
+    "-o",
+    "--output",
+    "output_dir",
+    default=None,
+    help="Run folder (default: output_dir from the config).",
+)
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    default=None,
+    help="YAML config (HF TrainingArguments / LLaMA-Factory key names).",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override one config key (repeatable).",
+)
+@click.option(
+    "--model",
+    "model_spec",
+    default=None,
+    help="'tiny' (built-in) or a local Hugging Face model folder.",
+)
+@click.option(
+    "--resume",
+    default=None,
+    metavar="auto|PATH",
+    help="Continue from the newest complete checkpoint in the run folder, or from PATH.",
+)
+@click.option(
+    "--no-progress", is_flag=True, help="No progress bar (metrics.jsonl is still written)."
+)
+@click.option(
+    "--help-config",
+    is_flag=True,
+    is_eager=True,
+    expose_value=False,
+    callback=lambda ctx, _p, v: _help_config(ctx, v),
+    help="List every config key with its default and meaning, then exit.",
+)
+def command(
+    shards: str,
+    output_dir: str | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    model_spec: str | None,
+    resume: str | None,
+    no_progress: bool,
+) -> None:
+    """Fine-tune MODEL on the packed shards in SHARDS (LoRA or full; resumable; SIGTERM-safe).
+
+    Writes OUTPUT/metrics.jsonl, loss.png, checkpoints/step-N/ and final/. A SIGTERM or Ctrl-C
+    finishes the current step, saves a checkpoint and exits 0; `--resume auto` continues exactly.
+    """
+    import dataclasses
+
+    from sftdata.errors import ConfigError
+    from sfttrain.config import load_config
+
+    config = load_config(config_path, list(overrides))
+    model_spec = model_spec or config.model_name_or_path
+    output_dir = output_dir or config.output_dir
+    if not model_spec:
+        raise ConfigError(
+            "--model: give 'tiny' or a local model folder (or model_name_or_path in the config)"
+        )
+    if not output_dir:
+        raise ConfigError("-o/--output: give a run folder (or output_dir in the config)")
+    config = dataclasses.replace(config, model_name_or_path=model_spec, output_dir=output_dir)
+    _quiet_libraries()
+
+    from sfttrain.train import train
+
+    result = train(
+        config,
+        shards=shards,
+        output_dir=output_dir,
+        model_spec=model_spec,
+        resume=resume,
+        progress=not no_progress,
+    )
+    loss = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
+    if result.stopped:
+        click.echo(
+            f"stopped at step {result.step}/{result.total_steps}; checkpoint {result.checkpoint} (resume with --resume auto)"
+        )
+    else:
+        click.echo(
+            f"trained {result.step} steps, {result.trained_tokens:,} trained tokens, last loss {loss}; final weights in {result.final_dir}"
+        )
+
+
+def _quiet_libraries() -> None:
+    """transformers/peft chatter (save progress bars, advisory warnings) would bury the progress bar."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+
+
+def _help_config(ctx: click.Context, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    import dataclasses
+
+    from sfttrain.config import TrainConfig, field_docs
+
+    docs = field_docs()
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default
+        click.echo(f"{f.name} (default {default!r}): {docs.get(f.name, '')}")
+    ctx.exit(0)

@@ -1,0 +1,351 @@
+"""Training configuration: one typed dataclass, a YAML file, ``--set key=value`` overrides.
+
+Key names follow Hugging Face ``TrainingArguments`` / LLaMA-Factory where one exists, so a user's
+existing YAML mostly just works. Every error names the key (and the file) that is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from sftdata.errors import ConfigError
+
+FINETUNING_TYPES = ("lora", "full")
+SCHEDULERS = ("cosine", "linear", "constant")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+ISOLATIONS = ("auto", "position_ids", "block_mask")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run. Field docstrings are shown by ``sfttrain run --help-config``."""
+
+    model_name_or_path: str | None = None
+    """Local Hugging Face model folder, or ``tiny`` (the built-in tiny Llama); ``--model`` overrides it."""
+    finetuning_type: Literal["lora", "full"] = "lora"
+    """``lora``: train low-rank adapters on a frozen base; ``full``: train every parameter."""
+    lora_rank: int = 8
+    """Rank r of every LoRA adapter."""
+    lora_alpha: float | None = None
+    """LoRA scaling numerator (scale = alpha / r); default 2 × lora_rank as in LLaMA-Factory."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input (0 disables it)."""
+    lora_target: str = "all"
+    """Modules to adapt: comma-separated names (``q_proj,v_proj``), a regex, or ``all`` (every linear layer except lm_head)."""
+    learning_rate: float = 1e-4
+    """Peak AdamW learning rate (after warm-up)."""
+    num_train_epochs: float = 3.0
+    """Passes over the training rows (fractions allowed); ignored when max_steps > 0."""
+    max_steps: int = -1
+    """Total optimizer steps; -1 means derive from num_train_epochs."""
+    per_device_train_batch_size: int = 1
+    """Packed rows per micro-batch on each device."""
+    per_device_eval_batch_size: int = 4
+    """Packed rows per forward pass during evaluation."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step (the loss is normalised by the step's trained tokens, so this does not change it)."""
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warm-up: cosine or linear to 0, or constant."""
+    warmup_ratio: float = 0.0
+    """Fraction of the total steps used for linear warm-up from 0."""
+    warmup_steps: int = 0
+    """Warm-up steps; when > 0 it overrides warmup_ratio."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (not applied to biases and norm weights)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient L2 norm to this value; 0 disables clipping."""
+    bf16: bool = False
+    """Run forward/backward under bfloat16 autocast (weights stay fp32)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (works with LoRA)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to transformers; packed rows are isolated for each of them."""
+    attn_isolation: Literal["auto", "position_ids", "block_mask"] = "auto"
+    """How packed records are kept apart: ``auto`` picks the tested mechanism for attn_implementation."""
+    logging_steps: int = 10
+    """Write a metrics.jsonl line (and update the progress bar's loss) every this many steps."""
+    save_steps: int = 500
+    """Write a checkpoint every this many steps (and always at the end); 0 saves only at the end."""
+    save_total_limit: int | None = None
+    """Keep at most this many checkpoints (oldest removed first); None keeps all."""
+    eval_steps: int | None = None
+    """Evaluate on the validation split every this many steps; None evaluates only at the end."""
+    eval_split: str = "validation"
+    """Shard split used for evaluation when the shard folder has it."""
+    dataloader_drop_last: bool = False
+    """Drop the last, smaller optimizer step of each epoch."""
+    seed: int = 42
+    """Seeds model initialisation (tiny), LoRA initialisation, data order and dropout."""
+    output_dir: str | None = None
+    """Run folder (``-o`` overrides it): metrics.jsonl, loss.png, checkpoints/, final/."""
+    report_to: Literal["auto", "tensorboard", "none"] = "auto"
+    """``auto`` writes TensorBoard events when tensorboard is installed."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain JSON-able values."""
+        return dataclasses.asdict(self)
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        """lora_alpha, or the LLaMA-Factory default 2 × lora_rank."""
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+
+# Keys that change only what is logged or saved, never the trajectory of the weights: a resume
+# may change them; any other difference makes `--resume` refuse (the run would not continue exactly).
+NON_TRAJECTORY_KEYS = frozenset(
+    {
+        "logging_steps",
+        "save_steps",
+        "save_total_limit",
+        "eval_steps",
+        "per_device_eval_batch_size",
+        "eval_split",
+        "output_dir",
+        "report_to",
+        "model_name_or_path",
+    }
+)
+
+
+def trajectory_hash(config: TrainConfig) -> str:
+    """sha256 of the keys that decide the weights, used to refuse resuming another run's checkpoint."""
+    d = {k: v for k, v in config.to_dict().items() if k not in NON_TRAJECTORY_KEYS}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def field_docs() -> dict[str, str]:
+    """Field name -> its one-line docstring (read from this module's source)."""
+    import inspect
+
+    src = inspect.getsource(TrainConfig)
+    return dict(re.findall(r"^    (\w+): [^\n]*\n    \"\"\"(.*?)\"\"\"", src, flags=re.M))
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
+    """Turn a YAML value into the field's declared type or raise ConfigError naming the key."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        last: ConfigError | None = None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a, where)
+            except ConfigError as e:
+                last = e
+        assert last is not None
+        raise last
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}{key}: {value!r} is not one of {', '.join(choices)}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{where}{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where}{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        # PyYAML reads `1e-4` (no dot) as a string; accept any numeric spelling for float keys.
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}{key}: expected a number, got {value!r}")
+        try:
+            out = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(out):
+            raise ConfigError(f"{where}{key}: expected a finite number, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}{key}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported config type {tp!r}")  # pragma: no cover
+
+
+def _check_values(c: TrainConfig, where: str) -> None:
+    """Reject values that cannot work, naming the key."""
+
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"{where}{key}: {getattr(c, key)!r} {why}")
+
+    positive = (
+        "learning_rate",
+        "lora_rank",
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "adam_epsilon",
+    )
+    for key in positive:
+        if getattr(c, key) <= 0:
+            raise bad(key, "must be > 0")
+    for key in ("weight_decay", "max_grad_norm", "warmup_steps", "save_steps", "lora_dropout"):
+        if getattr(c, key) < 0:
+            raise bad(key, "must be >= 0")
+    if c.lora_dropout >= 1:
+        raise bad("lora_dropout", "must be < 1")
+    if not 0 <= c.warmup_ratio < 1:
+        raise bad("warmup_ratio", "must be in [0, 1)")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(c, key) < 1:
+            raise bad(key, "must be in [0, 1)")
+    if c.lora_alpha is not None and c.lora_alpha <= 0:
+        raise bad("lora_alpha", "must be > 0")
+    if c.max_steps == 0 or c.max_steps < -1:
+        raise bad("max_steps", "must be > 0, or -1 to use num_train_epochs")
+    if c.max_steps == -1 and c.num_train_epochs <= 0:
+        raise bad("num_train_epochs", "must be > 0 when max_steps is -1")
+    if c.save_total_limit is not None and c.save_total_limit < 1:
+        raise bad("save_total_limit", "must be >= 1 (or null to keep all)")
+    if c.eval_steps is not None and c.eval_steps < 1:
+        raise bad("eval_steps", "must be >= 1 (or null to evaluate only at the end)")
+    if not c.lora_target.strip():
+        raise bad("lora_target", "must name at least one module, a regex, or all")
+    if c.lora_target != "all" and _looks_like_regex(c.lora_target):
+        try:
+            re.compile(c.lora_target)
+        except re.error as e:
+            raise bad("lora_target", f"is not a valid regex ({e})") from None
+
+
+def _looks_like_regex(s: str) -> bool:
+    return any(ch in s for ch in ".*+?[](){}|^$\\")
+
+
+def lora_target_modules(target: str) -> str | list[str]:
+    """PEFT ``target_modules`` for a lora_target value: "all-linear", a regex string, or a name list."""
+    if target.strip() == "all":
+        return "all-linear"  # PEFT: every linear layer except the output head
+    if _looks_like_regex(target):
+        return target
+    return [t.strip() for t in target.split(",") if t.strip()]
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` -> dict with YAML-typed values (``--set bf16=true``, ``--set lora_rank=16``)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def build_config(values: dict[str, Any], *, where: str = "") -> TrainConfig:
+    """Validate a plain dict into a TrainConfig. ``where`` prefixes errors (e.g. ``"cfg.yaml: "``)."""
+    kwargs: dict[str, Any] = {}
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in values.items():
+        if key not in _FIELDS:
+            close = _closest(key)
+            hint = f" (did you mean {close}?)" if close else ""
+            raise ConfigError(f"{where}{key}: unknown config key{hint}")
+        kwargs[key] = _coerce(key, value, hints[key], where)
+    cfg = TrainConfig(**kwargs)
+    _check_values(cfg, where)
+    return cfg
+
+
+def _closest(key: str) -> str | None:
+    import difflib
+
+    m = difflib.get_close_matches(key, list(_FIELDS), n=1, cutoff=0.75)
+    return m[0] if m else None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (optional), apply ``key=value`` overrides, validate. Errors name the key."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    where = ""
+    if path is not None:
+        p = Path(path)
+        where = f"{p}: "
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read config ({e.strerror or e})") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}{line}: not valid YAML") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of key: value at the top level")
+        values.update(loaded)
+    over = parse_overrides(list(overrides or []))
+    values.update(over)
+    # Name --set in errors about a key that came from the command line.
+    try:
+        return build_config(values, where=where)
+    except ConfigError as e:
+        msg = str(e)
+        for key in over:
+            if msg.startswith(f"{where}{key}:"):
+                raise ConfigError(f"--set {msg[len(where) :]}") from None
+        raise
+
+
+def config_from_dict(d: dict[str, Any], *, where: str = "") -> TrainConfig:
+    """Rebuild a saved resolved config (from a checkpoint) with the same validation."""
+    return build_config(d, where=where)
+
+
+__all__ = [
+    "ATTN_IMPLEMENTATIONS",
+    "FINETUNING_TYPES",
+    "ISOLATIONS",
+    "NON_TRAJECTORY_KEYS",
+    "SCHEDULERS",
+    "TrainConfig",
+    "build_config",
+    "config_from_dict",
+    "field_docs",
+    "load_config",
+    "lora_target_modules",
+    "parse_overrides",
+    "trajectory_hash",
+]

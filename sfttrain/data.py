@@ -1,0 +1,175 @@
+"""Shard rows for the loop: a deterministic, rank-sliced, epoch-shuffled step sampler and batches.
+
+The global order depends only on (seed, epoch, number of rows), never on the number of ranks or
+the micro-batch size: optimizer step ``s`` of an epoch always consumes the same ``global_batch``
+rows of that epoch's permutation, split into disjoint per-rank slices, each cut into micro-batches.
+So micro-batch 1 × accumulation 8 sees the same rows in a step as 8 × 1 (C3) and 2 ranks × 4 (issue
+5), and a resume only needs the cursor ``(epoch, step_in_epoch)`` (C4).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sftdata import IGNORE_INDEX
+from sftdata.errors import ConfigError, ShardError
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where the data stream stands: the next optimizer step to run is ``step_in_epoch`` of ``epoch``."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        """JSON form saved in checkpoints."""
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+
+
+class StepSampler:
+    """Row indices of each optimizer step for one rank.
+
+    Args:
+        num_rows: rows in the training split.
+        micro_batch: rows per micro-batch on each rank (``per_device_train_batch_size``).
+        accumulation: micro-batches per step on each rank (``gradient_accumulation_steps``).
+        seed: seeds every epoch's permutation (``seed`` and ``epoch`` are combined).
+        rank, world_size: this process's slice of each step's rows (disjoint across ranks).
+        drop_last: drop the last, incomplete step of an epoch instead of running it smaller.
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        *,
+        micro_batch: int,
+        accumulation: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.num_rows = num_rows
+        self.micro_batch = micro_batch
+        self.accumulation = accumulation
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.global_batch = micro_batch * accumulation * world_size
+        full, rest = divmod(num_rows, self.global_batch)
+        self.steps_per_epoch = full if drop_last or rest == 0 else full + 1
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"per_device_train_batch_size: {num_rows} training rows cannot fill one step of "
+                f"{self.global_batch} rows with dataloader_drop_last on"
+            )
+        self._perm_epoch = -1
+        self._perm = np.empty(0, dtype=np.int64)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The order of all rows in ``epoch`` (the same on every rank)."""
+        if epoch != self._perm_epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm = rng.permutation(self.num_rows)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def step_rows(self, cursor: Cursor) -> np.ndarray:
+        """All ranks' rows of the step at ``cursor`` (global order)."""
+        g = self.global_batch
+        start = cursor.step_in_epoch * g
+        return self.permutation(cursor.epoch)[start : start + g]
+
+    def micro_batches(self, cursor: Cursor) -> list[np.ndarray]:
+        """This rank's micro-batches (row indices) for the step at ``cursor``.
+
+        A short last step is split evenly across ranks (rank r takes rows r, r+W, ...) and may have
+        fewer or smaller micro-batches; the loss is normalised by trained tokens, so that is exact.
+        """
+        mine = self.step_rows(cursor)[self.rank :: self.world_size]
+        return [mine[i : i + self.micro_batch] for i in range(0, len(mine), self.micro_batch)]
+
+    def advance(self, cursor: Cursor) -> Cursor:
+        """The cursor of the next step."""
+        nxt = cursor.step_in_epoch + 1
+        if nxt >= self.steps_per_epoch:
+            return Cursor(cursor.epoch + 1, 0)
+        return Cursor(cursor.epoch, nxt)
+
+    def cursor_at(self, step: int) -> Cursor:
+        """The cursor after ``step`` optimizer steps from the start."""
+        return Cursor(*divmod(step, self.steps_per_epoch))
+
+    def total_steps(self, *, num_train_epochs: float, max_steps: int) -> int:
+        """Optimizer steps of the whole run."""
+        if max_steps > 0:
+            return max_steps
+        return max(1, math.ceil(num_train_epochs * self.steps_per_epoch))
+
+
+def to_tensors(batch: dict[str, Any], device: Any = None) -> dict[str, Any]:
+    """``ShardReader.get_batch`` output -> int64 torch tensors (``input_ids``, ``labels``, ``position_ids``).
+
+    ``get_batch`` stacks the memory-mapped rows once; ``torch.from_numpy`` wraps that copy without
+    another one. int64 because embedding lookups and cross-entropy targets want it.
+    """
+    import torch
+
+    out = {}
+    for key in ("input_ids", "labels", "position_ids"):
+        arr = np.ascontiguousarray(batch[key], dtype=np.int64)
+        t = torch.from_numpy(arr)
+        out[key] = t.to(device, non_blocking=True) if device is not None else t
+    return out
+
+
+def trained_tokens(labels: np.ndarray) -> int:
+    """Tokens the (shifted) loss of a label array [B, L] sums over."""
+    return int(np.count_nonzero(labels[:, 1:] != IGNORE_INDEX))
+
+
+def open_split(path: Any, split: str, *, verify: bool | str = True):
+    """A ShardReader for ``split`` of a shard folder, refusing an empty split."""
+    from sftdata.shards import ShardReader
+
+    reader = ShardReader(path, split=split, verify=verify)
+    if len(reader) == 0:
+        raise ShardError(f"{path}: split {split!r} has no rows")
+    return reader
+
+
+def has_split(path: Any, split: str) -> bool:
+    """True if the shard folder has a non-empty ``split``."""
+    from sftdata.shards import ShardReader
+
+    if split not in ShardReader.splits(path):
+        return False
+    return int(ShardReader(path, split=split, verify=False).index["splits"][split]["rows"]) > 0
+
+
+def eval_batches(
+    reader, batch_size: int, *, rank: int = 0, world_size: int = 1
+) -> Iterator[np.ndarray]:
+    """Row indices of an evaluation pass, in order, this rank's slice only."""
+    rows = np.arange(rank, len(reader), world_size)
+    for i in range(0, len(rows), batch_size):
+        yield rows[i : i + batch_size]
+
+
+__all__ = [
+    "Cursor",
+    "StepSampler",
+    "eval_batches",
+    "has_split",
+    "open_split",
+    "to_tensors",
+    "trained_tokens",
+]

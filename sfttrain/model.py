@@ -1,0 +1,299 @@
+"""Load the model (built-in ``tiny`` or a local HF folder), apply LoRA/full fine-tuning, isolate packed rows.
+
+Attention isolation (DESIGN §4, invariant C1). A packed row holds several records; each must see only
+itself. Measured with transformers 5.23 on CPU (tiny Llama, two records in one row, max logit
+difference against separate forward passes):
+
+- ``position_ids`` with the default ``use_cache=True`` (even in train mode): 0.39 — transformers
+  builds a cache, and its packed-sequence detection only runs without one, so records leak;
+- ``position_ids`` with ``use_cache=False``: 1.8e-7 under ``sdpa`` and ``eager`` (transformers
+  derives a block-diagonal causal mask from the restarts of ``position_ids``);
+- an explicit 4-D mask: 1.8e-7, but under ``eager`` only as an ADDITIVE FLOAT mask (a boolean 4-D
+  mask gave wrong results there).
+
+So the trainer always passes ``use_cache=False`` and, per implementation, either relies on the
+position-id restarts (``position_ids``, the default for every implementation: no L×L mask is built
+by us) or passes an additive float block mask (``block_mask``). ``flash_attention_2`` also turns
+position-id restarts into varlen ``cu_seqlens`` inside transformers, so the CUDA path (issue 5) uses
+the same inputs. ``tests/test_model.py`` checks C1 for every implementation the trainer may pick on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sftdata import IGNORE_INDEX
+from sftdata.errors import ConfigError
+from sfttrain.config import TrainConfig, lora_target_modules
+
+# Implementation -> the isolation mechanism `attn_isolation: auto` picks (tested in test_model.py).
+AUTO_ISOLATION = {
+    "sdpa": "position_ids",
+    "eager": "position_ids",
+    "flash_attention_2": "position_ids",
+}
+# Implementations that run on CPU, i.e. that C1 is tested for in the CPU test suite.
+CPU_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+# Architectures whose CausalLM forward is exactly `lm_head(decoder(...))` (no logit scaling or
+# soft-capping): for them the loss computes logits only at trained positions, which on a
+# 32k-vocab model is most of the step's arithmetic (the output head dwarfs a small decoder).
+_PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2"})
+
+TINY = "tiny"
+
+
+def tiny_dir() -> Path:
+    """Folder of the built-in tiny model: ``config.json`` (ours) + the tiny tokenizer (sftdata's)."""
+    from sftdata.tokenizer import TINY_DIR
+
+    return Path(TINY_DIR)
+
+
+def isolation_for(config: TrainConfig) -> str:
+    """The isolation mechanism for the configured attention implementation."""
+    if config.attn_isolation != "auto":
+        return config.attn_isolation
+    return AUTO_ISOLATION[config.attn_implementation]
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """A local HF model folder with ``config.json`` and safetensors weights, or ConfigError (one line)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(
+            f"{p}: model folder does not exist (give a local Hugging Face folder or 'tiny')"
+        )
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"{p}: not a model folder (no config.json)")
+    has_weights = (p / "model.safetensors").is_file() or (
+        p / "model.safetensors.index.json"
+    ).is_file()
+    if not has_weights:
+        if any(p.glob("*.bin")) or any(p.glob("*.pt")):
+            raise ConfigError(f"{p}: weights are not safetensors (pickle weights are refused)")
+        raise ConfigError(f"{p}: model folder has no weights (model.safetensors)")
+    return p
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """True for a PEFT adapter folder (a LoRA checkpoint or an exported adapter)."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model an adapter folder was trained on (``base_model_name_or_path``)."""
+    p = Path(path) / "adapter_config.json"
+    try:
+        base = json.loads(p.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{p}: cannot read adapter config ({e})") from None
+    if not base:
+        raise ConfigError(
+            f"{p}: base_model_name_or_path is missing; pass --model BASE --adapter {path}"
+        )
+    return str(base)
+
+
+def load_tokenizer_for(spec: str | Path):
+    """The tokenizer that belongs to a model spec (``tiny`` or a folder holding tokenizer files)."""
+    from sftdata.tokenizer import load_tokenizer
+
+    return load_tokenizer(TINY if str(spec) == TINY else Path(spec))
+
+
+def build_tiny(*, seed: int, attn_implementation: str = "sdpa"):
+    """The built-in tiny Llama, randomly initialised from ``seed`` (same seed ⇒ same weights)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig.from_json_file(str(tiny_dir() / "config.json"))
+    cfg._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
+    return model.float()
+
+
+def load_base_model(spec: str | Path, *, attn_implementation: str = "sdpa", seed: int = 42):
+    """(model, tokenizer) for ``tiny`` or a local HF folder. Never touches a model hub."""
+    if str(spec) == TINY:
+        return build_tiny(seed=seed, attn_implementation=attn_implementation), load_tokenizer_for(
+            TINY
+        )
+    from transformers import AutoModelForCausalLM
+
+    path = check_model_dir(spec)
+    tokenizer = load_tokenizer_for(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path),
+            local_files_only=True,
+            trust_remote_code=False,
+            use_safetensors=True,
+            dtype=torch.float32,
+            attn_implementation=attn_implementation,
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: cannot load the model ({first})") from None
+    return model, tokenizer
+
+
+def load_model(spec: str | Path, *, config: TrainConfig):
+    """(model ready for training, tokenizer): base model + LoRA or full fine-tuning per ``config``."""
+    model, tokenizer = load_base_model(
+        spec, attn_implementation=config.attn_implementation, seed=config.seed
+    )
+    return apply_finetuning(model, config), tokenizer
+
+
+def apply_finetuning(model, config: TrainConfig):
+    """Wrap ``model`` in LoRA adapters (PEFT) or unfreeze it; enable gradient checkpointing."""
+
+    # LoRA initialisation draws from torch's RNG: seed it so the same config gives the same adapter.
+    torch.manual_seed(config.seed)
+    if config.finetuning_type == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.effective_lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=lora_target_modules(config.lora_target),
+            task_type="CAUSAL_LM",
+        )
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as e:
+            first = str(e).strip().splitlines()[0]
+            raise ConfigError(
+                f"lora_target: {config.lora_target!r} matches no usable module ({first})"
+            ) from None
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    if config.gradient_checkpointing:
+        # Non-reentrant checkpointing does not need inputs that require grad, but a frozen
+        # embedding under LoRA would make the reentrant variant silently drop every gradient;
+        # enable_input_require_grads makes either variant correct.
+        inner = unwrap(model)
+        if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            inner.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            inner.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        if config.finetuning_type == "lora":
+            model.enable_input_require_grads()
+    model.config.use_cache = False
+    return model
+
+
+def unwrap(model):
+    """The transformers CausalLM inside a PEFT (or DDP/compile) wrapper."""
+    inner = getattr(model, "module", model)  # DDP
+    inner = getattr(inner, "_orig_mod", inner)  # torch.compile
+    if hasattr(inner, "get_base_model"):
+        inner = (
+            inner.get_base_model()
+        )  # PEFT: LoRA layers are injected in place, so this trains them
+    return inner
+
+
+def block_mask(position_ids, dtype):
+    """Additive float block-diagonal causal mask [B, 1, L, L] from position-id restarts.
+
+    A boolean 4-D mask is NOT used: under ``eager`` it gave wrong logits (DESIGN §4).
+    """
+
+    first = position_ids[:, :1] - 1
+    seg = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+    length = position_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (seg[:, :, None] == seg[:, None, :]) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def forward_kwargs(input_ids, position_ids, *, isolation: str, dtype=None) -> dict[str, Any]:
+    """Keyword arguments for a forward pass over packed rows that keeps records apart (C1)."""
+
+    kw: dict[str, Any] = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+    if isolation == "block_mask":
+        kw["attention_mask"] = block_mask(position_ids, dtype or torch.float32)
+    elif isolation != "position_ids":
+        raise ConfigError(f"attn_isolation: unknown mechanism {isolation!r}")
+    return kw
+
+
+class LossModel(torch.nn.Module):
+    """Summed next-token cross-entropy over the trained tokens of packed rows, as a module.
+
+    Returns the SUM (not the mean) so the loop can divide by the trained tokens of the whole
+    optimizer step (C3). It is a module around the causal LM so that a DDP/FSDP wrapper (issue 5)
+    wraps THIS and its forward still runs through the wrapper, while the loss computes logits only
+    at trained positions: for plain-head architectures it calls the decoder and applies the output
+    head to the selected rows, which on a 32k vocabulary is most of a small model's arithmetic.
+    """
+
+    def __init__(self, model, *, isolation: str, selective_head: bool | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.isolation = isolation
+        inner = unwrap(model)
+        plain = getattr(inner.config, "model_type", "") in _PLAIN_HEAD_MODEL_TYPES
+        self.selective_head = (
+            plain and hasattr(inner, "get_decoder") if selective_head is None else selective_head
+        )
+
+    def forward(self, input_ids, labels, position_ids):
+        """Loss sum over a batch of rows (tensors [B, L]; labels unshifted, IGNORE_INDEX where untrained)."""
+        import torch.nn.functional as F
+
+        target = labels[:, 1:]
+        kw = forward_kwargs(input_ids, position_ids, isolation=self.isolation)
+        if self.selective_head:
+            inner = unwrap(self.model)
+            hidden = inner.get_decoder()(**kw).last_hidden_state[:, :-1]
+            keep = target != IGNORE_INDEX
+            logits = inner.get_output_embeddings()(hidden[keep])
+            return F.cross_entropy(logits.float(), target[keep], reduction="sum")
+        logits = self.model(**kw).logits[:, :-1]
+        return F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            target.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+
+
+def count_trained(labels) -> int:
+    """Trained (shifted) tokens in a label array [B, L]: what the loss of ``labels`` sums over."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+__all__ = [
+    "AUTO_ISOLATION",
+    "CPU_ATTN_IMPLEMENTATIONS",
+    "TINY",
+    "LossModel",
+    "adapter_base",
+    "apply_finetuning",
+    "block_mask",
+    "build_tiny",
+    "check_model_dir",
+    "count_trained",
+    "forward_kwargs",
+    "is_adapter_dir",
+    "isolation_for",
+    "load_base_model",
+    "load_model",
+    "load_tokenizer_for",
+    "tiny_dir",
+    "unwrap",
+]
