@@ -1,0 +1,114 @@
+"""`sftdata inspect` and `sftdata stats` CLI output (CliRunner output is piped: text markers)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from test_packer import fixture_records, write_jsonl  # tests/ is on sys.path (rootdir conftest)
+
+from sftdata.cli import main
+from sftdata.commands.inspect import plain_text, runs
+from sftdata.conversation import read_jsonl
+from sftdata.shards import ShardReader
+
+
+def run(*args: object):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture
+def packed(tmp_path: Path) -> tuple[Path, Path]:
+    data = write_jsonl(tmp_path / "data.jsonl", fixture_records())
+    out = tmp_path / "shards"
+    r = run("pack", data, "-o", out, "--tokenizer", "tiny", "--seq-len", 256)
+    assert r.exit_code == 0, r.output
+    return data, out
+
+
+def test_inspect_row_marks_trained_text_and_record_boundaries(packed: tuple[Path, Path]) -> None:
+    data, out = packed
+    convs = {c.id: c for c in read_jsonl(data)}
+    reader = ShardReader(out)
+    row = reader[1]
+    r = run("inspect", out, "--row", 1)
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].startswith(
+        f"row 1 of {len(reader)} (split train, seq_len 256): {len(row['record_ids'])} records"
+    )
+    assert "trained text is wrapped in [[ ]]" in lines[0]
+    heads = re.findall(
+        r"^--- record (\S+) \((\d+) tokens, (\d+) trained\) ---$", r.output, flags=re.M
+    )
+    assert [h[0] for h in heads] == row["record_ids"]
+    assert [int(h[1]) for h in heads] == row["seq_lens"][: len(heads)].tolist()
+    # the marked text is exactly the assistant turns (plus end of turn), nothing else
+    marked = re.findall(r"\[\[(.*?)\]\]", "\n".join(lines[1:]), flags=re.S)
+    want = [m.content for rid in row["record_ids"] for m in convs[rid].messages if m.trained]
+    assert len(marked) == len(want)
+    for got, content in zip(marked, want, strict=True):
+        assert got.startswith(content) and got.strip() != content
+    assert "user" in r.output and not any("Question" in m for m in marked)
+    if row["num_pad"]:
+        assert f"--- padding ({row['num_pad']} tokens, not trained) ---" in r.output
+
+
+def test_inspect_record_and_errors(packed: tuple[Path, Path]) -> None:
+    _, out = packed
+    r = run("inspect", out, "--record", "r4")
+    assert r.exit_code == 0, r.output
+    assert r.output.count("--- record ") == 1 and "--- record r4 (" in r.output
+    assert "It is 8." in r.output and "[[16.<|im_end|>" in r.output
+    r = run("inspect", out, "--row", 10_000)
+    assert r.exit_code == 1 and "--row 10000" in r.output and "Traceback" not in r.output
+    r = run("inspect", out, "--record", "missing")
+    assert r.exit_code == 1 and "no record 'missing'" in r.output
+    r = run("inspect", out.parent / "data.jsonl")
+    assert r.exit_code == 1 and "not a folder" in r.output
+
+
+def test_runs_pieces_join_to_the_whole_decode() -> None:
+    from sftdata.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("tiny")
+    import numpy as np
+
+    ids = np.asarray(tok.encode("Hello there, general Kenobi.", add_special_tokens=False))
+    trained = np.zeros(len(ids), bool)
+    trained[2:4] = True
+    pieces = runs(ids, trained, lambda x: tok.decode(x))
+    assert "".join(t for _, t in pieces) == tok.decode(ids.tolist())
+    assert [tr for tr, _ in pieces] == [False, True, False]
+    assert plain_text(pieces).count("[[") == 1
+
+
+def test_stats_on_shards_and_plot(packed: tuple[Path, Path], tmp_path: Path) -> None:
+    _, out = packed
+    png = tmp_path / "hist.png"
+    r = run("stats", out, "--plot", png)
+    assert r.exit_code == 0, r.output
+    assert "records 30;" in r.output
+    m = re.search(
+        r"tokens per record: min (\d+), median (\d+), p90 (\d+), p99 (\d+), max (\d+)", r.output
+    )
+    assert m and int(m[1]) <= int(m[2]) <= int(m[3]) <= int(m[4]) <= int(m[5]) <= 256
+    assert re.search(r"trained ratio \d+\.\d%", r.output)
+    assert "packing efficiency" in r.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".hist.png.*"))
+
+
+def test_stats_on_jsonl_counts_and_estimates_packing(
+    packed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, _ = packed
+    r = run("stats", data, "--tokenizer", "tiny", "--seq-len", 256, "--plot", tmp_path / "j.png")
+    assert r.exit_code == 0, r.output
+    assert "records 32;" in r.output  # JSONL stats see every record, even ones pack drops
+    assert "1 records longer than seq_len left out" in r.output
+    assert (tmp_path / "j.png").is_file()
+    r = run("stats", data)
+    assert r.exit_code == 1 and "--tokenizer is needed" in r.output
