@@ -113,6 +113,12 @@ def _is_packed(reader: Any) -> bool:
     return False
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def _atomic_mindrecord(output: Path):
     """Yield a temp path with ``output``'s file name; move ``X`` and ``X.db`` onto ``output`` at the end.
@@ -126,6 +132,9 @@ def _atomic_mindrecord(output: Path):
         target = tmpdir / output.name
         yield target
         db = output.with_name(output.name + ".db")
+        mode = 0o666 & ~_umask()  # FileWriter creates 0600 files; give them the usual mode
+        for f in (target, target.with_name(target.name + ".db")):
+            os.chmod(f, mode)
         # Index first, data file last: a reader opening ``output`` then finds a matching .db.
         os.replace(target.with_name(target.name + ".db"), db)
         os.replace(target, output)
@@ -171,7 +180,8 @@ def export_mindrecord(
     if len(reader) == 0:
         raise ShardError(f"{shards_dir}: split {split!r} has no rows to export")
     if boundaries is None:
-        boundaries = _is_packed(reader)
+        packed = reader.index.get("packed")
+        boundaries = packed if isinstance(packed, bool) else _is_packed(reader)
     seq_len = int(reader.seq_len)
     index = reader.index
     if pad_token_id is None:
