@@ -1,0 +1,159 @@
+"""Benchmark `sftdata pack` end to end against the raw tokenizer and TRL, in one run.
+
+Data: ~50k Alpaca records made from ../shared/data/alpaca_en_demo.json (its unique records
+repeated), the real Llama-2 tokenizer, the `llama2` template. Every step runs in its own process
+so its wall time and peak RSS are its own. Prints a Markdown table for benchmarks/README.md and
+writes the raw figures to bench_out/pack_results.json.
+
+    .venv/bin/python benchmarks/bench_pack.py [--copies 50] [--skip-trl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import BIN, ROOT, SHARED, last_json_line, run_child
+
+OUT = ROOT / "bench_out"
+TOKENIZER = SHARED / "tokenizers" / "llama2"
+
+
+def make_records(copies: int) -> Path:
+    """Write the unique alpaca_en_demo records repeated ``copies`` times as one JSON array."""
+    src = json.loads((SHARED / "data" / "alpaca_en_demo.json").read_text(encoding="utf-8"))
+    seen, unique = set(), []
+    for r in src:
+        key = json.dumps(r, sort_keys=True, ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    path = OUT / f"alpaca_x{copies}.json"
+    path.write_text(json.dumps(unique * copies, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def pack(conv: Path, seq_len: int, num_proc: int, tag: str) -> dict:
+    out = OUT / f"shards_{tag}"
+    shutil.rmtree(out, ignore_errors=True)
+    r = run_child(
+        [
+            str(BIN / "sftdata"),
+            "pack",
+            str(conv),
+            "-o",
+            str(out),
+            "--tokenizer",
+            str(TOKENIZER),
+            "--seq-len",
+            str(seq_len),
+            "--template",
+            "llama2",
+            "--num-proc",
+            str(num_proc),
+        ]
+    )
+    index = json.loads((out / "index.json").read_text())
+    counts = index["counts"]
+    return {
+        "step": f"sftdata pack seq {seq_len}, num-proc {num_proc}",
+        "seconds": r["seconds"],
+        "peak_rss_mb": r["peak_rss_mb"],
+        "records": counts["records_in"],
+        "tokens": counts["tokens"],
+        "rows": counts["rows"],
+        "efficiency": counts["packing_efficiency"],
+        "floor_rows": -(-counts["tokens"] // seq_len),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--copies", type=int, default=50)
+    ap.add_argument("--skip-trl", action="store_true")
+    a = ap.parse_args()
+    if not TOKENIZER.is_dir():
+        raise SystemExit("needs ../shared/tokenizers/llama2 beside the project")
+    OUT.mkdir(exist_ok=True)
+    raw = make_records(a.copies)
+    conv = OUT / f"alpaca_x{a.copies}.jsonl"
+    results = []
+
+    r = run_child([str(BIN / "sftdata"), "convert", str(raw), "-o", str(conv)])
+    n_records = sum(1 for _ in conv.open(encoding="utf-8"))
+    results.append(
+        {
+            "step": "sftdata convert",
+            "seconds": r["seconds"],
+            "peak_rss_mb": r["peak_rss_mb"],
+            "records": n_records,
+        }
+    )
+
+    r = run_child(
+        [
+            str(BIN / "python"),
+            str(ROOT / "benchmarks" / "raw_tokenizer.py"),
+            str(conv),
+            "--tokenizer",
+            str(TOKENIZER),
+            "--template",
+            "llama2",
+        ]
+    )
+    base = last_json_line(r["stdout"])
+    results.append({"step": "raw batch tokenizer (same texts)", **base})
+    raw_tps = base["tokens_per_s"]
+
+    for seq_len, num_proc in [(4096, 1), (4096, 2), (1024, 2)]:
+        results.append(pack(conv, seq_len, num_proc, f"{seq_len}_{num_proc}"))
+
+    # Peak memory must be flat in record count: the same pack on a fifth of the data.
+    small_raw = make_records(max(1, a.copies // 5))
+    small = OUT / f"alpaca_x{max(1, a.copies // 5)}.jsonl"
+    run_child([str(BIN / "sftdata"), "convert", str(small_raw), "-o", str(small)])
+    results.append(pack(small, 4096, 2, "4096_2_small"))
+
+    if not a.skip_trl:
+        for num_proc in (1, 2):
+            r = run_child(
+                [
+                    str(BIN / "python"),
+                    str(ROOT / "benchmarks" / "trl_prep.py"),
+                    str(raw),
+                    "--tokenizer",
+                    str(TOKENIZER),
+                    "--seq-len",
+                    "4096",
+                    "--num-proc",
+                    str(num_proc),
+                ]
+            )
+            t = last_json_line(r["stdout"])
+            t["peak_rss_mb_process"] = r["peak_rss_mb"]
+            results.append({"step": f"TRL SFTTrainer prep seq 4096, num_proc {num_proc}", **t})
+
+    print(
+        "| step | records | tokens | seconds | tokens/s | vs raw tokenizer | rows (floor) | efficiency | peak RSS MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for x in results:
+        tokens = x.get("tokens")
+        tps = tokens / x["seconds"] if tokens else None
+        rows = f"{x['rows']} ({x.get('floor_rows', '')})" if "rows" in x else ""
+        speed = f"{tps / 1e6:.3f}M" if tps else ""
+        ratio = f"{tps / raw_tps:.0%}" if tps else ""
+        eff = f"{x['efficiency']:.2%}" if "efficiency" in x else ""
+        print(
+            f"| {x['step']} | {x.get('records', '')} | {tokens or ''} | {x['seconds']:.2f} | "
+            f"{speed} | {ratio} | {rows} | {eff} | {x['peak_rss_mb']:.0f} |"
+        )
+    (OUT / "pack_results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
