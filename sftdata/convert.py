@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sftdata.atomic import atomic_file
 from sftdata.conversation import Conversation
@@ -20,6 +21,9 @@ from sftdata.errors import ConversionError
 from sftdata.sources import IdAllocator, detect_format, iter_records
 from sftdata.sources.base import RecordError, set_system
 from sftdata.validate import structure_problems
+
+if TYPE_CHECKING:
+    from sftdata.llamafactory import RegistryEntry
 
 #: At most this many skipped-record messages are kept in the report (the counts are complete).
 MAX_EXAMPLES = 20
@@ -80,7 +84,7 @@ def _digest(conv: Conversation) -> bytes:
 
 
 def convert(
-    inputs: Sequence[str | Path],
+    inputs: Sequence[str | Path | RegistryEntry],
     output: str | Path,
     *,
     fmt: str = "auto",
@@ -95,7 +99,7 @@ def convert(
     """Convert ``inputs`` (concatenated, in order) into canonical JSONL at ``output``.
 
     Args:
-        inputs: raw files.
+        inputs: raw files, or LLaMA-Factory registry entries (``sftdata.llamafactory``).
         output: the JSONL to write (atomically: nothing is left behind on failure).
         fmt: ``"auto"`` or a format from :data:`sftdata.sources.FORMATS`.
         mapping: raw field/column → canonical field (``--map``).
@@ -129,10 +133,16 @@ def convert(
 
     with atomic_file(output) as out:
         for raw_path in inputs:
-            path = Path(raw_path)
+            # A LLaMA-Factory registry entry (sftdata.llamafactory.RegistryEntry, from
+            # --dataset-info) brings its own format, column mapping and role tags.
+            entry = raw_path if hasattr(raw_path, "role_tags") else None
+            path = Path(entry.path if entry else raw_path)  # type: ignore[union-attr]
+            in_mapping = (entry.mapping or None) if entry else mapping
             if path.exists() and path.resolve() == resolved_out:
                 raise ConversionError(f"{path}: is also the output file")
-            if fmt == "auto":
+            if entry:
+                used, reason = entry.fmt, f"dataset_info.json entry {entry.name!r}"
+            elif fmt == "auto":
                 used, reason = detect_format(path, mapping=mapping, encoding=encoding)
                 if log:
                     log(f"{path}: detected {used} ({reason}); use --from to override")
@@ -141,8 +151,9 @@ def convert(
             item_report = InputReport(path=str(path), format=used, reason=reason)
             report.inputs.append(item_report)
             for item in iter_records(
-                path, fmt=used, mapping=mapping, sheet=sheet, encoding=encoding, ids=ids
-            ):
+                path, fmt=used, mapping=in_mapping, sheet=sheet, encoding=encoding, ids=ids,
+                role_tags=entry.role_tags if entry else None,
+            ):  # fmt: skip
                 item_report.records_in += 1
                 if isinstance(item, RecordError):
                     if not skip_invalid:

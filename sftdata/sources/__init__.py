@@ -24,6 +24,7 @@ from sftdata.sources.base import (
     parse_mapping,
     record_id,
     source_of,
+    type_name,
 )
 from sftdata.sources.jsonstream import first_value, iter_json
 
@@ -76,7 +77,7 @@ def detect_format(
     line, value = first_value(path, encoding=encoding or "utf-8")
     if not isinstance(value, dict):
         raise RecordError(
-            f"{path}:{line}: expected a JSON object per record, got {type(value).__name__}",
+            f"{path}:{line}: expected a JSON object per record, got {type_name(value)}",
             reason="not an object",
         )
     record = apply_mapping(value, mapping)
@@ -145,6 +146,8 @@ class IdAllocator:
 
     def generated(self, rid: str) -> str:
         """Check a generated ``<stem>-<index>`` id against the data's own ids."""
+        if not self._own:
+            return rid
         candidate, n = rid, 1
         while _h(candidate) in self._own:
             n += 1

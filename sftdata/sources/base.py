@@ -82,14 +82,16 @@ def refuse_binary(path: Path, head: bytes, what: str) -> None:
 def is_ascii_compatible(encoding: str) -> bool:
     """Whether ``\\n`` is the single byte 0x0A in ``encoding`` (so binary lines split correctly)."""
     try:
-        return "\n".encode(encoding) == b"\n"
+        encoded = "a\n".encode(encoding)
     except LookupError:
         raise ConversionError(f"--encoding {encoding!r}: unknown encoding") from None
+    return encoded.removeprefix(codecs.BOM_UTF8) == b"a\n"
 
 
 def decode_error(path: Path, line: int, err: UnicodeDecodeError, encoding: str) -> ConversionError:
     """A one-line error for text that is not in ``encoding``, with the fix."""
     bad = err.object[err.start : err.start + 1].hex()
+    encoding = "utf-8" if encoding.lower().replace("_", "-") == "utf-8-sig" else encoding
     return ConversionError(
         f"{path}:{line}: not valid {encoding} text (byte 0x{bad}); {ENCODING_HINT}"
     )
@@ -97,7 +99,7 @@ def decode_error(path: Path, line: int, err: UnicodeDecodeError, encoding: str) 
 
 def locate_decode_error(path: Path, encoding: str) -> ConversionError:
     """Find the first line of ``path`` that does not decode (second pass, only after a failure)."""
-    if not is_ascii_compatible(encoding):
+    if not is_ascii_compatible(encoding):  # pragma: no cover (UTF-16/32 data is never cut by lines)
         return ConversionError(f"{path}: not valid {encoding} text; {ENCODING_HINT}")
     decoder = codecs.getincrementaldecoder(encoding)()
     with path.open("rb") as f:

@@ -1,6 +1,6 @@
 """CSV and TSV files (RFC 4180 through the ``csv`` module: quoted fields may hold newlines).
 
-The first non-blank row is the header. A record's source line is the line it starts on, so a
+The first non-blank row is the header; CRLF line ends inside quoted fields become ``\n``. A record's source line is the line it starts on, so a
 multi-line quoted answer is reported where an editor shows the record.
 """
 
@@ -56,6 +56,8 @@ def iter_table(
                     columns = resolve_columns(headers, mapping, where=f"{path}:{start}: header")
                     continue
                 where = f"{path}:{start}"
+                # Quoted fields keep the file's CRLF line ends; text inside a record uses "\n".
+                cells = [c.replace("\r\n", "\n") for c in cells]
                 try:
                     yield [
                         row_conversation(

@@ -81,6 +81,7 @@ class _ArrayReader:
         self.buf = ""
         self.pos = 0
         self.line = 1  # line of buf[0]
+        self._mark = (0, 1)  # (pos, line at pos): line numbers are counted incrementally
         self.eof = False
         self.first = True
 
@@ -88,16 +89,22 @@ class _ArrayReader:
         self.f.close()
 
     def line_at(self, pos: int) -> int:
-        return self.line + self.buf.count("\n", 0, pos)
+        mark, line = self._mark
+        if pos < mark:
+            mark, line = 0, self.line
+        line += self.buf.count("\n", mark, pos)
+        self._mark = (pos, line)
+        return line
 
     def read_more(self) -> bool:
         """Drop consumed text, append the next chunk; False at end of file."""
         if self.eof:
             return False
         if self.pos:
-            self.line += self.buf.count("\n", 0, self.pos)
+            self.line = self.line_at(self.pos)
             self.buf = self.buf[self.pos :]
             self.pos = 0
+            self._mark = (0, self.line)
         raw = self.f.read(CHUNK_CHARS)
         try:
             text = self.decoder.decode(raw, final=not raw)
@@ -139,7 +146,9 @@ class _ArrayReader:
                 if cut and self.read_more():
                     continue
                 if self.eof and cut:
-                    raise self.error(f"file ends inside a record: {e.msg}", e.pos) from None
+                    raise self.error(
+                        f"file ends inside the record that starts here, truncated? ({e.msg})"
+                    ) from None
                 raise self.error(e.msg, e.pos) from None
             if end >= len(self.buf) and not self.eof and self.read_more():
                 continue  # a number or literal may go on in the next chunk
@@ -162,20 +171,27 @@ def _iter_array(path: Path, encoding: str) -> Iterator[tuple[int, Any] | RecordE
         while True:
             ch = r.peek()
             if ch == "":
-                raise r.error("file ends inside the array: expected a record or ']'")
+                raise r.error("file ends inside the array: expected a record or ']', truncated?")
             yield r.decode()
             count += 1
+            end_line = r.line_at(r.pos)
             ch = r.peek()
             if ch == ",":
+                comma_line = r.line_at(r.pos)
                 r.pos += 1
                 if r.peek() == "]":
-                    raise r.error("trailing comma before ']'")
+                    raise ConversionError(
+                        f"{path}:{comma_line}: invalid JSON (trailing comma before ']')"
+                    )
                 continue
             if ch == "]":
                 r.pos += 1
                 break
             if ch == "":
-                raise r.error(f"file ends inside the array after {count} records (truncated?)")
+                raise ConversionError(
+                    f"{path}:{end_line}: invalid JSON (file ends inside the array after "
+                    f"{count} records: no closing ']', truncated?)"
+                )
             raise r.error(f"expected ',' or ']' after a record, found {ch!r}")
         if r.peek() != "":
             raise r.error("extra data after the closing ']'")

@@ -67,12 +67,11 @@ def resolve_columns(
     auto: dict[str, list[str]] = {}
     for i, h in enumerate(headers):
         field = AUTO_HEADERS.get(h.strip().lower())
-        if field and field not in columns and h not in explicit:
+        if field and field not in explicit.values() and h not in explicit:
             auto.setdefault(field, []).append(h)
-            if len(auto[field]) == 1:
-                columns[field] = i
+            columns.setdefault(field, i)
     for field, names in auto.items():
-        if len(names) > 1 and field not in explicit.values():
+        if len(names) > 1:
             raise ConversionError(
                 f"{where}: columns {', '.join(map(repr, names))} could all be {field!r}; "
                 f"choose one with --map {names[0]}={field}"
