@@ -25,9 +25,11 @@ def pack_rows(lengths: Sequence[int] | np.ndarray, *, seq_len: int) -> list[list
     fits it. Open rows are kept in buckets keyed by remaining capacity, with a sorted list of
     the non-empty capacities searched by ``bisect``: O(n log seq_len) overall.
 
-    Measured on 49,950 Alpaca records (10.9M Llama-2 tokens, see benchmarks/): at seq_len
-    4096 this gives the floor ceil(total/seq_len) = 2,668 rows or within a row of it (≥ 99.9%
-    fill); the many short records fill the gaps the long ones leave.
+    Measured (``sftdata pack`` of alpaca_en_demo.json x 50 = 49,950 records, Llama-2 tokenizer,
+    llama2 template, 9.99M tokens, seq_len 4096): 2,439 rows where the floor ceil(total/seq_len)
+    is 2,438, i.e. 99.95% fill, against 98.9% for TRL's and LLaMA-Factory's per-1,000-record
+    packing; the many short records fill the gaps the long ones leave. Packing itself takes
+    ~0.1 s there.
 
     Args:
         lengths: token count of each record; every one must be in ``1..seq_len``.

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from sftdata import __version__
-from sftdata.conversation import Conversation, read_jsonl
-from sftdata.errors import ConfigError, ShardError, ValidationError
+from sftdata.conversation import Conversation, Source, read_jsonl
+from sftdata.errors import ConfigError, ConversionError, ShardError, ValidationError
 from sftdata.pack import build_row, efficiency, pack_rows
 from sftdata.shards import INDEX_NAME, KIND, ShardReader, ShardWriter, write_index
 
@@ -234,12 +234,67 @@ def read_chunks(inputs: Sequence[Path], size: int) -> Iterator[list[Conversation
         yield chunk
 
 
+@dataclass(frozen=True)
+class RawChunk:
+    """Up to ``chunk_size`` raw lines of one input file, parsed where they are encoded."""
+
+    path: str
+    first_line: int
+    data: bytes
+
+
+def read_raw_chunks(inputs: Sequence[Path], size: int) -> Iterator[RawChunk]:
+    """Raw line blocks of ``inputs`` in order: the main process only splits lines, so JSON
+    parsing happens in the workers (measured: parsing is ~10% of a single-process pack)."""
+    for path in inputs:
+        try:
+            f = path.open("rb")
+        except OSError as e:
+            raise ConversionError(f"{path}: cannot read ({e.strerror})") from None
+        with f:
+            first, lines = 1, []
+            for lineno, line in enumerate(f, start=1):
+                lines.append(line)
+                if len(lines) == size:
+                    yield RawChunk(str(path), first, b"".join(lines))
+                    first, lines = lineno + 1, []
+            if lines:
+                yield RawChunk(str(path), first, b"".join(lines))
+
+
+def parse_chunk(chunk: RawChunk) -> list[Conversation]:
+    """Canonical records of a raw block, with ``read_jsonl``'s ``path:line`` errors."""
+    out = []
+    for lineno, raw in enumerate(chunk.data.splitlines(), start=chunk.first_line):
+        where = f"{chunk.path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConversionError(f"{where}: not valid UTF-8 text") from None
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConversionError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        out.append(
+            Conversation.from_dict(
+                d, where=where, fallback_source=Source(file=chunk.path, line=lineno)
+            )
+        )
+    return out
+
+
+def _encode_raw(chunk: RawChunk, opts: PackOptions) -> _Chunk:
+    return encode_chunk(parse_chunk(chunk), opts)
+
+
 def _encoded_chunks(inputs: Sequence[Path], opts: PackOptions) -> Iterator[_Chunk]:
     """Encoded chunks in input order, from ``num_proc`` processes with bounded look-ahead."""
-    chunks = read_chunks(inputs, opts.chunk_size)
+    chunks = read_raw_chunks(inputs, opts.chunk_size)
     if opts.num_proc <= 1:
-        for convs in chunks:
-            yield encode_chunk(convs, opts)
+        for raw in chunks:
+            yield _encode_raw(raw, opts)
         return
     import multiprocessing as mp
 
@@ -252,8 +307,8 @@ def _encoded_chunks(inputs: Sequence[Path], opts: PackOptions) -> Iterator[_Chun
         with ctx.Pool(opts.num_proc, initializer=_init_worker, initargs=(opts,)) as pool:
             pending: deque = deque()
             # Bounded look-ahead: Pool.imap would read the whole input ahead into its queue.
-            for convs in chunks:
-                pending.append(pool.apply_async(encode_chunk, (convs, opts)))
+            for raw in chunks:
+                pending.append(pool.apply_async(_encode_raw, (raw, opts)))
                 if len(pending) >= 2 * opts.num_proc:
                     yield pending.popleft().get()
             while pending:
