@@ -315,6 +315,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of key: value at the top level")
+        from sftdata.llamafactory import is_llamafactory_config, translate_for_load
+
+        if is_llamafactory_config(loaded):  # a LLaMA-Factory SFT YAML (stage:, dataset:, ...)
+            loaded = translate_for_load(loaded, where=where)
         values.update(loaded)
     over = parse_overrides(list(overrides or []))
     values.update(over)

@@ -292,8 +292,44 @@ __all__ = [
     "is_adapter_dir",
     "isolation_for",
     "load_base_model",
+    "load_for_inference",
     "load_model",
     "load_tokenizer_for",
     "tiny_dir",
     "unwrap",
 ]
+
+
+def load_for_inference(
+    model: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    attn_implementation: str = "sdpa",
+    seed: int = 42,
+):
+    """(model in eval mode, tokenizer) for eval/generate/export.
+
+    ``model`` is ``tiny``, an HF model folder (a full fine-tuning checkpoint is one), or an adapter
+    folder (a LoRA checkpoint or ``final/``), whose base is then read from its adapter_config.json.
+    An explicit ``adapter`` is applied on top of ``model``. The tokenizer comes from the adapter
+    folder when it has one (checkpoints carry their tokenizer), else from the model.
+    """
+    if adapter is None and str(model) != TINY and is_adapter_dir(model):
+        model, adapter = adapter_base(model), model
+    base, tokenizer = load_base_model(model, attn_implementation=attn_implementation, seed=seed)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not is_adapter_dir(adapter):
+            raise ConfigError(f"{adapter}: not an adapter folder (no adapter_config.json)")
+        try:
+            base = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"{adapter}: cannot apply the adapter to {model} ({first})") from None
+        if (Path(adapter) / "tokenizer.json").is_file() or (
+            Path(adapter) / "tokenizer_config.json"
+        ).is_file():
+            tokenizer = load_tokenizer_for(adapter)
+    base.config.use_cache = True
+    return base.eval(), tokenizer

@@ -335,10 +335,11 @@ def train(
     shards = Path(shards)
 
     # ---- 1. data, model, compatibility -------------------------------------------------------
-    reader = open_split(shards, "train")
-    eval_reader = (
-        open_split(shards, config.eval_split) if has_split(shards, config.eval_split) else None
-    )
+    # verify="full": every shard's sha256 is checked now, so a corrupt folder is refused before
+    # anything is written (hashing runs at ~1 GB/s; the lazy mode would fail mid-run instead).
+    reader = open_split(shards, "train", verify="full")
+    has_eval = has_split(shards, config.eval_split)
+    eval_reader = open_split(shards, config.eval_split, verify="full") if has_eval else None
     base, tokenizer = load_base_model(
         model_spec, attn_implementation=config.attn_implementation, seed=config.seed
     )

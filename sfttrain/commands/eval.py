@@ -1,0 +1,73 @@
+"""`sfttrain eval`: token-weighted mean loss and perplexity of a model on a shard split."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("eval")
+@click.argument("shards", type=click.Path(path_type=str))
+@click.option(
+    "--model",
+    "model_spec",
+    required=True,
+    help="'tiny', a local HF model folder, or a checkpoint/adapter folder.",
+)
+@click.option("--adapter", default=None, help="LoRA adapter folder to apply on top of --model.")
+@click.option(
+    "--split", default=None, help="Shard split (default: validation if present, else train)."
+)
+@click.option(
+    "--batch-size",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Rows per forward pass.",
+)
+@click.option(
+    "--attn-implementation", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object: loss, perplexity, tokens."
+)
+def command(
+    shards: str,
+    model_spec: str,
+    adapter: str | None,
+    split: str | None,
+    batch_size: int,
+    attn_implementation: str,
+    as_json: bool,
+) -> None:
+    """Mean loss per trained token (and perplexity) of MODEL on SHARDS; packed or not, the same records give the same loss."""
+    import json
+    import math
+
+    from sfttrain.commands.run import _quiet_libraries
+
+    _quiet_libraries()
+    from sfttrain.config import build_config
+    from sfttrain.data import has_split, open_split
+    from sfttrain.model import LossModel, isolation_for, load_for_inference
+    from sfttrain.train import Dist, check_compatible, evaluate
+
+    if split is None:
+        split = "validation" if has_split(shards, "validation") else "train"
+    reader = open_split(shards, split, verify="full")
+    model, tokenizer = load_for_inference(
+        model_spec, adapter=adapter, attn_implementation=attn_implementation
+    )
+    check_compatible(reader.index, tokenizer, model, shards_dir=reader.path, model_spec=model_spec)
+    loss_model = LossModel(
+        model, isolation=isolation_for(build_config({"attn_implementation": attn_implementation}))
+    )
+    import contextlib
+
+    loss, tokens = evaluate(
+        loss_model, reader, batch_size=batch_size, dist=Dist(), autocast=contextlib.nullcontext
+    )
+    ppl = math.exp(min(loss, 700.0)) if tokens else float("nan")
+    if as_json:
+        click.echo(json.dumps({"loss": loss, "perplexity": ppl, "tokens": tokens, "split": split}))
+    else:
+        click.echo(f"{split}: loss {loss:.4f}, perplexity {ppl:.2f} over {tokens:,} trained tokens")

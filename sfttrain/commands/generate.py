@@ -1,0 +1,63 @@
+"""`sfttrain generate`: render the chat template around a prompt and sample a reply."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("generate")
+@click.option(
+    "--model",
+    "model_spec",
+    required=True,
+    help="'tiny', a local HF model folder, or a checkpoint/adapter folder.",
+)
+@click.option("--adapter", default=None, help="LoRA adapter folder to apply on top of --model.")
+@click.option("--prompt", required=True, help="The user message.")
+@click.option("--system", default=None, help="Optional system message.")
+@click.option(
+    "--template",
+    default="auto",
+    show_default=True,
+    help="auto (the tokenizer's chat_template), chatml, llama2, alpaca, fastchat:NAME or FILE.jinja — use the one you packed with.",
+)
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--temperature",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0.0),
+    help="0 = greedy (deterministic).",
+)
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0.0, max=1.0))
+@click.option("--seed", default=0, show_default=True, help="Seed for sampling (temperature > 0).")
+def command(
+    model_spec: str,
+    adapter: str | None,
+    prompt: str,
+    system: str | None,
+    template: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+) -> None:
+    """Print MODEL's reply to PROMPT, rendered with the same chat template as training."""
+    from sfttrain.commands.run import _quiet_libraries
+
+    _quiet_libraries()
+    from sfttrain.generate import generate
+
+    click.echo(
+        generate(
+            model_spec,
+            adapter=adapter,
+            prompt=prompt,
+            system=system,
+            template=template,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
+    )

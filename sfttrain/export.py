@@ -1,0 +1,70 @@
+"""Export a checkpoint as a folder ``AutoModelForCausalLM.from_pretrained`` loads: the adapter, or merged weights."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from sftdata.atomic import atomic_dir
+from sftdata.errors import ConfigError
+from sfttrain.model import adapter_base, is_adapter_dir, load_base_model, load_tokenizer_for
+
+DTYPES = ("fp32", "fp16", "bf16")
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def torch_dtype(name: str):
+    """``fp16|bf16|fp32`` -> torch dtype."""
+    import torch
+
+    try:
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    except KeyError:
+        raise ConfigError(f"--dtype: {name!r} is not one of {', '.join(DTYPES)}") from None
+
+
+def export_checkpoint(
+    checkpoint: str | Path, output: str | Path, *, merge: bool = False, dtype: str = "fp32"
+) -> str:
+    """Write ``checkpoint`` (a LoRA or full checkpoint, or ``final/``) to ``output``; returns what was written.
+
+    LoRA without ``merge``: the PEFT adapter + tokenizer (transformers loads it through PEFT, base
+    from ``base_model_name_or_path``). LoRA with ``merge``: base + adapter merged into plain weights
+    in ``dtype``. Full fine-tuning: the weights in ``dtype``. Always with the tokenizer files.
+    """
+    src = Path(checkpoint)
+    if not src.is_dir():
+        raise ConfigError(f"{src}: checkpoint folder does not exist")
+    out = Path(output)
+    if out.exists() and out.resolve() == src.resolve():
+        raise ConfigError(f"{out}: output must differ from the checkpoint folder")
+    target_dtype = torch_dtype(dtype)
+    tokenizer = load_tokenizer_for(src)
+    if is_adapter_dir(src) and not merge:
+        if dtype != "fp32":
+            raise ConfigError(
+                "--dtype: an unmerged adapter is exported as trained (fp32); add --merge to convert"
+            )
+        with atomic_dir(out) as tmp:
+            for name in ADAPTER_FILES:
+                shutil.copy2(src / name, tmp / name)
+            tokenizer.save_pretrained(str(tmp))
+        return "adapter"
+    if is_adapter_dir(src):
+        from peft import PeftModel
+
+        base, _ = load_base_model(adapter_base(src))
+        model = PeftModel.from_pretrained(base, str(src)).merge_and_unload()
+        what = "merged model"
+    else:
+        model, _ = load_base_model(src)
+        what = "model"
+    model = model.to(target_dtype)
+    model.config.use_cache = True
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+    return what
+
+
+__all__ = ["DTYPES", "export_checkpoint", "torch_dtype"]
