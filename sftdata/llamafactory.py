@@ -18,9 +18,10 @@ rejects keys LLaMA-Factory itself would not know.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,6 @@ class RegistryEntry:
     """Raw column -> canonical field (``--map``)."""
     role_tags: dict[str, str] | None
     """LLaMA-Factory sharegpt ``tags`` (role_tag, content_tag, user_tag...)."""
-    num_samples: int | None = None
-    """Take only the first N records (LLaMA-Factory samples N at random; we keep file order)."""
     notes: list[str] = field(default_factory=list)
     """Things the user should know (e.g. ignored keys)."""
 
@@ -187,16 +186,74 @@ def resolve_entry(info_path: str | Path, name: str) -> RegistryEntry:
         raise ConversionError(f"{where}: file_name {file_name!r} does not exist ({path})")
     notes = []
     if num_samples is not None:
-        notes.append(f"{name}: num_samples={num_samples}: taking the first {num_samples} records")
+        # LLaMA-Factory draws num_samples records at random with its own RNG: not reproducible
+        # here, and silently taking some other subset would be worse than saying so.
+        notes.append(
+            f"{info_path}: dataset {name!r}: num_samples={num_samples} is not applied "
+            "(all records are converted)"
+        )
     return RegistryEntry(
         name=name,
         path=path,
         fmt="sharegpt" if formatting in ("sharegpt", "openai") else "alpaca",
         mapping=mapping,
         role_tags=role_tags,
-        num_samples=num_samples,
         notes=notes,
     )
+
+
+def _file_format(entry: RegistryEntry, path: Path) -> str:
+    """Our source format for one data file of an entry (LLaMA-Factory picks its loader by extension)."""
+    from sftdata.sources.hf import is_saved_dataset
+
+    ext = path.suffix.lower()
+    if is_saved_dataset(path):
+        return "hf"
+    if ext == ".parquet":
+        return "parquet"
+    if ext == ".csv":
+        return "csv"
+    if ext in (".json", ".jsonl"):
+        return entry.fmt
+    raise ConversionError(
+        f"{path}: {ext or 'extensionless'} files of dataset {entry.name!r} are not supported "
+        "(json, jsonl, csv, parquet or a save_to_disk folder)"
+    )
+
+
+def registry_inputs(
+    info_path: str | None,
+    names: Sequence[str],
+    *,
+    fmt: str = "auto",
+    mapping: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[RegistryEntry]:
+    """``convert --dataset-info PATH --dataset A,B``: one resolved entry per data file, in order.
+
+    Raises:
+        ConversionError: a missing half of the option pair, ``--from``/``--map`` given too (the
+            registry decides both), or any :func:`resolve_entry` refusal.
+    """
+    if not info_path:
+        raise ConversionError("--dataset needs --dataset-info PATH/dataset_info.json")
+    wanted = [n.strip() for item in names for n in item.split(",") if n.strip()]
+    if not wanted:
+        raise ConversionError("--dataset-info needs --dataset NAME (comma-separated for several)")
+    if fmt != "auto" or mapping:
+        raise ConversionError(
+            "--from/--map do not apply to --dataset-info entries: the registry gives their "
+            "formatting and columns"
+        )
+    out: list[RegistryEntry] = []
+    for name in wanted:
+        entry = resolve_entry(info_path, name)
+        for note in entry.notes:
+            if log:
+                log(note)
+        for path in entry_files(entry):
+            out.append(dataclasses.replace(entry, path=path, fmt=_file_format(entry, path)))
+    return out
 
 
 def entry_files(entry: RegistryEntry) -> list[Path]:
@@ -218,16 +275,10 @@ def read_registered(info_path: str | Path, name: str) -> Iterator[Conversation]:
     """Stream the canonical conversations of registry entry ``name`` (see :func:`resolve_entry`)."""
     from sftdata.sources import read_conversations
 
-    entry = resolve_entry(info_path, name)
-    n = 0
-    for path in entry_files(entry):
-        for conv in read_conversations(
-            path, fmt=entry.fmt, mapping=entry.mapping or None, role_tags=entry.role_tags
-        ):
-            if entry.num_samples is not None and n >= entry.num_samples:
-                return
-            n += 1
-            yield conv
+    for entry in registry_inputs(str(info_path), [name]):
+        yield from read_conversations(
+            entry.path, fmt=entry.fmt, mapping=entry.mapping or None, role_tags=entry.role_tags
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,6 +345,10 @@ LF_OTHER_KEYS = frozenset(
         "sglang_config", "sglang_lora_backend", "model_max_length", "block_diag_attn",
         "compute_dtype", "device_map", "kt_optimize_rule", "use_kt",
         "cpu_infer", "chunk_size", "mode", "fp8", "fp8_backend", "fp8_enable_fsdp_float8_all_gather",
+        # HF TrainingArguments keys that transformers 5 dropped but LF YAMLs still carry
+        "overwrite_output_dir", "evaluation_strategy", "logging_dir", "group_by_length",
+        "no_cuda", "use_mps_device", "fp16_backend", "push_to_hub_token", "push_to_hub_model_id",
+        "push_to_hub_organization", "mp_parameters", "ray_scope", "use_legacy_prediction_loop",
         # generation / evaluation
         "do_sample", "temperature", "top_p", "top_k", "num_beams", "max_length",
         "max_new_tokens", "repetition_penalty", "length_penalty", "skip_special_tokens",
@@ -302,13 +357,15 @@ LF_OTHER_KEYS = frozenset(
 )  # fmt: skip
 
 
+# LF keys whose behaviour sfttrain always has: dropped without a warning when set that way.
+ALWAYS_DONE: dict[str, tuple[Any, ...]] = {"plot_loss": (True,)}
+
+
 def _hf_training_keys() -> frozenset[str]:
-    """Field names of ``transformers.TrainingArguments`` (LLaMA-Factory passes them through)."""
-    import dataclasses
+    """Field names of ``transformers.Seq2SeqTrainingArguments`` (LLaMA-Factory's SFT arguments)."""
+    from transformers import Seq2SeqTrainingArguments
 
-    from transformers import TrainingArguments
-
-    return frozenset(f.name for f in dataclasses.fields(TrainingArguments))
+    return frozenset(f.name for f in dataclasses.fields(Seq2SeqTrainingArguments))
 
 
 def is_llamafactory_config(d: dict[str, Any]) -> bool:
@@ -347,7 +404,7 @@ def translate_llamafactory_config(d: dict[str, Any]) -> tuple[dict[str, Any], li
             )
         if key == "do_train" and value is not True:
             raise ConfigError(f"do_train: {value!r}; sfttrain run trains (do_train: true)")
-        if key in ("stage", "do_train"):
+        if key in ("stage", "do_train") or (key in ALWAYS_DONE and value in ALWAYS_DONE[key]):
             continue
         if key in ours:
             out[key] = value

@@ -8,7 +8,7 @@ FORMAT_CHOICES = ("auto", "alpaca", "sharegpt", "openai", "lf_v1", "csv", "tsv",
 
 
 @click.command("convert")
-@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.argument("inputs", nargs=-1, required=False, metavar="INPUT...")
 @click.option(
     "-o", "--output", required=True, metavar="OUT.jsonl", help="Canonical JSONL to write."
 )
@@ -32,6 +32,18 @@ FORMAT_CHOICES = ("auto", "alpaca", "sharegpt", "openai", "lf_v1", "csv", "tsv",
 @click.option("--system", metavar="TEXT", help="System prompt to add (replaces a record's own).")
 @click.option("--dedup", is_flag=True, help="Drop exact duplicate records (messages and tools).")
 @click.option("--skip-invalid", is_flag=True, help="Count and skip bad records instead of failing.")
+@click.option(
+    "--dataset-info",
+    metavar="PATH",
+    help="LLaMA-Factory dataset_info.json (or its folder): read the --dataset entries it registers.",
+)
+@click.option(
+    "--dataset",
+    "datasets",
+    multiple=True,
+    metavar="NAME[,NAME...]",
+    help="Registry entries to convert (with --dataset-info; comma-separated or repeated).",
+)
 def command(
     inputs: tuple[str, ...],
     output: str,
@@ -42,6 +54,8 @@ def command(
     system: str | None,
     dedup: bool,
     skip_invalid: bool,
+    dataset_info: str | None,
+    datasets: tuple[str, ...],
 ) -> None:
     """Convert Alpaca, ShareGPT, OpenAI, LLaMA-Factory v1, CSV/TSV and Excel files into one
     canonical conversations JSONL (several inputs are concatenated)."""
@@ -51,8 +65,15 @@ def command(
     def log(line: str) -> None:
         click.echo(line, err=True)
 
+    sources: list = list(inputs)
+    if dataset_info or datasets:
+        from sftdata.llamafactory import registry_inputs
+
+        sources += registry_inputs(dataset_info, datasets, fmt=fmt, mapping=map_, log=log)
+    elif not inputs:
+        raise click.UsageError("give INPUT files, or --dataset-info PATH --dataset NAME")
     report = convert(
-        list(inputs),
+        sources,
         output,
         fmt=fmt,
         mapping=parse_mapping(map_) if map_ else None,
