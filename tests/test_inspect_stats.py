@@ -112,3 +112,16 @@ def test_stats_on_jsonl_counts_and_estimates_packing(
     assert (tmp_path / "j.png").is_file()
     r = run("stats", data)
     assert r.exit_code == 1 and "--tokenizer is needed" in r.output
+
+
+def test_inspect_colour_on_a_terminal_has_no_markers(packed: tuple[Path, Path]) -> None:
+    _, out = packed
+    r = CliRunner().invoke(
+        main, ["inspect", str(out), "--row", "0"], env={"FORCE_COLOR": "1", "TTY_COMPATIBLE": "1"}
+    )
+    assert r.exit_code == 0, r.output
+    if "\x1b[" not in r.output:
+        pytest.fail("rich did not treat FORCE_COLOR as a terminal: colour path untested")
+    assert "[[" not in r.output and "--- record " in r.output
+    r = CliRunner().invoke(main, ["inspect", str(out), "--plain"], env={"FORCE_COLOR": "1"})
+    assert "\x1b[" not in r.output and "[[" in r.output

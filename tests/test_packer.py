@@ -448,3 +448,37 @@ def test_c2_real_llama2_on_alpaca_slice(
     assert kept + index["counts"]["dropped"]["overflow"] == 120 and kept > 100
     assert check_c2(out, src, str(llama2_tokenizer_dir), template) == kept
     assert index["counts"]["packing_efficiency"] > 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", ["chatml", "llama2", "fastchat:vicuna_v1.1"])
+@pytest.mark.parametrize(
+    "name",
+    ["sharegpt_dummy_conversation.json", "glaive_toolcall_en_demo.json", "v1_sft_demo.jsonl"],
+)
+def test_c2_real_llama2_on_conversational_files(
+    tmp_path: Path, shared_data: Path, llama2_tokenizer_dir: Path, name: str, template: str
+) -> None:
+    from sftdata.convert import convert
+
+    full = tmp_path / "full.jsonl"
+    convert([shared_data / name], full)
+    src = tmp_path / "slice.jsonl"
+    src.write_text(
+        "".join(full.read_text(encoding="utf-8").splitlines(keepends=True)[:150]), encoding="utf-8"
+    )
+    out = tmp_path / "s"
+    pack_ok(
+        src,
+        "-o",
+        out,
+        "--tokenizer",
+        llama2_tokenizer_dir,
+        "--seq-len",
+        2048,
+        "--template",
+        template,
+    )
+    kept = read_index(out)["counts"]["records"]
+    assert kept >= 140
+    assert check_c2(out, src, str(llama2_tokenizer_dir), template) == kept

@@ -132,7 +132,7 @@ def command(
     segs = segments(row)
     recs = [s for s in segs if s["record_id"] is not None]
     n_trained = int(sum(s["trained"].sum() for s in recs))
-    console = Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False, soft_wrap=True, markup=False)
     colour = console.is_terminal and not plain
     header = (
         f"row {row_i} of {len(reader)} (split {split}, seq_len {reader.seq_len}): {len(recs)} records, "
