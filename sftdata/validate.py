@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sftdata.conversation import SCHEMA_VERSION
+from sftdata.conversation import ROLES, SCHEMA_VERSION
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "conversation.v1.json"
 
@@ -85,8 +85,61 @@ def _path(parts) -> str:
     return out
 
 
+_RECORD_KEYS = frozenset({"schema_version", "id", "messages", "tools", "source"})
+_MESSAGE_KEYS = frozenset({"role", "content", "train", "tool_calls"})
+_SOURCE_KEYS = frozenset({"file", "line", "row", "sheet"})
+_ROLES = frozenset(ROLES)
+
+
+def _positive_int(v: Any) -> bool:
+    return type(v) is int and v >= 1
+
+
+def _fast_valid(record: dict[str, Any]) -> bool:
+    """True only for records the schema accepts (checked by a test against jsonschema).
+
+    jsonschema costs ~80 µs a record; this plain check passes well-formed records in a few µs,
+    and anything it does not pass goes to jsonschema for the exact messages.
+    """
+    if not _RECORD_KEYS.issuperset(record) or type(record.get("schema_version")) is not int:
+        return False
+    rid, msgs = record.get("id"), record.get("messages")
+    if record["schema_version"] != 1 or not isinstance(rid, str) or not rid:
+        return False
+    if not isinstance(msgs, list) or not msgs:
+        return False
+    for m in msgs:
+        if not isinstance(m, dict) or not _MESSAGE_KEYS.issuperset(m):
+            return False
+        if m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+            return False
+        if "train" in m and not isinstance(m["train"], bool):
+            return False
+        calls = m.get("tool_calls", [])
+        if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+            return False
+    tools = record.get("tools", [])
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        return False
+    if "source" in record:
+        src = record["source"]
+        if not isinstance(src, dict) or not _SOURCE_KEYS.issuperset(src):
+            return False
+        if not isinstance(src.get("file"), str):
+            return False
+        if "line" in src and not _positive_int(src["line"]):
+            return False
+        if "row" in src and not _positive_int(src["row"]):
+            return False
+        if "sheet" in src and not isinstance(src["sheet"], str):
+            return False
+    return True
+
+
 def schema_problems(record: Any) -> list[str]:
     """Messages for every JSON Schema violation of one parsed record."""
+    if isinstance(record, dict) and _fast_valid(record):
+        return []
     out = []
     for err in sorted(
         _validator().iter_errors(record), key=lambda e: list(map(str, e.absolute_path))

@@ -411,3 +411,31 @@ def test_memory_is_flat_in_input_size(tmp_path):
     large = _peak_growth_mb(tmp_path, 200_000)
     assert large <= small + 6, (small, large)
     assert large < 20
+
+
+def test_encoding_option_reads_gbk_csv(tmp_path):
+    p = tmp_path / "gbk.csv"
+    p.write_bytes("问题,背景,回应\n一加一？,,二\n".encode("gbk"))
+    out = tmp_path / "o.jsonl"
+    r = run(str(p), "-o", str(out))
+    assert r.exit_code == 1 and "gbk.csv:1: not valid utf-8 text" in r.stderr
+    assert "--encoding gb18030" in r.stderr
+    r = run(str(p), "-o", str(out), "--encoding", "gb18030")
+    assert r.exit_code == 0, r.output
+    assert load(out)[0]["messages"][1] == {"role": "assistant", "content": "二"}
+    r = run(str(p), "-o", str(out), "--encoding", "klingon")
+    assert r.exit_code == 1 and "unknown encoding" in r.stderr
+
+
+def test_skip_invalid_when_the_first_record_is_bad(tmp_path):
+    p = tmp_path / "f.jsonl"
+    p.write_text('{"instruction": "q"}\nnot json\n{"instruction": "q", "output": "a"}\n')
+    out = tmp_path / "o.jsonl"
+    r = run(str(p), "-o", str(out), "--skip-invalid")
+    assert r.exit_code == 0, r.output
+    assert "(3 in, 2 dropped: 1 invalid JSON, 1 missing answer)" in r.stderr
+    assert [x["id"] for x in load(out)] == ["f-2"]
+    only_bad = tmp_path / "b.jsonl"
+    only_bad.write_text('{"instruction": "q"}\n')
+    r = run(str(only_bad), "-o", str(out), "--skip-invalid")
+    assert r.exit_code == 1 and "no records to write (1 read, 1 dropped)" in r.stderr

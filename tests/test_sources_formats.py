@@ -318,3 +318,13 @@ def test_read_conversations_raises_on_the_first_bad_record(tmp_path):
     assert next(it).id == "a-0"
     with pytest.raises(ConversionError, match=r"a\.jsonl:2: record has no answer"):
         next(it)
+
+
+def test_detection_looks_past_bad_first_records(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{broken\n[1]\n{"instruction": "q", "output": "a"}\n')
+    assert detect_format(p)[0] == "alpaca"
+    only_bad = tmp_path / "bad.jsonl"
+    only_bad.write_text("{broken\n")
+    with pytest.raises(ConversionError, match=r"bad\.jsonl:1: invalid JSON"):
+        detect_format(only_bad)

@@ -202,3 +202,65 @@ def test_golden_fixtures_validate_clean():
     assert len(files) == 8
     r = validate(*map(str, files))
     assert r.exit_code == 0, r.stdout
+
+
+def _mutations():
+    def setter(*path, value=None, delete=False):
+        def mutate(r):
+            target = r
+            for key in path[:-1]:
+                target = target[key]
+            if delete:
+                del target[path[-1]]
+            else:
+                target[path[-1]] = value
+
+        return mutate
+
+    yield setter("schema_version", value=True)
+    yield setter("schema_version", value=2)
+    yield setter("schema_version", delete=True)
+    yield setter("id", value="")
+    yield setter("id", value=5)
+    yield setter("messages", value=[])
+    yield setter("messages", value="x")
+    yield setter("messages", 0, value=1)
+    yield setter("extra", value=1)
+    yield setter("messages", 0, "name", value="x")
+    yield setter("messages", 0, "role", value="bot")
+    yield setter("messages", 0, "content", value=None)
+    yield setter("messages", 0, "content", delete=True)
+    yield setter("messages", 3, "train", value=1)
+    yield setter("messages", 1, "tool_calls", value={})
+    yield setter("messages", 1, "tool_calls", value=[1])
+    yield setter("tools", value={})
+    yield setter("tools", value=[1])
+    yield setter("source", value="f:1")
+    yield setter("source", "file", delete=True)
+    yield setter("source", "file", value=3)
+    yield setter("source", "line", value=0)
+    yield setter("source", "line", value=True)
+    yield setter("source", "row", value="1")
+    yield setter("source", "sheet", value=1)
+    yield setter("source", "x", value=1)
+
+
+def test_fast_schema_check_never_accepts_what_jsonschema_rejects():
+    import copy
+
+    from sftdata.validate import _fast_valid, _validator
+
+    base = rec(
+        [u(), a("", tool_calls=CALL), {"role": "tool", "content": "x"}, a(train=True)],
+        tools=[{"type": "function", "function": {"name": "f"}}],
+        source={"file": "f.xlsx", "sheet": "S", "row": 2},
+    )
+    assert _fast_valid(base) and not list(_validator().iter_errors(base))
+    count = 0
+    for mutate in _mutations():
+        r = copy.deepcopy(base)
+        mutate(r)
+        assert list(_validator().iter_errors(r)), r  # each mutation breaks the schema...
+        assert not _fast_valid(r), r  # ...and the fast path sends it to jsonschema
+        count += 1
+    assert count == 26

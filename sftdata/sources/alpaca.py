@@ -20,6 +20,8 @@ def matches(record: dict[str, Any]) -> str | None:
         return 'first record has "instruction" and "instances" (stanford_alpaca seed task)'
     if "instruction" in record and "output" in record:
         return 'first record has "instruction" and "output"'
+    if "instruction" in record and "conversations" not in record and "messages" not in record:
+        return 'first record has "instruction"'
     return None
 
 

@@ -199,13 +199,24 @@ def _iter_array(path: Path, encoding: str) -> Iterator[tuple[int, Any] | RecordE
         r.close()
 
 
-def first_value(path: Path, *, encoding: str = "utf-8") -> tuple[int, Any]:
-    """The first record of a JSON array or JSON lines file (for format detection)."""
-    for item in iter_json(path, encoding=encoding):
-        if isinstance(item, RecordError):
-            raise item
-        return item
-    raise ConversionError(f"{path}: contains no records")
+def first_value(path: Path, *, encoding: str = "utf-8", scan: int = 1000) -> tuple[int, Any]:
+    """The first record that is a JSON object (for format detection), looking past bad lines.
+
+    Bad records before it are reported later by the conversion itself (and may be skipped); if
+    none of the first ``scan`` records is an object, the first one (or its error) is returned.
+    """
+    first: tuple[int, Any] | RecordError | None = None
+    for n, item in enumerate(iter_json(path, encoding=encoding)):
+        if not isinstance(item, RecordError) and isinstance(item[1], dict):
+            return item
+        first = first or item
+        if n + 1 >= scan:
+            break
+    if isinstance(first, RecordError):
+        raise first
+    if first is None:
+        raise ConversionError(f"{path}: contains no records")
+    return first
 
 
 __all__ = ["first_value", "iter_json", "json_kind", "type_name"]
