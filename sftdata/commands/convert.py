@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-FORMAT_CHOICES = ("auto", "alpaca", "sharegpt", "openai", "lf_v1", "csv", "tsv", "xlsx")
+FORMAT_CHOICES = (
+    "auto", "alpaca", "sharegpt", "openai", "lf_v1", "csv", "tsv", "xlsx", "parquet", "hf",
+)  # fmt: skip
 
 
 @click.command("convert")

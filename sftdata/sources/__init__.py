@@ -15,7 +15,7 @@ from typing import Any
 
 from sftdata.conversation import Conversation
 from sftdata.errors import ConversionError
-from sftdata.sources import alpaca, lf_v1, openai, sharegpt
+from sftdata.sources import alpaca, hf, lf_v1, openai, sharegpt
 from sftdata.sources.base import (
     RecordError,
     apply_mapping,
@@ -28,7 +28,7 @@ from sftdata.sources.base import (
 )
 from sftdata.sources.jsonstream import first_value, iter_json
 
-FORMATS = ("alpaca", "sharegpt", "openai", "lf_v1", "csv", "tsv", "xlsx")
+FORMATS = ("alpaca", "sharegpt", "openai", "lf_v1", "csv", "tsv", "xlsx", "parquet", "hf")
 JSON_FORMATS = ("alpaca", "sharegpt", "openai", "lf_v1")
 
 _EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".xlsx": "xlsx", ".xlsm": "xlsx"}
@@ -61,6 +61,12 @@ def detect_format(
     """
     path = Path(path)
     ext = path.suffix.lower()
+    # Hugging Face datasets (sftdata.sources.hf): rows then go through the adapters above.
+    if path.is_dir() and hf.is_saved_dataset(path):
+        return "hf", "a folder written by datasets save_to_disk"
+    if ext == ".parquet":
+        check_input_file(path)
+        return "parquet", "extension .parquet"
     if ext == ".xls":
         raise ConversionError(
             f"{path}: old binary .xls workbooks are not supported; save it as .xlsx in Excel"
@@ -202,6 +208,9 @@ def _raw_conversations(
     stem: str,
 ) -> Iterator[list[tuple[Conversation, bool]] | RecordError]:
     """Per raw record: its conversations with "id came from the data" flags, or its error."""
+    if fmt in hf.HF_FORMATS:
+        yield from hf.iter_hf(path, mapping=mapping, role_tags=role_tags, stem=stem)
+        return
     if fmt in ("csv", "tsv", "xlsx"):
         if fmt == "xlsx":
             from sftdata.sources.xlsx import iter_sheet
