@@ -394,3 +394,17 @@ def test_mask_rule_on_offsets() -> None:
         False,
         True,
     ]
+
+
+def test_hf_generation_tag_is_accepted(tiny: Any, tmp_path: Path) -> None:
+    tpl = tmp_path / "gen.jinja"
+    tpl.write_text(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{% if m.role == 'assistant' %}{% generation %}{{ m.content }}<|im_end|>{% endgeneration %}"
+        "{% else %}{{ m.content }}<|im_end|>{% endif %}{{ '\\n' }}{% endfor %}",
+        encoding="utf-8",
+    )
+    r = Renderer(tiny, template=str(tpl))
+    conv = FIXTURES["multi_turn_system"]
+    assert r.render(conv)[0] == Renderer(tiny, template="chatml").render(conv)[0]
+    assert_c2(r, tiny, conv, r.encode(conv), "chatml")

@@ -115,3 +115,15 @@ def _write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path.parent if path.name == "tokenizer.json" else path
+
+
+def test_slow_tokenizer_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    class Slow:
+        is_fast = False
+
+    (tmp_path / "tokenizer_config.json").write_text("{}", encoding="utf-8")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Slow())
+    with pytest.raises(ConfigError, match="only a slow tokenizer could be built"):
+        load_tokenizer(tmp_path)
