@@ -116,6 +116,8 @@ def convert(
     """
     if not inputs:
         raise ConversionError("no input files given")
+    if system is not None and not system.strip():
+        raise ConversionError("--system: the system prompt is empty")
     report = ConvertReport(output=str(output))
     seen: set[bytes] = set()
     ids = IdAllocator()
@@ -151,7 +153,8 @@ def convert(
             item_report = InputReport(path=str(path), format=used, reason=reason)
             report.inputs.append(item_report)
             for item in iter_records(
-                path, fmt=used, mapping=in_mapping, sheet=sheet, encoding=encoding, ids=ids,
+                path, fmt=used, mapping=in_mapping, sheet=sheet if used == "xlsx" else None,
+                encoding=encoding, ids=ids,
                 role_tags=entry.role_tags if entry else None,
             ):  # fmt: skip
                 item_report.records_in += 1
@@ -178,6 +181,8 @@ def convert(
                 out.write(item.to_json())
                 out.write("\n")
                 item_report.records_out += 1
+        if sheet is not None and not any(i.format == "xlsx" for i in report.inputs):
+            raise ConversionError(f"--sheet {sheet!r}: none of the inputs is an .xlsx workbook")
         if report.records_out == 0:
             dropped = sum(report.dropped.values())
             raise ConversionError(

@@ -439,3 +439,14 @@ def test_skip_invalid_when_the_first_record_is_bad(tmp_path):
     only_bad.write_text('{"instruction": "q"}\n')
     r = run(str(only_bad), "-o", str(out), "--skip-invalid")
     assert r.exit_code == 1 and "no records to write (1 read, 1 dropped)" in r.stderr
+
+
+def test_sheet_applies_to_workbooks_among_other_inputs(tmp_path):
+    out = tmp_path / "o.jsonl"
+    r = run(str(RAW / "qa.csv"), str(RAW / "qa.xlsx"), "-o", str(out), "--sheet", "Notes")
+    assert r.exit_code == 0, r.output
+    assert [x["source"].get("sheet") for x in load(out)] == [None, None, None, "Notes"]
+    r = run(str(RAW / "qa.csv"), "-o", str(out), "--sheet", "Notes")
+    assert r.exit_code == 1 and "none of the inputs is an .xlsx workbook" in r.stderr
+    r = run(str(RAW / "qa.csv"), "-o", str(out), "--system", " ")
+    assert r.exit_code == 1 and "--system: the system prompt is empty" in r.stderr
