@@ -21,7 +21,6 @@ from sftdata.sources.base import (
     decode_error,
     iter_text_lines,
     refuse_binary,
-    type_name,
 )
 
 CHUNK_CHARS = 1 << 20
@@ -219,4 +218,4 @@ def first_value(path: Path, *, encoding: str = "utf-8", scan: int = 1000) -> tup
     return first
 
 
-__all__ = ["first_value", "iter_json", "json_kind", "type_name"]
+__all__ = ["first_value", "iter_json", "json_kind"]
