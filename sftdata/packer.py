@@ -437,9 +437,14 @@ def pack(
             return PackReport.from_index(output, old, noop=True, seconds=time.perf_counter() - t0)
 
     work = output.with_name(f".{output.name}.partial")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(work, ignore_errors=True)  # a stale one from a killed run
-    work.mkdir()
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(work, ignore_errors=True)  # a stale one from a killed run
+        work.mkdir()
+    except OSError as e:
+        raise ShardError(
+            f"{e.filename or output}: cannot create the output ({e.strerror or e})"
+        ) from None
     try:
         (work / MARKER).write_text(json.dumps({"kind": KIND, "fingerprint": fp}) + "\n")
         index = _build(
@@ -449,6 +454,11 @@ def pack(
         )  # fmt: skip
         (work / MARKER).unlink()
         _swap_into_place(work, output)
+    except OSError as e:  # disk full, permissions, ...: one line, nothing left behind
+        shutil.rmtree(work, ignore_errors=True)
+        raise ShardError(
+            f"{e.filename or work}: cannot write the shards ({e.strerror or e})"
+        ) from None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

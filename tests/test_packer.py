@@ -482,3 +482,54 @@ def test_c2_real_llama2_on_conversational_files(
     kept = read_index(out)["counts"]["records"]
     assert kept >= 140
     assert check_c2(out, src, str(llama2_tokenizer_dir), template) == kept
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_bad_record_names_its_line_in_workers_too(tmp_path: Path, num_proc: int) -> None:
+    recs = fixture_records()[:10]
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps(r) for r in recs]
+    lines[6] = '{"schema_version": 1, "id": "x", "messages": [{"role": "robot", "content": "hi"}]}'
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "o"
+    r = run(
+        "pack", path, "-o", out, "--tokenizer", "tiny", "--seq-len", 256, "--num-proc", num_proc
+    )
+    assert_clean_failure(r, "d.jsonl:7: messages[0].role 'robot'", out)
+    lines[6] = "{not json"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    r = run(
+        "pack",
+        path,
+        "-o",
+        out,
+        "--tokenizer",
+        "tiny",
+        "--seq-len",
+        256,
+        "--num-proc",
+        num_proc,
+        "--overflow",
+        "error",
+    )
+    assert_clean_failure(r, "d.jsonl:7: invalid JSON", out)
+    r = run("pack", tmp_path / "absent.jsonl", "-o", out, "--tokenizer", "tiny", "--seq-len", 256)
+    assert_clean_failure(r, "absent.jsonl: no such file", out)
+
+
+def test_disk_full_while_writing_is_one_line_and_leaves_nothing(
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from sftdata import shards
+
+    def full(self) -> None:
+        raise OSError(
+            errno.ENOSPC, "No space left on device", str(self.folder / "train-00000.arrow")
+        )
+
+    monkeypatch.setattr(shards.ShardWriter, "flush", full)
+    out = tmp_path / "o"
+    r = run("pack", data, "-o", out, "--tokenizer", "tiny", "--seq-len", 256)
+    assert_clean_failure(r, "No space left on device", out)
