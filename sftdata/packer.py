@@ -183,41 +183,53 @@ def encode_chunk(
     """Encode one chunk with one ``encode_batch`` call and apply the drop/overflow policies."""
     renderer = _get_renderer(opts)
     encoded = renderer.encode_batch(convs)
-    ids_parts, mask_parts, lengths, rids = [], [], [], []
-    zero = over = trunc = 0
-    for conv, enc in zip(convs, encoded, strict=True):
-        ids, mask = enc.input_ids, enc.train_mask
-        # The first token's label is always ignored once packed, so it does not count as trained.
-        if not keep_zero_trained and not mask[1:].any():
-            zero += 1
-            continue
-        if len(ids) > opts.seq_len:
-            if opts.overflow == "drop":
-                over += 1
-                continue
-            if opts.overflow == "error":
-                raise ValidationError(
-                    f"{conv.source}: record {conv.id!r} has {len(ids)} tokens, more than "
-                    f"--seq-len {opts.seq_len} (--overflow error; use drop or truncate)"
-                )
-            ids, mask = ids[: opts.seq_len], mask[: opts.seq_len]
-            if not mask[1:].any():
-                zero += 1
-                continue
-            trunc += 1
-        ids_parts.append(np.asarray(ids, dtype=np.int32))
-        mask_parts.append(np.asarray(mask, dtype=bool))
-        lengths.append(len(ids))
-        rids.append(conv.id)
+    n = len(encoded)
+    if n == 0:
+        return _Chunk(
+            np.empty(0, np.int32), np.empty(0, bool), np.empty(0, np.int32), [], 0, 0, 0, 0
+        )
+    # Vectorised over the chunk (a per-record Python loop was ~4% of a pack, measured).
+    lens = np.fromiter((len(e.input_ids) for e in encoded), dtype=np.int64, count=n)
+    ids = np.concatenate([e.input_ids for e in encoded]).astype(np.int32, copy=False)
+    mask = np.concatenate([e.train_mask for e in encoded]).astype(bool, copy=False)
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(lens[:-1], out=starts[1:])
+    csum = np.zeros(len(mask) + 1, dtype=np.int64)
+    np.cumsum(mask, out=csum[1:])
+
+    def trained(upto: np.ndarray) -> np.ndarray:
+        # Trained tokens among 1..upto-1 of each record: the first token's label is always
+        # ignored once packed, so it never counts.
+        return csum[starts + upto] - csum[np.minimum(starts + 1, starts + upto)]
+
+    seq_len = opts.seq_len
+    zero = np.zeros(n, bool) if keep_zero_trained else trained(lens) == 0
+    over = (lens > seq_len) & ~zero
+    if over.any() and opts.overflow == "error":
+        i = int(np.flatnonzero(over)[0])
+        raise ValidationError(
+            f"{convs[i].source}: record {convs[i].id!r} has {int(lens[i])} tokens, more than "
+            f"--seq-len {seq_len} (--overflow error; use drop or truncate)"
+        )
+    if opts.overflow == "truncate":
+        cut_zero = over & (trained(np.minimum(lens, seq_len)) == 0)
+        keep = ~zero & ~cut_zero
+        n_zero, n_over, n_trunc = int(zero.sum() + cut_zero.sum()), 0, int((over & keep).sum())
+    else:
+        keep = ~zero & ~over
+        n_zero, n_over, n_trunc = int(zero.sum()), int(over.sum()), 0
+    rec_of_token = np.repeat(np.arange(n), lens)
+    pos = np.arange(len(ids), dtype=np.int64) - starts[rec_of_token]
+    tok_keep = keep[rec_of_token] & (pos < seq_len)
     return _Chunk(
-        ids=np.concatenate(ids_parts) if ids_parts else np.empty(0, np.int32),
-        mask=np.concatenate(mask_parts) if mask_parts else np.empty(0, bool),
-        lengths=np.asarray(lengths, dtype=np.int32),
-        record_ids=rids,
-        n_in=len(convs),
-        zero_trained=zero,
-        overflow=over,
-        truncated=trunc,
+        ids=ids[tok_keep],
+        mask=mask[tok_keep],
+        lengths=np.minimum(lens, seq_len)[keep].astype(np.int32),
+        record_ids=[c.id for c, k in zip(convs, keep.tolist(), strict=True) if k],
+        n_in=n,
+        zero_trained=n_zero,
+        overflow=n_over,
+        truncated=n_trunc,
     )
 
 
@@ -511,7 +523,7 @@ def _build(
     with ids_path.open("wb") as fi, mask_path.open("wb") as fm:
         for chunk in _encoded_chunks(inputs, opts):
             chunk.ids.tofile(fi)
-            chunk.mask.astype(np.uint8).tofile(fm)
+            chunk.mask.tofile(fm)  # bool: one byte per token
             lengths_parts.append(chunk.lengths)
             record_ids.extend(chunk.record_ids)
             n_in += chunk.n_in
@@ -529,8 +541,9 @@ def _build(
         )
     starts = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
-    ids_mm = np.memmap(ids_path, dtype=np.int32, mode="r", shape=(int(starts[-1]),))
-    mask_mm = np.memmap(mask_path, dtype=np.uint8, mode="r", shape=(int(starts[-1]),))
+    # Plain ndarray views of the maps: slicing np.memmap objects per record costs ~1 s per 50k.
+    ids_mm = np.asarray(np.memmap(ids_path, dtype=np.int32, mode="r", shape=(int(starts[-1]),)))
+    mask_mm = np.asarray(np.memmap(mask_path, dtype=np.bool_, mode="r", shape=(int(starts[-1]),)))
 
     # 4: split, pack, shuffle, write.
     val_n = _val_size(opts, n)
@@ -569,7 +582,7 @@ def _build(
             segs = []
             for i in row:
                 a, b = int(starts[i]), int(starts[i + 1])
-                segs.append((ids_mm[a:b], mask_mm[a:b].astype(bool)))
+                segs.append((ids_mm[a:b], mask_mm[a:b]))
                 tokens += b - a
                 trained += int(np.count_nonzero(mask_mm[a + 1 : b]))
             writer.add(
