@@ -533,3 +533,20 @@ def test_disk_full_while_writing_is_one_line_and_leaves_nothing(
     out = tmp_path / "o"
     r = run("pack", data, "-o", out, "--tokenizer", "tiny", "--seq-len", 256)
     assert_clean_failure(r, "No space left on device", out)
+
+
+def test_truncation_that_cuts_every_trained_token_counts_as_zero_trained(tmp_path: Path) -> None:
+    from sftdata.packer import PackOptions, pack
+
+    recs = [
+        *fixture_records()[:5],
+        _rec(5, [{"role": "user", "content": LONG}, {"role": "assistant", "content": "ok"}]),
+    ]
+    src = write_jsonl(tmp_path / "d.jsonl", recs)
+    rep = pack(
+        [src], tmp_path / "o", PackOptions(seq_len=256, tokenizer="tiny", overflow="truncate")
+    )
+    assert rep.records == 5 and rep.truncated == 0
+    assert rep.dropped == {"zero_trained": 1, "overflow": 0}
+    rep = pack([src], tmp_path / "p", PackOptions(seq_len=256, tokenizer="tiny"))
+    assert rep.dropped == {"zero_trained": 0, "overflow": 1}
