@@ -20,25 +20,18 @@ appended to the assistant's content, and the tool schemas become a JSON list aft
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sftdata.conversation import Conversation
 from sftdata.errors import ConfigError, TemplateError
+from sftdata.templates import load_template
 
 TRAIN_ON = ("all-assistant", "last-assistant", "everything")
-BUILTIN_TEMPLATES = ("chatml", "llama2", "alpaca")
-TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
-_OPTIONS = "auto, chatml, llama2, alpaca, fastchat:NAME (e.g. fastchat:vicuna_v1.1) or FILE.jinja"
 
 # Sentinel contents for the probe renders: plain ASCII letters so that templates which strip or
 # capitalise nothing still render them verbatim, and unlikely to occur in template text.
@@ -60,139 +53,6 @@ class Encoded:
     """int32 token ids of the rendered record (no padding)."""
     train_mask: np.ndarray
     """bool, same length: True where the token is trained (its label is itself)."""
-
-
-# ----------------------------------------------------------------------------- template backends
-
-
-class _GenerationTag:
-    """Factory of a Jinja extension accepting HF's ``{% generation %}`` tag (rendered as is)."""
-
-    @staticmethod
-    def make() -> type:
-        from jinja2 import nodes
-        from jinja2.ext import Extension
-
-        class GenerationTag(Extension):
-            tags = frozenset({"generation"})
-
-            def parse(self, parser: Any) -> Any:
-                lineno = next(parser.stream).lineno
-                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-                return nodes.CallBlock(self.call_method("_passthrough"), [], [], body).set_lineno(
-                    lineno
-                )
-
-            def _passthrough(self, caller: Any) -> str:
-                return caller()
-
-        return GenerationTag
-
-
-@lru_cache(maxsize=2)
-def _jinja_env(*, sandboxed: bool = True) -> Any:
-    # The same options (and, for templates we did not write, the same sandbox) transformers'
-    # apply_chat_template uses, so that "auto" renders exactly what the model's authors intended.
-    # Our own built-in templates skip the sandbox: its attribute checks cost ~1/3 of render time.
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-               sort_keys: bool = False) -> str:  # fmt: skip
-        return json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-
-    env_class = ImmutableSandboxedEnvironment if sandboxed else jinja2.Environment
-    env = env_class(
-        trim_blocks=True,
-        lstrip_blocks=True,
-        extensions=[_GenerationTag.make(), "jinja2.ext.loopcontrols"],
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
-
-
-class _JinjaBackend:
-    """A compiled Jinja chat template (reused for every record)."""
-
-    def __init__(
-        self, source: str, *, where: str, specials: dict[str, str], trusted: bool = False
-    ) -> None:
-        import jinja2
-
-        try:
-            self._template = _jinja_env(sandboxed=not trusted).from_string(source)
-        except jinja2.TemplateSyntaxError as e:
-            raise TemplateError(f"{where}:{e.lineno}: template syntax error: {e.message}") from None
-        self.native_tool_calls = "tool_calls" in source
-        self.native_tools = re.search(r"\btools\b", source) is not None
-        self._specials = specials
-
-    def render(
-        self, messages: list[dict[str, Any]], tools: list[Any] | None, generation_prompt: bool
-    ) -> str:
-        return self._template.render(
-            messages=messages,
-            tools=tools,
-            add_generation_prompt=generation_prompt,
-            **self._specials,
-        )
-
-
-class _FastChatBackend:
-    """A FastChat ``Conversation`` template (``fastchat.conversation.get_conv_template``).
-
-    FastChat's training code tokenizes ``conv.get_prompt()`` with the tokenizer's BOS added; we
-    render the BOS token into the text instead (we tokenize with ``add_special_tokens=False``).
-    The first system message becomes the conversation's system message; tool results and later
-    system messages are user turns.
-    """
-
-    def __init__(self, name: str, *, bos: str) -> None:
-        try:
-            from fastchat.conversation import get_conv_template
-        except ImportError:
-            raise TemplateError(
-                f"fastchat:{name}: FastChat templates need the 'fschat' package (pip install fschat)"
-            ) from None
-        try:
-            self._base = get_conv_template(name)
-        except KeyError:
-            raise TemplateError(
-                f"fastchat:{name}: not a FastChat conversation template (e.g. vicuna_v1.1, "
-                "llama-2, chatml, one_shot)"
-            ) from None
-        self._bos = bos
-        self.native_tool_calls = self.native_tools = False
-        fields = {f.name: getattr(self._base, f.name) for f in dataclasses.fields(self._base)}
-        fields.pop("messages", None)
-        self.text = json.dumps(
-            {"fastchat": name, "bos": bos, "conversation": fields},
-            sort_keys=True,
-            ensure_ascii=False,
-            default=str,
-        )
-
-    def render(
-        self, messages: list[dict[str, Any]], tools: list[Any] | None, generation_prompt: bool
-    ) -> str:
-        conv = self._base.copy()
-        rest = messages
-        if messages and messages[0]["role"] == "system":
-            conv.set_system_message(messages[0]["content"])
-            rest = messages[1:]
-        user, assistant = conv.roles[0], conv.roles[1]
-        for m in rest:
-            conv.append_message(assistant if m["role"] == "assistant" else user, m["content"])
-        if generation_prompt:
-            conv.append_message(assistant, None)
-        return self._bos + conv.get_prompt()
 
 
 # ------------------------------------------------------------------------------------ the renderer
@@ -236,50 +96,28 @@ class Renderer:
             "unk_token": tokenizer.unk_token or "",
             "pad_token": tokenizer.pad_token or "",
         }
-        self.name, self.template_text, self._backend = self._load(str(template))
-        self._probe()
-        minimal = self._backend.render(
-            [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}], None, False
+        self._probe_error = ""
+        self.name, self.template_text, self._backend = load_template(
+            str(template), tokenizer, specials=self._specials
         )
+        self._probe()
+        minimal = self._render_probe(
+            [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
+        )
+        if minimal is None:
+            raise TemplateError(f"template {self.name}: {self._probe_error}")
         self.fixed_overhead: int = len(self._backend_tok.encode(minimal, add_special_tokens=False))
+        """Tokens the template adds around a minimal one-turn record (empty user and reply)."""
 
     # -- template loading ---------------------------------------------------------------------
-
-    def _load(self, spec: str) -> tuple[str, str, Any]:
-        if spec == "auto":
-            text = self._tok.chat_template
-            if isinstance(text, dict):
-                text = text.get("default")
-            if not isinstance(text, str) or not text.strip():
-                where = getattr(self._tok, "name_or_path", "") or "the tokenizer"
-                raise TemplateError(
-                    f"{where}: the tokenizer has no chat_template, so --template auto cannot be "
-                    f"used; choose one of {_OPTIONS}"
-                )
-            return "auto", text, _JinjaBackend(text, where="chat_template", specials=self._specials)
-        if spec in BUILTIN_TEMPLATES:
-            path = TEMPLATES_DIR / f"{spec}.jinja"
-            text = path.read_text(encoding="utf-8")
-            backend = _JinjaBackend(text, where=str(path), specials=self._specials, trusted=True)
-            return spec, text, backend
-        if spec.startswith("fastchat:"):
-            backend = _FastChatBackend(spec.split(":", 1)[1], bos=self._specials["bos_token"])
-            return spec, backend.text, backend
-        path = Path(spec)
-        if spec.endswith(".jinja") or path.is_file():
-            if not path.is_file():
-                raise TemplateError(f"{spec}: template file does not exist")
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise TemplateError(f"{spec}: cannot read the template file ({e})") from None
-            return path.name, text, _JinjaBackend(text, where=spec, specials=self._specials)
-        raise TemplateError(f"template {spec!r} is not known; choose one of {_OPTIONS}")
 
     def _render_probe(self, messages: list[dict[str, Any]]) -> str | None:
         try:
             return self._backend.render(messages, None, False)
-        except Exception:
+        except Exception as e:  # any template failure: the caller decides whether it matters
+            self._probe_error = (
+                f"cannot render a probe conversation: {type(e).__name__}: {_one_line(e)}"
+            )
             return None
 
     def _probe(self) -> None:
@@ -293,9 +131,11 @@ class Renderer:
         two = self._render_probe(
             [u, a, {"role": "user", "content": s["user2"]}, {"role": "assistant", "content": s["assistant2"]}]
         )  # fmt: skip
-        if one is None or two is None or s["assistant"] not in one or s["user2"] not in two:
+        if one is None or two is None:
+            raise TemplateError(f"template {self.name}: {self._probe_error}")
+        if s["assistant"] not in one or s["user2"] not in two:
             raise TemplateError(
-                f"template {self.name}: cannot render a plain user/assistant conversation with the "
+                f"template {self.name}: does not render a plain user/assistant conversation with the "
                 "message contents verbatim, so label masks cannot be derived from it"
             )
         last = one[one.index(s["assistant"]) + len(s["assistant"]) :].rstrip()

@@ -75,16 +75,56 @@ def _load_folder(path: Path, *, shown: Path | None = None) -> Any:
             f"{path}: not a tokenizer folder (no tokenizer.json, tokenizer.model or "
             "tokenizer_config.json)"
         )
+    converted = (path / "tokenizer.model").is_file() and not (path / "tokenizer.json").is_file()
     previous = tf_logging.get_verbosity()
     tf_logging.set_verbosity_error()  # its fallback warnings would precede our one-line error
     try:
-        return AutoTokenizer.from_pretrained(
+        tok = AutoTokenizer.from_pretrained(
             str(path), local_files_only=True, trust_remote_code=False, use_fast=True
         )
+        if converted:
+            _restore_dummy_prefix(tok, path / "tokenizer.model")
+        return tok
     except Exception as e:  # transformers raises OSError/ValueError/ImportError/... here
         raise _conversion_error(shown, e, tmp=None if shown == path else path) from None
     finally:
         tf_logging.set_verbosity(previous)
+
+
+def _restore_dummy_prefix(tok: Any, model_file: Path) -> None:
+    """Give a converted SentencePiece tokenizer back its dummy "▁" prefix, per text chunk.
+
+    transformers 5.23 converts a bare Llama-2 ``tokenizer.model`` (no tokenizer.json/config) with
+    no dummy prefix at all: "<s>[INST]" encodes as '[' (29961), and "</s>USER:" as 'USER' pieces
+    without '▁'. SentencePiece (add_dummy_prefix=true), Meta's reference code, FastChat and
+    MindFormers (which encode each turn separately) and the hub's Llama-2 tokenizer.json all put
+    '▁' at the start of every chunk of text, i.e. also right after a special token: '▁[' (518).
+    Measured on ../shared/tokenizers/llama2: with the Prepend below our ids equal
+    ``sentencepiece.encode`` of each chunk.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import decoders, normalizers
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    if not proto.normalizer_spec.add_dummy_prefix:
+        return
+    backend = tok.backend_tokenizer
+    state = json.loads(backend.to_str())
+    described = json.dumps([state.get("normalizer"), state.get("pre_tokenizer")])
+    if "Prepend" in described or "Metaspace" in described:
+        return  # the conversion already handles the prefix
+    prepend = normalizers.Prepend("\u2581")
+    backend.normalizer = (
+        prepend
+        if backend.normalizer is None
+        else normalizers.Sequence([prepend, backend.normalizer])
+    )
+    # ... and decoding drops that one leading space again, as SentencePiece's decode does.
+    strip = decoders.Strip(content=" ", left=1, right=0)
+    backend.decoder = (
+        strip if backend.decoder is None else decoders.Sequence([backend.decoder, strip])
+    )
 
 
 def _load_sentencepiece_file(path: Path) -> Any:

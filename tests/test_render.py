@@ -408,3 +408,12 @@ def test_hf_generation_tag_is_accepted(tiny: Any, tmp_path: Path) -> None:
     conv = FIXTURES["multi_turn_system"]
     assert r.render(conv)[0] == Renderer(tiny, template="chatml").render(conv)[0]
     assert_c2(r, tiny, conv, r.encode(conv), "chatml")
+
+
+def test_template_that_always_fails_is_refused_with_its_message(tiny: Any, tmp_path: Path) -> None:
+    tpl = tmp_path / "fails.jinja"
+    tpl.write_text("{{ raise_exception('this template needs tools') }}", encoding="utf-8")
+    with pytest.raises(
+        TemplateError, match=r"fails.jinja: cannot render a probe conversation: .*needs tools"
+    ):
+        Renderer(tiny, template=str(tpl))

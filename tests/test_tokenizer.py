@@ -127,3 +127,23 @@ def test_slow_tokenizer_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Slow())
     with pytest.raises(ConfigError, match="only a slow tokenizer could be built"):
         load_tokenizer(tmp_path)
+
+
+def test_llama2_pieces_equal_sentencepiece_per_chunk(llama2_tokenizer_dir: Path) -> None:
+    """Text right after a special token gets SentencePiece's dummy '▁' prefix, as in Meta's,
+    FastChat's and MindFormers' per-turn encoding (transformers 5.23's bare conversion drops it)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(llama2_tokenizer_dir / "tokenizer.model"))
+    for tok in (
+        load_tokenizer(llama2_tokenizer_dir),
+        load_tokenizer(llama2_tokenizer_dir / "tokenizer.model"),
+    ):
+        chunks = ["[INST] Hi 你好 [/INST] Hello", "USER: 12 apples\nASSISTANT: A chat"]
+        text = "".join(f"<s>{c}</s>" for c in chunks)
+        want = [i for c in chunks for i in [1, *sp.encode(c), 2]]
+        assert tok.backend_tokenizer.encode(text, add_special_tokens=False).ids == want
+        assert tok.backend_tokenizer.encode("A chat", add_special_tokens=False).ids == sp.encode(
+            "A chat"
+        )
+        assert tok.decode(sp.encode("Hello world")) == "Hello world"
