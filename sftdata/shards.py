@@ -391,10 +391,15 @@ class ShardReader:
         out["record_ids"] = [r["record_ids"] for r in rows]
         return out
 
-    def find_record(self, record_id: str) -> tuple[int, int]:
-        """``(row, segment)`` holding record ``record_id``; ShardError if it is not in this split."""
+    def find_record(self, record_id: str, *, missing_ok: bool = False) -> tuple[int, int] | None:
+        """``(row, segment)`` holding record ``record_id``.
+
+        Raises ShardError if it is not in this split, or returns None with ``missing_ok``.
+        """
         for k in range(len(self._entries)):
             for j, ids in enumerate(self._shard(k).all_record_ids()):
                 if record_id in ids:
                     return int(self._starts[k]) + j, ids.index(record_id)
+        if missing_ok:
+            return None
         raise ShardError(f"{self.path}: no record {record_id!r} in split {self.split!r}")

@@ -125,3 +125,21 @@ def test_inspect_colour_on_a_terminal_has_no_markers(packed: tuple[Path, Path]) 
     assert "[[" not in r.output and "--- record " in r.output
     r = CliRunner().invoke(main, ["inspect", str(out), "--plain"], env={"FORCE_COLOR": "1"})
     assert "\x1b[" not in r.output and "[[" in r.output
+
+
+def test_inspect_record_searches_every_split(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", fixture_records())
+    out = tmp_path / "s"
+    assert (
+        run(
+            "pack", data, "-o", out, "--tokenizer", "tiny", "--seq-len", 256, "--val-count", 3
+        ).exit_code
+        == 0
+    )
+    val = ShardReader(out, split="validation")
+    rid = val[0]["record_ids"][0]
+    r = run("inspect", out, "--record", rid)
+    assert r.exit_code == 0, r.output
+    assert "(split validation," in r.output and f"--- record {rid} (" in r.output
+    r = run("inspect", out, "--record", rid, "--split", "train")
+    assert r.exit_code == 1 and f"no record {rid!r} in split 'train'" in r.output

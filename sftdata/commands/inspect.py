@@ -91,7 +91,9 @@ def load_decoder(index: dict[str, Any], tokenizer: str | None):
 @click.option(
     "--record", "record_id", default=None, help="Show the record with this id (and where it is)."
 )
-@click.option("--split", default="train", show_default=True, help="Split to read.")
+@click.option(
+    "--split", default=None, help="Split to read [default: train; with --record: every split]."
+)
 @click.option(
     "--tokenizer",
     default=None,
@@ -102,7 +104,7 @@ def command(
     shards: Path,
     row_i: int | None,
     record_id: str | None,
-    split: str,
+    split: str | None,
     tokenizer: str | None,
     plain: bool,
 ) -> None:
@@ -115,10 +117,22 @@ def command(
 
     if row_i is not None and record_id is not None:
         raise ConfigError("--row and --record: give at most one")
-    reader = ShardReader(shards, split=split)
     seg_pick = None
     if record_id is not None:
-        row_i, seg_pick = reader.find_record(record_id)
+        from sftdata.errors import ShardError
+
+        for name in [split] if split else ShardReader.splits(shards):
+            reader = ShardReader(shards, split=name)
+            found = reader.find_record(record_id, missing_ok=True)
+            if found is not None:
+                (row_i, seg_pick), split = found, name
+                break
+        else:
+            where = f"split {split!r}" if split else "any split"
+            raise ShardError(f"{shards}: no record {record_id!r} in {where}")
+    else:
+        split = split or "train"
+        reader = ShardReader(shards, split=split)
     row_i = 0 if row_i is None else row_i
     if not -len(reader) <= row_i < len(reader):
         raise ConfigError(f"--row {row_i}: split {split!r} of {shards} has {len(reader)} rows")
