@@ -310,10 +310,10 @@ class Renderer:
         converting every token's offsets to Python: measured on alpaca_en_demo (llama2 template,
         Llama-2 tokenizer, 2 cores) converting offsets alone costs ~30% of the batch encode time.
         Measured throughput of this method vs a bare ``backend_tokenizer.encode_batch`` of the
-        same rendered texts (alpaca_en_demo x3-5, batches of 1000, best of 9, 2 shared cores):
-        0.85 with a single-threaded tokenizer (as in pack's workers), 0.80 with the tokenizer's
-        own 2 threads; per 1000 records the Python side is ~18 ms Jinja render, ~6 ms ids to
-        numpy, ~1 ms masks.
+        same rendered texts (alpaca_en_demo, llama2 template, Llama-2 tokenizer, 2 shared cores,
+        median of 25 alternating runs): 0.93 with a single-threaded tokenizer (as in pack's
+        workers), 0.85 with the tokenizer's own 2 threads (our Python side stays serial). Per
+        1000 records the Python side is ~18 ms Jinja render, ~6 ms ids to numpy, ~1 ms masks.
         """
         rendered = [self.render(c) for c in convs]
         encodings = self._backend_tok.encode_batch(
