@@ -223,14 +223,11 @@ class Renderer:
             flag = flags[i]
             content = msgs[i + shift]["content"]
             wanted = flag is True if not everything else flag is False
+            native = bool(msgs[i + shift].get("tool_calls"))
+            needs_eot = wanted and m.role == "assistant" and bool(self.eot) and not everything
             pos, end = -1, -1
             if content:
-                pos = text.find(content, cursor)
-                end = pos + len(content)
-                if pos < 0 and content.strip():
-                    stripped = content.strip()
-                    pos = text.find(stripped, cursor)
-                    end = pos + len(stripped)
+                pos, end = self._locate(text, content, cursor, ends_turn=needs_eot and not native)
             if pos < 0:
                 if not wanted:
                     continue
@@ -239,9 +236,8 @@ class Renderer:
                 if m.role != "assistant" or everything:
                     continue  # nothing of an empty non-assistant message to train or exclude
                 pos = end = self._generation_start(conv, msgs, tools, i + shift, text, cursor)
-            if wanted and m.role == "assistant" and self.eot and not everything:
-                native = bool(msgs[i + shift].get("tool_calls"))
-                if pos == end and not native and not self._ends_turn(text, end):
+            if needs_eot:
+                if pos == end and not native and self._eot_after(text, end) is None:
                     continue  # an empty reply the template renders as an open prompt (FastChat)
                 end = self._eot_end(conv, i, text, end, native=native)
             if wanted:
@@ -257,22 +253,49 @@ class Renderer:
             f"{conv.id!r} verbatim, so its label mask cannot be located"
         )
 
-    def _ends_turn(self, text: str, end: int) -> bool:
-        return text.startswith(self.eot, end) or text[end:].lstrip().startswith(self.eot.lstrip())
-
-    def _eot_end(self, conv: Conversation, i: int, text: str, end: int, *, native: bool) -> int:
+    def _eot_after(self, text: str, end: int) -> int | None:
+        """End of the end-of-turn string right after ``end`` (layout whitespace allowed)."""
         if text.startswith(self.eot, end):
             return end + len(self.eot)
         eot = self.eot.lstrip()
         j = end
         while j < len(text) and text[j].isspace():
             j += 1
-        if text.startswith(eot, j):
-            return j + len(eot)
+        return j + len(eot) if text.startswith(eot, j) else None
+
+    def _locate(self, text: str, content: str, cursor: int, *, ends_turn: bool) -> tuple[int, int]:
+        """Where the template put ``content`` at or after ``cursor``: (start, end), or (-1, -1).
+
+        Templates may strip contents (Llama-2's does), so the stripped text is a candidate too.
+        For an assistant reply the first place followed by the end-of-turn wins, so a short reply
+        such as "A" or "assistant" is not mistaken for part of a role header before it.
+        """
+        stripped = content.strip()
+        variants = (content,) if stripped == content or not stripped else (content, stripped)
+        first = (-1, -1)
+        start = cursor
+        while True:
+            best = (-1, -1)
+            for v in variants:
+                p = text.find(v, start)
+                if p >= 0 and (best[0] < 0 or p < best[0]):
+                    best = (p, p + len(v))
+            if best[0] < 0:
+                return first  # (-1, -1), or a place without end-of-turn: the caller reports it
+            if not ends_turn or self._eot_after(text, best[1]) is not None:
+                return best
+            if first[0] < 0:
+                first = best
+            start = best[0] + 1
+
+    def _eot_end(self, conv: Conversation, i: int, text: str, end: int, *, native: bool) -> int:
+        found = self._eot_after(text, end)
+        if found is not None:
+            return found
         if native:  # a natively rendered tool call sits between the content and the end of turn
-            k = text.find(eot, end)
+            k = text.find(self.eot.lstrip(), end)
             if k >= 0:
-                return k + len(eot)
+                return k + len(self.eot.lstrip())
         raise TemplateError(
             f"{conv.source}: template {self.name} did not end assistant message {i} of record "
             f"{conv.id!r} with its end-of-turn {self.eot!r}"

@@ -70,6 +70,15 @@ FIXTURES = {
         Message(U, "Say [/INST] and ### Response:"), Message(A, "[INST] ### Response: </s> ok")
     ),
     "empty_reply": _conv(Message(U, "Say nothing."), Message(A, "")),
+    "reply_inside_header": _conv(
+        Message(U, "Which role writes replies?"),
+        Message(A, "assistant"),
+        Message(U, "Q"),
+        Message(A, "A"),
+    ),
+    "reply_stripped_later_exact": _conv(
+        Message(U, "Go"), Message(A, "Yes\n"), Message(U, "Yes\nand more"), Message(A, "Ok")
+    ),
     "nothing_trained": _conv(Message(U, "Q"), Message(A, "A", train=False)),
 }
 
