@@ -27,7 +27,7 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]], *, template: s
 def generate(
     model: str | Path,
     *,
-    prompt: str,
+    prompts: list[str],
     adapter: str | Path | None = None,
     system: str | None = None,
     template: str = "auto",
@@ -35,32 +35,37 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
-) -> str:
-    """The model's reply to ``prompt`` (greedy when ``temperature`` is 0, so deterministic)."""
+) -> list[str]:
+    """The model's reply to each prompt (greedy when ``temperature`` is 0, so deterministic).
+
+    The model is loaded once; prompts run one by one (no padding, so no attention-mask subtleties).
+    """
     import torch
 
     lm, tokenizer = load_for_inference(model, adapter=adapter)
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt}
-    ]
-    text = render_prompt(tokenizer, messages, template=template)
-    # Packing tokenizes rendered text without adding special tokens (the template holds them).
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-    torch.manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kwargs: dict[str, Any] = {"do_sample": temperature > 0}
     if temperature > 0:
         kwargs.update(temperature=temperature, top_p=top_p)
-    with torch.no_grad():
-        out = lm.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=pad,
-            **kwargs,
-        )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    replies = []
+    for prompt in prompts:
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": prompt})
+        text = render_prompt(tokenizer, messages, template=template)
+        # Packing tokenizes rendered text without adding special tokens (the template holds them).
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = lm.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=pad,
+                **kwargs,
+            )
+        replies.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    return replies
 
 
 __all__ = ["generate", "render_prompt"]

@@ -1,278 +1,91 @@
-"""`sftdata export --format sharegpt|alpaca|openai`: round trips on real data, refusals, schemas."""
+"""`sfttrain export`: adapter or merged folders that transformers loads, with the same logits."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import jsonschema
 import pytest
+import torch
 from click.testing import CliRunner
-from conftest import ROOT
+from peft import PeftModel
+from safetensors import safe_open
+from sfttrain_helpers import demo_shards, small_model_dir
+from transformers import AutoModelForCausalLM
 
-from sftdata.cli import main
-from sftdata.conversation import Conversation, Message, Source, read_jsonl
-from sftdata.errors import ConversionError
-from sftdata.export import to_alpaca, to_openai, to_sharegpt
-from sftdata.sources import read_conversations
+from sfttrain.cli import main
+from sfttrain.config import build_config
+from sfttrain.train import train
 
-
-def _canonical(raw: Path, out: Path) -> list[Conversation]:
-    convs = list(read_conversations(raw))
-    out.write_text("".join(c.to_json() + "\n" for c in convs), encoding="utf-8")
-    return convs
+IDS = torch.tensor([[5, 17, 300, 42, 7, 1000, 2, 9]])
 
 
-def _export(src: Path, fmt: str, out: Path) -> None:
-    res = CliRunner().invoke(main, ["export", str(src), "--format", fmt, "-o", str(out)])
-    assert res.exit_code == 0, res.output
-    assert f"to {out}" in res.output
-
-
-def _without_source(c: Conversation, *, keep_id: bool = True) -> dict:
-    d = c.to_dict()
-    d.pop("source")
-    if not keep_id:
-        d.pop("id")
-    return d
-
-
-def _schema(name: str) -> dict:
-    return json.loads((ROOT / "schemas" / name).read_text(encoding="utf-8"))
-
-
-@pytest.mark.parametrize(
-    "name", ["sharegpt_dummy_conversation.json", "glaive_toolcall_en_demo.json"]
-)
-def test_sharegpt_round_trip_is_identity(shared_data: Path, tmp_path: Path, name: str) -> None:
-    canon = tmp_path / "c.jsonl"
-    convs = _canonical(shared_data / name, canon)
-    out = tmp_path / "out.json"
-    _export(canon, "sharegpt", out)
-    exported = json.loads(out.read_text(encoding="utf-8"))
-    jsonschema.validate(exported, _schema("export-sharegpt.json"))
-    back = list(read_conversations(out, fmt="sharegpt"))
-    assert [_without_source(c) for c in back] == [_without_source(c) for c in convs]
-    assert sum(1 for c in convs for m in c.messages if m.tool_calls) > (
-        200 if "glaive" in name else -1
-    )
-
-
-def test_sharegpt_export_reproduces_fastchat_file(shared_data: Path, tmp_path: Path) -> None:
-    """FastChat's own file comes back byte-for-byte equal as JSON values."""
-    raw = shared_data / "sharegpt_dummy_conversation.json"
-    canon = tmp_path / "c.jsonl"
-    _canonical(raw, canon)
-    out = tmp_path / "out.json"
-    _export(canon, "sharegpt", out)
-    assert json.loads(out.read_text("utf-8")) == json.loads(raw.read_text("utf-8"))
-
-
-def test_sharegpt_export_matches_llamafactory_glaive_layout(
-    shared_data: Path, tmp_path: Path
-) -> None:
-    raw = shared_data / "glaive_toolcall_en_demo.json"
-    canon = tmp_path / "c.jsonl"
-    _canonical(raw, canon)
-    out = tmp_path / "out.json"
-    _export(canon, "sharegpt", out)
-    orig = json.loads(raw.read_text("utf-8"))
-    mine = json.loads(out.read_text("utf-8"))
-    assert len(mine) == len(orig)
-    for a, b in zip(orig, mine, strict=True):
-        assert [t["from"] for t in a["conversations"]] == [t["from"] for t in b["conversations"]]
-        for ta, tb in zip(a["conversations"], b["conversations"], strict=True):
-            if ta["from"] == "function_call":
-                assert json.loads(ta["value"]) == json.loads(tb["value"])
-            else:
-                assert ta["value"] == tb["value"]
-        assert json.loads(a["tools"] or "[]") == json.loads(b.get("tools", "[]"))
-
-
-def test_alpaca_round_trip(shared_data: Path, tmp_path: Path) -> None:
-    raw = shared_data / "alpaca_en_demo.json"
-    canon = tmp_path / "c.jsonl"
-    convs = _canonical(raw, canon)
-    out = tmp_path / "out.json"
-    _export(canon, "alpaca", out)
-    exported = json.loads(out.read_text("utf-8"))
-    jsonschema.validate(exported, _schema("export-alpaca.json"))
-    orig = [r for r in json.loads(raw.read_text("utf-8"))]
-    by_output = {r["output"]: r for r in orig}
-    for rec in exported[:50]:
-        o = by_output[rec["output"]]
-        assert rec["instruction"] == "\n".join(
-            p for p in (o["instruction"], o["input"]) if p.strip()
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    shards = demo_shards(root / "d", seq_len=64, limit=60)
+    model_dir = small_model_dir(root / "base", seed=5)
+    for kind in ("lora", "full"):
+        cfg = build_config(
+            {"finetuning_type": kind, "max_steps": 3, "learning_rate": 2e-2, "report_to": "none"}
         )
-    back = list(read_conversations(out, fmt="alpaca"))
-    # Alpaca has no id field: ids are regenerated, everything else is identical.
-    assert [_without_source(c, keep_id=False) for c in back] == [
-        _without_source(c, keep_id=False) for c in convs
-    ]
+        train(cfg, shards=shards, output_dir=root / kind, model_spec=str(model_dir), progress=False)
+    return root, model_dir
 
 
-def test_alpaca_history_and_system(tmp_path: Path) -> None:
-    conv = Conversation(
-        id="x",
-        source=Source("f.json", line=3),
-        messages=[
-            Message("system", "be brief"),
-            Message("user", "q1"),
-            Message("assistant", "a1"),
-            Message("user", "q2"),
-            Message("assistant", "a2"),
-        ],
-    )
-    rec = to_alpaca(conv)
-    assert rec == {
-        "instruction": "q2",
-        "input": "",
-        "output": "a2",
-        "system": "be brief",
-        "history": [["q1", "a1"]],
-    }
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=IDS).logits
 
 
-def test_openai_round_trip_keeps_train_flags(shared_data: Path, tmp_path: Path) -> None:
-    conv = Conversation(
-        id="w",
-        source=Source("f.jsonl", line=1),
-        messages=[
-            Message("user", "q1"),
-            Message("assistant", "a1", train=False),
-            Message("user", "q2"),
-            Message("assistant", "a2"),
-        ],
-    )
-    convs = [*read_conversations(shared_data / "glaive_toolcall_en_demo.json"), conv]
-    canon = tmp_path / "c.jsonl"
-    canon.write_text("".join(c.to_json() + "\n" for c in convs), encoding="utf-8")
-    out = tmp_path / "out.jsonl"
-    _export(canon, "openai", out)
-    lines = [json.loads(x) for x in out.read_text("utf-8").splitlines()]
-    schema = _schema("export-openai.json")
-    for line in lines:
-        jsonschema.validate(line, schema)
-    assert lines[-1]["messages"][1]["weight"] == 0
-    back = list(read_conversations(out, fmt="openai"))
-    assert [_without_source(c, keep_id=False) for c in back] == [
-        _without_source(c, keep_id=False) for c in convs
-    ]
+def _load(path, **kw):
+    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kw)
 
 
-def test_alpaca_refuses_tool_records_with_file_line(shared_data: Path, tmp_path: Path) -> None:
-    canon = tmp_path / "c.jsonl"
-    _canonical(shared_data / "glaive_toolcall_en_demo.json", canon)
-    out = tmp_path / "out.json"
-    res = CliRunner().invoke(main, ["export", str(canon), "--format", "alpaca", "-o", str(out)])
-    assert res.exit_code == 1
-    lines = res.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"Error: {canon}:1 ")
-    assert "tools" in lines[0] and "Traceback" not in res.output
-    assert list(tmp_path.iterdir()) == [canon]  # no partial output, no temp file
+def _export(*args: str) -> None:
+    r = CliRunner().invoke(main, ["export", *args])
+    assert r.exit_code == 0, r.output
+
+
+def test_merged_lora_equals_base_plus_adapter(runs, tmp_path) -> None:
+    root, model_dir = runs
+    ckpt = root / "lora" / "checkpoints" / "step-0000003"
+    _export(str(ckpt), "-o", str(tmp_path / "merged"), "--merge")
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    merged = _logits(_load(tmp_path / "merged"))
+    base = _load(model_dir)
+    base_logits = _logits(base)
+    with_adapter = _logits(PeftModel.from_pretrained(base, str(ckpt)))
+    assert (merged - with_adapter).abs().max().item() <= 1e-5
+    assert (merged - base_logits).abs().max().item() > 1e-3  # the adapter changed something
+
+
+def test_adapter_export_loads_through_transformers(runs, tmp_path) -> None:
+    root, model_dir = runs
+    _export(str(root / "lora" / "final"), "-o", str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    loaded = _logits(_load(tmp_path / "adapter"))  # transformers applies the adapter via PEFT
+    want = _logits(PeftModel.from_pretrained(_load(model_dir), str(root / "lora" / "final")))
+    assert (loaded - want).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize(
-    ("messages", "fn", "needle"),
-    [
-        (
-            [Message("user", "q"), Message("tool", "r"), Message("assistant", "a")],
-            to_alpaca,
-            "tool turn",
-        ),
-        ([Message("user", "q")], to_alpaca, "pairs"),
-        ([Message("assistant", "a"), Message("user", "q")], to_alpaca, "alternate"),
-        ([Message("user", "q", train=True), Message("assistant", "a")], to_sharegpt, "train=true"),
-        ([Message("user", "q", train=True), Message("assistant", "a")], to_openai, "train=true"),
-        (
-            [
-                Message("user", "q"),
-                Message(
-                    "assistant",
-                    "let me look",
-                    tool_calls=[{"type": "function", "function": {"name": "f", "arguments": "{}"}}],
-                ),
-            ],
-            to_sharegpt,
-            "both text and tool calls",
-        ),
-    ],
+    ("dtype", "torch_dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16)]
 )
-def test_inexpressible_records_are_refused(messages, fn, needle) -> None:
-    conv = Conversation(id="r", source=Source("raw.json", line=7), messages=messages)
-    with pytest.raises(ConversionError, match=needle) as e:
-        fn(conv)
-    assert str(e.value).startswith("raw.json:7: ")
+def test_full_checkpoint_export_in_a_dtype(runs, tmp_path, dtype, torch_dtype) -> None:
+    root, _ = runs
+    _export(str(root / "full" / "final"), "-o", str(tmp_path / "m"), "--dtype", dtype)
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch_dtype}  # noqa: SIM118
+    got = _logits(_load(tmp_path / "m", dtype=torch.float32))
+    want = _logits(_load(root / "full" / "final"))
+    assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()
 
 
-def test_parallel_tool_calls_become_a_json_list(tmp_path: Path) -> None:
-    calls = [
-        {"type": "function", "function": {"name": "a", "arguments": '{"x": 1}'}},
-        {"type": "function", "function": {"name": "b", "arguments": "{}"}},
-    ]
-    conv = Conversation(
-        id="p",
-        source=Source("raw.json", line=1),
-        messages=[
-            Message("user", "q"),
-            Message("assistant", "", tool_calls=calls),
-            Message("tool", "r1"),
-            Message("tool", "r2"),
-            Message("assistant", "done"),
-        ],
+def test_export_refusals(runs, tmp_path) -> None:
+    root, _ = runs
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "none"), "-o", str(tmp_path / "x")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "does not exist" in r.output
+    r = CliRunner().invoke(
+        main, ["export", str(root / "lora" / "final"), "-o", str(tmp_path / "x"), "--dtype", "fp16"]
     )
-    rec = to_sharegpt(conv)
-    assert json.loads(rec["conversations"][1]["value"]) == [
-        {"name": "a", "arguments": {"x": 1}},
-        {"name": "b", "arguments": {}},
-    ]
-    canon = tmp_path / "c.jsonl"
-    canon.write_text(conv.to_json() + "\n", encoding="utf-8")
-    out = tmp_path / "o.json"
-    _export(canon, "sharegpt", out)
-    back = next(read_conversations(out, fmt="sharegpt"))
-    assert _without_source(back) == _without_source(conv)
-
-
-def test_mindrecord_only_options_are_refused_for_chat_formats(tmp_path: Path) -> None:
-    canon = tmp_path / "c.jsonl"
-    canon.write_text("", encoding="utf-8")
-    res = CliRunner().invoke(
-        main,
-        [
-            "export",
-            str(canon),
-            "--format",
-            "sharegpt",
-            "-o",
-            str(tmp_path / "o"),
-            "--layout",
-            "mcore",
-        ],
-    )
-    assert res.exit_code == 1 and "--layout only applies to --format mindrecord" in res.output
-
-
-def test_missing_input_is_one_line(tmp_path: Path) -> None:
-    res = CliRunner().invoke(
-        main,
-        ["export", str(tmp_path / "nope.jsonl"), "--format", "openai", "-o", str(tmp_path / "o")],
-    )
-    assert res.exit_code == 1
-    assert res.output.strip() == f"Error: {tmp_path / 'nope.jsonl'}: no such file"
-    assert not (tmp_path / "o").exists()
-
-
-def test_export_reads_what_convert_wrote(tmp_path: Path) -> None:
-    """read_jsonl is the reader: records without a source are named by the JSONL line."""
-    canon = tmp_path / "c.jsonl"
-    canon.write_text(
-        '{"schema_version": 1, "id": "a", "messages": [{"role": "user", "content": "q"}, '
-        '{"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}]}\n',
-        encoding="utf-8",
-    )
-    assert next(read_jsonl(canon)).id == "a"
-    res = CliRunner().invoke(
-        main, ["export", str(canon), "--format", "alpaca", "-o", str(tmp_path / "o.json")]
-    )
-    assert res.exit_code == 1 and f"{canon}:1" in res.output
+    assert r.exit_code == 1 and "--merge" in r.output
+    assert not (tmp_path / "x").exists()

@@ -13,7 +13,13 @@ import click
     help="'tiny', a local HF model folder, or a checkpoint/adapter folder.",
 )
 @click.option("--adapter", default=None, help="LoRA adapter folder to apply on top of --model.")
-@click.option("--prompt", required=True, help="The user message.")
+@click.option(
+    "--prompt",
+    "prompts",
+    required=True,
+    multiple=True,
+    help="The user message (repeat for several; the model loads once).",
+)
 @click.option("--system", default=None, help="Optional system message.")
 @click.option(
     "--template",
@@ -34,7 +40,7 @@ import click
 def command(
     model_spec: str,
     adapter: str | None,
-    prompt: str,
+    prompts: tuple[str, ...],
     system: str | None,
     template: str,
     max_new_tokens: int,
@@ -42,22 +48,25 @@ def command(
     top_p: float,
     seed: int,
 ) -> None:
-    """Print MODEL's reply to PROMPT, rendered with the same chat template as training."""
+    """Print MODEL's reply to each PROMPT, rendered with the same chat template as training."""
     from sfttrain.commands.run import _quiet_libraries
 
     _quiet_libraries()
     from sfttrain.generate import generate
 
-    click.echo(
-        generate(
-            model_spec,
-            adapter=adapter,
-            prompt=prompt,
-            system=system,
-            template=template,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-        )
+    replies = generate(
+        model_spec,
+        adapter=adapter,
+        prompts=list(prompts),
+        system=system,
+        template=template,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
     )
+    if len(prompts) == 1:
+        click.echo(replies[0])
+        return
+    for prompt, reply in zip(prompts, replies, strict=True):
+        click.echo(f"Q: {prompt}\nA: {reply}")
