@@ -118,10 +118,18 @@ def save_weights(model, folder: Path, *, finetuning_type: str) -> None:
         unwrap(model).save_pretrained(str(folder), safe_serialization=True)
 
 
-def load_weights(model, folder: Path, *, finetuning_type: str) -> None:
-    """Load what ``save_weights`` wrote into the (identically built) ``model``, in place."""
+def _load_file(path: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise ConfigError(f"{path}: cannot read the weights ({e})") from None
+
+
+def load_weights(model, folder: Path, *, finetuning_type: str) -> None:
+    """Load what ``save_weights`` wrote into the (identically built) ``model``, in place."""
     from sfttrain.model import unwrap
 
     if finetuning_type == "lora":
@@ -130,7 +138,7 @@ def load_weights(model, folder: Path, *, finetuning_type: str) -> None:
         f = folder / "adapter_model.safetensors"
         if not f.is_file():
             raise ConfigError(f"{folder}: no adapter_model.safetensors (not a LoRA checkpoint)")
-        result = set_peft_model_state_dict(model, load_file(str(f)))
+        result = set_peft_model_state_dict(model, _load_file(f))
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
         if unexpected:
             raise ConfigError(f"{f}: adapter does not fit the model (e.g. {unexpected[0]})")
@@ -141,7 +149,7 @@ def load_weights(model, folder: Path, *, finetuning_type: str) -> None:
     inner = unwrap(model)
     state: dict[str, Any] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        state.update(_load_file(f))
     missing, unexpected = inner.load_state_dict(state, strict=False)
     tied = set(getattr(inner, "_tied_weights_keys", None) or [])
     if isinstance(getattr(inner, "_tied_weights_keys", None), dict):

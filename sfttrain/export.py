@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sftdata.atomic import atomic_dir
 from sftdata.errors import ConfigError
-from sfttrain.model import adapter_base, is_adapter_dir, load_base_model, load_tokenizer_for
+from sfttrain.model import is_adapter_dir, load_for_inference, load_tokenizer_for
 
 DTYPES = ("fp32", "fp16", "bf16")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -50,15 +50,11 @@ def export_checkpoint(
                 shutil.copy2(src / name, tmp / name)
             tokenizer.save_pretrained(str(tmp))
         return "adapter"
+    model, _ = load_for_inference(src)  # an adapter folder comes back as base + adapter (PEFT)
+    what = "model"
     if is_adapter_dir(src):
-        from peft import PeftModel
-
-        base, _ = load_base_model(adapter_base(src))
-        model = PeftModel.from_pretrained(base, str(src)).merge_and_unload()
+        model = model.merge_and_unload()
         what = "merged model"
-    else:
-        model, _ = load_base_model(src)
-        what = "model"
     model = model.to(target_dtype)
     model.config.use_cache = True
     with atomic_dir(out) as tmp:

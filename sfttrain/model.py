@@ -118,12 +118,27 @@ def build_tiny(*, seed: int, attn_implementation: str = "sdpa"):
     return model.float()
 
 
+def check_attn_implementation(name: str) -> None:
+    """Refuse an attention implementation this machine cannot run, in one line."""
+    if name != "flash_attention_2":
+        return
+    import importlib.util
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            "attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package; "
+            "use sdpa (packed rows stay isolated through position_ids)"
+        )
+
+
 def load_base_model(spec: str | Path, *, attn_implementation: str = "sdpa", seed: int = 42):
     """(model, tokenizer) for ``tiny`` or a local HF folder. Never touches a model hub."""
+    check_attn_implementation(attn_implementation)
     if str(spec) == TINY:
         return build_tiny(seed=seed, attn_implementation=attn_implementation), load_tokenizer_for(
             TINY
         )
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     path = check_model_dir(spec)
@@ -137,7 +152,7 @@ def load_base_model(spec: str | Path, *, attn_implementation: str = "sdpa", seed
             dtype=torch.float32,
             attn_implementation=attn_implementation,
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{path}: cannot load the model ({first})") from None
     return model, tokenizer
@@ -286,6 +301,7 @@ __all__ = [
     "apply_finetuning",
     "block_mask",
     "build_tiny",
+    "check_attn_implementation",
     "check_model_dir",
     "count_trained",
     "forward_kwargs",
@@ -322,9 +338,11 @@ def load_for_inference(
 
         if not is_adapter_dir(adapter):
             raise ConfigError(f"{adapter}: not an adapter folder (no adapter_config.json)")
+        from safetensors import SafetensorError
+
         try:
             base = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"{adapter}: cannot apply the adapter to {model} ({first})") from None
         if (Path(adapter) / "tokenizer.json").is_file() or (

@@ -400,11 +400,38 @@ def train(
         enabled=dist.is_main,
     )
 
+    def save_now() -> Path | None:
+        """Checkpoint the current step (rank 0 writes; every rank waits)."""
+        state = {
+            "cursor": cursor.to_dict(),
+            "trained_tokens": trained_total,
+            "total_steps": total_steps,
+            "world_size": dist.world_size,
+            "model": model_spec,
+            "base_model": base_dir,
+            "shards": shard_id,
+            "last_loss": last_loss,
+        }
+        dist.barrier()
+        path = None
+        if dist.is_main:
+            path = save_checkpoint(
+                run_dir,
+                step=step,
+                model=model,
+                tokenizer=tokenizer,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                state=state,
+                config=config,
+            )
+        dist.barrier()
+        return path
+
     # ---- 4. the loop ------------------------------------------------------------------------
     loss_model.train()
-    win_loss = torch.zeros(
-        (), dtype=torch.float64, device=device
-    )  # summed on device: no per-step sync
+    # The window's loss is summed on the device; .item() only at logging steps (no per-step sync).
+    win_loss = torch.zeros((), dtype=torch.float64, device=device)
     win_tokens, win_start = 0, time.perf_counter()
     grad_norm: torch.Tensor | None = None
     last_loss: float | None = None
@@ -477,23 +504,7 @@ def train(
                 or step == total_steps
                 or (config.save_steps and step % config.save_steps == 0)
             ):
-                checkpoint = _save(
-                    run_dir,
-                    step,
-                    cursor,
-                    trained_total,
-                    total_steps,
-                    last_loss,
-                    model,
-                    tokenizer,
-                    optimizer,
-                    scheduler,
-                    config,
-                    model_spec,
-                    base_dir,
-                    shard_id,
-                    dist,
-                )
+                checkpoint = save_now()
                 saved_step = step
                 win_start = time.perf_counter()
             if stopped:
@@ -501,23 +512,7 @@ def train(
 
     # ---- 5. the end: last checkpoint, final weights, eval, plot ---------------------------------
     if saved_step != step:
-        checkpoint = _save(
-            run_dir,
-            step,
-            cursor,
-            trained_total,
-            total_steps,
-            last_loss,
-            model,
-            tokenizer,
-            optimizer,
-            scheduler,
-            config,
-            model_spec,
-            base_dir,
-            shard_id,
-            dist,
-        )
+        checkpoint = save_now()
     final_dir = None
     if not stopped:
         if eval_reader is not None:
@@ -595,51 +590,6 @@ def _log_eval(loss_model, reader, config, dist, autocast, metrics, step, sampler
             "eval_tokens": tokens,
         }
     )
-
-
-def _save(
-    run_dir,
-    step,
-    cursor,
-    trained_total,
-    total_steps,
-    last_loss,
-    model,
-    tokenizer,
-    optimizer,
-    scheduler,
-    config,
-    model_spec,
-    base_dir,
-    shard_id,
-    dist,
-) -> Path | None:
-    """Checkpoint ``step`` (rank 0 writes; every rank waits)."""
-    dist.barrier()
-    path = None
-    if dist.is_main:
-        state = {
-            "cursor": cursor.to_dict(),
-            "trained_tokens": trained_total,
-            "total_steps": total_steps,
-            "world_size": dist.world_size,
-            "model": model_spec,
-            "base_model": base_dir,
-            "shards": shard_id,
-            "last_loss": last_loss,
-        }
-        path = save_checkpoint(
-            run_dir,
-            step=step,
-            model=model,
-            tokenizer=tokenizer,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            state=state,
-            config=config,
-        )
-    dist.barrier()
-    return path
 
 
 def iter_metrics(run_dir: str | Path) -> Iterator[dict[str, Any]]:

@@ -17,6 +17,7 @@ from sfttrain.model import (
     LossModel,
     apply_finetuning,
     build_tiny,
+    check_attn_implementation,
     check_model_dir,
     forward_kwargs,
     isolation_for,
@@ -143,3 +144,23 @@ def test_model_folder_without_weights_or_config(tmp_path) -> None:
         check_model_dir(tmp_path)
     with pytest.raises(ConfigError, match="does not exist"):
         check_model_dir(tmp_path / "missing")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine flash-attn may be usable")
+def test_flash_attention_without_cuda_is_one_clear_error() -> None:
+    with pytest.raises(ConfigError, match="flash_attention_2 needs a CUDA GPU"):
+        check_attn_implementation("flash_attention_2")
+    check_attn_implementation("sdpa")
+
+
+def test_corrupt_weights_are_one_clear_error(tmp_path) -> None:
+    from sfttrain.model import load_base_model
+
+    model = small_model("sdpa")
+    model.save_pretrained(str(tmp_path))
+    from sftdata.tokenizer import load_tokenizer
+
+    load_tokenizer("tiny").save_pretrained(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match="cannot load the model"):
+        load_base_model(tmp_path)

@@ -232,3 +232,39 @@ def test_sampler_is_a_deterministic_disjoint_cover() -> None:
         assert not mine[0] & mine[1]
     with pytest.raises(ConfigError):
         StepSampler(3, micro_batch=4, accumulation=1, seed=0, drop_last=True)
+
+
+def test_gradient_checkpointing_with_lora_trains_the_same(shards, model_dir, tmp_path) -> None:
+    common = {"max_steps": 2, "learning_rate": 1e-2, "logging_steps": 1, "report_to": "none"}
+    for name, gc in (("plain", False), ("gc", True)):
+        cfg = build_config({**common, "gradient_checkpointing": gc})
+        train(
+            cfg,
+            shards=shards,
+            output_dir=tmp_path / name,
+            model_spec=str(model_dir),
+            progress=False,
+        )
+    a, b = train_losses(tmp_path / "plain"), train_losses(tmp_path / "gc")
+    assert a[2] == pytest.approx(b[2], abs=1e-5)
+    wa = load_file(str(tmp_path / "plain" / "final" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "gc" / "final" / "adapter_model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert any(v.abs().sum() > 0 for k, v in wb.items() if "lora_B" in k)  # gradients did flow
+
+
+def test_bf16_autocast_runs_close_to_fp32(shards, model_dir, tmp_path) -> None:
+    common = {"max_steps": 2, "logging_steps": 1, "report_to": "none", "finetuning_type": "full"}
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        train(
+            build_config({**common, "bf16": bf16}),
+            shards=shards,
+            output_dir=tmp_path / name,
+            model_spec=str(model_dir),
+            progress=False,
+        )
+    a, b = train_losses(tmp_path / "fp32"), train_losses(tmp_path / "bf16")
+    assert a[1] != b[1] and a[1] == pytest.approx(b[1], rel=2e-2)
+    # Weights stay fp32 (autocast only changes the compute dtype).
+    w = load_file(str(tmp_path / "bf16" / "final" / "model.safetensors"))
+    assert {t.dtype for t in w.values()} == {torch.float32}

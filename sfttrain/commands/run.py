@@ -82,16 +82,23 @@ def command(
     config = dataclasses.replace(config, model_name_or_path=model_spec, output_dir=output_dir)
     _quiet_libraries()
 
+    from sfttrain.checkpoint import CheckpointError
     from sfttrain.train import train
 
-    result = train(
-        config,
-        shards=shards,
-        output_dir=output_dir,
-        model_spec=model_spec,
-        resume=resume,
-        progress=not no_progress,
-    )
+    try:
+        result = train(
+            config,
+            shards=shards,
+            output_dir=output_dir,
+            model_spec=model_spec,
+            resume=resume,
+            progress=not no_progress,
+        )
+    except OSError as e:
+        # Checkpoints handle their own failures (the previous one stays valid); this is any other
+        # write in the run folder (metrics.jsonl, final/, loss.png) on a full or read-only disk.
+        where = e.filename or output_dir
+        raise CheckpointError(f"{where}: cannot write ({e.strerror or e})") from None
     loss = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
     if result.stopped:
         click.echo(
