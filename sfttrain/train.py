@@ -447,9 +447,11 @@ def train(
             scale = dist.world_size / max(step_tokens, 1)  # DDP averages gradients over ranks
             # c. forward/backward per micro-batch
             for i, b in enumerate(host):
-                with dist.no_sync(loss_model, last=i == len(host) - 1), autocast():
-                    loss_sum = loss_model(**to_tensors(b, device))
-                (loss_sum * scale).backward()
+                # no_sync spans forward AND backward (DDP decides at forward time, reduces in backward)
+                with dist.no_sync(loss_model, last=i == len(host) - 1):
+                    with autocast():
+                        loss_sum = loss_model(**to_tensors(b, device))
+                    (loss_sum * scale).backward()
                 win_loss += loss_sum.detach()
             # d. clip and step
             if config.max_grad_norm > 0:
