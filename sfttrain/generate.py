@@ -11,17 +11,18 @@ from sfttrain.model import load_for_inference
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]], *, template: str = "auto") -> str:
     """The chat-template text of ``messages`` followed by the assistant's generation prompt.
 
-    Uses sftdata's Renderer (the same template resolution as ``sftdata pack``: auto, chatml,
-    llama2, alpaca, fastchat:NAME, FILE.jinja), so generation sees the layout the model trained on.
+    Resolves ``template`` exactly as ``sftdata pack`` does (``sftdata.templates.load_template``:
+    auto, chatml, llama2, alpaca, fastchat:NAME, FILE.jinja), so generation sees the layout the
+    model trained on.
     """
-    from sftdata.render import Renderer
+    from sftdata.templates import load_template
 
-    renderer = Renderer(tokenizer, template=template)
-    public = getattr(renderer, "render_prompt", None)
-    if public is not None:
-        return public(messages)
-    # Renderer has no public prompt method yet: its template backend renders with the prompt.
-    return renderer._backend.render(messages, None, True)
+    specials = {
+        k: getattr(tokenizer, k, None) or ""
+        for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+    }
+    _, _, backend = load_template(str(template), tokenizer, specials=specials)
+    return backend.render(messages, None, True)
 
 
 def generate(

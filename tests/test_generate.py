@@ -14,7 +14,13 @@ def test_prompt_uses_the_chat_template_with_a_generation_prompt() -> None:
     tok = load_tokenizer("tiny")
     text = render_prompt(tok, [{"role": "user", "content": "Hi?"}])
     assert text == "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
-    assert render_prompt(tok, [{"role": "user", "content": "Hi?"}], template="alpaca") != text
+    alpaca = render_prompt(tok, [{"role": "user", "content": "Hi?"}], template="alpaca")
+    assert alpaca != text and alpaca.rstrip().endswith("### Response:")
+    assert (
+        render_prompt(tok, [{"role": "user", "content": "Hi?"}], template="llama2")
+        .rstrip()
+        .endswith("[/INST]")
+    )
 
 
 def test_greedy_generation_is_deterministic(tmp_path) -> None:
