@@ -135,10 +135,9 @@ class Metrics:
             return
         if resume_step is not None and self.path.exists():
             # Lines after the checkpoint belong to steps that will run again: drop them.
-            keep = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            keep = [ln for ln in keep if json.loads(ln)["step"] <= resume_step]
+            keep = [r for r in _read_jsonl(self.path) if r.get("step", 0) <= resume_step]
             with atomic_file(self.path) as f:
-                f.write("".join(ln + "\n" for ln in keep))
+                f.write("".join(json.dumps(r) + "\n" for r in keep))
         elif resume_step is None:
             self.path.unlink(missing_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
@@ -172,13 +171,22 @@ class Metrics:
                 self.tb.close()
 
     def rows(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [
-            json.loads(ln)
-            for ln in self.path.read_text(encoding="utf-8").splitlines()
-            if ln.strip()
-        ]
+        return _read_jsonl(self.path)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Lines of a metrics file; a torn last line (the run was SIGKILLed mid-write) is skipped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
@@ -344,6 +352,11 @@ def train(
         model_spec, attn_implementation=config.attn_implementation, seed=config.seed
     )
     check_compatible(reader.index, tokenizer, base, shards_dir=shards, model_spec=model_spec)
+    if resume is None and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(
+            f"{run_dir}: already holds checkpoints of a run; continue it with --resume auto, "
+            "or give another -o folder"
+        )
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(run_dir)
@@ -596,11 +609,7 @@ def _log_eval(loss_model, reader, config, dist, autocast, metrics, step, sampler
 
 def iter_metrics(run_dir: str | Path) -> Iterator[dict[str, Any]]:
     """The lines of a run's metrics.jsonl (tests, tools)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                yield json.loads(line)
+    yield from _read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 __all__ = ["Dist", "TrainResult", "evaluate", "iter_metrics", "plot_loss", "train"]

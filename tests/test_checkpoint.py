@@ -292,3 +292,38 @@ def test_checkpoint_state_follows_its_schema(shards, model_dir, tmp_path) -> Non
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "config.json").is_file()
     torch.load(ckpt / "optimizer.pt", weights_only=True)
     torch.load(ckpt / "rng.pt", weights_only=True)
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints_and_resume_skips_a_torn_line(
+    shards, model_dir, tmp_path
+) -> None:
+    train(
+        _cfg(save_steps=2),
+        shards=shards,
+        output_dir=tmp_path,
+        model_spec=str(model_dir),
+        progress=False,
+    )
+    with pytest.raises(ConfigError, match=r"already holds checkpoints .* --resume auto"):
+        train(
+            _cfg(save_steps=2),
+            shards=shards,
+            output_dir=tmp_path,
+            model_spec=str(model_dir),
+            progress=False,
+        )
+    # A SIGKILL in the middle of a metrics line leaves it torn; resuming drops it.
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"format_version": 1, "step": 5, "lo')
+    (tmp_path / "checkpoints" / "step-0000004" / MARKER).unlink()  # pretend step 4 never completed
+    r = train(
+        _cfg(save_steps=2),
+        shards=shards,
+        output_dir=tmp_path,
+        model_spec=str(model_dir),
+        resume="auto",
+        progress=False,
+    )
+    assert r.step == 4
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
