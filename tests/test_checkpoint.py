@@ -147,11 +147,12 @@ def test_sigkill_and_resume_equals_uninterrupted_run(shards, model_dir, tmp_path
     assert train_losses(nodrop)[3] != pytest.approx(want[3], abs=1e-6)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_zero(shards, model_dir, tmp_path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_saves_a_checkpoint_and_exits_zero(shards, model_dir, tmp_path, sig) -> None:
     out = tmp_path / "run"
     proc = _start(shards, out, model_dir, "--set", "max_steps=100000", "--set", "save_steps=0")
     _wait_for_step(proc, out, 2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert "stopped at step" in stdout
