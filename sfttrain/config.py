@@ -93,6 +93,8 @@ class TrainConfig:
     """Seeds model initialisation (tiny), LoRA initialisation, data order and dropout."""
     output_dir: str | None = None
     """Run folder (``-o`` overrides it): metrics.jsonl, loss.png, checkpoints/, final/."""
+    save_merged: bool = False
+    """LoRA: also write ``final_merged/``, base + adapter merged into plain weights (fp32) that transformers loads as is."""
     report_to: Literal["auto", "tensorboard", "none"] = "auto"
     """``auto`` writes TensorBoard events when tensorboard is installed."""
 
@@ -118,6 +120,7 @@ NON_TRAJECTORY_KEYS = frozenset(
         "eval_split",
         "output_dir",
         "report_to",
+        "save_merged",
         "model_name_or_path",
     }
 )

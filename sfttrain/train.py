@@ -537,6 +537,10 @@ def train(
                 save_weights(model, tmp, finetuning_type=config.finetuning_type)
                 tokenizer.save_pretrained(str(tmp))
             final_dir = run_dir / "final"
+            if config.save_merged and config.finetuning_type == "lora":
+                from sfttrain.export import export_checkpoint
+
+                export_checkpoint(final_dir, run_dir / "final_merged", merge=True)
     if dist.is_main:
         rows = metrics.rows()
         metrics.close()

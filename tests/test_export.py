@@ -24,7 +24,13 @@ def runs(tmp_path_factory):
     model_dir = small_model_dir(root / "base", seed=5)
     for kind in ("lora", "full"):
         cfg = build_config(
-            {"finetuning_type": kind, "max_steps": 3, "learning_rate": 2e-2, "report_to": "none"}
+            {
+                "finetuning_type": kind,
+                "max_steps": 3,
+                "learning_rate": 2e-2,
+                "report_to": "none",
+                "save_merged": True,
+            }
         )
         train(cfg, shards=shards, output_dir=root / kind, model_spec=str(model_dir), progress=False)
     return root, model_dir
@@ -56,6 +62,10 @@ def test_merged_lora_equals_base_plus_adapter(runs, tmp_path) -> None:
     with_adapter = _logits(PeftModel.from_pretrained(base, str(ckpt)))
     assert (merged - with_adapter).abs().max().item() <= 1e-5
     assert (merged - base_logits).abs().max().item() > 1e-3  # the adapter changed something
+    # save_merged: true wrote the same merged model at the end of the run.
+    at_end = _logits(_load(root / "lora" / "final_merged"))
+    assert (at_end - merged).abs().max().item() <= 1e-6
+    assert not (root / "full" / "final_merged").exists()
 
 
 def test_adapter_export_loads_through_transformers(runs, tmp_path) -> None:
