@@ -20,10 +20,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
 
+    from sftdata.conversation import read_jsonl
     from sftdata.render import Renderer
     from sftdata.tokenizer import load_tokenizer
-
-    from sftdata.conversation import read_jsonl
 
     tok = load_tokenizer(a.tokenizer)
     renderer = Renderer(tok, template=a.template)
