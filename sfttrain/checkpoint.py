@@ -7,7 +7,10 @@ Layout of ``OUT_DIR/checkpoints/step-0000050/`` (``schemas/checkpoint.v1.json`` 
   ``model.safetensors`` + ``config.json`` (full fine-tuning; the folder is then an HF model folder);
 - tokenizer files (so the folder can be loaded, exported or sampled on its own);
 - ``optimizer.pt``: optimizer and scheduler state (``torch.save``; loaded with ``weights_only=True``,
-  i.e. tensors and plain containers only — never arbitrary pickle);
+  i.e. tensors and plain containers only — never arbitrary pickle). The optimizer state is the
+  FULL state keyed by parameter name (``torch.distributed.checkpoint.state_dict``'s
+  ``get_optimizer_state_dict(..., full_state_dict=True)``), so the file is the same for one
+  process, DDP or FSDP on any number of ranks, and resumes on any of them;
 - ``rng.pt``: python, numpy and torch RNG states (same loading rule);
 - ``trainer_state.json``: step, data cursor, trained tokens, the resolved config and its
   trajectory hash, the shards' identity, the model spec;
@@ -108,14 +111,33 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- weights
 
 
-def save_weights(model, folder: Path, *, finetuning_type: str) -> None:
-    """The trained weights as safetensors: a PEFT adapter (LoRA) or a full HF model folder."""
+def save_weights(
+    model, folder: Path, *, finetuning_type: str, state_dict: dict[str, Any] | None = None
+) -> None:
+    """The trained weights as safetensors: a PEFT adapter (LoRA) or a full HF model folder.
+
+    ``state_dict``: the full state dict gathered from an FSDP-sharded ``model`` (keys as in the
+    unwrapped model); without it the model's own (unsharded) tensors are written.
+    """
     from sfttrain.model import unwrap
 
+    kw: dict[str, Any] = {} if state_dict is None else {"state_dict": state_dict}
     if finetuning_type == "lora":
-        model.save_pretrained(str(folder), safe_serialization=True)
+        model.save_pretrained(str(folder), safe_serialization=True, **kw)
     else:
-        unwrap(model).save_pretrained(str(folder), safe_serialization=True)
+        unwrap(model).save_pretrained(str(folder), safe_serialization=True, **kw)
+
+
+def optimizer_state(model, optimizer) -> dict[str, Any]:
+    """The full optimizer state keyed by parameter name (same file for any rank count or wrapper).
+
+    Under FSDP every rank must call it (it all-gathers); only rank 0 then holds the tensors.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
 
 
 def _load_file(path: Path) -> dict[str, Any]:
@@ -173,14 +195,20 @@ def save_checkpoint(
     scheduler,
     state: dict[str, Any],
     config: TrainConfig,
+    model_state: dict[str, Any] | None = None,
+    optim_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically, then apply ``save_total_limit``. Returns its folder.
 
+    ``model_state``/``optim_state``: full state dicts gathered by every rank beforehand (FSDP);
+    when None they are taken from ``model``/``optimizer`` here (one process or DDP).
     On any failure (e.g. a full disk) the temp folder is removed, earlier checkpoints are untouched,
     and a one-line CheckpointError says so.
     """
     import torch
 
+    if optim_state is None:
+        optim_state = optimizer_state(model, optimizer)
     target = checkpoint_dir(run_dir, step)
     full_state = {
         "format_version": FORMAT_VERSION,
@@ -190,14 +218,14 @@ def save_checkpoint(
         **state,
         "finetuning_type": config.finetuning_type,
         "config": config.to_dict(),
-        "config_hash": trajectory_hash(config),
+        "config_hash": trajectory_hash(config, world_size=int(state.get("world_size", 1))),
     }
     try:
         with atomic_dir(target) as tmp:
-            save_weights(model, tmp, finetuning_type=config.finetuning_type)
+            save_weights(model, tmp, finetuning_type=config.finetuning_type, state_dict=model_state)
             tokenizer.save_pretrained(str(tmp))
             torch.save(
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                {"optimizer": optim_state, "scheduler": scheduler.state_dict()},
                 tmp / OPTIMIZER_FILE,
             )
             torch.save(rng_state(), tmp / RNG_FILE)
@@ -304,21 +332,49 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
 
 
 def check_resumable(
-    folder: Path, *, config: TrainConfig, shards: dict[str, Any], model_spec: str
+    folder: Path,
+    *,
+    config: TrainConfig,
+    shards: dict[str, Any],
+    model_spec: str,
+    world_size: int = 1,
 ) -> dict[str, Any]:
-    """The state of ``folder`` if this run can continue from it; else ConfigError naming the difference."""
+    """The state of ``folder`` if this run can continue from it; else ConfigError naming the difference.
+
+    The number of ranks may differ from the saved run's as long as the global batch (micro-batch ×
+    accumulation × ranks) is the same: 2 ranks × accumulation 4 resume as 1 rank × accumulation 8.
+    """
     state = read_state(folder)
     saved = config_from_dict(state["config"], where=f"{folder / STATE_FILE}: config: ")
-    if trajectory_hash(saved) != state["config_hash"]:
+    saved_ws = int(state.get("world_size", 1))
+    if trajectory_hash(saved, world_size=saved_ws) != state["config_hash"]:
         raise ConfigError(
             f"{folder / STATE_FILE}: config_hash does not match its config (edited by hand?)"
         )
-    if trajectory_hash(saved) != trajectory_hash(config):
+    if trajectory_hash(saved, world_size=saved_ws) != trajectory_hash(
+        config, world_size=world_size
+    ):
         mine, theirs = config.to_dict(), saved.to_dict()
-        diff = [k for k in mine if mine[k] != theirs.get(k)]
-        from sfttrain.config import NON_TRAJECTORY_KEYS
+        from sfttrain.config import NON_TRAJECTORY_KEYS, PER_DEVICE_BATCH_KEYS, global_batch_rows
 
-        key = next(k for k in diff if k not in NON_TRAJECTORY_KEYS)
+        diff = [
+            k
+            for k in mine
+            if mine[k] != theirs.get(k)
+            and k not in NON_TRAJECTORY_KEYS
+            and k not in PER_DEVICE_BATCH_KEYS
+        ]
+        if not diff:
+            raise ConfigError(
+                f"{folder}: checkpoint is from a run with global batch "
+                f"{global_batch_rows(saved, saved_ws)} rows "
+                f"({saved.per_device_train_batch_size} × accumulation "
+                f"{saved.gradient_accumulation_steps} × {saved_ws} ranks), now "
+                f"{global_batch_rows(config, world_size)} ({config.per_device_train_batch_size} × "
+                f"{config.gradient_accumulation_steps} × {world_size}); set "
+                "gradient_accumulation_steps so the product matches"
+            )
+        key = diff[0]
         raise ConfigError(
             f"{folder}: checkpoint is from a run with a different config "
             f"({key}: {theirs.get(key)!r} there, {mine[key]!r} now)"
@@ -336,16 +392,34 @@ def check_resumable(
 
 def load_checkpoint(folder: Path, *, model, optimizer, scheduler) -> None:
     """Weights, optimizer and scheduler state from ``folder`` (RNG is restored separately, last)."""
-    import torch
-
     state = read_state(folder)
     load_weights(model, folder, finetuning_type=state["finetuning_type"])
+    load_optimizer(folder, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def load_optimizer(folder: Path, *, model, optimizer, scheduler) -> None:
+    """Optimizer (full, name-keyed) and scheduler state into a possibly DDP/FSDP-wrapped run.
+
+    Every rank reads the file (the run folder is on a filesystem all nodes see) and
+    ``set_optimizer_state_dict`` keeps each rank's shard under FSDP.
+    """
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     try:
         opt = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(opt["optimizer"])
+        set_optimizer_state_dict(
+            model,
+            optimizer,
+            optim_state_dict=opt["optimizer"],
+            options=StateDictOptions(full_state_dict=True),
+        )
         scheduler.load_state_dict(opt["scheduler"])
     except (OSError, RuntimeError, KeyError, ValueError) as e:
-        raise ConfigError(f"{folder / OPTIMIZER_FILE}: cannot load optimizer state ({e})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"{folder / OPTIMIZER_FILE}: cannot load optimizer state ({first})"
+        ) from None
 
 
 def load_rng(folder: Path) -> None:
@@ -369,8 +443,10 @@ __all__ = [
     "complete_checkpoints",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_optimizer",
     "load_rng",
     "load_weights",
+    "optimizer_state",
     "read_state",
     "remove_stale_temps",
     "resolve_resume",

@@ -97,6 +97,18 @@ class TrainConfig:
     """LoRA: also write ``final_merged/``, base + adapter merged into plain weights (fp32) that transformers loads as is."""
     report_to: Literal["auto", "tensorboard", "none"] = "auto"
     """``auto`` writes TensorBoard events when tensorboard is installed."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: ``ddp`` (a full replica per rank) or ``fsdp`` (FSDP2 fully_shard per decoder layer, for models that do not fit)."""
+    fsdp_cpu_offload: bool = False
+    """FSDP only: keep sharded parameters, gradients and optimizer state in CPU memory (CPUOffloadPolicy)."""
+    quantization_bit: int | None = None
+    """QLoRA: load the frozen base in 4-bit (nf4 + double quantisation) or 8-bit through bitsandbytes (CUDA only; needs finetuning_type lora)."""
+    use_liger_kernel: bool = False
+    """Liger fused kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); needs a CUDA GPU and liger-kernel installed."""
+    torch_compile: bool = False
+    """torch.compile each decoder layer (the loss head stays eager: its trained-token count varies per batch)."""
+    peak_tflops: float | None = None
+    """Device peak (dense bf16 TFLOP/s per device) for MFU; None uses the table in sfttrain.perf (CUDA) or reports no MFU (CPU)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON-able values."""
@@ -122,13 +134,33 @@ NON_TRAJECTORY_KEYS = frozenset(
         "report_to",
         "save_merged",
         "model_name_or_path",
+        # How the same arithmetic is laid out over devices, not what it computes: a run may resume
+        # with DDP after FSDP or with CPU offload switched (the checkpoint format is the same).
+        "distributed",
+        "fsdp_cpu_offload",
+        "peak_tflops",
     }
 )
+# Keys replaced in the trajectory by the GLOBAL batch (micro-batch × accumulation × ranks): the
+# loss is normalised by the step's trained tokens, so 1 × 8 ≡ 8 × 1 ≡ 2 ranks × 4 (C3), and a run
+# saved on 2 ranks × accumulation 4 resumes on 1 rank × accumulation 8.
+PER_DEVICE_BATCH_KEYS = frozenset({"per_device_train_batch_size", "gradient_accumulation_steps"})
 
 
-def trajectory_hash(config: TrainConfig) -> str:
-    """sha256 of the keys that decide the weights, used to refuse resuming another run's checkpoint."""
-    d = {k: v for k, v in config.to_dict().items() if k not in NON_TRAJECTORY_KEYS}
+def global_batch_rows(config: TrainConfig, world_size: int = 1) -> int:
+    """Rows per optimizer step over all ranks."""
+    return config.per_device_train_batch_size * config.gradient_accumulation_steps * world_size
+
+
+def trajectory_hash(config: TrainConfig, *, world_size: int = 1) -> str:
+    """sha256 of what decides the weights (global batch instead of its per-device split), used to
+    refuse resuming another run's checkpoint."""
+    d = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in NON_TRAJECTORY_KEYS and k not in PER_DEVICE_BATCH_KEYS
+    }
+    d["global_batch_rows"] = global_batch_rows(config, world_size)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
@@ -234,6 +266,16 @@ def _check_values(c: TrainConfig, where: str) -> None:
         raise bad("save_total_limit", "must be >= 1 (or null to keep all)")
     if c.eval_steps is not None and c.eval_steps < 1:
         raise bad("eval_steps", "must be >= 1 (or null to evaluate only at the end)")
+    if c.quantization_bit is not None:
+        if c.quantization_bit not in (4, 8):
+            raise bad("quantization_bit", "must be 4 or 8 (or null for no quantisation)")
+        if c.finetuning_type != "lora":
+            raise ConfigError(
+                f"{where}quantization_bit: a quantised base can only be trained with "
+                "finetuning_type: lora (QLoRA), not full"
+            )
+    if c.peak_tflops is not None and c.peak_tflops <= 0:
+        raise bad("peak_tflops", "must be > 0 (or null to use the device table)")
     if not c.lora_target.strip():
         raise bad("lora_target", "must name at least one module, a regex, or all")
     if c.lora_target != "all" and _looks_like_regex(c.lora_target):
@@ -346,11 +388,13 @@ __all__ = [
     "FINETUNING_TYPES",
     "ISOLATIONS",
     "NON_TRAJECTORY_KEYS",
+    "PER_DEVICE_BATCH_KEYS",
     "SCHEDULERS",
     "TrainConfig",
     "build_config",
     "config_from_dict",
     "field_docs",
+    "global_batch_rows",
     "load_config",
     "lora_target_modules",
     "parse_overrides",

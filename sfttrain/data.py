@@ -97,6 +97,25 @@ class StepSampler:
         mine = self.step_rows(cursor)[self.rank :: self.world_size]
         return [mine[i : i + self.micro_batch] for i in range(0, len(mine), self.micro_batch)]
 
+    def micro_batch_count(self, cursor: Cursor) -> int:
+        """Micro-batches EVERY rank runs in the step at ``cursor`` (rank 0 has the most rows)."""
+        rows_rank0 = math.ceil(len(self.step_rows(cursor)) / self.world_size)
+        return math.ceil(rows_rank0 / self.micro_batch)
+
+    def padded_micro_batches(self, cursor: Cursor) -> tuple[list[np.ndarray], int]:
+        """(this rank's micro-batches padded to ``micro_batch_count``, how many are real).
+
+        DDP and FSDP run collectives in every forward/backward, so every rank must run the same
+        number of micro-batches or the group hangs. A short last step (e.g. 3 rows on 2 ranks with
+        micro-batch 1: rank 0 has 2, rank 1 has 1) is evened out with padding micro-batches that
+        re-read the step's first row; the loop multiplies their loss by 0, so they add exactly
+        zero gradient and zero trained tokens and the step stays identical to one rank's (C3).
+        """
+        real = self.micro_batches(cursor)
+        pad_rows = self.step_rows(cursor)[:1]
+        pad = [pad_rows] * (self.micro_batch_count(cursor) - len(real))
+        return real + pad, len(real)
+
     def advance(self, cursor: Cursor) -> Cursor:
         """The cursor of the next step."""
         nxt = cursor.step_in_epoch + 1
@@ -156,12 +175,22 @@ def has_split(path: Any, split: str) -> bool:
 
 
 def eval_batches(
-    reader, batch_size: int, *, rank: int = 0, world_size: int = 1
+    reader, batch_size: int, *, rank: int = 0, world_size: int = 1, pad: bool = False
 ) -> Iterator[np.ndarray]:
-    """Row indices of an evaluation pass, in order, this rank's slice only."""
-    rows = np.arange(rank, len(reader), world_size)
-    for i in range(0, len(rows), batch_size):
-        yield rows[i : i + batch_size]
+    """Row indices of an evaluation pass, in order, this rank's slice only.
+
+    With ``pad``, every rank yields the same number of batches (rank 0 has the most rows); a rank
+    that runs out yields EMPTY arrays, for which the caller runs a zero-weight forward (FSDP
+    all-gathers parameters in every forward, so all ranks must run the same number).
+    """
+    n = len(reader) if not isinstance(reader, int) else reader
+    rows = np.arange(rank, n, world_size)
+    starts = range(0, len(rows), batch_size)
+    yield from (rows[s : s + batch_size] for s in starts)
+    if pad:
+        count = math.ceil(math.ceil(n / world_size) / batch_size)
+        for _ in range(count - len(starts)):
+            yield rows[:0]
 
 
 __all__ = [

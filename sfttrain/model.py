@@ -131,10 +131,25 @@ def check_attn_implementation(name: str) -> None:
         )
 
 
-def load_base_model(spec: str | Path, *, attn_implementation: str = "sdpa", seed: int = 42):
-    """(model, tokenizer) for ``tiny`` or a local HF folder. Never touches a model hub."""
+def load_base_model(
+    spec: str | Path,
+    *,
+    attn_implementation: str = "sdpa",
+    seed: int = 42,
+    quantization_bit: int | None = None,
+    device: torch.device | None = None,
+):
+    """(model, tokenizer) for ``tiny`` or a local HF folder. Never touches a model hub.
+
+    ``quantization_bit`` (QLoRA, CUDA only): the frozen base is loaded through bitsandbytes, 4-bit
+    nf4 with double quantisation and bf16 compute, or 8-bit, onto ``device``.
+    """
     check_attn_implementation(attn_implementation)
     if str(spec) == TINY:
+        if quantization_bit is not None:
+            raise ConfigError(
+                "quantization_bit: the built-in tiny model cannot be quantised; give a local model folder"
+            )
         return build_tiny(seed=seed, attn_implementation=attn_implementation), load_tokenizer_for(
             TINY
         )
@@ -143,6 +158,9 @@ def load_base_model(spec: str | Path, *, attn_implementation: str = "sdpa", seed
 
     path = check_model_dir(spec)
     tokenizer = load_tokenizer_for(path)
+    extra: dict[str, Any] = {}
+    if quantization_bit is not None:
+        extra = quantization_kwargs(quantization_bit, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path),
@@ -151,11 +169,54 @@ def load_base_model(spec: str | Path, *, attn_implementation: str = "sdpa", seed
             use_safetensors=True,
             dtype=torch.float32,
             attn_implementation=attn_implementation,
+            **extra,
         )
     except (OSError, ValueError, KeyError, RuntimeError, ImportError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{path}: cannot load the model ({first})") from None
     return model, tokenizer
+
+
+def quantization_kwargs(bits: int, device: torch.device | None) -> dict[str, Any]:
+    """``from_pretrained`` keywords for a bitsandbytes-quantised frozen base (QLoRA)."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        # nf4 + double quantisation + bf16 compute: the QLoRA paper's recipe (Dettmers et al. 2023)
+        q = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    elif bits == 8:
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        raise ConfigError(f"quantization_bit: {bits!r} must be 4 or 8")
+    index = device.index if device is not None and device.index is not None else 0
+    return {"quantization_config": q, "device_map": {"": index}}
+
+
+def is_quantized(model) -> bool:
+    """True for a base loaded through bitsandbytes (4- or 8-bit)."""
+    inner = unwrap(model)
+    return bool(
+        getattr(inner, "is_loaded_in_4bit", False)
+        or getattr(inner, "is_loaded_in_8bit", False)
+        or getattr(getattr(inner, "config", None), "quantization_config", None)
+    )
+
+
+def decoder_layers(module) -> list:
+    """The decoder blocks (``model.layers`` of a CausalLM, through PEFT/LossModel wrappers)."""
+    inner = (
+        unwrap(getattr(module, "model", module))
+        if isinstance(module, LossModel)
+        else unwrap(module)
+    )
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    return list(layers) if layers is not None else []
 
 
 def load_model(spec: str | Path, *, config: TrainConfig):
@@ -173,6 +234,16 @@ def apply_finetuning(model, config: TrainConfig):
     torch.manual_seed(config.seed)
     if config.finetuning_type == "lora":
         from peft import LoraConfig, get_peft_model
+
+        if is_quantized(model):
+            from peft import prepare_model_for_kbit_training
+
+            # fp32 norms/head, input grads on, checkpointing as configured (QLoRA recipe)
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=config.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
 
         lora = LoraConfig(
             r=config.lora_rank,
@@ -206,6 +277,35 @@ def apply_finetuning(model, config: TrainConfig):
             model.enable_input_require_grads()
     model.config.use_cache = False
     return model
+
+
+def liger_loss(model):
+    """Patch the model's RMSNorm/RoPE/SwiGLU with Liger kernels; return Liger's fused linear
+    cross-entropy (sum reduction) for ``LossModel`` (the head + loss without materialised logits).
+
+    Needs ``liger-kernel`` and CUDA (``sfttrain.perf.check_platform`` refuses otherwise).
+    """
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.fused_linear_cross_entropy import (
+        LigerFusedLinearCrossEntropyLoss,
+    )
+
+    # cross-entropy patches are off: LossModel computes the loss itself (selected positions only)
+    _apply_liger_kernel_to_instance(
+        model=unwrap(model), cross_entropy=False, fused_linear_cross_entropy=False
+    )
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def compile_layers(model) -> int:
+    """``torch.compile`` each decoder layer in place (same shapes every step: one graph, no
+    recompiles); the loss head stays eager because its trained-position count varies. Returns
+    how many layers were compiled. Compiling per layer composes with DDP and FSDP2's per-layer
+    units (torchtune/torchtitan do the same)."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def unwrap(model):
@@ -256,7 +356,15 @@ class LossModel(torch.nn.Module):
     head to the selected rows, which on a 32k vocabulary is most of a small model's arithmetic.
     """
 
-    def __init__(self, model, *, isolation: str, selective_head: bool | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        *,
+        isolation: str,
+        selective_head: bool | None = None,
+        flatten_rows: bool | None = None,
+        fused_loss: Any = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.isolation = isolation
@@ -265,20 +373,39 @@ class LossModel(torch.nn.Module):
         self.selective_head = (
             plain and hasattr(inner, "get_decoder") if selective_head is None else selective_head
         )
+        # flash_attention_2 finds packed records from position-id restarts ONLY for batch size 1
+        # (transformers 5.23 modeling_flash_attention_utils._is_packed_sequence returns False when
+        # batch_size != 1, and then runs plain causal flash attention over the whole row: records
+        # would leak). So [B, L] rows are flattened to [1, B·L]: every row restarts at position 0,
+        # prepare_fa_kwargs_from_position_ids turns each restart into a cu_seqlens boundary, and
+        # flash_attn_varlen_func attends within each record only. Outputs are reshaped back.
+        if flatten_rows is None:
+            flatten_rows = getattr(inner.config, "_attn_implementation", "") == "flash_attention_2"
+        self.flatten_rows = flatten_rows and isolation == "position_ids"
+        # Liger's fused linear cross-entropy (sum reduction): never materialises the logits
+        self.fused_loss = fused_loss
 
     def forward(self, input_ids, labels, position_ids):
         """Loss sum over a batch of rows (tensors [B, L]; labels unshifted, IGNORE_INDEX where untrained)."""
         import torch.nn.functional as F
 
         target = labels[:, 1:]
+        shape = input_ids.shape
+        if self.flatten_rows and shape[0] > 1:
+            input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
         kw = forward_kwargs(input_ids, position_ids, isolation=self.isolation)
         if self.selective_head:
             inner = unwrap(self.model)
-            hidden = inner.get_decoder()(**kw).last_hidden_state[:, :-1]
+            hidden = inner.get_decoder()(**kw).last_hidden_state
+            hidden = hidden.reshape(*shape, hidden.shape[-1])[:, :-1]
             keep = target != IGNORE_INDEX
-            logits = inner.get_output_embeddings()(hidden[keep])
+            head = inner.get_output_embeddings()
+            if self.fused_loss is not None and head.bias is None:
+                return self.fused_loss(head.weight, hidden[keep], target[keep])
+            logits = head(hidden[keep])
             return F.cross_entropy(logits.float(), target[keep], reduction="sum")
-        logits = self.model(**kw).logits[:, :-1]
+        logits = self.model(**kw).logits
+        logits = logits.reshape(*shape, logits.shape[-1])[:, :-1]
         return F.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]),
             target.reshape(-1),
@@ -303,14 +430,19 @@ __all__ = [
     "build_tiny",
     "check_attn_implementation",
     "check_model_dir",
+    "compile_layers",
     "count_trained",
+    "decoder_layers",
     "forward_kwargs",
     "is_adapter_dir",
+    "is_quantized",
     "isolation_for",
+    "liger_loss",
     "load_base_model",
     "load_for_inference",
     "load_model",
     "load_tokenizer_for",
+    "quantization_kwargs",
     "tiny_dir",
     "unwrap",
 ]

@@ -11,9 +11,12 @@
          e. log / evaluate / checkpoint / stop on SIGTERM
     5. final checkpoint, final/ weights, loss.png
 
-Distributed training (issue 5) plugs in through ``Dist``: ranks, the all-reduce of the trained-token
-count and of logged sums, the model wrapper (DDP/FSDP), ``no_sync`` for accumulation micro-batches,
-and agreeing on a stop request. The single-process ``Dist`` is what runs here.
+Distributed training plugs in through ``Dist``: ranks, the all-reduce of the trained-token count
+and of logged sums, the model wrapper (DDP/FSDP), ``no_sync`` for accumulation micro-batches, and
+agreeing on a stop request. The single-process ``Dist`` is defined here; ``sfttrain.distributed``
+builds the torch.distributed one from torchrun's environment. Every rank runs the same number of
+micro-batches per step (zero-weight padding, ``StepSampler.padded_micro_batches``) because DDP and
+FSDP run collectives in every forward/backward.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from sftdata.atomic import atomic_dir, atomic_file
@@ -36,8 +40,10 @@ from sftdata.errors import ConfigError
 from sfttrain.checkpoint import (
     check_resumable,
     latest_checkpoint,
-    load_checkpoint,
+    load_optimizer,
     load_rng,
+    load_weights,
+    optimizer_state,
     remove_stale_temps,
     resolve_resume,
     save_checkpoint,
@@ -54,12 +60,32 @@ from sfttrain.data import (
     to_tensors,
     trained_tokens,
 )
-from sfttrain.model import TINY, LossModel, apply_finetuning, isolation_for, load_base_model
+from sfttrain.model import (
+    TINY,
+    LossModel,
+    apply_finetuning,
+    compile_layers,
+    is_quantized,
+    isolation_for,
+    liger_loss,
+    load_base_model,
+)
+from sfttrain.perf import check_platform, device_peak_tflops, mfu, model_flops_per_token
 
 METRICS_VERSION = 1
 
 
 # ----------------------------------------------------------------------------- distributed hooks
+
+
+def default_device() -> torch.device:
+    """``cuda`` (this process's LOCAL_RANK) when CUDA is available, else the CPU."""
+    import os
+
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
 
 
 @dataclass
@@ -69,7 +95,7 @@ class Dist:
 
     rank: int = 0
     world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(default_factory=default_device)
 
     @property
     def is_main(self) -> bool:
@@ -94,6 +120,9 @@ class Dist:
 
     def barrier(self) -> None:
         """Wait for every rank (around checkpoints)."""
+
+    def close(self) -> None:
+        """Leave the process group (nothing to leave here)."""
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -270,11 +299,17 @@ def evaluate(
     loss_model.eval()
     total = torch.zeros((), dtype=torch.float64, device=dist.device)
     tokens = 0
-    for rows in eval_batches(reader, batch_size, rank=dist.rank, world_size=dist.world_size):
-        host = reader.get_batch(rows)
-        tokens += trained_tokens(host["labels"])
+    batches = eval_batches(
+        reader, batch_size, rank=dist.rank, world_size=dist.world_size, pad=dist.world_size > 1
+    )
+    for rows in batches:
+        # A rank out of rows runs row 0 with weight 0: FSDP needs the same forwards on every rank.
+        weight = 1.0 if len(rows) else 0.0
+        host = reader.get_batch(rows if len(rows) else np.zeros(1, dtype=np.int64))
+        if weight:
+            tokens += trained_tokens(host["labels"])
         with autocast():
-            total += loss_model(**to_tensors(host, dist.device)).double()
+            total += loss_model(**to_tensors(host, dist.device)).double() * weight
     loss_model.train(was_training)
     tokens = int(dist.all_reduce_sum(tokens))
     loss_sum = dist.all_reduce_sum(total.item())
@@ -299,13 +334,16 @@ def _progress(enabled: bool, total: int, start: int) -> Any:
         TextColumn("[bold]train"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+        TextColumn(
+            "loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"
+            "  MFU {task.fields[mfu]}"
+        ),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=Console(stderr=True),
     )
-    progress.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-")
+    progress.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-", mfu="-")
     return progress
 
 
@@ -341,6 +379,7 @@ def train(
     device = dist.device
     run_dir = Path(output_dir)
     shards = Path(shards)
+    check_platform(config, device)  # QLoRA/Liger/flash attention/bf16 this machine cannot run
 
     # ---- 1. data, model, compatibility -------------------------------------------------------
     # verify="full": every shard's sha256 is checked now, so a corrupt folder is refused before
@@ -349,7 +388,11 @@ def train(
     has_eval = has_split(shards, config.eval_split)
     eval_reader = open_split(shards, config.eval_split, verify="full") if has_eval else None
     base, tokenizer = load_base_model(
-        model_spec, attn_implementation=config.attn_implementation, seed=config.seed
+        model_spec,
+        attn_implementation=config.attn_implementation,
+        seed=config.seed,
+        quantization_bit=config.quantization_bit,
+        device=device,
     )
     check_compatible(reader.index, tokenizer, base, shards_dir=shards, model_spec=model_spec)
     if resume is None and latest_checkpoint(run_dir) is not None:
@@ -364,16 +407,10 @@ def train(
         base, tokenizer, model_spec=model_spec, run_dir=run_dir, config=config, dist=dist
     )
 
-    # ---- 2. fine-tuning setup, optimizer, schedule, sampler --------------------------------
-    model = apply_finetuning(base, config).to(device)
-    loss_model = dist.wrap(LossModel(model, isolation=isolation_for(config)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        param_groups(model, config.weight_decay),
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_epsilon,
-    )
+    # ---- 2. fine-tuning setup, resume weights, wrap, optimizer, schedule, sampler -----------------
+    model = apply_finetuning(base, config)
+    if not is_quantized(model):  # bitsandbytes already placed the quantised base on the device
+        model = model.to(device)
     sampler = StepSampler(
         len(reader),
         micro_batch=config.per_device_train_batch_size,
@@ -386,25 +423,48 @@ def train(
     total_steps = sampler.total_steps(
         num_train_epochs=config.num_train_epochs, max_steps=config.max_steps
     )
-    scheduler = _scheduler(optimizer, config, total_steps)
-    autocast = _autocast(config, device)
     shard_id = shards_identity(shards, reader.index)
-
-    # ---- 3. resume ------------------------------------------------------------------------
-    step, trained_total, resumed_from = 0, 0, None
+    step, trained_total, resumed_from, state = 0, 0, None, None
     if resume is not None:
         resumed_from = resolve_resume(resume, run_dir)
         if resumed_from is not None:
             state = check_resumable(
-                resumed_from, config=config, shards=shard_id, model_spec=model_spec
+                resumed_from,
+                config=config,
+                shards=shard_id,
+                model_spec=model_spec,
+                world_size=dist.world_size,
             )
-            load_checkpoint(resumed_from, model=model, optimizer=optimizer, scheduler=scheduler)
-            step, trained_total = int(state["step"]), int(state["trained_tokens"])
-            if Cursor(**state["cursor"]) != sampler.cursor_at(step):
-                raise ConfigError(
-                    f"{resumed_from}: data cursor {state['cursor']} does not match step {step}"
-                )
-            load_rng(resumed_from)  # last: model building above drew from the RNG
+            # Weights go into the UNWRAPPED model: every rank loads the full tensors, then
+            # DDP/FSDP wraps (FSDP shards what was loaded), whatever rank count saved them.
+            load_weights(model, resumed_from, finetuning_type=state["finetuning_type"])
+    seq_len = int(reader.index["seq_len"])
+    flops_per_token = model_flops_per_token(model, seq_len=seq_len)  # before sharding
+    peak_tflops = device_peak_tflops(device, config.peak_tflops)
+    fused_loss = liger_loss(model) if config.use_liger_kernel else None
+    if config.torch_compile:
+        compile_layers(model)
+    loss_model = dist.wrap(LossModel(model, isolation=isolation_for(config), fused_loss=fused_loss))
+    # After wrapping: FSDP2 replaces parameters by sharded DTensors, the optimizer must see those.
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        param_groups(model, config.weight_decay),
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+    )
+    scheduler = _scheduler(optimizer, config, total_steps)
+    autocast = _autocast(config, device)
+
+    # ---- 3. resume: optimizer, scheduler, cursor; RNG last --------------------------------------
+    if resumed_from is not None and state is not None:
+        load_optimizer(resumed_from, model=model, optimizer=optimizer, scheduler=scheduler)
+        step, trained_total = int(state["step"]), int(state["trained_tokens"])
+        if Cursor(**state["cursor"]) != sampler.cursor_at(step):
+            raise ConfigError(
+                f"{resumed_from}: data cursor {state['cursor']} does not match step {step}"
+            )
+        load_rng(resumed_from)  # last: model building above drew from the RNG
     cursor = sampler.cursor_at(step)
     metrics = Metrics(
         run_dir,
@@ -426,6 +486,9 @@ def train(
             "last_loss": last_loss,
         }
         dist.barrier()
+        # Every rank takes part in gathering (FSDP all-gathers the shards); rank 0 writes.
+        model_state = gather_model_state(model)
+        optim_state = optimizer_state(model, optimizer)
         path = None
         if dist.is_main:
             path = save_checkpoint(
@@ -437,6 +500,8 @@ def train(
                 scheduler=scheduler,
                 state=state,
                 config=config,
+                model_state=model_state,
+                optim_state=optim_state,
             )
         dist.barrier()
         return path
@@ -445,7 +510,7 @@ def train(
     loss_model.train()
     # The window's loss is summed on the device; .item() only at logging steps (no per-step sync).
     win_loss = torch.zeros((), dtype=torch.float64, device=device)
-    win_tokens, win_start = 0, time.perf_counter()
+    win_tokens, win_seen, win_start = 0, 0, time.perf_counter()
     grad_norm: torch.Tensor | None = None
     last_loss: float | None = None
     checkpoint: Path | None = None
@@ -453,22 +518,30 @@ def train(
     stopped = False
     with StopRequest() as stop, _progress(progress and dist.is_main, total_steps, step) as bar:
         while step < total_steps:
-            # a. this rank's micro-batches of the step, as host arrays (memory-mapped rows, one stack)
-            host = [reader.get_batch(rows) for rows in sampler.micro_batches(cursor)]
+            # a. this rank's micro-batches of the step, as host arrays (memory-mapped rows, one stack),
+            #    padded with zero-weight ones so every rank runs the same number (DDP/FSDP collectives)
+            batches, n_real = sampler.padded_micro_batches(cursor)
+            host = [reader.get_batch(rows) for rows in batches]
             # b. the normaliser: trained tokens of the whole step, every micro-batch and rank (C3)
-            step_tokens = int(dist.all_reduce_sum(sum(trained_tokens(b["labels"]) for b in host)))
-            scale = dist.world_size / max(step_tokens, 1)  # DDP averages gradients over ranks
+            step_tokens = int(
+                dist.all_reduce_sum(sum(trained_tokens(b["labels"]) for b in host[:n_real]))
+            )
+            scale = dist.world_size / max(step_tokens, 1)  # DDP/FSDP average gradients over ranks
             # c. forward/backward per micro-batch
             for i, b in enumerate(host):
+                weight = 1.0 if i < n_real else 0.0  # a padding micro-batch adds exactly 0
                 # no_sync spans forward AND backward (DDP decides at forward time, reduces in backward)
                 with dist.no_sync(loss_model, last=i == len(host) - 1):
                     with autocast():
-                        loss_sum = loss_model(**to_tensors(b, device))
+                        loss_sum = loss_model(**to_tensors(b, device)) * weight
                     (loss_sum * scale).backward()
                 win_loss += loss_sum.detach()
+            win_seen += len(sampler.step_rows(cursor)) * seq_len  # positions processed (MFU)
             # d. clip and step
             if config.max_grad_norm > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
+                    grad_norm = grad_norm.full_tensor()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -481,6 +554,12 @@ def train(
                 elapsed = time.perf_counter() - win_start
                 last_loss = dist.all_reduce_sum(win_loss.item()) / max(win_tokens, 1)
                 lr = scheduler.get_last_lr()[0]
+                step_mfu = mfu(
+                    flops_per_token,
+                    win_seen / elapsed if elapsed > 0 else 0.0,
+                    peak_tflops=peak_tflops,
+                    world_size=dist.world_size,
+                )
                 row = {
                     "step": step,
                     "epoch": round(step / sampler.steps_per_epoch, 4),
@@ -490,6 +569,7 @@ def train(
                     "trained_tokens": trained_total,
                     "tokens_per_s": round(win_tokens / elapsed, 1) if elapsed > 0 else 0.0,
                     "peak_mem_mb": round(peak_memory_mb(device), 1),
+                    "mfu": None if step_mfu is None else round(step_mfu, 4),
                 }
                 metrics.write(row)
                 if bar is not None:
@@ -498,9 +578,10 @@ def train(
                         loss=f"{last_loss:.4f}",
                         lr=f"{lr:.2e}",
                         tps=f"{row['tokens_per_s']:,.0f}",
+                        mfu="-" if step_mfu is None else f"{100 * step_mfu:.1f}%",
                     )
                 win_loss.zero_()
-                win_tokens, win_start = 0, time.perf_counter()
+                win_tokens, win_seen, win_start = 0, 0, time.perf_counter()
             if (
                 eval_reader is not None
                 and config.eval_steps
@@ -532,15 +613,19 @@ def train(
     if not stopped:
         if eval_reader is not None:
             _log_eval(loss_model, eval_reader, config, dist, autocast, metrics, step, sampler)
+        final_state = gather_model_state(model)  # every rank (FSDP all-gathers)
         if dist.is_main:
             with atomic_dir(run_dir / "final") as tmp:
-                save_weights(model, tmp, finetuning_type=config.finetuning_type)
+                save_weights(
+                    model, tmp, finetuning_type=config.finetuning_type, state_dict=final_state
+                )
                 tokenizer.save_pretrained(str(tmp))
             final_dir = run_dir / "final"
             if config.save_merged and config.finetuning_type == "lora":
                 from sfttrain.export import export_checkpoint
 
                 export_checkpoint(final_dir, run_dir / "final_merged", merge=True)
+    dist.barrier()  # final/ exists before any rank returns
     if dist.is_main:
         rows = metrics.rows()
         metrics.close()
@@ -552,6 +637,13 @@ def train(
 
 
 # ----------------------------------------------------------------------------- loop pieces
+
+
+def gather_model_state(model: torch.nn.Module) -> dict[str, Any] | None:
+    """Full state dict of an FSDP2-sharded model (all ranks must call it), else None."""
+    from sfttrain.distributed import gather_model_state as gather
+
+    return gather(model)
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> Any:

@@ -44,6 +44,13 @@ import click
     "--no-progress", is_flag=True, help="No progress bar (metrics.jsonl is still written)."
 )
 @click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train on N processes of this node: execs `torchrun --standalone --nproc_per_node N "
+    "-m sfttrain run ...` with the other arguments (multi-node: call torchrun yourself).",
+)
+@click.option(
     "--help-config",
     is_flag=True,
     is_eager=True,
@@ -59,6 +66,7 @@ def command(
     model_spec: str | None,
     resume: str | None,
     no_progress: bool,
+    nproc: int | None,
 ) -> None:
     """Fine-tune MODEL on the packed shards in SHARDS (LoRA or full; resumable; SIGTERM-safe).
 
@@ -80,7 +88,13 @@ def command(
     if not output_dir:
         raise ConfigError("-o/--output: give a run folder (or output_dir in the config)")
     config = dataclasses.replace(config, model_name_or_path=model_spec, output_dir=output_dir)
+
+    from sfttrain.distributed import dist_from_env, under_torchrun
+
+    if nproc is not None and nproc > 1 and not under_torchrun():
+        _exec_torchrun(nproc, config)  # does not return
     _quiet_libraries()
+    dist = dist_from_env(config)
 
     from sfttrain.checkpoint import CheckpointError
     from sfttrain.train import train
@@ -93,12 +107,17 @@ def command(
             model_spec=model_spec,
             resume=resume,
             progress=not no_progress,
+            dist=dist,
         )
     except OSError as e:
         # Checkpoints handle their own failures (the previous one stays valid); this is any other
         # write in the run folder (metrics.jsonl, final/, loss.png) on a full or read-only disk.
         where = e.filename or output_dir
         raise CheckpointError(f"{where}: cannot write ({e.strerror or e})") from None
+    finally:
+        dist.close()
+    if not dist.is_main:
+        return  # rank 0 reports for the group
     loss = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
     if result.stopped:
         click.echo(
@@ -108,6 +127,33 @@ def command(
         click.echo(
             f"trained {result.step} steps, {result.trained_tokens:,} trained tokens, last loss {loss}; final weights in {result.final_dir}"
         )
+
+
+def _exec_torchrun(nproc: int, config) -> None:
+    """Replace this process by torchrun running ``sfttrain run`` (same arguments) on ``nproc`` ranks.
+
+    What can be refused before any process starts is refused here, in one line (a bad config
+    already was; QLoRA/flash attention/Liger without CUDA now), rather than once per rank.
+    """
+    import os
+    import sys
+
+    from sfttrain.distributed import default_device, strip_nproc, torchrun_argv
+    from sfttrain.perf import check_platform
+
+    check_platform(config, default_device())
+    argv = torchrun_argv(nproc, strip_nproc(_run_args(sys.argv)))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)
+
+
+def _run_args(argv: list[str]) -> list[str]:
+    """The arguments after the ``run`` command word of this process's command line."""
+    try:
+        return argv[argv.index("run") + 1 :]
+    except ValueError:
+        return argv[1:]
 
 
 def _quiet_libraries() -> None:
