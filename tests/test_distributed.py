@@ -43,6 +43,9 @@ COMMON = {
     "lr_scheduler_type": "linear",
     "report_to": "none",
     "seed": 7,
+    # 3 validation rows, 1 per batch: rank 0 runs 2 eval batches, rank 1 one + a zero-weight pad
+    "per_device_eval_batch_size": 1,
+    "eval_steps": 3,
 }
 
 
@@ -123,9 +126,21 @@ def assert_same_losses(a: dict[int, float], b: dict[int, float], steps) -> None:
         assert a[s] == pytest.approx(b[s], abs=2e-5, rel=1e-5), (s, a[s], b[s])
 
 
+def eval_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["eval_loss"] for r in metrics(run_dir) if "eval_loss" in r}
+
+
+def assert_same_eval(a: Path, b: Path) -> None:
+    ea, eb = eval_losses(a), eval_losses(b)
+    assert sorted(ea) == sorted(eb) == [3, 6]
+    assert_same_losses(ea, eb, [3, 6])
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    return demo_shards(tmp_path_factory.mktemp("dist"), seq_len=64, limit=33)
+    out = demo_shards(tmp_path_factory.mktemp("dist"), seq_len=64, limit=38, val_count=6)
+    assert (len(open_split(out, "train")), len(open_split(out, "validation"))) == (17, 3)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +211,7 @@ def test_c3_two_ranks_accumulation_4_equal_one_rank_accumulation_8(lora_ref, lor
     assert sorted(ref) == sorted(ddp) == list(range(1, 7))
     assert_same_losses(ref, ddp, range(1, 7))
     assert_same_weights(lora_ref / "final", lora_ddp / "final")
+    assert_same_eval(lora_ref, lora_ddp)  # evaluation split over ranks, padded, summed
     assert ref[6] < ref[1]  # it trained
 
 
@@ -326,6 +342,7 @@ def test_fsdp_full_finetuning_matches_one_rank_and_its_checkpoint_resumes_on_one
     )
     assert_same_losses(train_losses(ref), train_losses(fsdp), range(1, 7))
     assert_same_weights(ref / "final", fsdp / "final")
+    assert_same_eval(ref, fsdp)
     # the FSDP checkpoint is a plain full checkpoint: it resumes on one rank, without FSDP
     step2 = complete_checkpoints(fsdp)[0]
     assert (step2 / "model.safetensors").is_file()
