@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -117,13 +118,20 @@ def run_one(tool: str, mode: str, data: dict, a: argparse.Namespace) -> dict:
     else:
         cmd = [py, str(HERE / "train_trl.py"), str(data["conversations"]), str(data["model"])]
         cmd += [*common, "--logging-steps", str(a.logging_steps)]
+    load_before = os.getloadavg()[0]
     r = run_child(cmd)
     res = last_json_line(r["stdout"])
-    res.update(process_seconds=r["seconds"], peak_rss_mb=r["peak_rss_mb"])
+    # The 1-minute load average around the run: above the core count, other jobs were competing.
+    res.update(
+        process_seconds=r["seconds"],
+        peak_rss_mb=r["peak_rss_mb"],
+        load_avg=[load_before, os.getloadavg()[0]],
+    )
     print(
         f"  {mode:4} {tool:4}: {res['tokens_per_s']:8.1f} trained tokens/s "
         f"({res['trained_tokens']} in {res['measured_seconds']:.1f} s), "
-        f"peak RSS {res['peak_rss_mb']:.0f} MB, process {r['seconds']:.0f} s",
+        f"peak RSS {res['peak_rss_mb']:.0f} MB, process {r['seconds']:.0f} s, "
+        f"load {res['load_avg'][0]:.1f}->{res['load_avg'][1]:.1f} on {os.cpu_count()} CPUs",
         file=sys.stderr,
         flush=True,
     )
@@ -189,6 +197,7 @@ def main() -> None:
                     "metrics_tokens_per_s": r.get("metrics_tokens_per_s"),
                     "loss_gap_vs_bare": loss_gap(bare, r) if tool == "ours" else None,
                     "step_seconds": r["step_seconds"],
+                    "load_avg": r["load_avg"],
                 }
             )
 
@@ -212,6 +221,11 @@ def main() -> None:
             f"{x['measured_seconds']:.1f} | {x['tokens_per_s']:,.0f} | {x['vs_bare']:.0%} | "
             f"{vs_trl} | {x['peak_rss_mb']:,.0f} |"
         )
+    loads = [v for x in rows for v in x["load_avg"]]
+    print(
+        f"\n1-minute load average around the runs: {min(loads):.1f}-{max(loads):.1f} on "
+        f"{os.cpu_count()} CPUs (the benchmark itself adds up to ~2; more means other jobs competed)"
+    )
     for x in rows:
         if x["trainer"] == "ours":
             print(
@@ -231,6 +245,7 @@ def main() -> None:
             "logging_steps": a.logging_steps,
             "save_steps": a.save_steps,
             "repeat": a.repeat,
+            "cpus": os.cpu_count(),
             "model": MODEL_CONFIG,
             "parameters": data["parameters"],
             "lora": LORA,
