@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sftdata.atomic import atomic_dir
 from sftdata.errors import ConfigError
-from sfttrain.model import is_adapter_dir, load_for_inference, load_tokenizer_for
+from sfttrain.model import adapter_base, is_adapter_dir, load_for_inference, load_tokenizer_for
 
 DTYPES = ("fp32", "fp16", "bf16")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -21,6 +21,32 @@ def torch_dtype(name: str):
         return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
     except KeyError:
         raise ConfigError(f"--dtype: {name!r} is not one of {', '.join(DTYPES)}") from None
+
+
+def check_mergeable_base(base: str | Path) -> None:
+    """Refuse merging an adapter into a base folder that holds quantised weights.
+
+    A QLoRA run trains against a 4/8-bit copy made at load time, but its adapter records the
+    ORIGINAL full-precision folder, and merging loads those weights (dequantising nothing): exact.
+    A folder saved already quantised (``quantization_config`` in its config.json) has no
+    full-precision weights to merge into; rounding the merged sum back to 4 bits would destroy the
+    update, so it is refused.
+    """
+    import json
+
+    cfg = Path(base) / "config.json"
+    if not cfg.is_file():
+        return  # load_for_inference reports a missing base in its own words
+    try:
+        quant = json.loads(cfg.read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError):
+        return
+    if quant:
+        raise ConfigError(
+            f"{cfg}: the adapter's base holds quantised weights ({quant.get('quant_method', 'quantised')}); "
+            "merging needs the original full-precision model folder — export without --merge, or "
+            "point base_model_name_or_path at the fp16/bf16/fp32 weights"
+        )
 
 
 def export_checkpoint(
@@ -50,6 +76,8 @@ def export_checkpoint(
                 shutil.copy2(src / name, tmp / name)
             tokenizer.save_pretrained(str(tmp))
         return "adapter"
+    if is_adapter_dir(src):
+        check_mergeable_base(adapter_base(src))
     model, _ = load_for_inference(src)  # an adapter folder comes back as base + adapter (PEFT)
     what = "model"
     if is_adapter_dir(src):
@@ -63,4 +91,4 @@ def export_checkpoint(
     return what
 
 
-__all__ = ["DTYPES", "export_checkpoint", "torch_dtype"]
+__all__ = ["DTYPES", "check_mergeable_base", "export_checkpoint", "torch_dtype"]
