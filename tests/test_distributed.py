@@ -291,9 +291,16 @@ def _rank_of(pid: int) -> int | None:
     return None
 
 
-def test_sigterm_on_one_rank_stops_both_with_a_checkpoint(shards, tmp_path) -> None:
+def test_sigterm_on_one_rank_stops_both_with_a_checkpoint(shards, lora_ref, tmp_path) -> None:
+    """Under FSDP + LoRA, so the stop checkpoint also shows the adapter gathered from shards."""
     out = tmp_path / "run"
-    values = {**COMMON, "gradient_accumulation_steps": 4, "num_train_epochs": 1000, "save_steps": 0}
+    values = {
+        **COMMON,
+        "distributed": "fsdp",
+        "gradient_accumulation_steps": 4,
+        "num_train_epochs": 1000,
+        "save_steps": 0,
+    }
     proc = subprocess.Popen(
         torchrun_cmd(shards, out, values),
         stdout=subprocess.PIPE,
@@ -323,6 +330,12 @@ def test_sigterm_on_one_rank_stops_both_with_a_checkpoint(shards, tmp_path) -> N
     logged = max(r["step"] for r in metrics(out) if "loss" in r)
     assert state["step"] == logged < 3000  # both ranks stopped at the same step and saved it
     assert not (out / "final").exists()
+    # the adapter was gathered from the FSDP shards: full shapes, the same keys as one rank's
+    got = weights(last)
+    want = weights(complete_checkpoints(lora_ref)[0])
+    assert got.keys() == want.keys()
+    assert all(got[k].shape == want[k].shape for k in got)
+    assert all(got[k].abs().sum() > 0 for k in got if "lora_B" in k)  # trained (B starts at 0)
 
 
 # ----------------------------------------------------------------------------- FSDP2 on CPU/gloo
