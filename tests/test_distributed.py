@@ -338,6 +338,39 @@ def test_sigterm_on_one_rank_stops_both_with_a_checkpoint(shards, lora_ref, tmp_
     assert all(got[k].abs().sum() > 0 for k in got if "lora_B" in k)  # trained (B starts at 0)
 
 
+def test_sigterm_to_the_nproc_launcher_stops_the_ranks_cleanly(shards, tmp_path) -> None:
+    """`sfttrain run --nproc 2` routes SIGTERM to the workers: checkpoint, exit 0, no traceback."""
+    out = tmp_path / "run"
+    values = {**COMMON, "gradient_accumulation_steps": 4, "num_train_epochs": 1000, "save_steps": 0}
+    cmd = [sys.executable, "-m", "sfttrain", "run", str(shards), "-o", str(out), "--model", "tiny"]
+    cmd += ["--no-progress", "--nproc", "2", *_sets(values)]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not [r for r in metrics(out) if r.get("step", 0) >= 2]:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stopped at step" in stdout and "Traceback" not in stderr
+    state = read_state(complete_checkpoints(out)[-1])
+    assert state["world_size"] == 2
+    assert state["step"] == max(r["step"] for r in metrics(out) if "loss" in r)
+
+
 # ----------------------------------------------------------------------------- FSDP2 on CPU/gloo
 
 

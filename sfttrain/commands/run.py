@@ -47,7 +47,7 @@ import click
     "--nproc",
     type=click.IntRange(min=1),
     default=None,
-    help="Train on N processes of this node: execs `torchrun --standalone --nproc_per_node N "
+    help="Train on N processes of this node: runs `torchrun --standalone --nproc_per_node N "
     "-m sfttrain run ...` with the other arguments (multi-node: call torchrun yourself).",
 )
 @click.option(
@@ -92,7 +92,7 @@ def command(
     from sfttrain.distributed import dist_from_env, under_torchrun
 
     if nproc is not None and nproc > 1 and not under_torchrun():
-        _exec_torchrun(nproc, config)  # does not return
+        raise SystemExit(_run_torchrun(nproc, config))
     _quiet_libraries()
     dist = dist_from_env(config)
 
@@ -129,13 +129,19 @@ def command(
         )
 
 
-def _exec_torchrun(nproc: int, config) -> None:
-    """Replace this process by torchrun running ``sfttrain run`` (same arguments) on ``nproc`` ranks.
+def _run_torchrun(nproc: int, config) -> int:
+    """Run torchrun (``sfttrain run`` with the same arguments on ``nproc`` ranks); its exit code.
 
     What can be refused before any process starts is refused here, in one line (a bad config
     already was; QLoRA/flash attention/Liger without CUDA now), rather than once per rank.
+    torchrun runs in its own session and this process stays as its parent only to route
+    SIGTERM/SIGINT to the WORKERS: they agree, save one checkpoint and exit 0, so torchrun exits
+    0 too. (Signalled itself, torchrun forwards the signal but then re-raises it: a traceback
+    and a failed exit even though the checkpoint was written; a terminal's Ctrl-C would reach it
+    through the process group, hence the separate session.)
     """
-    import os
+    import signal
+    import subprocess
     import sys
 
     from sfttrain.distributed import default_device, strip_nproc, torchrun_argv
@@ -145,7 +151,32 @@ def _exec_torchrun(nproc: int, config) -> None:
     argv = torchrun_argv(nproc, strip_nproc(_run_args(sys.argv)))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(argv[0], argv)
+    proc = subprocess.Popen(argv, start_new_session=True)
+
+    def forward(signum: int, _frame) -> None:
+        _signal_workers(proc.pid, signum)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _signal_workers(agent: int, signum: int) -> None:
+    """Send ``signum`` to torchrun's worker processes (its children); to torchrun if none is found."""
+    import contextlib
+    import os
+    from pathlib import Path
+
+    try:
+        children = Path(f"/proc/{agent}/task/{agent}/children").read_text().split()
+    except OSError:  # not Linux, or no /proc children list
+        children = []
+    for pid in [int(c) for c in children] or [agent]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
 
 
 def _run_args(argv: list[str]) -> list[str]:
