@@ -13,9 +13,9 @@ difference against separate forward passes):
 
 So the trainer always passes ``use_cache=False`` and, per implementation, either relies on the
 position-id restarts (``position_ids``, the default for every implementation: no L×L mask is built
-by us) or passes an additive float block mask (``block_mask``). ``flash_attention_2`` also turns
-position-id restarts into varlen ``cu_seqlens`` inside transformers, so the CUDA path (issue 5) uses
-the same inputs. ``tests/test_model.py`` checks C1 for every implementation the trainer may pick on CPU.
+by us) or passes an additive float block mask (``block_mask``). ``flash_attention_2`` turns
+position-id restarts into varlen ``cu_seqlens`` inside transformers, but only for a batch of ONE
+sequence, so ``LossModel`` flattens [B, L] rows to [1, B·L] under it (see ``LossModel``). ``tests/test_model.py`` checks C1 for every implementation the trainer may pick on CPU.
 """
 
 from __future__ import annotations
