@@ -63,8 +63,10 @@ def command(
     )
     import contextlib
 
+    dist = Dist()  # the GPU when there is one (the model comes back on the CPU)
+    loss_model = loss_model.to(dist.device)
     loss, tokens = evaluate(
-        loss_model, reader, batch_size=batch_size, dist=Dist(), autocast=contextlib.nullcontext
+        loss_model, reader, batch_size=batch_size, dist=dist, autocast=contextlib.nullcontext
     )
     ppl = math.exp(min(loss, 700.0)) if tokens else float("nan")
     if as_json:
