@@ -158,8 +158,22 @@ class Conversation:
         return cls(id=rid, messages=messages, source=source, tools=tools)
 
 
-def read_jsonl(path: str | Path) -> Iterator[Conversation]:
-    """Stream canonical conversations from a JSONL file, one line at a time.
+def parse_jsonl_line(line: str, *, path: str, lineno: int) -> Conversation:
+    """One canonical JSONL line as a Conversation (its source defaults to ``path:lineno``).
+
+    Raises:
+        ConversionError: naming ``path:lineno`` for invalid JSON or a bad record.
+    """
+    where = f"{path}:{lineno}"
+    try:
+        d = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    return Conversation.from_dict(d, where=where, fallback_source=Source(file=path, line=lineno))
+
+
+def read_jsonl_numbered(path: str | Path) -> Iterator[tuple[int, Conversation]]:
+    """Stream ``(line number, conversation)`` pairs of a canonical JSONL file, skipping blanks.
 
     Raises:
         ConversionError: naming ``path:line`` for unreadable files, invalid JSON or bad records.
@@ -171,21 +185,23 @@ def read_jsonl(path: str | Path) -> Iterator[Conversation]:
         raise ConversionError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ConversionError(f"{path}: is a folder, expected a .jsonl file") from None
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read ({e.strerror})") from None
     with f:
         lineno = 0
         try:
             for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConversionError(
-                        f"{where}: invalid JSON ({e.msg} at column {e.colno})"
-                    ) from None
-                yield Conversation.from_dict(
-                    d, where=where, fallback_source=Source(file=str(path), line=lineno)
-                )
+                if line.strip():
+                    yield lineno, parse_jsonl_line(line, path=str(path), lineno=lineno)
         except UnicodeDecodeError:
             raise ConversionError(f"{path}:{lineno + 1}: not valid UTF-8 text") from None
+
+
+def read_jsonl(path: str | Path) -> Iterator[Conversation]:
+    """Stream canonical conversations from a JSONL file, one line at a time.
+
+    Raises:
+        ConversionError: naming ``path:line`` for unreadable files, invalid JSON or bad records.
+    """
+    for _, conv in read_jsonl_numbered(path):
+        yield conv

@@ -15,13 +15,13 @@ The MindRecord export of packed shards lives in :mod:`sftdata.exporters.mindreco
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sftdata.atomic import atomic_file
-from sftdata.conversation import Conversation, Message, Source, read_jsonl
+from sftdata.conversation import Conversation, Message, read_jsonl_numbered
 from sftdata.errors import ConversionError
 
 CHAT_FORMATS = ("sharegpt", "alpaca", "openai")
@@ -227,35 +227,6 @@ def write_records(records: Iterable[dict[str, Any]], f: Any, *, json_lines: bool
     return n
 
 
-def _numbered(path: str | Path) -> Iterator[tuple[int, Conversation]]:
-    """Canonical records of ``path`` with their 1-based line numbers (errors as read_jsonl's)."""
-    path = Path(path)
-    if not path.is_file():
-        # read_jsonl words the missing-file / folder errors; let it raise them.
-        next(iter(read_jsonl(path)), None)
-    with path.open("r", encoding="utf-8") as f:
-        lineno = 0
-        try:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConversionError(
-                        f"{where}: invalid JSON ({e.msg} at column {e.colno})"
-                    ) from None
-                yield (
-                    lineno,
-                    Conversation.from_dict(
-                        d, where=where, fallback_source=Source(file=str(path), line=lineno)
-                    ),
-                )
-        except UnicodeDecodeError:
-            raise ConversionError(f"{path}:{lineno + 1}: not valid UTF-8 text") from None
-
-
 def export_conversations(input_path: str | Path, output: str | Path, *, fmt: str) -> ExportReport:
     """Write canonical JSONL ``input_path`` as ``fmt`` (one of CHAT_FORMATS) to ``output``, atomically.
 
@@ -272,7 +243,7 @@ def export_conversations(input_path: str | Path, output: str | Path, *, fmt: str
     report = ExportReport(output=str(output), format=fmt)
 
     def records() -> Iterable[dict[str, Any]]:
-        for lineno, conv in _numbered(input_path):
+        for lineno, conv in read_jsonl_numbered(input_path):
             report.records_in += 1
             yield convert(conv, where=f"{input_path}:{lineno} (raw record {conv.source})")
 

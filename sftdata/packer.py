@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from sftdata import __version__
-from sftdata.conversation import Conversation, Source, read_jsonl
+from sftdata.conversation import Conversation, parse_jsonl_line, read_jsonl
 from sftdata.errors import ConfigError, ConversionError, ShardError, ValidationError
 from sftdata.pack import build_row, efficiency, pack_rows
 from sftdata.shards import INDEX_NAME, KIND, ShardReader, ShardWriter, write_index
@@ -283,22 +283,12 @@ def parse_chunk(chunk: RawChunk) -> list[Conversation]:
     """Canonical records of a raw block, with ``read_jsonl``'s ``path:line`` errors."""
     out = []
     for lineno, raw in enumerate(chunk.data.splitlines(), start=chunk.first_line):
-        where = f"{chunk.path}:{lineno}"
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise ConversionError(f"{where}: not valid UTF-8 text") from None
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConversionError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        out.append(
-            Conversation.from_dict(
-                d, where=where, fallback_source=Source(file=chunk.path, line=lineno)
-            )
-        )
+            raise ConversionError(f"{chunk.path}:{lineno}: not valid UTF-8 text") from None
+        if line.strip():
+            out.append(parse_jsonl_line(line, path=chunk.path, lineno=lineno))
     return out
 
 
