@@ -42,10 +42,10 @@ from sftdata import __version__
 from sftdata.conversation import Conversation, parse_jsonl_line, read_jsonl
 from sftdata.errors import ConfigError, ConversionError, ShardError, ValidationError
 from sftdata.pack import build_row, efficiency, pack_rows
+from sftdata.render import TRAIN_ON
 from sftdata.shards import INDEX_NAME, KIND, ShardReader, ShardWriter, write_index
 
 OVERFLOW = ("drop", "truncate", "error")
-TRAIN_ON = ("all-assistant", "last-assistant", "everything")
 MARKER = ".sftdata-pack"
 SHARD_BYTES = 64 << 20
 """Auto shard size: about this many bytes per shard file (3 int32 columns x seq_len per row)."""

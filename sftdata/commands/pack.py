@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from sftdata.render import TRAIN_ON
+
 
 @click.command("pack")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -28,7 +30,7 @@ import click
     "--train-on",
     default="all-assistant",
     show_default=True,
-    type=click.Choice(["all-assistant", "last-assistant", "everything"]),
+    type=click.Choice(TRAIN_ON),
     help="Trained turns when a message has no 'train' flag (the flag always wins).",
 )
 @click.option(

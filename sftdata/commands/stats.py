@@ -14,6 +14,7 @@ import click
 import numpy as np
 
 from sftdata import IGNORE_INDEX
+from sftdata.render import TRAIN_ON
 
 
 def summarize(lengths: np.ndarray, trained: np.ndarray) -> dict[str, Any]:
@@ -120,7 +121,7 @@ def write_histogram(lengths: np.ndarray, path: Path, *, title: str, seq_len: int
     "--train-on",
     default="all-assistant",
     show_default=True,
-    type=click.Choice(["all-assistant", "last-assistant", "everything"]),
+    type=click.Choice(TRAIN_ON),
     help="For JSONL input.",
 )
 @click.option(
