@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from sftdata.errors import ConfigError
+
 
 @contextlib.contextmanager
 def atomic_file(
@@ -19,10 +21,17 @@ def atomic_file(
 
     The temp file lives in the target folder so the final ``os.replace`` is atomic (same
     filesystem). On any exception (including KeyboardInterrupt) the temp file is removed.
+
+    Raises:
+        ConfigError: naming ``path`` when its folder cannot take a new file (missing, not a
+            folder, no permission).
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot write here ({e.strerror})") from None
     try:
         if "b" in mode:
             f = os.fdopen(fd, mode)

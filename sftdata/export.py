@@ -14,6 +14,7 @@ The MindRecord export of packed shards lives in :mod:`sftdata.exporters.mindreco
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -247,7 +248,8 @@ def export_conversations(input_path: str | Path, output: str | Path, *, fmt: str
             report.records_in += 1
             yield convert(conv, where=f"{input_path}:{lineno} (raw record {conv.source})")
 
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):  # a parent that cannot be made: atomic_file names it
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(output) as f:
         report.records_out = write_records(records(), f, json_lines=fmt == "openai")
     return report

@@ -173,6 +173,9 @@ def test_output_problems(tmp_path):
     same.write_text('{"instruction": "q", "output": "a"}\n')
     r = run(str(same), "-o", str(same))
     assert r.exit_code == 1 and "is also the output file" in r.stderr
+    r = run(str(RAW / "qa.csv"), "-o", str(same / "o.jsonl"))  # parent is a file
+    assert r.exit_code == 1
+    assert r.stderr.strip() == f"Error: {same / 'o.jsonl'}: cannot write here (Not a directory)"
     assert same.read_text() == '{"instruction": "q", "output": "a"}\n'
 
 

@@ -266,6 +266,15 @@ def test_missing_input_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
+def test_unwritable_output_is_one_line(tmp_path: Path) -> None:
+    canon = tmp_path / "c.jsonl"
+    canon.write_text("", encoding="utf-8")
+    out = canon / "sub" / "o.json"  # below a file: neither the folder nor the file can be made
+    res = CliRunner().invoke(main, ["export", str(canon), "--format", "alpaca", "-o", str(out)])
+    assert res.exit_code == 1
+    assert res.output.strip() == f"Error: {out}: cannot write here (Not a directory)"
+
+
 def test_export_reads_what_convert_wrote(tmp_path: Path) -> None:
     """read_jsonl is the reader: records without a source are named by the JSONL line."""
     canon = tmp_path / "c.jsonl"
