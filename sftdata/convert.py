@@ -58,10 +58,12 @@ class ConvertReport:
 
     @property
     def records_in(self) -> int:
+        """Raw records read over all inputs."""
         return sum(i.records_in for i in self.inputs)
 
     @property
     def records_out(self) -> int:
+        """Canonical records written over all inputs."""
         return sum(i.records_out for i in self.inputs)
 
     def summary_lines(self) -> list[str]:

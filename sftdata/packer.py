@@ -123,6 +123,7 @@ class PackReport:
     def from_index(
         cls, output: Path, index: dict[str, Any], *, noop: bool, seconds: float
     ) -> PackReport:
+        """The report of a pack whose ``index.json`` is ``index`` (a fresh or a no-op run)."""
         c = index["counts"]
         return cls(
             output=output,

@@ -100,6 +100,7 @@ class JinjaTemplate:
     def render(
         self, messages: list[dict[str, Any]], tools: list[Any] | None, generation_prompt: bool
     ) -> str:
+        """``messages`` rendered as one string (ending in the generation prompt when asked)."""
         return self._template.render(
             messages=messages,
             tools=tools,
@@ -145,6 +146,7 @@ class FastChatTemplate:
     def render(
         self, messages: list[dict[str, Any]], tools: list[Any] | None, generation_prompt: bool
     ) -> str:
+        """``messages`` rendered as one string (ending in the generation prompt when asked)."""
         conv = self._base.copy()
         rest = messages
         if messages and messages[0]["role"] == "system":
