@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from test_packer import fixture_records, write_jsonl  # tests/ is on sys.path (rootdir conftest)
@@ -13,6 +14,7 @@ from sftdata.cli import main
 from sftdata.commands.inspect import plain_text, runs
 from sftdata.conversation import read_jsonl
 from sftdata.shards import ShardReader
+from sftdata.stats import packing_estimate
 
 
 def run(*args: object):
@@ -143,3 +145,10 @@ def test_inspect_record_searches_every_split(tmp_path: Path) -> None:
     assert "(split validation," in r.output and f"--- record {rid} (" in r.output
     r = run("inspect", out, "--record", rid, "--split", "train")
     assert r.exit_code == 1 and f"no record {rid!r} in split 'train'" in r.output
+
+
+def test_packing_estimate_leaves_out_what_does_not_fit() -> None:
+    # 9 > seq_len is left out; 5 | 3+3 fill two rows of 6 with 11 tokens.
+    eff, rows, left_out = packing_estimate(np.array([3, 3, 5, 9]), 6)
+    assert (rows, left_out) == (2, 1)
+    assert eff == pytest.approx(11 / 12)

@@ -8,97 +8,10 @@ to show the efficiency ``pack`` would get).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
-import numpy as np
 
-from sftdata import IGNORE_INDEX
 from sftdata.render import TRAIN_ON
-
-
-def summarize(lengths: np.ndarray, trained: np.ndarray) -> dict[str, Any]:
-    """Distribution of per-record token lengths and the trained-token ratio (pure)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    trained = np.asarray(trained, dtype=np.int64)
-    if lengths.size == 0:
-        return {"records": 0, "tokens": 0, "trained_tokens": 0, "trained_ratio": 0.0}
-    q = np.percentile(lengths, [50, 90, 99])
-    total = int(lengths.sum())
-    return {
-        "records": int(lengths.size),
-        "tokens": total,
-        "trained_tokens": int(trained.sum()),
-        "trained_ratio": float(trained.sum() / total),
-        "min": int(lengths.min()),
-        "median": float(q[0]),
-        "p90": float(q[1]),
-        "p99": float(q[2]),
-        "max": int(lengths.max()),
-    }
-
-
-def shard_lengths(folder: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Per-record lengths and trained counts over every split of a shard folder."""
-    from sftdata.shards import ShardReader
-
-    lens, trained = [], []
-    index: dict[str, Any] = {}
-    for split in ShardReader.splits(folder):
-        reader = ShardReader(folder, split=split)
-        index = reader.index
-        for i in range(len(reader)):
-            row = reader[i]
-            k = len(row["record_ids"])
-            seg = row["seq_lens"][:k]
-            starts = np.concatenate([[0], np.cumsum(seg)[:-1]])
-            lens.append(seg)
-            trained.append(
-                np.add.reduceat((row["labels"] != IGNORE_INDEX).astype(np.int64), starts)
-            )
-    return np.concatenate(lens), np.concatenate(trained), index
-
-
-def jsonl_lengths(
-    inputs: tuple[Path, ...], *, tokenizer: str, template: str, train_on: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-record lengths and trained counts of canonical JSONL files, rendered and encoded."""
-    from sftdata.packer import PackOptions, encode_chunk, read_chunks
-
-    # seq_len is irrelevant here: overflow "truncate" would cut; use a bound no record reaches.
-    opts = PackOptions(seq_len=1 << 62, tokenizer=tokenizer, template=template, train_on=train_on)
-    lens, trained = [], []
-    for convs in read_chunks(inputs, opts.chunk_size):
-        chunk = encode_chunk(convs, opts, keep_zero_trained=True)
-        lens.append(chunk.lengths)
-        starts = np.concatenate([[0], np.cumsum(chunk.lengths)[:-1]]).astype(np.int64)
-        m = chunk.mask.astype(np.int64)
-        m[starts] = 0  # the first token's label is ignored once packed
-        trained.append(np.add.reduceat(m, starts) if len(starts) else np.empty(0, np.int64))
-    return np.concatenate(lens), np.concatenate(trained)
-
-
-def write_histogram(lengths: np.ndarray, path: Path, *, title: str, seq_len: int | None) -> None:
-    """A record-length histogram PNG, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from sftdata.atomic import atomic_file
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.hist(lengths, bins=min(80, max(10, int(np.sqrt(len(lengths))))), color="#3b7dd8")
-    if seq_len:
-        ax.axvline(seq_len, color="#d83b3b", linestyle="--", label=f"seq_len {seq_len}")
-        ax.legend()
-    ax.set_xlabel("tokens per record")
-    ax.set_ylabel("records")
-    ax.set_title(title)
-    fig.tight_layout()
-    with atomic_file(path, mode="wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
 
 
 @click.command("stats")
@@ -140,7 +53,13 @@ def command(
 ) -> None:
     """Token-length distribution, trained ratio and packing efficiency of a shard folder or JSONL files."""
     from sftdata.errors import ConfigError
-    from sftdata.pack import efficiency, pack_rows
+    from sftdata.stats import (
+        jsonl_lengths,
+        packing_estimate,
+        shard_lengths,
+        summarize,
+        write_histogram,
+    )
 
     lines = []
     if len(inputs) == 1 and inputs[0].is_dir():
@@ -164,12 +83,10 @@ def command(
         seq = seq_len
         eff_line = None
         if seq_len:
-            fits = lens[lens <= seq_len]
-            rows = len(pack_rows(fits, seq_len=seq_len))
-            eff = efficiency(int(fits.sum()), rows, seq_len)
+            eff, rows, left_out = packing_estimate(lens, seq_len)
             eff_line = (
                 f"packing efficiency {eff:.2%} at seq_len {seq_len} ({rows:,} rows; "
-                f"{len(lens) - len(fits):,} records longer than seq_len left out)"
+                f"{left_out:,} records longer than seq_len left out)"
             )
         title = f"{', '.join(p.name for p in inputs)}: {len(lens):,} records"
     s = summarize(lens, trained)
