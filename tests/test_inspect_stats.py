@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from test_packer import fixture_records, write_jsonl  # tests/ is on sys.path (rootdir conftest)
 
 from sftdata.cli import main
-from sftdata.commands.inspect import plain_text, runs
 from sftdata.conversation import read_jsonl
+from sftdata.inspection import plain_text, runs
 from sftdata.shards import ShardReader
 from sftdata.stats import packing_estimate
 
