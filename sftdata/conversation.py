@@ -165,6 +165,8 @@ def parse_jsonl_line(line: str, *, path: str, lineno: int) -> Conversation:
         ConversionError: naming ``path:lineno`` for invalid JSON or a bad record.
     """
     where = f"{path}:{lineno}"
+    if lineno == 1:  # a BOM (Windows editors) is skipped, as validate skips it
+        line = line.lstrip("\ufeff")
     try:
         d = json.loads(line)
     except json.JSONDecodeError as e:

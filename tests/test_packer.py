@@ -517,6 +517,19 @@ def test_bad_record_names_its_line_in_workers_too(tmp_path: Path, num_proc: int)
     assert_clean_failure(r, "absent.jsonl: no such file", out)
 
 
+def test_leading_bom_is_read_as_validate_reads_it(tmp_path: Path) -> None:
+    """A UTF-8 BOM before line 1 (Windows editors): validate accepts it, so pack must too."""
+    recs = fixture_records()[:3]
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in recs).encode())
+    assert run("validate", path).exit_code == 0
+    assert [c.id for c in read_jsonl(path)] == [r["id"] for r in recs]
+    out = tmp_path / "o"
+    r = run("pack", path, "-o", out, "--tokenizer", "tiny", "--seq-len", 256, "--num-proc", 2)
+    assert r.exit_code == 0, r.output
+    assert ShardReader(out).index["counts"]["records"] == 3
+
+
 def test_disk_full_while_writing_is_one_line_and_leaves_nothing(
     tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
