@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sftdata.conversation import ROLES, SCHEMA_VERSION
+from sftdata.conversation import ROLES, SCHEMA_VERSION, Source
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "conversation.v1.json"
 
@@ -229,13 +229,10 @@ def _source_text(record: Any) -> str | None:
     src = record.get("source") if isinstance(record, dict) else None
     if not isinstance(src, dict) or not isinstance(src.get("file"), str):
         return None
-    if src.get("sheet") is not None:
-        return f"{src['file']}:{src['sheet']}:row {src.get('row')}"
-    if src.get("line") is not None:
-        return f"{src['file']}:{src['line']}"
-    if src.get("row") is not None:
-        return f"{src['file']}:row {src['row']}"
-    return src["file"]
+    # Worded by Source itself so validate names a raw record exactly as every later stage does.
+    return str(
+        Source(src["file"], line=src.get("line"), row=src.get("row"), sheet=src.get("sheet"))
+    )
 
 
 def validate_file(path: str | Path) -> ValidationReport:
