@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from sftdata.packer import OVERFLOW
 from sftdata.render import TRAIN_ON
 
 
@@ -37,7 +38,7 @@ from sftdata.render import TRAIN_ON
     "--overflow",
     default="drop",
     show_default=True,
-    type=click.Choice(["drop", "truncate", "error"]),
+    type=click.Choice(OVERFLOW),
     help="Records longer than --seq-len: drop and count, keep the first seq-len tokens, or stop.",
 )
 @click.option("--no-pack", is_flag=True, help="One record per row, padded (no packing).")
