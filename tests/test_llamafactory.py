@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import FIXTURES
 
 from sftdata.cli import main as sftdata_main
 from sftdata.conversation import read_jsonl
@@ -21,8 +22,7 @@ from sftdata.llamafactory import (
 )
 from sftdata.sources import read_conversations
 
-ROOT = Path(__file__).resolve().parents[1]
-LF_YAML = ROOT / "fixtures" / "llamafactory" / "qwen_lora_sft.yaml"
+LF_YAML = FIXTURES / "llamafactory" / "qwen_lora_sft.yaml"
 
 
 def _convert(*args: str):

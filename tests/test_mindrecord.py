@@ -20,6 +20,7 @@ import jsonschema
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import ROOT
 
 from sftdata import IGNORE_INDEX
 from sftdata.cli import main
@@ -29,7 +30,6 @@ from sftdata.shards import ShardReader
 ms_dataset = pytest.importorskip(
     "mindspore.dataset", reason="the mindrecord extra is not installed"
 )
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str) -> str:

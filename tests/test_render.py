@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from sftdata.conversation import Conversation, Message, Source
 from sftdata.errors import ConfigError, TemplateError
@@ -318,10 +319,7 @@ def test_fixed_overhead_and_template_text(tiny: Any, llama2: Any) -> None:
     assert r.fixed_overhead == len(tiny.backend_tokenizer.encode(minimal, add_special_tokens=False))
     assert r.fixed_overhead < len(r.encode(_conv(Message(U, "Hi"), Message(A, "Hello"))).input_ids)
     assert r.name == "chatml"
-    assert (
-        r.template_text
-        == (Path(__file__).parents[1] / "sftdata/templates/chatml.jinja").read_text()
-    )
+    assert r.template_text == (ROOT / "sftdata/templates/chatml.jinja").read_text()
     assert Renderer(tiny, template="auto").template_text == tiny.chat_template
     ll = Renderer(llama2, template="llama2")
     assert ll.fixed_overhead == len(
