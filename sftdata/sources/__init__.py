@@ -23,6 +23,7 @@ from sftdata.sources.base import (
     looks_binary,
     parse_mapping,
     record_id,
+    run_adapter,
     source_of,
     type_name,
 )
@@ -238,18 +239,15 @@ def _raw_conversations(
         if isinstance(value, dict):
             value = apply_mapping(value, mapping)
         kwargs: dict[str, Any] = {"role_tags": role_tags} if fmt == "sharegpt" else {}
-        try:
-            convs = adapter.convert(
-                value,
-                where=where,
-                source=source_of(path, line=line),
-                rid=own or f"{stem}-{index}",
-                **kwargs,
-            )
-        except RecordError as e:
-            yield e
-        else:
-            yield [(c, own is not None) for c in convs]
+        yield run_adapter(
+            adapter,
+            value,
+            own=own,
+            where=where,
+            source=source_of(path, line=line),
+            rid=own or f"{stem}-{index}",
+            **kwargs,
+        )
         index += 1
 
 

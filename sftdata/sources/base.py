@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sftdata.conversation import Message, Source
+from sftdata.conversation import Conversation, Message, Source
 from sftdata.errors import ConversionError
 
 #: Canonical fields a ``--map SRC=DST`` may target.
@@ -302,3 +302,19 @@ def source_of(
 ) -> Source:
     """The ``source`` of a record: the path as the user gave it, plus line or sheet/row."""
     return Source(file=str(path), line=line, row=row, sheet=sheet)
+
+
+def run_adapter(
+    adapter: Any, value: Any, *, own: str | None, **kwargs: Any
+) -> list[tuple[Conversation, bool]] | RecordError:
+    """``adapter.convert(value, **kwargs)`` as the item protocol of ``sftdata.sources``.
+
+    Returns:
+        The record's conversations, each flagged whether its id came from the data (``own``),
+        or the record's RecordError (yielded, so ``--skip-invalid`` can count it).
+    """
+    try:
+        convs = adapter.convert(value, **kwargs)
+    except RecordError as e:
+        return e
+    return [(c, own is not None) for c in convs]

@@ -15,7 +15,7 @@ from typing import Any
 from sftdata.conversation import Conversation
 from sftdata.errors import ConversionError
 from sftdata.sources import alpaca, openai, sharegpt
-from sftdata.sources.base import RecordError, apply_mapping, record_id, source_of
+from sftdata.sources.base import RecordError, apply_mapping, record_id, run_adapter, source_of
 
 HF_FORMATS = ("parquet", "hf")
 """``parquet``: a ``.parquet`` file; ``hf``: a folder written by ``datasets`` ``save_to_disk``."""
@@ -125,18 +125,15 @@ def iter_hf(
                 adapter = _pick_adapter(path, row)
             own = record_id(row)
             kwargs: dict[str, Any] = {"role_tags": role_tags} if adapter is sharegpt else {}
-            try:
-                convs = adapter.convert(
-                    row,
-                    where=f"{path}:row {index + 1}",
-                    source=source_of(path, row=index + 1),
-                    rid=own or f"{stem}-{index}",
-                    **kwargs,
-                )
-            except RecordError as e:
-                yield e
-            else:
-                yield [(c, own is not None) for c in convs]
+            yield run_adapter(
+                adapter,
+                row,
+                own=own,
+                where=f"{path}:row {index + 1}",
+                source=source_of(path, row=index + 1),
+                rid=own or f"{stem}-{index}",
+                **kwargs,
+            )
             index += 1
     if index == 0:
         raise ConversionError(f"{path}: has no rows")
