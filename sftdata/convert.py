@@ -13,17 +13,14 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sftdata.atomic import atomic_file
 from sftdata.conversation import Conversation
 from sftdata.errors import ConversionError
+from sftdata.llamafactory import RegistryEntry
 from sftdata.sources import IdAllocator, detect_format, iter_records
 from sftdata.sources.base import RecordError, set_system
 from sftdata.validate import structure_problems
-
-if TYPE_CHECKING:
-    from sftdata.llamafactory import RegistryEntry
 
 #: At most this many skipped-record messages are kept in the report (the counts are complete).
 MAX_EXAMPLES = 20
@@ -137,10 +134,10 @@ def convert(
 
     with atomic_file(output) as out:
         for raw_path in inputs:
-            # A LLaMA-Factory registry entry (sftdata.llamafactory.RegistryEntry, from
-            # --dataset-info) brings its own format, column mapping and role tags.
-            entry = raw_path if hasattr(raw_path, "role_tags") else None
-            path = Path(entry.path if entry else raw_path)  # type: ignore[union-attr]
+            # A LLaMA-Factory registry entry (from --dataset-info) brings its own format,
+            # column mapping and role tags.
+            entry = raw_path if isinstance(raw_path, RegistryEntry) else None
+            path = Path(entry.path if entry else raw_path)
             in_mapping = (entry.mapping or None) if entry else mapping
             if path.exists() and path.resolve() == resolved_out:
                 raise ConversionError(f"{path}: is also the output file")
