@@ -172,7 +172,7 @@ def read_index(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and check ``index.json`` of a shard folder (presence, JSON, version, schema)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ShardError(f"{folder}: not a folder")
+        raise ShardError(f"{folder}: not a folder (expected a shard folder from sftdata pack)")
     path = folder / INDEX_NAME
     if not path.is_file():
         raise ShardError(
