@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from sftdata import __version__
+from sftdata.atomic import replace_dir
 from sftdata.conversation import Conversation, parse_jsonl_line, read_jsonl
 from sftdata.errors import ConfigError, ConversionError, ShardError, ValidationError
 from sftdata.pack import build_row, efficiency, pack_rows
@@ -389,15 +390,6 @@ def _check_output(output: Path, inputs: Sequence[Path], *, overwrite: bool) -> N
         )
 
 
-def _swap_into_place(work: Path, output: Path) -> None:
-    old = output.with_name(f".{output.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if output.exists():
-        os.replace(output, old)
-    os.replace(work, output)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # ------------------------------------------------------------------ the pipeline
 
 
@@ -461,7 +453,7 @@ def pack(
             in_meta=in_meta, fp=fp, approx_records=approx_records, progress=progress,
         )  # fmt: skip
         (work / MARKER).unlink()
-        _swap_into_place(work, output)
+        replace_dir(work, output)
     except OSError as e:  # disk full, permissions, ...: one line, nothing left behind
         shutil.rmtree(work, ignore_errors=True)
         raise ShardError(

@@ -1,0 +1,36 @@
+"""sftdata.atomic: outputs appear whole or not at all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sftdata.atomic import atomic_dir, atomic_file
+from sftdata.errors import ConfigError
+
+
+def test_atomic_dir_replaces_a_folder_and_keeps_it_on_failure(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "a").write_text("1")
+    with atomic_dir(out) as tmp:
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == ["b"]
+    with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
+        (tmp / "c").write_text("3")
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in out.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or .old left
+
+
+def test_atomic_file_failure_leaves_nothing_and_bad_folder_is_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "f.txt"
+    with pytest.raises(RuntimeError), atomic_file(out) as f:
+        f.write("partial")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    out.write_text("x")
+    msg = r"f\.txt/g\.txt: cannot write here \(Not a directory\)"
+    with pytest.raises(ConfigError, match=msg), atomic_file(out / "g.txt"):
+        pass
