@@ -182,7 +182,9 @@ def read_jsonl_numbered(path: str | Path) -> Iterator[tuple[int, Conversation]]:
     """
     path = Path(path)
     try:
-        f = path.open("r", encoding="utf-8")
+        # Binary, decoded per line: a text-mode reader decodes 8 KiB ahead, so its
+        # UnicodeDecodeError cannot tell which line holds the bad byte.
+        f = path.open("rb")
     except FileNotFoundError:
         raise ConversionError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -190,13 +192,13 @@ def read_jsonl_numbered(path: str | Path) -> Iterator[tuple[int, Conversation]]:
     except OSError as e:
         raise ConversionError(f"{path}: cannot read ({e.strerror})") from None
     with f:
-        lineno = 0
-        try:
-            for lineno, line in enumerate(f, start=1):
-                if line.strip():
-                    yield lineno, parse_jsonl_line(line, path=str(path), lineno=lineno)
-        except UnicodeDecodeError:
-            raise ConversionError(f"{path}:{lineno + 1}: not valid UTF-8 text") from None
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ConversionError(f"{path}:{lineno}: not valid UTF-8 text") from None
+            if line.strip():
+                yield lineno, parse_jsonl_line(line, path=str(path), lineno=lineno)
 
 
 def read_jsonl(path: str | Path) -> Iterator[Conversation]:

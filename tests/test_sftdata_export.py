@@ -275,6 +275,21 @@ def test_unwritable_output_is_one_line(tmp_path: Path) -> None:
     assert res.output.strip() == f"Error: {out}: cannot write here (Not a directory)"
 
 
+def test_bad_utf8_is_named_at_its_own_line(tmp_path: Path) -> None:
+    """Far past the first read-ahead block: the error names the line of the bad byte."""
+    canon = tmp_path / "c.jsonl"
+    good = (
+        '{"schema_version": 1, "id": "a", "messages": [{"role": "user", "content": "q"}, '
+        '{"role": "assistant", "content": "a"}]}\n'
+    )
+    canon.write_bytes(good.encode() * 300 + b'{"id": "\xff"}\n')
+    res = CliRunner().invoke(
+        main, ["export", str(canon), "--format", "openai", "-o", str(tmp_path / "o.jsonl")]
+    )
+    assert res.exit_code == 1
+    assert res.output.strip() == f"Error: {canon}:301: not valid UTF-8 text"
+
+
 def test_export_reads_what_convert_wrote(tmp_path: Path) -> None:
     """read_jsonl is the reader: records without a source are named by the JSONL line."""
     canon = tmp_path / "c.jsonl"
