@@ -29,7 +29,7 @@ from typing import Any
 from sftdata.conversation import Conversation
 from sftdata.errors import ConfigError, ConversionError
 
-log = logging.getLogger("sftpipe")
+logger = logging.getLogger("sftpipe")
 
 # ---------------------------------------------------------------------------------------------
 # dataset_info.json
@@ -443,7 +443,7 @@ def translate_for_load(d: dict[str, Any], *, where: str = "") -> dict[str, Any]:
     if unsupported:
         data = [k for k in unsupported if k in LF_DATA_KEYS]
         hint = f" (prepare the data with: {prep_command(d)})" if data else ""
-        log.warning(
+        logger.warning(
             "Warning: %sLLaMA-Factory keys not used by sfttrain (data preparation is done by "
             "sftdata; the rest is not supported): %s%s",
             where,
