@@ -220,28 +220,15 @@ def trl_child(argv: list[str]) -> None:
     import datasets
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     sys.path.insert(0, str(HERE))
-    from train_trl import LLAMA2_GENERATION_TEMPLATE  # the same llama2 template TRL renders on CPU
+    from train_trl import trl_inputs  # the same tokenizer set-up and rows as the CPU benchmark
 
     transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    tok = AutoTokenizer.from_pretrained(a.model_dir, local_files_only=True)
-    tok.pad_token = tok.unk_token
-    tok.chat_template = LLAMA2_GENERATION_TEMPLATE
-    rows = []
-    with open(a.conversations, encoding="utf-8") as f:
-        for line in f:
-            rec = json.loads(line)
-            rows.append(
-                {
-                    "messages": [
-                        {"role": m["role"], "content": m["content"]} for m in rec["messages"]
-                    ]
-                }
-            )
+    tok, rows = trl_inputs(a.model_dir, a.conversations)
     flash = not a.cpu and _has("flash_attn")
     model = AutoModelForCausalLM.from_pretrained(
         a.model_dir,

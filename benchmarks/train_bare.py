@@ -28,6 +28,7 @@ from train_common import (
     MAX_GRAD_NORM,
     SEED,
     WEIGHT_DECAY,
+    add_step_args,
     summarise,
     trained_in,
 )
@@ -37,11 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("shards")
     ap.add_argument("model_dir")
-    ap.add_argument("--mode", choices=("lora", "full"), required=True)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--accumulation", type=int, default=4)
+    add_step_args(ap)
     a = ap.parse_args()
 
     import torch

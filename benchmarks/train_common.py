@@ -8,6 +8,7 @@ One place for the settings so the three children cannot drift apart. Also a tiny
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -46,6 +47,15 @@ LORA = {
 LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 0.0
 MAX_GRAD_NORM = 1.0
+
+
+def add_step_args(ap: argparse.ArgumentParser) -> None:
+    """The measurement options every trainer script shares (set by bench_train.py)."""
+    ap.add_argument("--mode", choices=("lora", "full"), required=True)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--accumulation", type=int, default=4)
 
 
 def make_model(out: Path) -> None:

@@ -33,6 +33,7 @@ from train_common import (
     MAX_GRAD_NORM,
     SEED,
     WEIGHT_DECAY,
+    add_step_args,
     summarise,
     trained_in,
 )
@@ -43,11 +44,7 @@ def main() -> None:
     ap.add_argument("shards")
     ap.add_argument("model_dir")
     ap.add_argument("run_dir")
-    ap.add_argument("--mode", choices=("lora", "full"), required=True)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--accumulation", type=int, default=4)
+    add_step_args(ap)
     ap.add_argument("--logging-steps", type=int, default=5)
     ap.add_argument("--save-steps", type=int, default=10)
     ap.add_argument("--profile", metavar="FILE", help="write cProfile stats of the run to FILE")

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_common import (
@@ -33,40 +34,22 @@ from train_common import (
     MAX_GRAD_NORM,
     SEED,
     WEIGHT_DECAY,
+    add_step_args,
     summarise,
     trained_in,
 )
 from trl_prep import LLAMA2_GENERATION_TEMPLATE
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("conversations", help="canonical JSONL (sftdata convert output)")
-    ap.add_argument("model_dir")
-    ap.add_argument("--mode", choices=("lora", "full"), required=True)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--accumulation", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--logging-steps", type=int, default=5)
-    a = ap.parse_args()
+def trl_inputs(model_dir: str, conversations: str) -> tuple[Any, list[dict]]:
+    """The tokenizer (Llama-2 format with `{% generation %}` markers) and `messages` rows TRL gets."""
+    from transformers import AutoTokenizer
 
-    import datasets
-    import torch
-    import transformers
-    import trl
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    datasets.disable_caching()
-    datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_error()
-    tok = AutoTokenizer.from_pretrained(a.model_dir, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     tok.pad_token = tok.unk_token
     tok.chat_template = LLAMA2_GENERATION_TEMPLATE
     rows = []
-    with open(a.conversations, encoding="utf-8") as f:
+    with open(conversations, encoding="utf-8") as f:
         for line in f:
             rec = json.loads(line)
             rows.append(
@@ -76,6 +59,29 @@ def main() -> None:
                     ]
                 }
             )
+    return tok, rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("conversations", help="canonical JSONL (sftdata convert output)")
+    ap.add_argument("model_dir")
+    add_step_args(ap)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--logging-steps", type=int, default=5)
+    a = ap.parse_args()
+
+    import datasets
+    import torch
+    import transformers
+    import trl
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    datasets.disable_caching()
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    tok, rows = trl_inputs(a.model_dir, a.conversations)
     ds = datasets.Dataset.from_list(rows)
     model = AutoModelForCausalLM.from_pretrained(
         a.model_dir, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
