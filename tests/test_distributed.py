@@ -275,6 +275,30 @@ def test_global_batch_not_its_split_is_in_the_trajectory() -> None:
 # ----------------------------------------------------------------------------- SIGTERM on one rank
 
 
+def _start_and_wait_for_step_2(cmd: list[str], out: Path) -> subprocess.Popen:
+    """Start a training run and return once metrics.jsonl has logged step 2 (killed on failure)."""
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not [r for r in metrics(out) if r.get("step", 0) >= 2]:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        raise
+    return proc
+
+
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(x) for x in path.read_text().split()] if path.exists() else []
@@ -301,20 +325,8 @@ def test_sigterm_on_one_rank_stops_both_with_a_checkpoint(shards, lora_ref, tmp_
         "num_train_epochs": 1000,
         "save_steps": 0,
     }
-    proc = subprocess.Popen(
-        torchrun_cmd(shards, out, values),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=subprocess_env(),
-        cwd=ROOT,
-    )
+    proc = _start_and_wait_for_step_2(torchrun_cmd(shards, out, values), out)
     try:
-        deadline = time.monotonic() + 120
-        while not [r for r in metrics(out) if r.get("step", 0) >= 2]:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(0.2)
         rank1 = [c for c in _children(proc.pid) if _rank_of(c) == 1]
         assert len(rank1) == 1, _children(proc.pid)
         os.kill(rank1[0], signal.SIGTERM)  # one worker only; rank 0 must learn it from rank 1
@@ -344,20 +356,8 @@ def test_sigterm_to_the_nproc_launcher_stops_the_ranks_cleanly(shards, tmp_path)
     values = {**COMMON, "gradient_accumulation_steps": 4, "num_train_epochs": 1000, "save_steps": 0}
     cmd = [sys.executable, "-m", "sfttrain", "run", str(shards), "-o", str(out), "--model", "tiny"]
     cmd += ["--no-progress", "--nproc", "2", *_sets(values)]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=subprocess_env(),
-        cwd=ROOT,
-    )
+    proc = _start_and_wait_for_step_2(cmd, out)
     try:
-        deadline = time.monotonic() + 120
-        while not [r for r in metrics(out) if r.get("step", 0) >= 2]:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
