@@ -170,9 +170,9 @@ def _get_renderer(opts: PackOptions) -> Any:
     key = _renderer_key(opts)
     if _STATE.get("key") != key:
         from sftdata.render import Renderer
-        from sftdata.tokenizer import load_tokenizer
+        from sftdata.tokenizer import load_snapshot
 
-        tok = load_tokenizer(opts.tokenizer)
+        tok = load_snapshot(opts.tokenizer)
         _STATE["tok"] = tok
         _STATE["renderer"] = Renderer(tok, template=opts.template, train_on=opts.train_on)
         _STATE["key"] = key

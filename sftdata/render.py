@@ -73,7 +73,8 @@ class Renderer:
     """Render canonical conversations with a chat template and compute exact train masks.
 
     Args:
-        tokenizer: a fast tokenizer (``sftdata.tokenizer.load_tokenizer``).
+        tokenizer: a fast tokenizer (``sftdata.tokenizer.load_tokenizer``) or its
+            ``TokenizerSnapshot`` (``load_snapshot``).
         template: ``auto`` (the tokenizer's chat_template), ``chatml``, ``llama2``, ``alpaca``,
             ``fastchat:NAME`` or a path to a ``.jinja`` file.
         train_on: one of :data:`TRAIN_ON`; per-message ``train`` flags always win.

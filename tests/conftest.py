@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,16 @@ FIXTURES = ROOT / "fixtures"
 SHARED = ROOT.parent / "shared"
 SHARED_DATA = SHARED / "data"
 LLAMA2_TOKENIZER = SHARED / "tokenizers" / "llama2"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tokenizer snapshots are cached (sftdata.tokenizer.cache_dir): keep the tests' cache out of
+    # the user's ~/.cache, shared by the tests of one process (and the CLIs they start).
+    os.environ["SFTPIPE_CACHE"] = tempfile.mkdtemp(prefix="sftpipe-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ.pop("SFTPIPE_CACHE", ""), ignore_errors=True)
 
 
 def _absent(what: str) -> None:

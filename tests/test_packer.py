@@ -277,6 +277,24 @@ def test_chunking_and_workers_do_not_change_bytes(tmp_path: Path, data: Path) ->
     assert shard_hashes(tmp_path / "x") == shard_hashes(tmp_path / "y")
 
 
+def test_cold_and_warm_tokenizer_cache_give_identical_shards(
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sftdata import packer
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SFTPIPE_CACHE", str(cache))
+    opts = packer.PackOptions(seq_len=256, tokenizer="tiny", shard_size=5)
+    packer._STATE.clear()  # the renderer is kept per process: make both packs load the tokenizer
+    packer.pack([data], tmp_path / "cold", opts)
+    assert len(list((cache / "tokenizers").glob("*.json"))) == 1
+    packer._STATE.clear()
+    packer.pack([data], tmp_path / "warm", opts)
+    cold, warm = read_index(tmp_path / "cold"), read_index(tmp_path / "warm")
+    assert cold["tokenizer"] == warm["tokenizer"] and cold["fingerprint"] == warm["fingerprint"]
+    assert shard_hashes(tmp_path / "cold") == shard_hashes(tmp_path / "warm")
+
+
 def test_input_change_rebuilds(tmp_path: Path, data: Path) -> None:
     out = tmp_path / "o"
     pack_ok(data, "-o", out, "--tokenizer", "tiny", "--seq-len", 256)
