@@ -9,13 +9,14 @@ Stages, each streaming so memory stays flat in the number of records:
 3. spill tokens and masks to flat files inside the work folder (only lengths and ids stay in
    memory: packing needs nothing else);
 4. pick the validation split, pack each split (best-fit decreasing over the whole split),
-   shuffle rows by ``seed``, gather rows from the memory-mapped spill, write shards;
+   shuffle rows by ``seed``; the same workers then each gather a shard's rows from the spill
+   and write that shard file (shards are independent; the index lists them in order);
 5. write ``index.json`` last and atomically, then move the work folder into place.
 
-Measured on 49,950 Alpaca records (9.99M Llama-2 tokens, seq_len 4096, 2 shared cores): the
-whole pack costs 18.2 CPU-s including ~3.5 s of start-up (imports, tokenizer conversion); the
-raw batch tokenizer alone on the same rendered texts costs 13.5 CPU-s. Peak RSS 510 MB, of
-which ~310 MB is transformers + torch + the tokenizer.
+Measured on 49,950 Alpaca records (9.99M Llama-2 tokens, seq_len 4096, 2 cores, num_proc 2,
+tokenizer snapshot cached): 0.35 s start-up, 7.2 s encoding (the workers' 14 CPU-s, of which the
+Rust ``encode_batch`` is 12.3), 0.1 s packing, 0.75 s writing. The raw batch tokenizer alone
+on the same rendered texts takes 6.9 s with its own 2 threads.
 
 All work happens in ``.<name>.partial`` beside the output folder; the output is only replaced
 once everything succeeded, so an interrupted or failed pack leaves no ``index.json`` anywhere
@@ -48,6 +49,7 @@ from sftdata.shards import INDEX_NAME, KIND, ShardReader, ShardWriter, write_ind
 
 OVERFLOW = ("drop", "truncate", "error")
 MARKER = ".sftdata-pack"
+SPILL_IDS, SPILL_MASK = ".spill-ids.bin", ".spill-mask.bin"
 SHARD_BYTES = 64 << 20
 """Auto shard size: about this many bytes per shard file (3 int32 columns x seq_len per row)."""
 
@@ -298,35 +300,106 @@ def _encode_raw(chunk: RawChunk, opts: PackOptions) -> _Chunk:
     return encode_chunk(parse_chunk(chunk), opts)
 
 
-def _encoded_chunks(inputs: Sequence[Path], opts: PackOptions) -> Iterator[_Chunk]:
-    """Encoded chunks in input order, from ``num_proc`` processes with bounded look-ahead."""
-    chunks = read_raw_chunks(inputs, opts.chunk_size)
-    if opts.num_proc <= 1:
-        for raw in chunks:
-            yield _encode_raw(raw, opts)
-        return
-    import multiprocessing as mp
+class _Workers:
+    """The ``num_proc`` worker processes of one pack, used for encoding and then for writing.
 
-    # The workers each run one single-threaded tokenizer; this also silences the tokenizers
-    # library's fork warning.
-    old = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(opts.num_proc, initializer=_init_worker, initargs=(opts,)) as pool:
-            pending: deque = deque()
-            # Bounded look-ahead: Pool.imap would read the whole input ahead into its queue.
-            for raw in chunks:
-                pending.append(pool.apply_async(_encode_raw, (raw, opts)))
-                if len(pending) >= 2 * opts.num_proc:
-                    yield pending.popleft().get()
-            while pending:
+    ``ordered`` runs a function over tasks and yields the results in task order with a bounded
+    look-ahead (``Pool.imap`` would read the whole input ahead into its queue), so the output
+    never depends on ``num_proc``. With ``num_proc`` 1 the tasks run in this process.
+    """
+
+    def __init__(self, opts: PackOptions):
+        self.opts = opts
+        self._pool: Any = None
+        self._old_env: str | None = None
+
+    def __enter__(self) -> _Workers:
+        if self.opts.num_proc > 1:
+            import multiprocessing as mp
+
+            # The workers each run one single-threaded tokenizer; this also silences the
+            # tokenizers library's fork warning.
+            self._old_env = os.environ.get("TOKENIZERS_PARALLELISM")
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            self._pool = ctx.Pool(
+                self.opts.num_proc, initializer=_init_worker, initargs=(self.opts,)
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            if self._old_env is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = self._old_env
+
+    def ordered(self, fn: Callable[..., Any], tasks: Iterator[tuple[Any, ...]]) -> Iterator[Any]:
+        """``fn(*task)`` for each task, in task order."""
+        if self._pool is None:
+            for task in tasks:
+                yield fn(*task)
+            return
+        pending: deque = deque()
+        for task in tasks:
+            pending.append(self._pool.apply_async(fn, task))
+            if len(pending) >= 2 * self.opts.num_proc:
                 yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+@dataclass(frozen=True)
+class _ShardTask:
+    """One shard file to write: its rows as (offset, length) of each record in the spill."""
+
+    folder: str
+    split: str
+    number: int
+    seq_len: int
+    pad_id: int
+    rows: list[list[tuple[int, int]]]
+    record_ids: list[list[str]]
+
+
+def _write_shard(task: _ShardTask) -> tuple[dict[str, Any], int, int]:
+    """Gather, lay out and write one shard; return its index entry, tokens and trained tokens."""
+    folder = Path(task.folder)
+    # Records are read back with pread, not a memory map: mapped pages count towards RSS, which
+    # would then grow with the dataset (5 bytes per token) instead of staying flat.
+    fd_ids = os.open(folder / SPILL_IDS, os.O_RDONLY)
+    fd_mask = os.open(folder / SPILL_MASK, os.O_RDONLY)
+    try:
+        writer = ShardWriter(
+            folder, split=task.split, seq_len=task.seq_len, shard_size=len(task.rows),
+            first_shard=task.number,
+        )  # fmt: skip
+        tokens = trained = 0
+        for row, ids_of_row in zip(task.rows, task.record_ids, strict=True):
+            segs = []
+            for a, n in row:
+                ids = np.frombuffer(os.pread(fd_ids, 4 * n, 4 * a), dtype=np.int32)
+                mask = np.frombuffer(os.pread(fd_mask, n, a), dtype=np.bool_)
+                tokens += n
+                trained += int(np.count_nonzero(mask[1:]))
+                segs.append((ids, mask))
+            writer.add(build_row(segs, seq_len=task.seq_len, pad_id=task.pad_id), ids_of_row)
+        writer.flush()  # a no-op: the last add filled the writer
     finally:
-        if old is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = old
+        os.close(fd_ids)
+        os.close(fd_mask)
+    (entry,) = writer.shards
+    return entry, tokens, trained
+
+
+def _encoded_chunks(
+    inputs: Sequence[Path], opts: PackOptions, workers: _Workers
+) -> Iterator[_Chunk]:
+    """Encoded chunks in input order."""
+    chunks = read_raw_chunks(inputs, opts.chunk_size)
+    return workers.ordered(_encode_raw, ((raw, opts) for raw in chunks))
 
 
 # ------------------------------------------------------------------ folder handling
@@ -503,13 +576,35 @@ def _build(
     approx_records: int,
     progress: Progress | None,
 ) -> dict[str, Any]:
+    with _Workers(opts) as workers:
+        return _build_with(
+            inputs, work, opts, workers,
+            ident=ident, tok_spec=tok_spec, template=template, in_meta=in_meta, fp=fp,
+            approx_records=approx_records, progress=progress,
+        )  # fmt: skip
+
+
+def _build_with(
+    inputs: Sequence[Path],
+    work: Path,
+    opts: PackOptions,
+    workers: _Workers,
+    *,
+    ident: dict[str, Any],
+    tok_spec: str,
+    template: dict[str, str],
+    in_meta: list[dict[str, Any]],
+    fp: str,
+    approx_records: int,
+    progress: Progress | None,
+) -> dict[str, Any]:
     # 1-3: encode and spill. Only lengths and ids stay in memory.
     lengths_parts: list[np.ndarray] = []
     record_ids: list[str] = []
     n_in = zero = over = trunc = 0
-    ids_path, mask_path = work / ".spill-ids.bin", work / ".spill-mask.bin"
+    ids_path, mask_path = work / SPILL_IDS, work / SPILL_MASK
     with ids_path.open("wb") as fi, mask_path.open("wb") as fm:
-        for chunk in _encoded_chunks(inputs, opts):
+        for chunk in _encoded_chunks(inputs, opts, workers):
             chunk.ids.tofile(fi)
             chunk.mask.tofile(fm)  # bool: one byte per token
             lengths_parts.append(chunk.lengths)
@@ -529,16 +624,6 @@ def _build(
         )
     starts = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
-    # Records are read back with pread, not a memory map: mapped pages count towards RSS, which
-    # would then grow with the dataset (5 bytes per token) instead of staying flat.
-    fd_ids = os.open(ids_path, os.O_RDONLY)
-    fd_mask = os.open(mask_path, os.O_RDONLY)
-
-    def record(i: int) -> tuple[np.ndarray, np.ndarray]:
-        a, n_tok = int(starts[i]), int(lengths[i])
-        ids = np.frombuffer(os.pread(fd_ids, 4 * n_tok, 4 * a), dtype=np.int32)
-        mask = np.frombuffer(os.pread(fd_mask, n_tok, a), dtype=np.bool_)
-        return ids, mask
 
     # 4: split, pack, shuffle, write.
     val_n = _val_size(opts, n)
@@ -568,34 +653,40 @@ def _build(
         plans[name] = [rows[j] for j in order]
         total_rows += len(rows)
 
-    splits: dict[str, Any] = {}
-    written = 0
-    for name, rows in plans.items():
-        writer = ShardWriter(work, split=name, seq_len=opts.seq_len, shard_size=shard_size)
-        tokens = trained = 0
-        for row in rows:
-            segs = [record(i) for i in row]
-            for ids, mask in segs:
-                tokens += len(ids)
-                trained += int(np.count_nonzero(mask[1:]))
-            writer.add(
-                build_row(segs, seq_len=opts.seq_len, pad_id=pad_id), [record_ids[i] for i in row]
-            )
-            written += 1
-            if progress and written % 256 == 0:
-                progress("write", written, total_rows)
-        writer.flush()
-        splits[name] = {
+    shard_tasks = [
+        _ShardTask(
+            folder=str(work), split=name, number=number, seq_len=opts.seq_len, pad_id=pad_id,
+            rows=[[(int(starts[i]), int(lengths[i])) for i in row] for row in part],
+            record_ids=[[record_ids[i] for i in row] for row in part],
+        )
+        for name, rows in plans.items()
+        for number, part in enumerate(
+            rows[first : first + shard_size] for first in range(0, len(rows), shard_size)
+        )
+    ]  # fmt: skip
+
+    # Shards are independent files: the workers write them in parallel (measured on 49,950
+    # Alpaca records at 4096, 2 cores: the write stage 1.1 s in one process, 0.6 s in two).
+    splits: dict[str, Any] = {
+        name: {
             "rows": len(rows),
             "records": int(sum(len(r) for r in rows)),
-            "tokens": tokens,
-            "trained_tokens": trained,
-            "shards": writer.shards,
+            "tokens": 0,
+            "trained_tokens": 0,
+            "shards": [],
         }
-    if progress:
-        progress("write", written, total_rows)
-    os.close(fd_ids)
-    os.close(fd_mask)
+        for name, rows in plans.items()
+    }
+    written = 0
+    results = workers.ordered(_write_shard, ((t,) for t in shard_tasks))
+    for task, (entry, tokens, trained) in zip(shard_tasks, results, strict=True):
+        split = splits[task.split]
+        split["shards"].append(entry)
+        split["tokens"] += tokens
+        split["trained_tokens"] += trained
+        written += len(task.rows)
+        if progress:
+            progress("write", written, total_rows)
     ids_path.unlink()
     mask_path.unlink()
 

