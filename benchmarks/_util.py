@@ -16,48 +16,57 @@ SHARED = ROOT.parent / "shared"
 BIN = Path(sys.executable).parent
 
 
-def _tree_rss_kb(root: int) -> int:
-    """Summed RSS of ``root`` and its descendants (Linux /proc; 0 elsewhere or once gone)."""
-    total, stack = 0, [root]
+def _tree_memory_kb(root: int) -> tuple[int, int]:
+    """(summed VmRSS, largest VmHWM) of ``root`` and its descendants, from Linux /proc.
+
+    VmHWM is the process's own high-water mark. (wait4's ru_maxrss is not used: Linux keeps it
+    across fork + exec, so a child reports at least the benchmark script's own peak.)
+    """
+    total = largest = 0
+    stack = [root]
     while stack:
         pid = stack.pop()
         try:
-            with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+            with open(f"/proc/{pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            total += int(fields["VmRSS"].split()[0])
+            largest = max(largest, int(fields["VmHWM"].split()[0]))
             for task in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{task}/children") as f:
                     stack.extend(int(c) for c in f.read().split())
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError):
             continue
-    return total
+    return total, largest
 
 
 def run_child(cmd: list[str], *, env: dict[str, str] | None = None) -> dict:
-    """Run ``cmd``; return wall ``seconds``, peak RSS, stdout and stderr.
+    """Run ``cmd``; return wall ``seconds``, peak memory, stdout and stderr.
 
-    ``peak_rss_mb`` is the largest single process's peak (wait4; worker processes included);
-    ``peak_tree_rss_mb`` samples the summed RSS of the process and its workers 10 times a second,
-    an upper bound on their memory together (pages a fork shares with its parent count twice).
-    Each step runs in its own process so its memory belongs to that step alone. Output goes to
-    temp files, not pipes, so a chatty child can never block on a full pipe.
+    Memory is sampled from /proc 10 times a second: ``peak_rss_mb`` is the largest high-water
+    mark of any one process (the step or one of its workers); ``peak_tree_rss_mb`` the largest
+    summed RSS of the step and its workers together, an upper bound (pages a fork shares with
+    its parent count twice). Each step runs in its own process so its memory is its own.
+    Output goes to temp files, not pipes, so a chatty child can never block on a full pipe.
     """
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **(env or {})})
-        tree_peak = [0]
+        peaks = [0, 0]
         done = threading.Event()
 
         def sample() -> None:
-            while not done.wait(0.1):
-                tree_peak[0] = max(tree_peak[0], _tree_rss_kb(proc.pid))
+            while True:
+                total, largest = _tree_memory_kb(proc.pid)
+                peaks[0], peaks[1] = max(peaks[0], total), max(peaks[1], largest)
+                if done.wait(0.1):
+                    return
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc.wait()
         seconds = time.perf_counter() - t0
         done.set()
         sampler.join()
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
@@ -66,8 +75,8 @@ def run_child(cmd: list[str], *, env: dict[str, str] | None = None) -> dict:
         raise SystemExit(f"benchmark step failed ({proc.returncode}): {' '.join(cmd)}")
     return {
         "seconds": seconds,
-        "peak_rss_mb": usage.ru_maxrss / 1024,
-        "peak_tree_rss_mb": max(tree_peak[0], usage.ru_maxrss) / 1024,
+        "peak_rss_mb": peaks[1] / 1024,
+        "peak_tree_rss_mb": max(peaks) / 1024,
         "stdout": stdout,
         "stderr": stderr,
     }

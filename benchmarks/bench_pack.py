@@ -139,11 +139,11 @@ def main() -> None:
     r = run_child([str(BIN / "python"), "-c", FIRST_BATCH, str(OUT / "shards_4096_2")])
     first_batch_s = float(r["stdout"].strip().splitlines()[-1])
 
-    # Peak memory must be flat in record count: the same pack on a fifth of the data.
-    small_raw = make_records(max(1, a.copies // 5))
-    small = OUT / f"alpaca_x{max(1, a.copies // 5)}.jsonl"
-    run_child([str(BIN / "sftdata"), "convert", str(small_raw), "-o", str(small)])
-    results.append(pack(small, 4096, 2, "4096_2_small"))
+    # Peak memory must be flat in record count: the same pack on a fifth and on twice the data.
+    for copies in (max(1, a.copies // 5), 2 * a.copies):
+        other = OUT / f"alpaca_x{copies}.jsonl"
+        run_child([str(BIN / "sftdata"), "convert", str(make_records(copies)), "-o", str(other)])
+        results.append(pack(other, 4096, 2, f"4096_2_x{copies}"))
 
     if not a.skip_trl:
         for num_proc in (1, 2):
