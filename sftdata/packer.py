@@ -13,10 +13,11 @@ Stages, each streaming so memory stays flat in the number of records:
    and write that shard file (shards are independent; the index lists them in order);
 5. write ``index.json`` last and atomically, then move the work folder into place.
 
-Measured on 49,950 Alpaca records (9.99M Llama-2 tokens, seq_len 4096, 2 cores, num_proc 2,
-tokenizer snapshot cached): 0.35 s start-up, 7.2 s encoding (the workers' 14 CPU-s, of which the
-Rust ``encode_batch`` is 12.3), 0.1 s packing, 0.75 s writing. The raw batch tokenizer alone
-on the same rendered texts takes 6.9 s with its own 2 threads.
+Measured on 49,950 Alpaca records (9.99M Llama-2 tokens, seq_len 4096, 2 quiet cores, num_proc
+2, tokenizer snapshot cached): 0.3 s start-up, 6.0 s encoding (the workers' ~11.5 CPU-s, of which
+the Rust ``encode_batch`` is 9.5), 0.1 s packing, 0.45 s writing: 6.9 s, where the raw batch
+tokenizer alone takes 5.6 s on the same rendered texts with its own 2 threads
+(benchmarks/README.md).
 
 All work happens in ``.<name>.partial`` beside the output folder; the output is only replaced
 once everything succeeded, so an interrupted or failed pack leaves no ``index.json`` anywhere
@@ -666,7 +667,7 @@ def _build_with(
     ]  # fmt: skip
 
     # Shards are independent files: the workers write them in parallel (measured on 49,950
-    # Alpaca records at 4096, 2 cores: the write stage 1.1 s in one process, 0.6 s in two).
+    # Alpaca records at 4096, 2 cores: the write stage takes 1.0 s in one process, 0.45 s in two).
     splits: dict[str, Any] = {
         name: {
             "rows": len(rows),
