@@ -169,20 +169,21 @@ def main() -> None:
     raw_tps = max(raw_first["tokens_per_s"], raw_last["tokens_per_s"])
 
     print(
-        "| step | records | tokens | seconds | tokens/s | vs raw tokenizer | rows (floor) | "
+        "| step | records | tokens | seconds | records/s | tokens/s | vs raw tokenizer | rows (floor) | "
         "efficiency | peak RSS MB, largest process | peak RSS MB, all processes |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for x in results:
         tokens = x.get("tokens")
         tps = tokens / x["seconds"] if tokens else None
         rows = f"{x['rows']} ({x.get('floor_rows', '')})" if "rows" in x else ""
         speed = f"{tps / 1e6:.3f}M" if tps else ""
+        rps = f"{x['records'] / x['seconds']:,.0f}" if x.get("records") and tokens else ""
         ratio = f"{tps / raw_tps:.0%}" if tps else ""
         eff = f"{x['efficiency']:.2%}" if "efficiency" in x else ""
         print(
             f"| {x['step']} | {x.get('records', '')} | {tokens or ''} | {x['seconds']:.2f} | "
-            f"{speed} | {ratio} | {rows} | {eff} | {x['peak_rss_mb']:.0f} | "
+            f"{rps} | {speed} | {ratio} | {rows} | {eff} | {x['peak_rss_mb']:.0f} | "
             f"{x.get('peak_tree_rss_mb', 0):.0f} |"
         )
     print(
