@@ -551,8 +551,9 @@ def test_leading_bom_is_read_as_validate_reads_it(tmp_path: Path) -> None:
     assert ShardReader(out).index["counts"]["records"] == 3
 
 
+@pytest.mark.parametrize("num_proc", [1, 2])  # 2: raised in a forked worker that writes shards
 def test_disk_full_while_writing_is_one_line_and_leaves_nothing(
-    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch, num_proc: int
 ) -> None:
     import errno
 
@@ -565,8 +566,11 @@ def test_disk_full_while_writing_is_one_line_and_leaves_nothing(
 
     monkeypatch.setattr(shards.ShardWriter, "flush", full)
     out = tmp_path / "o"
-    r = run("pack", data, "-o", out, "--tokenizer", "tiny", "--seq-len", 256)
+    r = run(
+        "pack", data, "-o", out, "--tokenizer", "tiny", "--seq-len", 256, "--num-proc", num_proc
+    )
     assert_clean_failure(r, "No space left on device", out)
+    assert not (tmp_path / ".o.partial").exists()
 
 
 def test_truncation_that_cuts_every_trained_token_counts_as_zero_trained(tmp_path: Path) -> None:
