@@ -63,7 +63,7 @@ from sftdata.render import TRAIN_ON
     type=int,
     default=1,
     show_default=True,
-    help="Encoding processes (output is identical).",
+    help="Worker processes that encode and write shards (the output is identical).",
 )
 @click.option(
     "--shard-size",
