@@ -386,8 +386,8 @@ def _write_shard(task: _ShardTask) -> tuple[dict[str, Any], int, int]:
                 tokens += n
                 trained += int(np.count_nonzero(mask[1:]))
                 segs.append((ids, mask))
+            # The last add fills the writer (shard_size = rows), which writes the file.
             writer.add(build_row(segs, seq_len=task.seq_len, pad_id=task.pad_id), ids_of_row)
-        writer.flush()  # a no-op: the last add filled the writer
     finally:
         os.close(fd_ids)
         os.close(fd_mask)
@@ -521,11 +521,13 @@ def pack(
         ) from None
     try:
         (work / MARKER).write_text(json.dumps({"kind": KIND, "fingerprint": fp}) + "\n")
-        index = _build(
-            inputs, work, opts,
-            ident=ident, tok_spec=_spec_of(opts.tokenizer), template={"name": renderer.name, "sha256": tpl_sha},
-            in_meta=in_meta, fp=fp, approx_records=approx_records, progress=progress,
-        )  # fmt: skip
+        with _Workers(opts) as workers:
+            index = _build(
+                inputs, work, opts, workers,
+                ident=ident, tok_spec=_spec_of(opts.tokenizer),
+                template={"name": renderer.name, "sha256": tpl_sha},
+                in_meta=in_meta, fp=fp, approx_records=approx_records, progress=progress,
+            )  # fmt: skip
         (work / MARKER).unlink()
         replace_dir(work, output)
     except OSError as e:  # disk full, permissions, ...: one line, nothing left behind
@@ -565,27 +567,6 @@ def _check_options(opts: PackOptions, inputs: Sequence[Path]) -> None:
 
 
 def _build(
-    inputs: Sequence[Path],
-    work: Path,
-    opts: PackOptions,
-    *,
-    ident: dict[str, Any],
-    tok_spec: str,
-    template: dict[str, str],
-    in_meta: list[dict[str, Any]],
-    fp: str,
-    approx_records: int,
-    progress: Progress | None,
-) -> dict[str, Any]:
-    with _Workers(opts) as workers:
-        return _build_with(
-            inputs, work, opts, workers,
-            ident=ident, tok_spec=tok_spec, template=template, in_meta=in_meta, fp=fp,
-            approx_records=approx_records, progress=progress,
-        )  # fmt: skip
-
-
-def _build_with(
     inputs: Sequence[Path],
     work: Path,
     opts: PackOptions,

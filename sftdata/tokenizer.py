@@ -331,13 +331,13 @@ def _content_files(path: Path) -> list[tuple[str, Path]] | None:
 def _cache_key(files: list[tuple[str, Path]]) -> str:
     from importlib.metadata import version
 
+    from sftdata.shards import sha256_file
+
     h = hashlib.sha256()
     versions = [SNAPSHOT_VERSION, __version__, version("transformers"), version("tokenizers")]
     h.update(json.dumps(versions).encode())
     for name, p in files:
-        h.update(name.encode() + b"\0")
-        with p.open("rb") as f:
-            h.update(hashlib.file_digest(f, "sha256").digest())
+        h.update(f"{name}\0{sha256_file(p)}\0".encode())
     return h.hexdigest()
 
 
@@ -376,7 +376,7 @@ def _write_cached(path: Path, key: str, snap: TokenizerSnapshot) -> None:
             json.dump(payload, f, ensure_ascii=False)
 
 
-def load_snapshot(spec: str | Path, *, use_cache: bool = True) -> TokenizerSnapshot:
+def load_snapshot(spec: str | Path) -> TokenizerSnapshot:
     """:class:`TokenizerSnapshot` of ``load_tokenizer(spec)``, from the cache when it holds one.
 
     The cache entry is keyed by the sha256 of the tokenizer's files and the versions of
@@ -386,7 +386,7 @@ def load_snapshot(spec: str | Path, *, use_cache: bool = True) -> TokenizerSnaps
         ConfigError: as :func:`load_tokenizer`.
     """
     path = _resolve(spec)
-    files = _content_files(path) if use_cache else None
+    files = _content_files(path)
     if files is None:
         return TokenizerSnapshot.of(load_tokenizer(spec))
     try:
