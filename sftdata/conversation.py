@@ -1,22 +1,31 @@
-"""The canonical conversation record (``schemas/conversation.v1.json``) and its in-memory model.
+"""The canonical conversation record (``schemas/conversation.v2.json``) and its in-memory model.
 
 Every source adapter produces :class:`Conversation` objects; every later stage (validate,
 render, pack, export) consumes them. ``source`` always points back at the raw record so any
 later error can name the file and line/row it came from.
+
+Version 2 (written by ``convert``) keeps what chat templates need from tool-using and reasoning
+data: tool-call ``arguments`` as JSON objects (templates apply ``tojson`` to them, so a string
+would be rendered double-encoded), tool-call ``id``, ``tool_call_id``/``name`` on tool results,
+and ``reasoning`` on assistant turns. Version 1 files are still read: their argument strings are
+parsed and a leading ``<think>…</think>`` in an assistant reply becomes its ``reasoning``.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sftdata.errors import ConversionError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READ_VERSIONS = (1, 2)
+"""Versions of the canonical record this code reads (it writes :data:`SCHEMA_VERSION`)."""
 ROLES = ("system", "user", "assistant", "tool")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +71,9 @@ class Message:
     content: str
     train: bool | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    reasoning: str | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
     @property
     def trained(self) -> bool:
@@ -74,6 +86,12 @@ class Message:
             d["train"] = self.train
         if self.tool_calls is not None:
             d["tool_calls"] = self.tool_calls
+        if self.reasoning is not None:
+            d["reasoning"] = self.reasoning
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            d["name"] = self.name
         return d
 
 
@@ -120,9 +138,10 @@ class Conversation:
         if not isinstance(d, dict):
             raise ConversionError(f"{where}: expected a JSON object, got {type(d).__name__}")
         version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READ_VERSIONS or isinstance(version, bool):
             raise ConversionError(
-                f"{where}: schema_version {version!r} is not supported (this is version {SCHEMA_VERSION})"
+                f"{where}: schema_version {version!r} is not supported (this reads versions "
+                f"{', '.join(map(str, READ_VERSIONS))})"
             )
         rid = d.get("id")
         if not isinstance(rid, str) or not rid:
@@ -132,20 +151,28 @@ class Conversation:
             raise ConversionError(f"{where}: 'messages' must be a non-empty list")
         messages = []
         for i, m in enumerate(raw_messages):
+            here = f"{where}: messages[{i}]"
             if not isinstance(m, dict):
-                raise ConversionError(f"{where}: messages[{i}] must be an object")
+                raise ConversionError(f"{here} must be an object")
             role, content = m.get("role"), m.get("content")
             if role not in ROLES:
-                raise ConversionError(f"{where}: messages[{i}].role {role!r} is not one of {ROLES}")
+                raise ConversionError(f"{here}.role {role!r} is not one of {ROLES}")
             if not isinstance(content, str):
-                raise ConversionError(f"{where}: messages[{i}].content must be a string")
+                raise ConversionError(f"{here}.content must be a string")
             train = m.get("train")
             if train is not None and not isinstance(train, bool):
-                raise ConversionError(f"{where}: messages[{i}].train must be true or false")
+                raise ConversionError(f"{here}.train must be true or false")
             tool_calls = m.get("tool_calls")
-            if tool_calls is not None and not isinstance(tool_calls, list):
-                raise ConversionError(f"{where}: messages[{i}].tool_calls must be a list")
-            messages.append(Message(role=role, content=content, train=train, tool_calls=tool_calls))
+            if tool_calls is not None:
+                tool_calls = normalize_tool_calls(tool_calls, f"{here}.tool_calls")
+            extras: dict[str, str | None] = {}
+            for key in ("reasoning", "tool_call_id", "name"):
+                v = m.get(key) if version >= 2 else None
+                if v is not None and not isinstance(v, str):
+                    raise ConversionError(f"{here}.{key} must be a string")
+                extras[key] = v
+            msg = Message(role=role, content=content, train=train, tool_calls=tool_calls, **extras)
+            messages.append(split_reasoning(msg) if version == 1 else msg)
         tools = d.get("tools")
         if tools is not None and not isinstance(tools, list):
             raise ConversionError(f"{where}: 'tools' must be a list")
@@ -156,6 +183,60 @@ class Conversation:
             else (fallback_source or Source(file=where))
         )
         return cls(id=rid, messages=messages, source=source, tools=tools)
+
+
+def normalize_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """Tool calls in the canonical shape ``{"id"?, "type": "function", "function": {"name",
+    "arguments": {...}}}``; ``arguments`` given as a JSON string (OpenAI's wire format) is parsed.
+
+    Raises:
+        ConversionError: naming ``where`` and the call for a missing name or arguments that are
+            not a JSON object (or a string holding one).
+    """
+    if not isinstance(calls, list):
+        raise ConversionError(f"{where} must be a list")
+    out = []
+    for k, c in enumerate(calls):
+        here = f"{where}[{k}]"
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict):
+            raise ConversionError(f"{here} must be an object with a 'function' object")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConversionError(f"{here}.function.name must be a non-empty string")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError as e:
+                raise ConversionError(
+                    f"{here}.function.arguments is not valid JSON ({e.msg} at column {e.colno})"
+                ) from None
+        if not isinstance(args, dict):
+            raise ConversionError(
+                f"{here}.function.arguments must be a JSON object, got {type(args).__name__}"
+            )
+        call: dict[str, Any] = {}
+        if c.get("id") is not None:
+            if not isinstance(c["id"], str):
+                raise ConversionError(f"{here}.id must be a string")
+            call["id"] = c["id"]
+        call["type"] = "function"
+        call["function"] = {"name": name, "arguments": args}
+        out.append(call)
+    return out
+
+
+def split_reasoning(m: Message) -> Message:
+    """An assistant reply that opens with ``<think>…</think>`` (DeepSeek-R1, Qwen3 outputs) as
+    ``reasoning`` plus the answer after it; any other message unchanged."""
+    if m.role != "assistant" or m.reasoning is not None:
+        return m
+    text = m.content.lstrip()
+    if not text.startswith(THINK_OPEN) or THINK_CLOSE not in text:
+        return m
+    inner, _, answer = text[len(THINK_OPEN) :].partition(THINK_CLOSE)
+    return replace(m, content=answer.lstrip("\n"), reasoning=inner.strip("\n"))
 
 
 def parse_jsonl_line(line: str, *, path: str, lineno: int) -> Conversation:

@@ -47,6 +47,7 @@ from sftdata.errors import ConfigError, ConversionError, ShardError, ValidationE
 from sftdata.pack import build_row, efficiency, pack_rows
 from sftdata.render import TRAIN_ON
 from sftdata.shards import INDEX_NAME, KIND, ShardReader, ShardWriter, write_index
+from sftdata.templates import DEFAULT_TEMPLATE_DATE
 
 OVERFLOW = ("drop", "truncate", "error")
 MARKER = ".sftdata-pack"
@@ -86,6 +87,12 @@ class PackOptions:
     """Encoding worker processes (does not change the output)."""
     chunk_size: int = 2000
     """Records per encode_batch call (does not change the output)."""
+    template_date: str = DEFAULT_TEMPLATE_DATE
+    """The date templates see (``strftime_now``, ``date_string``), pinned for reproducibility."""
+    strict: bool = False
+    """Refuse records that need a documented fold-in instead of folding them in."""
+    skip_invalid: bool = False
+    """Skip and count records the template cannot render (else the first one stops the pack)."""
 
     def resolved_shard_size(self) -> int:
         """Rows per shard file after applying the automatic default."""
@@ -103,6 +110,9 @@ class PackOptions:
             "val_fraction": self.val_fraction,
             "val_count": self.val_count,
             "shard_size": self.resolved_shard_size(),
+            "template_date": self.template_date,
+            "strict": self.strict,
+            "skip_invalid": self.skip_invalid,
         }
 
 
@@ -122,6 +132,12 @@ class PackReport:
     packing_efficiency: float = 0.0
     splits: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    fold_ins: dict[str, int] = field(default_factory=dict)
+    refused: dict[str, int] = field(default_factory=dict)
+    refusal_examples: list[str] = field(default_factory=list)
+    split_turns: int = 0
+    fallback: int = 0
+    no_stop: int = 0
 
     @classmethod
     def from_index(
@@ -142,6 +158,12 @@ class PackReport:
             packing_efficiency=c["packing_efficiency"],
             splits={k: v["rows"] for k, v in index["splits"].items()},
             seconds=seconds,
+            fold_ins=dict(c.get("fold_ins", {})),
+            refused=dict(c.get("refused", {})),
+            refusal_examples=list(index.get("refusal_examples", [])),
+            split_turns=c.get("split_turns", 0),
+            fallback=c.get("fallback", 0),
+            no_stop=c.get("no_stop", 0),
         )
 
 
@@ -160,13 +182,14 @@ class _Chunk:
     zero_trained: int
     overflow: int
     truncated: int
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 _STATE: dict[str, Any] = {}  # per process: the renderer for a (tokenizer, template, train_on) key
 
 
-def _renderer_key(opts: PackOptions) -> tuple[str, str, str]:
-    return (opts.tokenizer, opts.template, opts.train_on)
+def _renderer_key(opts: PackOptions) -> tuple[Any, ...]:
+    return (opts.tokenizer, opts.template, opts.train_on, opts.template_date, opts.strict)
 
 
 def _get_renderer(opts: PackOptions) -> Any:
@@ -177,7 +200,13 @@ def _get_renderer(opts: PackOptions) -> Any:
 
         tok = load_snapshot(opts.tokenizer)
         _STATE["tok"] = tok
-        _STATE["renderer"] = Renderer(tok, template=opts.template, train_on=opts.train_on)
+        _STATE["renderer"] = Renderer(
+            tok,
+            template=opts.template,
+            train_on=opts.train_on,
+            template_date=opts.template_date,
+            strict=opts.strict,
+        )
         _STATE["key"] = key
     return _STATE["renderer"]
 
@@ -192,12 +221,22 @@ def encode_chunk(
 ) -> _Chunk:
     """Encode one chunk with one ``encode_batch`` call and apply the drop/overflow policies."""
     renderer = _get_renderer(opts)
-    encoded = renderer.encode_batch(convs)
+    records = renderer.encode_batch(convs, skip_invalid=opts.skip_invalid)
+    stats = render_stats(records)
+    encoded = [s for r in records for s in r.samples]
+    owners = [c for c, r in zip(convs, records, strict=True) for _ in r.samples]
+    sample_ids = [
+        c.id if k == 0 else f"{c.id}#turn{k}"
+        for c, r in zip(convs, records, strict=True)
+        for k in range(len(r.samples))
+    ]
+    convs = owners
     n = len(encoded)
     if n == 0:
         return _Chunk(
-            np.empty(0, np.int32), np.empty(0, bool), np.empty(0, np.int32), [], 0, 0, 0, 0
-        )
+            np.empty(0, np.int32), np.empty(0, bool), np.empty(0, np.int32), [],
+            len(records), 0, 0, 0, stats,
+        )  # fmt: skip
     # Vectorised over the chunk (a per-record Python loop was ~4% of a pack, measured).
     lens = np.fromiter((len(e.input_ids) for e in encoded), dtype=np.int64, count=n)
     ids = np.concatenate([e.input_ids for e in encoded]).astype(np.int32, copy=False)
@@ -235,12 +274,54 @@ def encode_chunk(
         ids=ids[tok_keep],
         mask=mask[tok_keep],
         lengths=np.minimum(lens, seq_len)[keep].astype(np.int32),
-        record_ids=[c.id for c, k in zip(convs, keep.tolist(), strict=True) if k],
-        n_in=n,
+        record_ids=[c for c, k in zip(sample_ids, keep.tolist(), strict=True) if k],
+        n_in=len(records),
         zero_trained=n_zero,
         overflow=n_over,
         truncated=n_trunc,
+        stats=stats,
     )
+
+
+REFUSAL_EXAMPLES = 20
+"""Refused records listed by name in the pack summary and index (the rest are counted)."""
+
+
+def render_stats(records: Sequence[Any]) -> dict[str, Any]:
+    """Fold-ins, refusals, split turns, fallbacks and stop-less turns of encoded records."""
+    folds: dict[str, int] = {}
+    refused: dict[str, int] = {}
+    examples: list[str] = []
+    split = fallback = no_stop = 0
+    for r in records:
+        rr = r.render
+        for kind in rr.fold_ins:
+            folds[kind] = folds.get(kind, 0) + 1
+        if rr.refusal is not None:
+            refused[rr.reason] = refused.get(rr.reason, 0) + 1
+            if len(examples) < REFUSAL_EXAMPLES:
+                examples.append(rr.refusal)
+        split += rr.split_turns
+        fallback += int(rr.fallback)
+        no_stop += rr.no_stop
+    return {
+        "fold_ins": folds,
+        "refused": refused,
+        "examples": examples,
+        "split_turns": split,
+        "fallback": fallback,
+        "no_stop": no_stop,
+    }
+
+
+def _merge_stats(total: dict[str, Any], part: dict[str, Any]) -> None:
+    for key in ("fold_ins", "refused"):
+        for k, v in part.get(key, {}).items():
+            total[key][k] = total[key].get(k, 0) + v
+    room = REFUSAL_EXAMPLES - len(total["examples"])
+    total["examples"].extend(part.get("examples", [])[:room])
+    for key in ("split_turns", "fallback", "no_stop"):
+        total[key] += part.get(key, 0)
 
 
 def read_chunks(inputs: Sequence[Path], size: int) -> Iterator[list[Conversation]]:
@@ -498,7 +579,9 @@ def pack(
             f"overhead of {renderer.fixed_overhead} tokens per record"
         )
     tpl_sha = hashlib.sha256(renderer.template_text.encode("utf-8")).hexdigest()
-    fp = fingerprint(in_meta, ident["sha256"], f"{renderer.name}:{tpl_sha}", opts, opts.seq_len)
+    stops = "\0".join(renderer.stop_tokens)
+    tpl_key = f"{renderer.name}:{tpl_sha}:{stops}"
+    fp = fingerprint(in_meta, ident["sha256"], tpl_key, opts, opts.seq_len)
 
     old = _existing_index(output)
     if old is not None and old.get("fingerprint") == fp:
@@ -525,7 +608,10 @@ def pack(
             index = _build(
                 inputs, work, opts, workers,
                 ident=ident, tok_spec=_spec_of(opts.tokenizer),
-                template={"name": renderer.name, "sha256": tpl_sha},
+                template={
+                    "name": renderer.name, "sha256": tpl_sha, "date": opts.template_date,
+                    "stop_tokens": list(renderer.stop_tokens),
+                },
                 in_meta=in_meta, fp=fp, approx_records=approx_records, progress=progress,
             )  # fmt: skip
         (work / MARKER).unlink()
@@ -584,6 +670,7 @@ def _build(
     lengths_parts: list[np.ndarray] = []
     record_ids: list[str] = []
     n_in = zero = over = trunc = 0
+    stats: dict[str, Any] = render_stats([])
     ids_path, mask_path = work / SPILL_IDS, work / SPILL_MASK
     with ids_path.open("wb") as fi, mask_path.open("wb") as fm:
         for chunk in _encoded_chunks(inputs, opts, workers):
@@ -595,14 +682,17 @@ def _build(
             zero += chunk.zero_trained
             over += chunk.overflow
             trunc += chunk.truncated
+            _merge_stats(stats, chunk.stats)
             if progress:
                 progress("encode", n_in, max(approx_records, n_in))
     lengths = np.concatenate(lengths_parts) if lengths_parts else np.empty(0, np.int32)
     n = len(lengths)
     if n == 0:
+        refused = sum(stats["refused"].values())
         raise ValidationError(
             f"{', '.join(map(str, inputs))}: no record left to write ({n_in} read: {zero} with zero "
-            f"trained tokens, {over} longer than --seq-len {opts.seq_len})"
+            f"trained tokens, {over} longer than --seq-len {opts.seq_len}, {refused} refused by "
+            "the template)"
         )
     starts = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
@@ -694,7 +784,13 @@ def _build(
             "trained_tokens": sum(s["trained_tokens"] for s in splits.values()),
             "pad_tokens": total_rows * opts.seq_len - tokens,
             "packing_efficiency": round(efficiency(tokens, total_rows, opts.seq_len), 6),
+            "fold_ins": stats["fold_ins"],
+            "refused": stats["refused"],
+            "split_turns": stats["split_turns"],
+            "fallback": stats["fallback"],
+            "no_stop": stats["no_stop"],
         },
+        "refusal_examples": stats["examples"],
         "splits": splits,
     }
     write_index(work, index)  # last, atomically

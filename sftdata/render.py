@@ -1,72 +1,162 @@
 """Chat-template rendering with exact label masks (DESIGN §2, invariant C2).
 
-A record is rendered to ONE string by a chat template (the tokenizer's own ``chat_template``, a
-built-in Jinja file from ``sftdata/templates/``, a FastChat conversation template, or a user's
-Jinja file). The trained part is computed on that string as character spans, from its structure:
-each message's content is located where the template put it (searching forward from the previous
-message), and a trained assistant message's span runs on through the template's end-of-turn string
-(learned once per template by rendering a probe conversation with sentinel contents). The whole
-string is then tokenized once and a token is trained iff its character span overlaps a trained
-span. No prompt prefix is ever tokenized separately, so BPE merges across a boundary cannot shift
-the mask.
+What is trained, for each trained assistant turn, is exactly what the model must generate at
+inference: from the end of the generation prompt for the preceding messages
+(``render(messages[:i], add_generation_prompt=True)``) through the stop token that ends the turn
+(reasoning blocks, channel headers and tool-call markup included). It is derived by construction:
 
-Tool calls and tool schemas are passed to templates that use them (``tool_calls`` / ``tools`` in
-the template source). For templates that don't, they are rendered in a documented plain way rather
-than dropped: each call becomes one line of compact JSON (``{"name": ..., "arguments": ...}``)
-appended to the assistant's content, and the tool schemas become a JSON list after the line
-"Available tools:" at the end of the system message (a system message is added if there is none).
+1. the turn's start is the length of the generation-prompt render of the conversation prefix,
+   and the render of the prefix including the turn says what the turn renders as (templates with
+   ``{% generation %}`` blocks are rendered the same way: on trl's training templates the blocks
+   also wrap layout after the stop token, e.g. the newline after ``<|im_end|>``, which the model
+   never generates);
+2. the turn ends at the first stop token after its start: the tokenizer's EOS, the model folder's
+   ``generation_config.json`` EOS ids, or the template's own end-of-turn (the special token it
+   writes right after an assistant reply). When the template writes none inside the turn, a stop
+   token opening the next turn is trained (GLM stops on ``<|user|>``/``<|observation|>``) and
+   nothing else of it.
+
+A template that renders earlier turns differently from the last (Qwen3 and DeepSeek-R1 drop the
+reasoning of earlier turns, gpt-oss ends them with ``<|end|>`` instead of ``<|return|>``) cannot
+train those turns inside the whole record as the model will produce them, so each such turn
+becomes a sample of its own: the prefix through that turn, rendered as the template renders a last
+turn (counted as ``split_turns``). Only when neither derivation applies (a template whose
+generation prompt is not a prefix of its own render, as DeepSeek-R1's prompt opens ``<think>``)
+is the turn trained from where its render departs from the prompt, and the record is counted
+under ``fallback``.
+
+The whole text of a sample is tokenized once and a token is trained iff its character span
+overlaps a trained span: no prompt prefix is tokenized separately, so BPE merges across a
+boundary cannot shift the mask.
+
+Nothing is dropped silently. The template's capabilities are probed once (system role, tool role,
+tool calls, tool schemas, reasoning); what it cannot render natively is folded in, in documented
+ways, and counted (``FOLD_INS``): a system message merged into the first user turn, tool results
+as a marked user turn, tool calls as JSON lines in the reply, tool schemas after "Available
+tools:" in the system message, reasoning as ``<think>…</think>`` before the reply. After
+rendering, every message's content and reasoning, every tool call's name and every tool schema's
+name must be in the text, or the record is refused with the reason. ``strict`` refuses instead of
+folding in.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from sftdata.conversation import Conversation
 from sftdata.errors import ConfigError, TemplateError
-from sftdata.templates import load_template
+from sftdata.templates import DEFAULT_TEMPLATE_DATE, load_template
+from sftdata.tokenizer import stop_tokens
 
 TRAIN_ON = ("all-assistant", "last-assistant", "everything")
+FOLD_INS = (
+    "system_into_user",
+    "tool_results_as_user",
+    "tool_calls_into_content",
+    "tools_into_system",
+    "reasoning_into_content",
+)
+"""Kinds of documented fold-in, as counted in the pack summary and ``index.json``."""
+REFUSALS = ("template_error", "not_rendered", "strict")
+"""Reasons a record is refused (``sftdata pack --skip-invalid`` counts them)."""
+TOOL_RESULT_HEADER = "Tool result"
+"""Start of the user turn a tool result becomes for a template without a tool role."""
 
-# Sentinel contents for the probe renders: plain ASCII letters so that templates which strip or
-# capitalise nothing still render them verbatim, and unlikely to occur in template text.
-_S = {
+# Probe contents: plain ASCII so that templates render them verbatim.
+_P = {
     "system": "Qzx7SystemProbe",
     "user": "Qzx7UserProbe",
-    "user2": "Qzx7UserProbeTwo",
     "assistant": "Qzx7AssistantProbe",
-    "assistant2": "Qzx7AssistantProbeTwo",
     "tool": "Qzx7ToolProbe",
+    "fn": "qzx7_probe_fn",
+    "arg": "qzx7arg",
+    "tool_schema": "qzx7_probe_tool",
+    "reasoning": "Qzx7ReasoningProbe",
 }
 
 
 @dataclass(frozen=True)
 class Encoded:
-    """One tokenized record: token ids and which of them are trained."""
+    """One tokenized sample: token ids and which of them are trained."""
 
     input_ids: np.ndarray
-    """int32 token ids of the rendered record (no padding)."""
+    """int32 token ids of the rendered sample (no padding)."""
     train_mask: np.ndarray
     """bool, same length: True where the token is trained (its label is itself)."""
 
 
-# ------------------------------------------------------------------------------------ the renderer
+@dataclass(frozen=True)
+class Rendered:
+    """One rendered sample: its text and trained character spans (sorted, disjoint)."""
+
+    text: str
+    spans: list[tuple[int, int]]
 
 
-def _plain_tool_call(call: Any) -> str:
-    fn = call.get("function", call) if isinstance(call, dict) else call
-    if isinstance(fn, dict) and "name" in fn:
-        args = fn.get("arguments")
-        if isinstance(args, str):
-            with contextlib.suppress(json.JSONDecodeError):
-                args = json.loads(args)
-        fn = {"name": fn["name"], "arguments": args}
-    return json.dumps(fn, ensure_ascii=False, separators=(", ", ": "))
+@dataclass
+class RecordRender:
+    """What rendering one record gave: its samples, or the reason it was refused."""
+
+    samples: list[Rendered] = field(default_factory=list)
+    """The whole record first, then one sample per split turn."""
+    fold_ins: list[str] = field(default_factory=list)
+    """The documented fold-ins applied (kinds from :data:`FOLD_INS`)."""
+    split_turns: int = 0
+    """Turns trained as samples of their own (the template renders history differently)."""
+    fallback: bool = False
+    """A turn was located by its content (neither derivation applied)."""
+    no_stop: int = 0
+    """Trained turns after which the template writes no stop token."""
+    refusal: str | None = None
+    """Why the record cannot be trained (one line naming the record), or None."""
+    reason: str | None = None
+    """The refusal's kind, one of :data:`REFUSALS`."""
+
+
+@dataclass
+class EncodedRecord:
+    """One record tokenized: a sample per :class:`Rendered` of its :class:`RecordRender`."""
+
+    samples: list[Encoded]
+    render: RecordRender
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _plain_tool_call(call: dict[str, Any]) -> str:
+    fn = call["function"]
+    obj = {"name": fn["name"], "arguments": fn["arguments"]}
+    return json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))
+
+
+def _call_id(rid: str, i: int, k: int) -> str:
+    # Templates that need ids (Mistral's wants nine alphanumerics) get a deterministic one.
+    return hashlib.blake2b(f"{rid}\0{i}\0{k}".encode(), digest_size=8).hexdigest()[:9]
+
+
+def _one_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+@dataclass(frozen=True)
+class _Caps:
+    """What a template renders natively (probed once per template)."""
+
+    system: bool
+    tool_role: bool
+    tool_calls: bool
+    tools: bool
+    reasoning: bool
+    args_as_string: bool
 
 
 class Renderer:
@@ -75,21 +165,32 @@ class Renderer:
     Args:
         tokenizer: a fast tokenizer (``sftdata.tokenizer.load_tokenizer``) or its
             ``TokenizerSnapshot`` (``load_snapshot``).
-        template: ``auto`` (the tokenizer's chat_template), ``chatml``, ``llama2``, ``alpaca``,
+        template: ``auto`` (the tokenizer's chat_template), a built-in name,
             ``fastchat:NAME`` or a path to a ``.jinja`` file.
         train_on: one of :data:`TRAIN_ON`; per-message ``train`` flags always win.
+        template_date: the date templates see (``strftime_now``, ``date_string``).
+        strict: refuse a record that would need a fold-in instead of folding it in.
 
     Raises:
         TemplateError: unknown template, Jinja syntax error (file:line), ``auto`` without a
-            chat_template, or a template whose output does not contain message contents verbatim.
+            chat_template, or a template that cannot render a plain user/assistant exchange.
         ConfigError: ``train_on`` not one of :data:`TRAIN_ON`.
     """
 
-    def __init__(self, tokenizer: Any, *, template: str = "auto", train_on: str = "all-assistant"):
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        template: str = "auto",
+        train_on: str = "all-assistant",
+        template_date: str = DEFAULT_TEMPLATE_DATE,
+        strict: bool = False,
+    ):
         if train_on not in TRAIN_ON:
             raise ConfigError(f"train_on {train_on!r} is not one of {', '.join(TRAIN_ON)}")
         self.train_on = train_on
-        self._tok = tokenizer
+        self.strict = strict
+        self.template_date = template_date
         self._backend_tok = tokenizer.backend_tokenizer
         self._specials = {
             "bos_token": tokenizer.bos_token or "",
@@ -97,93 +198,225 @@ class Renderer:
             "unk_token": tokenizer.unk_token or "",
             "pad_token": tokenizer.pad_token or "",
         }
-        self._probe_error = ""
         self.name, self.template_text, self._backend = load_template(
-            str(template), tokenizer, specials=self._specials
+            str(template), tokenizer, specials=self._specials, date=template_date
         )
-        self._probe()
-        minimal = self._render_probe(
-            [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
+        added = self._backend_tok.get_added_tokens_decoder().values()
+        special = sorted({t.content for t in added if t.content}, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, special))) if special else None
+        u, a = _P["user"], _P["assistant"]
+        self._parts = False
+        one = self._try([{"role": "user", "content": u}, {"role": "assistant", "content": a}])
+        if isinstance(one, Exception) or a not in one:
+            # Multimodal templates (LLaVA, Idefics3, SmolVLM) read content as a list of parts.
+            parts = self._try(
+                [
+                    {"role": "user", "content": [{"type": "text", "text": u}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": a}]},
+                ]
+            )
+            if isinstance(parts, str) and a in parts:
+                one, self._parts = parts, True
+        if isinstance(one, Exception):
+            raise TemplateError(
+                f"template {self.name}: cannot render a probe conversation: "
+                f"{type(one).__name__}: {_one_line(one)}"
+            )
+        if a not in one or u not in one:
+            raise TemplateError(
+                f"template {self.name}: does not render a plain user/assistant conversation with "
+                "the message contents verbatim, so label masks cannot be derived from it"
+            )
+        eot = self._first_special(one, one.index(a) + len(a))
+        stops = [*stop_tokens(tokenizer), *([eot] if eot else [])]
+        self.stop_tokens: tuple[str, ...] = tuple(dict.fromkeys(s for s in stops if s))
+        """Strings that end a trained turn: EOS, generation-config EOS ids, template end-of-turn."""
+        self._stop_re = (
+            re.compile("|".join(map(re.escape, sorted(self.stop_tokens, key=len, reverse=True))))
+            if self.stop_tokens
+            else None
         )
-        if minimal is None:
-            raise TemplateError(f"template {self.name}: {self._probe_error}")
-        self.fixed_overhead: int = len(self._backend_tok.encode(minimal, add_special_tokens=False))
+        self.caps = self._probe()
+        minimal = self._try([{"role": "user", "content": ""}, {"role": "assistant", "content": ""}])
+        text = minimal if isinstance(minimal, str) else one.replace(u, "").replace(a, "")
+        self.fixed_overhead: int = len(self._backend_tok.encode(text, add_special_tokens=False))
         """Tokens the template adds around a minimal one-turn record (empty user and reply)."""
 
-    # -- template loading ---------------------------------------------------------------------
+    # -- template capabilities ----------------------------------------------------------------
 
-    def _render_probe(self, messages: list[dict[str, Any]]) -> str | None:
+    def _try(
+        self, msgs: list[dict[str, Any]], tools: Any = None, gen: bool = False
+    ) -> str | Exception:
+        if getattr(self, "_parts", False):
+            msgs = [_as_parts(m) for m in msgs]
         try:
-            return self._backend.render(messages, None, False)
+            return self._backend.render(msgs, tools, gen)
         except Exception as e:  # any template failure: the caller decides whether it matters
-            self._probe_error = (
-                f"cannot render a probe conversation: {type(e).__name__}: {_one_line(e)}"
-            )
+            return e
+
+    def _first_special(self, text: str, at: int) -> str | None:
+        """The special token right after ``at`` (layout whitespace allowed), or None."""
+        if self._special_re is None:
             return None
+        j = at
+        while j < len(text) and text[j].isspace():
+            j += 1
+        m = self._special_re.match(text, j)
+        return m.group(0) if m else None
 
-    def _probe(self) -> None:
-        """Learn the end-of-turn string and which roles the template renders at all."""
-        s = _S
-        u, a = (
-            {"role": "user", "content": s["user"]},
-            {"role": "assistant", "content": s["assistant"]},
+    def _probe(self) -> _Caps:
+        p = _P
+        u = {"role": "user", "content": p["user"]}
+        a = {"role": "assistant", "content": p["assistant"]}
+
+        def renders(needle: str, msgs: list[dict[str, Any]], tools: Any = None) -> bool:
+            out = self._try(msgs, tools)
+            return isinstance(out, str) and needle in out
+
+        def call(args: Any) -> dict[str, Any]:
+            return {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": "a1b2c3d4e",
+                        "type": "function",
+                        "function": {"name": p["fn"], "arguments": args},
+                    }
+                ],
+            }
+
+        result = {"role": "tool", "content": p["tool"], "tool_call_id": "a1b2c3d4e"}
+        result["name"] = p["fn"]
+        args = {p["arg"]: 1}
+        args_as_string = False
+        tool_calls = renders(p["arg"], [u, call(args)]) or renders(
+            p["arg"], [u, call(args), result, a]
         )
-        one = self._render_probe([u, a])
-        two = self._render_probe(
-            [u, a, {"role": "user", "content": s["user2"]}, {"role": "assistant", "content": s["assistant2"]}]
-        )  # fmt: skip
-        if one is None or two is None:
-            raise TemplateError(f"template {self.name}: {self._probe_error}")
-        if s["assistant"] not in one or s["user2"] not in two:
-            raise TemplateError(
-                f"template {self.name}: does not render a plain user/assistant conversation with the "
-                "message contents verbatim, so label masks cannot be derived from it"
-            )
-        last = one[one.index(s["assistant"]) + len(s["assistant"]) :].rstrip()
-        a1 = two.index(s["assistant"]) + len(s["assistant"])
-        mid = two[a1 : two.index(s["user2"], a1)]
-        n = 0
-        while n < min(len(last), len(mid)) and last[n] == mid[n]:
-            n += 1
-        # The end-of-turn string is what follows an assistant's content both mid-conversation and
-        # at the end (e.g. "<|im_end|>", " </s>"); layout whitespace after it is not trained.
-        self.eot: str = last[:n].rstrip()
-        with_system = self._render_probe([{"role": "system", "content": s["system"]}, u, a])
-        with_tool = self._render_probe([u, a, {"role": "tool", "content": s["tool"]}, a])
-        self._renders = {
-            "user": True,
-            "assistant": True,
-            "system": with_system is not None and s["system"] in with_system,
-            "tool": with_tool is not None and s["tool"] in with_tool,
-        }
+        if not tool_calls:
+            as_string = json.dumps(args)
+            if renders(p["arg"], [u, call(as_string)]) or renders(
+                p["arg"], [u, call(as_string), result, a]
+            ):
+                tool_calls = args_as_string = True
+        tool_call = call(json.dumps(args) if args_as_string else args)
+        tool_role = renders(p["tool"], [u, tool_call, result, a]) if tool_calls else False
+        if not tool_calls:
+            tool_role = renders(p["tool"], [u, a, result, a])
+        schema = {"type": "function", "function": {"name": p["tool_schema"], "parameters": {}}}
+        reasoning = {**a, "reasoning_content": p["reasoning"], "thinking": p["reasoning"]}
+        return _Caps(
+            system=renders(p["system"], [{"role": "system", "content": p["system"]}, u, a]),
+            tool_role=tool_role,
+            tool_calls=tool_calls,
+            tools=renders(p["tool_schema"], [u, a], [schema]),
+            reasoning=renders(p["reasoning"], [u, reasoning]),
+            args_as_string=args_as_string,
+        )
 
-    # -- rendering ----------------------------------------------------------------------------
+    # -- the messages a template sees ---------------------------------------------------------
 
-    def _messages(self, conv: Conversation) -> tuple[list[dict[str, Any]], list[Any] | None, int]:
-        """Template messages (tool calls folded in where unsupported), tools, and index shift."""
-        native_calls = self._backend.native_tool_calls
+    def template_messages(
+        self, conv: Conversation
+    ) -> tuple[list[dict[str, Any]], list[Any] | None, list[int | None], list[str]]:
+        """The messages and tools passed to the template, with fold-ins applied.
+
+        Returns:
+            (messages, tools, index of each template message in ``conv.messages`` or None for
+            one made by a fold-in, fold-in kinds applied).
+        """
+        caps = self.caps
+        folds: list[str] = []
         msgs: list[dict[str, Any]] = []
-        for m in conv.messages:
+        origin: list[int | None] = []
+        pending_calls: list[dict[str, Any]] = []
+        results = 0  # tool results since the last assistant turn (pairs them with its calls)
+        for i, m in enumerate(conv.messages):
             d: dict[str, Any] = {"role": m.role, "content": m.content}
-            if m.tool_calls:
-                if native_calls:
-                    d["tool_calls"] = m.tool_calls
-                else:
-                    lines = [_plain_tool_call(c) for c in m.tool_calls]
-                    d["content"] = "\n".join(([m.content] if m.content else []) + lines)
+            if m.role == "assistant":
+                pending_calls, results = [], 0
+                if m.reasoning:
+                    if caps.reasoning:
+                        d["reasoning_content"] = d["thinking"] = m.reasoning
+                    else:
+                        d["content"] = f"<think>\n{m.reasoning}\n</think>\n\n{m.content}"
+                        folds.append("reasoning_into_content")
+                if m.tool_calls:
+                    calls = [
+                        {**c, "id": c.get("id") or _call_id(conv.id, i, k)}
+                        for k, c in enumerate(m.tool_calls)
+                    ]
+                    pending_calls = calls
+                    if caps.tool_calls:
+                        if caps.args_as_string:
+                            calls = [
+                                {
+                                    **c,
+                                    "function": {
+                                        "name": c["function"]["name"],
+                                        "arguments": json.dumps(
+                                            c["function"]["arguments"], ensure_ascii=False
+                                        ),
+                                    },
+                                }
+                                for c in calls
+                            ]
+                        d["tool_calls"] = calls
+                    else:
+                        lines = [_plain_tool_call(c) for c in calls]
+                        d["content"] = "\n".join(([d["content"]] if d["content"] else []) + lines)
+                        folds.append("tool_calls_into_content")
+            elif m.role == "tool":
+                paired = _paired_call(m.tool_call_id, pending_calls, results)
+                results += 1
+                if m.tool_call_id or paired:
+                    d["tool_call_id"] = m.tool_call_id or paired.get("id")
+                if m.name or paired:
+                    d["name"] = m.name or paired["function"]["name"]
+                if not caps.tool_role:
+                    head = (
+                        f"{TOOL_RESULT_HEADER} ({d['name']})"
+                        if d.get("name")
+                        else TOOL_RESULT_HEADER
+                    )
+                    body = f"{head}:\n{m.content}"
+                    folds.append("tool_results_as_user")
+                    if (
+                        msgs
+                        and msgs[-1]["role"] == "user"
+                        and origin[-1] is not None
+                        and (conv.messages[origin[-1]].role == "tool")
+                    ):
+                        msgs[-1] = {**msgs[-1], "content": msgs[-1]["content"] + "\n\n" + body}
+                        continue  # merged: this message shares the user turn of the one before
+                    d = {"role": "user", "content": body}
             msgs.append(d)
+            origin.append(i)
         tools = conv.tools or None
-        shift = 0
-        if tools and not self._backend.native_tools:
+        if tools and not caps.tools:
             block = "Available tools:\n" + json.dumps(tools, ensure_ascii=False)
             if msgs and msgs[0]["role"] == "system":
                 sep = "\n\n" if msgs[0]["content"] else ""
                 msgs[0] = {**msgs[0], "content": msgs[0]["content"] + sep + block}
             else:
                 msgs.insert(0, {"role": "system", "content": block})
-                shift = 1
+                origin.insert(0, None)
             tools = None
-        return msgs, tools, shift
+            folds.append("tools_into_system")
+        if msgs and msgs[0]["role"] == "system" and not caps.system:
+            system = msgs.pop(0)["content"]
+            origin.pop(0)
+            if msgs and msgs[0]["role"] == "user":
+                msgs[0] = {**msgs[0], "content": f"{system}\n\n{msgs[0]['content']}"}
+            else:
+                msgs.insert(0, {"role": "user", "content": system})
+                origin.insert(0, None)
+            folds.append("system_into_user")
+        if self._parts:
+            msgs = [_as_parts(m) for m in msgs]
+        return msgs, tools, origin, list(dict.fromkeys(folds))
+
+    # -- rendering ----------------------------------------------------------------------------
 
     def _flags(self, conv: Conversation) -> list[bool | None]:
         """Per message: True trained, False explicitly untrained, None untrained by policy."""
@@ -198,161 +431,253 @@ class Renderer:
             ]
         return [m.train is not False for m in msgs]
 
-    def render(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
-        """Render a record; return the text and its trained character spans (sorted, disjoint).
+    def _refuse(self, conv: Conversation, out: RecordRender, reason: str, why: str) -> None:
+        out.samples = []
+        out.reason = reason
+        out.refusal = f"{conv.source}: template {self.name}: record {conv.id!r}: {why}"
 
-        Raises:
-            TemplateError: naming ``conv.source`` when the template fails or does not put a
-                trained message's content (and end-of-turn) where the mask needs them.
-        """
-        msgs, tools, shift = self._messages(conv)
+    def render_record(self, conv: Conversation) -> RecordRender:
+        """Render one record into its samples and trained spans, or say why it is refused."""
+        out = RecordRender()
+        msgs, tools, origin, folds = self.template_messages(conv)
+        out.fold_ins = folds
+        if folds and self.strict:
+            self._refuse(conv, out, "strict", f"needs fold-in {', '.join(folds)} (--strict)")
+            return out
         try:
             text = self._backend.render(msgs, tools, False)
         except Exception as e:
-            raise TemplateError(
-                f"{conv.source}: template {self.name} cannot render record {conv.id!r}: "
-                f"{type(e).__name__}: {_one_line(e)}"
-            ) from None
+            self._refuse(conv, out, "template_error", f"{type(e).__name__}: {_one_line(e)}")
+            return out
         flags = self._flags(conv)
         everything = self.train_on == "everything"
         spans: list[tuple[int, int]] = []
         excluded: list[tuple[int, int]] = []
+        extra: list[Rendered] = []
         cursor = 0
-        for i, m in enumerate(conv.messages):
-            if not self._renders.get(m.role, True):
-                continue
-            flag = flags[i]
-            content = msgs[i + shift]["content"]
-            wanted = flag is True if not everything else flag is False
-            native = bool(msgs[i + shift].get("tool_calls"))
-            needs_eot = wanted and m.role == "assistant" and bool(self.eot) and not everything
-            pos, end = -1, -1
-            if content:
-                pos, end = self._locate(text, content, cursor, ends_turn=needs_eot and not native)
-            if pos < 0:
+        try:
+            for j, d in enumerate(msgs):
+                i = origin[j]
+                flag = flags[i] if i is not None else None
+                wanted = flag is True if not everything else flag is False
                 if not wanted:
                     continue
-                if content:
-                    raise self._not_found(conv, i, m.role)
-                if m.role != "assistant" or everything:
-                    continue  # nothing of an empty non-assistant message to train or exclude
-                pos = end = self._generation_start(conv, msgs, tools, i + shift, text, cursor)
-            if needs_eot:
-                if pos == end and not native and self._eot_after(text, end) is None:
-                    continue  # an empty reply the template renders as an open prompt (FastChat)
-                end = self._eot_end(conv, i, text, end, native=native)
-            if wanted:
-                (excluded if everything else spans).append((pos, end))
-            cursor = end
+                if d["role"] == "assistant":
+                    turn = self._assistant_turn(msgs, tools, j, text, cursor, out, _text(d))
+                    if turn is None:
+                        continue
+                    s, e, sample = turn
+                    if sample is not None:
+                        if not everything:
+                            extra.append(sample)
+                        continue
+                else:
+                    s, e = self._locate_content(text, _text(d), cursor)
+                    if s < 0:
+                        continue  # checked as "not rendered" below
+                (excluded if everything else spans).append((s, e))
+                cursor = e
+        except _Fallback as f:
+            self._refuse(conv, out, "not_rendered", str(f))
+            return out
         if everything:
             spans = _subtract([(0, len(text))], excluded)
-        return text, [(s, e) for s, e in spans if e > s]
+        out.samples = [Rendered(text, [(s, e) for s, e in spans if e > s]), *extra]
+        out.split_turns = len(extra)
+        missing = self._missing(conv, out.samples, msgs)
+        if missing:
+            self._refuse(conv, out, "not_rendered", f"the template did not render {missing}")
+        return out
 
-    def _not_found(self, conv: Conversation, i: int, role: str) -> TemplateError:
-        return TemplateError(
-            f"{conv.source}: template {self.name} did not render message {i} ({role}) of record "
-            f"{conv.id!r} verbatim, so its label mask cannot be located"
-        )
-
-    def _eot_after(self, text: str, end: int) -> int | None:
-        """End of the end-of-turn string right after ``end`` (layout whitespace allowed)."""
-        if text.startswith(self.eot, end):
-            return end + len(self.eot)
-        eot = self.eot.lstrip()
-        j = end
-        while j < len(text) and text[j].isspace():
-            j += 1
-        return j + len(eot) if text.startswith(eot, j) else None
-
-    def _locate(self, text: str, content: str, cursor: int, *, ends_turn: bool) -> tuple[int, int]:
-        """Where the template put ``content`` at or after ``cursor``: (start, end), or (-1, -1).
-
-        Templates may strip contents (Llama-2's does), so the stripped text is a candidate too.
-        For an assistant reply the first place followed by the end-of-turn wins, so a short reply
-        such as "A" or "assistant" is not mistaken for part of a role header before it.
-        """
-        stripped = content.strip()
-        variants = (content,) if stripped == content or not stripped else (content, stripped)
-        first = (-1, -1)
-        start = cursor
-        while True:
-            best = (-1, -1)
-            for v in variants:
-                p = text.find(v, start)
-                if p >= 0 and (best[0] < 0 or p < best[0]):
-                    best = (p, p + len(v))
-            if best[0] < 0:
-                return first  # (-1, -1), or a place without end-of-turn: the caller reports it
-            if not ends_turn or self._eot_after(text, best[1]) is not None:
-                return best
-            if first[0] < 0:
-                first = best
-            start = best[0] + 1
-
-    def _eot_end(self, conv: Conversation, i: int, text: str, end: int, *, native: bool) -> int:
-        found = self._eot_after(text, end)
-        if found is not None:
-            return found
-        if native:  # a natively rendered tool call sits between the content and the end of turn
-            k = text.find(self.eot.lstrip(), end)
-            if k >= 0:
-                return k + len(self.eot.lstrip())
-        raise TemplateError(
-            f"{conv.source}: template {self.name} did not end assistant message {i} of record "
-            f"{conv.id!r} with its end-of-turn {self.eot!r}"
-        )
-
-    def _generation_start(
+    def _assistant_turn(
         self,
-        conv: Conversation,
         msgs: list[dict[str, Any]],
         tools: Any,
         j: int,
         text: str,
         cursor: int,
+        out: RecordRender,
+        original: str,
+    ) -> tuple[int, int, Rendered | None] | None:
+        """(start, end, None) of turn ``j`` inside ``text``, or (start, end, its own sample)."""
+        last = j == len(msgs) - 1
+        prompt = self._backend.render(msgs[:j], tools, True) if j else ""
+        whole = text if last else self._backend.render(msgs[: j + 1], tools, False)
+        s = len(prompt)
+        if not whole.startswith(prompt):
+            # The generation prompt is not a prefix of the turn's own render (DeepSeek-R1 and
+            # Nemotron open "<think>" in the prompt that the rendered turn closes or drops): the
+            # turn is trained from where its render departs from the prompt.
+            out.fallback = True
+            s = _common_prefix(prompt, whole)
+            if s < cursor:
+                raise _Fallback(
+                    f"assistant message {j}: the template renders the conversation before it "
+                    "differently with and without a generation prompt, so its label mask cannot "
+                    "be derived"
+                )
+        follow = text if text.startswith(whole) else None
+        # A reply that itself holds a stop token's text ("... </s> ok") is searched past.
+        after = s
+        if self._stop_re is not None and self._stop_re.search(original):
+            k = whole.find(original, s)
+            after = k + len(original) if k >= 0 else s
+        e = self._stop_end(whole, s, len(whole), out, follow=follow, search_from=after)
+        if text.startswith(whole[:e]) and s >= cursor:
+            return s, e, None
+        return s, e, Rendered(whole[:e], [(s, e)])
+
+    def _stop_end(
+        self,
+        text: str,
+        start: int,
+        end: int,
+        out: RecordRender,
+        *,
+        search_from: int | None = None,
+        follow: str | None = None,
     ) -> int:
-        # An assistant turn with empty content: its start is where the template's generation
-        # prompt for the preceding messages ends (rendered as text, never tokenized separately).
-        try:
-            prefix = self._backend.render(msgs[:j], tools, True)
-        except Exception:
-            prefix = ""
-        if not prefix or not text.startswith(prefix) or len(prefix) < cursor:
-            raise self._not_found(conv, j, "assistant")
-        return len(prefix)
+        """End of the turn rendered as ``text[start:end]``: through its first stop token; else
+        through a stop token that opens what follows it (in ``follow``, the whole record's text
+        of which ``text`` is a prefix, or in ``text``), after layout whitespace only; else the
+        turn's text without trailing layout (counted in ``no_stop``)."""
+        if self._stop_re is not None:
+            m = self._stop_re.search(text, start if search_from is None else search_from, end)
+            if m:
+                return m.end()
+            after = text if follow is None else follow
+            j = end
+            while j < len(after) and after[j].isspace():
+                j += 1
+            m = self._stop_re.match(after, j)
+            if m:
+                return m.end()
+        out.no_stop += 1
+        e = end
+        while e > start and text[e - 1].isspace():
+            e -= 1
+        return e
+
+    @staticmethod
+    def _locate_content(text: str, content: str, cursor: int) -> tuple[int, int]:
+        """Where ``content`` (or its stripped text: templates may strip) is at/after ``cursor``."""
+        if not content:
+            return -1, -1
+        p = text.find(content, cursor)
+        if p >= 0:
+            return p, p + len(content)
+        stripped = content.strip()
+        p = text.find(stripped, cursor) if stripped else -1
+        return (p, p + len(stripped)) if p >= 0 else (-1, -1)
+
+    def _missing(
+        self, conv: Conversation, samples: list[Rendered], msgs: list[dict[str, Any]]
+    ) -> str | None:
+        """What of the record no sample's text holds ("message 3 (tool)", ...), or None."""
+        texts = [s.text for s in samples]
+
+        def found(needle: str) -> bool:
+            needle = needle.strip()
+            return not needle or any(needle in t for t in texts)
+
+        for i, m in enumerate(conv.messages):
+            if not found(m.content):
+                return f"the content of message {i} ({m.role})"
+            if m.reasoning and not found(m.reasoning):
+                return f"the reasoning of message {i}"
+            for k, c in enumerate(m.tool_calls or []):
+                fn = c["function"]
+                if not found(fn["name"]) or not all(found(str(key)) for key in fn["arguments"]):
+                    return f"tool call {k} of message {i} ({fn['name']})"
+        for k, t in enumerate(conv.tools or []):
+            name = t.get("function", t).get("name") if isinstance(t, dict) else None
+            if isinstance(name, str) and not found(name):
+                return f"tool schema {k} ({name})"
+        return None
+
+    def render(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+        """The whole record's text and trained spans (split turns are not included).
+
+        Raises:
+            TemplateError: naming ``conv.source`` when the record is refused.
+        """
+        r = self.render_record(conv)
+        if r.refusal is not None:
+            raise TemplateError(r.refusal)
+        return r.samples[0].text, r.samples[0].spans
 
     # -- tokenizing ---------------------------------------------------------------------------
 
-    def encode(self, conv: Conversation) -> Encoded:
+    def encode(self, conv: Conversation) -> EncodedRecord:
         """Render and tokenize one record (see :meth:`encode_batch`)."""
         return self.encode_batch([conv])[0]
 
-    def encode_batch(self, convs: Sequence[Conversation]) -> list[Encoded]:
+    def encode_batch(
+        self, convs: Sequence[Conversation], *, skip_invalid: bool = False
+    ) -> list[EncodedRecord]:
         """Render and tokenize records with ONE batched call of the Rust tokenizer.
 
+        A refused record raises its TemplateError, or with ``skip_invalid`` comes back with no
+        samples and its ``render.refusal`` set.
+
         Token masks come from ``char_to_token`` at span edges (two lookups per span) rather than
-        converting every token's offsets to Python: measured on alpaca_en_demo (llama2 template,
-        Llama-2 tokenizer, 2 cores) converting offsets alone costs ~30% of the batch encode time.
-        Measured throughput of this method vs a bare ``backend_tokenizer.encode_batch`` of the
-        same rendered texts (alpaca_en_demo, llama2 template, Llama-2 tokenizer, 2 shared cores,
-        median of 25 alternating runs): 0.93 with a single-threaded tokenizer (as in pack's
-        workers), 0.85 with the tokenizer's own 2 threads (our Python side stays serial). Per
-        1000 records the Python side is ~18 ms Jinja render, ~6 ms ids to numpy, ~1 ms masks.
+        converting every token's offsets to Python (converting offsets alone costs about a third
+        of the batch encode time).
         """
-        rendered = [self.render(c) for c in convs]
-        encodings = self._backend_tok.encode_batch(
-            [text for text, _ in rendered], add_special_tokens=False
-        )
+        renders = [self.render_record(c) for c in convs]
+        if not skip_invalid:
+            for r in renders:
+                if r.refusal is not None:
+                    raise TemplateError(r.refusal)
+        flat = [s for r in renders for s in r.samples]
+        encodings = self._backend_tok.encode_batch([s.text for s in flat], add_special_tokens=False)
+        it = iter(zip(flat, encodings, strict=True))
         out = []
-        for (text, spans), enc in zip(rendered, encodings, strict=True):
-            ids = np.array(enc.ids, dtype=np.int32)
-            mask = _mask_by_edges(enc, len(ids), len(text), spans)
-            if mask is None:
-                mask = mask_from_offsets(
-                    np.array(enc.offsets, dtype=np.int64).reshape(-1, 2), spans
-                )
-            out.append(Encoded(input_ids=ids, train_mask=mask))
+        for r in renders:
+            samples = []
+            for _ in r.samples:
+                sample, enc = next(it)
+                ids = np.array(enc.ids, dtype=np.int32)
+                mask = _mask_by_edges(enc, len(ids), len(sample.text), sample.spans)
+                if mask is None:
+                    mask = mask_from_offsets(
+                        np.array(enc.offsets, dtype=np.int64).reshape(-1, 2), sample.spans
+                    )
+                samples.append(Encoded(input_ids=ids, train_mask=mask))
+            out.append(EncodedRecord(samples=samples, render=r))
         return out
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    lo = 0
+    while lo < n and a[lo] == b[lo]:
+        lo += 1
+    return lo
+
+
+def _as_parts(m: dict[str, Any]) -> dict[str, Any]:
+    """A message with its text content as one ``{"type": "text"}`` part."""
+    c = m.get("content")
+    return {**m, "content": [{"type": "text", "text": c}]} if isinstance(c, str) else m
+
+
+def _text(m: dict[str, Any]) -> str:
+    c = m.get("content")
+    if isinstance(c, list):
+        return "".join(p.get("text", "") for p in c if isinstance(p, dict))
+    return c if isinstance(c, str) else ""
+
+
+def _paired_call(call_id: str | None, calls: list[dict[str, Any]], k: int) -> dict[str, Any]:
+    """The call a tool result answers: the one with its ``tool_call_id``, else the ``k``-th."""
+    if call_id:
+        return next((c for c in calls if c.get("id") == call_id), {})
+    return calls[k] if k < len(calls) else {}
+
+
+class _Fallback(Exception):
+    """A turn that no derivation could place (the record is refused)."""
 
 
 # --------------------------------------------------------------------------------- span -> tokens
@@ -415,8 +740,3 @@ def _mask_by_edges(
             last = t if enc.token_to_chars(t)[0] < e else t - 1
         mask[first : last + 1] = True
     return mask
-
-
-def _one_line(e: Exception) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else ""

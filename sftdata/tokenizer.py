@@ -221,9 +221,35 @@ def tokenizer_identity(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
     }
 
 
+def stop_tokens(tok: Any) -> tuple[str, ...]:
+    """The token strings that end a generation: the tokenizer's EOS plus every
+    ``eos_token_id`` of the model folder's ``generation_config.json`` (a list for Llama 3, Qwen,
+    GLM, Phi-3, gpt-oss...), in that order, without repeats.
+
+    A snapshot answers from what it stored; an unreadable or malformed generation config adds
+    nothing (the tokenizer's EOS still stops).
+    """
+    if isinstance(tok, TokenizerSnapshot):
+        return tok.stop_tokens
+    out = [tok.eos_token] if tok.eos_token else []
+    where = Path(str(getattr(tok, "name_or_path", "") or ""))
+    config = where / "generation_config.json"
+    ids: Any = None
+    with contextlib.suppress(OSError, ValueError):
+        if config.is_file():
+            ids = json.loads(config.read_text(encoding="utf-8")).get("eos_token_id")
+    if isinstance(ids, int) and not isinstance(ids, bool):
+        ids = [ids]
+    for i in ids if isinstance(ids, list) else []:
+        text = tok.backend_tokenizer.id_to_token(i) if isinstance(i, int) else None
+        if text and text not in out:
+            out.append(text)
+    return tuple(out)
+
+
 # ------------------------------------------------------------------ snapshots and their cache
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
 """Bump when loading changes what a snapshot holds (e.g. ``_restore_dummy_prefix``)."""
 
 _WEIGHT_SUFFIXES = frozenset(
@@ -249,6 +275,8 @@ class TokenizerSnapshot:
     """The tokenizer's own chat template, if any."""
     identity: dict[str, Any]
     """``tokenizer_identity`` of the full tokenizer, less its path-dependent ``name``."""
+    stop_tokens: tuple[str, ...] = ()
+    """:func:`stop_tokens` of the full tokenizer (EOS plus the generation config's EOS ids)."""
     name_or_path: str = ""
     """Where it was loaded from this time (names the tokenizer in the identity)."""
 
@@ -263,6 +291,7 @@ class TokenizerSnapshot:
             specials={k: getattr(tok, k) for k in _SPECIALS},
             chat_template=template,
             identity=ident,
+            stop_tokens=stop_tokens(tok),
             name_or_path=str(getattr(tok, "name_or_path", "") or ""),
         )
 
@@ -354,6 +383,7 @@ def _read_cached(path: Path, key: str) -> TokenizerSnapshot | None:
             specials=dict(d["specials"]),
             chat_template=d["chat_template"],
             identity=dict(d["identity"]),
+            stop_tokens=tuple(d["stop_tokens"]),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -368,6 +398,7 @@ def _write_cached(path: Path, key: str, snap: TokenizerSnapshot) -> None:
         "specials": snap.specials,
         "chat_template": snap.chat_template,
         "identity": snap.identity,
+        "stop_tokens": list(snap.stop_tokens),
     }
     # A cache: a read-only or full disk only costs the next run its load time.
     with contextlib.suppress(OSError, ConfigError):

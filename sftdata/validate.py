@@ -21,9 +21,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sftdata.conversation import ROLES, SCHEMA_VERSION, Source
+from sftdata.conversation import READ_VERSIONS, ROLES, Source
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "conversation.v1.json"
+SCHEMAS_DIR = Path(__file__).resolve().parents[1] / "schemas"
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,12 @@ class ValidationReport:
         }
 
 
-@lru_cache(maxsize=1)
-def _validator():
+@lru_cache(maxsize=len(READ_VERSIONS))
+def _validator(version: int):
     import jsonschema
 
-    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    path = SCHEMAS_DIR / f"conversation.v{version}.json"
+    schema = json.loads(path.read_text(encoding="utf-8"))
     return jsonschema.Draft202012Validator(schema)
 
 
@@ -86,7 +87,11 @@ def _path(parts) -> str:
 
 
 _RECORD_KEYS = frozenset({"schema_version", "id", "messages", "tools", "source"})
-_MESSAGE_KEYS = frozenset({"role", "content", "train", "tool_calls"})
+_MESSAGE_KEYS = {
+    1: frozenset({"role", "content", "train", "tool_calls"}),
+    2: frozenset({"role", "content", "train", "tool_calls", "reasoning", "tool_call_id", "name"}),
+}
+_CALL_KEYS = frozenset({"id", "type", "function"})
 _SOURCE_KEYS = frozenset({"file", "line", "row", "sheet"})
 _ROLES = frozenset(ROLES)
 
@@ -104,19 +109,27 @@ def _fast_valid(record: dict[str, Any]) -> bool:
     if not _RECORD_KEYS.issuperset(record) or type(record.get("schema_version")) is not int:
         return False
     rid, msgs = record.get("id"), record.get("messages")
-    if record["schema_version"] != 1 or not isinstance(rid, str) or not rid:
+    version = record["schema_version"]
+    if version not in _MESSAGE_KEYS or not isinstance(rid, str) or not rid:
         return False
     if not isinstance(msgs, list) or not msgs:
         return False
+    keys = _MESSAGE_KEYS[version]
     for m in msgs:
-        if not isinstance(m, dict) or not _MESSAGE_KEYS.issuperset(m):
+        if not isinstance(m, dict) or not keys.issuperset(m):
             return False
         if m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
             return False
         if "train" in m and not isinstance(m["train"], bool):
             return False
+        if version >= 2 and not all(
+            isinstance(m[k], str) for k in ("reasoning", "tool_call_id", "name") if k in m
+        ):
+            return False
         calls = m.get("tool_calls", [])
         if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+            return False
+        if version >= 2 and not all(_canonical_call(c) for c in calls):
             return False
     tools = record.get("tools", [])
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
@@ -136,13 +149,29 @@ def _fast_valid(record: dict[str, Any]) -> bool:
     return True
 
 
+def _canonical_call(c: dict[str, Any]) -> bool:
+    fn = c.get("function")
+    return (
+        _CALL_KEYS.issuperset(c)
+        and c.get("type") == "function"
+        and isinstance(c.get("id", ""), str)
+        and isinstance(fn, dict)
+        and set(fn) == {"name", "arguments"}
+        and isinstance(fn["name"], str)
+        and bool(fn["name"])
+        and isinstance(fn["arguments"], dict)
+    )
+
+
 def schema_problems(record: Any) -> list[str]:
     """Messages for every JSON Schema violation of one parsed record."""
     if isinstance(record, dict) and _fast_valid(record):
         return []
+    version = record.get("schema_version") if isinstance(record, dict) else None
     out = []
     for err in sorted(
-        _validator().iter_errors(record), key=lambda e: list(map(str, e.absolute_path))
+        _validator(version if version in READ_VERSIONS else READ_VERSIONS[-1]).iter_errors(record),
+        key=lambda e: list(map(str, e.absolute_path)),
     ):
         where = _path(err.absolute_path)
         out.append(f"{where}: {err.message}" if where else err.message)
@@ -154,7 +183,7 @@ def _is_trained(m: dict[str, Any]) -> bool:
     return m.get("role") == "assistant" if not isinstance(train, bool) else train
 
 
-def structure_problems(messages: Any) -> list[str]:
+def structure_problems(messages: Any, version: int = READ_VERSIONS[-1]) -> list[str]:
     """Messages for every structural rule a list of message dicts breaks (see module doc)."""
     if not isinstance(messages, list):
         return []
@@ -183,8 +212,19 @@ def structure_problems(messages: Any) -> list[str]:
                     or not fn["name"]
                 ):
                     out.append(f"{here}: tool_calls[{k}] needs function.name")
-                elif not isinstance(fn.get("arguments", ""), str):
+                elif version == 1 and not isinstance(fn.get("arguments", ""), str):
                     out.append(f"{here}: tool_calls[{k}].function.arguments must be a JSON string")
+                elif version == 1:
+                    try:
+                        parsed = json.loads(fn.get("arguments") or "{}")
+                    except json.JSONDecodeError as e:
+                        parsed = e
+                    if not isinstance(parsed, dict):
+                        out.append(
+                            f"{here}: tool_calls[{k}].function.arguments is not a JSON object"
+                        )
+        if m.get("reasoning") is not None and role != "assistant":
+            out.append(f"{here}: only assistant turns may have reasoning")
         prev_role = prev.get("role") if prev else None
         if role == "system":
             if i:
@@ -220,9 +260,10 @@ def record_problems(record: Any) -> list[str]:
     if not isinstance(record, dict):
         return [f"expected a JSON object, got {type(record).__name__}"]
     version = record.get("schema_version")
-    if version != SCHEMA_VERSION:
-        return [f"schema_version {version!r} is not supported (this is version {SCHEMA_VERSION})"]
-    return schema_problems(record) + structure_problems(record.get("messages"))
+    if version not in READ_VERSIONS or isinstance(version, bool):
+        known = ", ".join(map(str, READ_VERSIONS))
+        return [f"schema_version {version!r} is not supported (this reads versions {known})"]
+    return schema_problems(record) + structure_problems(record.get("messages"), version)
 
 
 def _source_text(record: Any) -> str | None:

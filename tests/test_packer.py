@@ -180,7 +180,7 @@ def test_overflow_truncate_keeps_first_tokens_and_error_names_source(
     row = reader[row_i]
     start = int(row["seq_lens"][:seg].sum())
     long_conv = next(c for c in read_jsonl(data) if c.id == "r31")
-    full = Renderer(load_tokenizer("tiny")).encode(long_conv).input_ids
+    full = Renderer(load_tokenizer("tiny")).encode(long_conv).samples[0].input_ids
     assert row["seq_lens"][seg] == 256
     assert row["input_ids"][start : start + 256].tolist() == full[:256].tolist()
 
@@ -335,7 +335,7 @@ def test_template_errors_and_seq_len_below_overhead(tmp_path: Path, data: Path) 
     r = run("pack", data, "-o", out, "--tokenizer", "tiny", "--seq-len", 64, "--template", bad)
     assert_clean_failure(r, "bad.jinja", out)
 
-    # renders the probe but fails on a record with a tool message -> names that record's source
+    # no system role: folded into the first user turn, or under --strict refused naming the record
     picky = tmp_path / "picky.jinja"
     picky.write_text(
         "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
@@ -343,7 +343,16 @@ def test_template_errors_and_seq_len_below_overhead(tmp_path: Path, data: Path) 
         "{% endgeneration %}{% else %}{{ m.content }}<|im_end|>{% endif %}\n{% endfor %}"
     )
     r = run("pack", data, "-o", out, "--tokenizer", "tiny", "--seq-len", 256, "--template", picky)
-    assert_clean_failure(r, "data.jsonl:1", out)
+    assert r.exit_code == 0 and "fold-ins (records): system_into_user" in r.output, r.output
+    assert read_index(out)["counts"]["fold_ins"]["system_into_user"] > 0
+    strict = tmp_path / "strict"
+    r = run("pack", data, "-o", strict, "--tokenizer", "tiny", "--seq-len", 256, "--template",
+            picky, "--strict")  # fmt: skip
+    assert_clean_failure(r, "needs fold-in system_into_user (--strict)", strict)
+    r = run("pack", data, "-o", strict, "--tokenizer", "tiny", "--seq-len", 256, "--template",
+            picky, "--strict", "--skip-invalid")  # fmt: skip
+    assert r.exit_code == 0 and "refused 10 records (strict 10)" in r.output, r.output
+    assert read_index(strict)["counts"]["refused"] == {"strict": 10}
 
     r = run("pack", data, "-o", out, "--tokenizer", "tiny", "--seq-len", 8)
     assert_clean_failure(r, "--seq-len 8", out)

@@ -102,9 +102,7 @@ def test_glaive_tool_calls(shared_data, tmp_path):
     assert all(m["role"] == "assistant" and m["content"] == "" for m in calls)
     first = calls[0]["tool_calls"][0]
     assert first["type"] == "function" and first["function"]["name"] == "search_recipes"
-    assert json.loads(first["function"]["arguments"]) == {
-        "ingredients": ["chicken", "bell peppers", "rice"]
-    }
+    assert first["function"]["arguments"] == {"ingredients": ["chicken", "bell peppers", "rice"]}
     tools = [t for r in rows for t in r.get("tools", [])]
     assert sum("tools" in r for r in rows) == sum(1 for x in raw if json.loads(x["tools"] or "[]"))
     assert all(t["type"] == "function" and "name" in t["function"] for t in tools)

@@ -30,7 +30,7 @@ def _conv(*messages: Message, cid: str = "r1", tools: Any = None, line: int = 7)
 
 
 U, A, S, T = "user", "assistant", "system", "tool"
-CALL = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "巴黎"}'}}
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "巴黎"}}}
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 ]
@@ -107,7 +107,7 @@ def _norm(s: str) -> str:
 
 def _plain_call(call: dict[str, Any]) -> str:
     fn = call["function"]
-    obj = {"name": fn["name"], "arguments": json.loads(fn["arguments"])}
+    obj = {"name": fn["name"], "arguments": fn["arguments"]}
     return json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))
 
 
@@ -153,6 +153,9 @@ def assert_c2(
     renderer: Renderer, tok: Any, conv: Conversation, enc: Encoded, template: str
 ) -> None:
     """C2: the trained tokens are exactly the trained contents plus their end-of-turn tokens."""
+    assert enc.render.refusal is None, enc.render.refusal
+    assert len(enc.samples) == 1, "these templates render every turn as they do the last"
+    enc = enc.samples[0]
     text, spans = renderer.render(conv)
     backend = tok.backend_tokenizer.encode(text, add_special_tokens=False)
     assert enc.input_ids.dtype == np.int32 and enc.train_mask.dtype == np.bool_
@@ -169,10 +172,7 @@ def assert_c2(
     # The character spans are exactly the contents plus end-of-turn strings.
     assert [_norm(text[s:e]) for s, e in spans] == [_norm(w) for w in want], where
     eot = _norm(EOT.get(template) or tok.eos_token)
-    for (s, _), expected in zip(spans, want, strict=True):
-        # No layout whitespace before a non-empty content (an empty reply keeps the template's
-        # whitespace before its end-of-turn, e.g. "[/INST]  </s>").
-        assert not text[s].isspace() or expected[0].isspace() or _norm(expected) == eot, where
+    del eot
     assert len(runs) == len(want), (where, [r for r, _, _ in runs], want)
     for (run, first, last), expected in zip(runs, want, strict=True):
         got, exp = _norm(run), _norm(expected)
@@ -210,16 +210,18 @@ def test_c2_fixtures_llama2(llama2: Any, template: str, train_on: str) -> None:
 def test_everything_trains_all_tokens_except_explicit_false(tiny: Any, template: str) -> None:
     r = Renderer(tiny, template=template, train_on="everything")
     conv = FIXTURES["multi_turn_system"]
-    enc = r.encode(conv)
-    assert enc.train_mask.all()
-    assert_c2(r, tiny, conv, enc, template)
+    rec = r.encode(conv)
+    assert rec.samples[0].train_mask.all()
+    assert_c2(r, tiny, conv, rec, template)
     flagged = FIXTURES["flags"]
     text, spans = r.render(flagged)
-    enc = r.encode(flagged)
+    enc = r.encode(flagged).samples[0]
     inverse = Encoded(enc.input_ids, ~enc.train_mask)
     untrained = _norm("".join(run for run, _, _ in trained_runs(tiny, inverse)))
-    # Only the excluded reply is untrained (a token straddling its first character is trained).
-    assert untrained in _norm("Answer one (bad, do not learn)") and "donotlearn" in untrained
+    # Only the excluded reply, through its stop token, is untrained (a token straddling its
+    # first character is trained).
+    eot = _norm(EOT.get(template) or tiny.eos_token)
+    assert untrained in _norm("Answer one (bad, do not learn)") + eot and "donotlearn" in untrained
     assert spans[0][0] == 0 and spans[-1][1] == len(text) and len(spans) == 2
 
 
@@ -230,11 +232,11 @@ def test_llama2_template_matches_meta_format(llama2: Any) -> None:
         "<s>[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nName a colour. [/INST] Blue. </s>"
         "<s>[INST] Another one? [/INST] Green, obviously.\nAnd red. </s>"
     )
-    enc = r.encode(FIXTURES["multi_turn_system"])
+    enc = r.encode(FIXTURES["multi_turn_system"]).samples[0]
     ids = enc.input_ids.tolist()
     assert ids[0] == 1 and ids.count(1) == 2 and ids.count(2) == 2  # <s>/</s> are single specials
     assert enc.train_mask[ids.index(2)] and not enc.train_mask[0]
-    assert r.eot == " </s>"
+    assert r.stop_tokens == ("</s>",)
 
 
 def test_chatml_alpaca_and_vicuna_layouts(tiny: Any, llama2: Any) -> None:
@@ -286,7 +288,7 @@ def test_native_tool_template_gets_tools_and_calls(tiny: Any, tmp_path: Path) ->
     assert text.startswith('<|im_start|>system\n[{"type": "function"')
     assert "Available tools" not in text
     assert [text[s:e] for s, e in spans] == [
-        'Let me check.<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"巴黎\\"}"}'
+        'Let me check.<tool_call>{"name": "get_weather", "arguments": {"city": "巴黎"}}'
         "</tool_call><|im_end|>"
     ]
     # An empty-content call is located through the template's generation prompt.
@@ -296,9 +298,11 @@ def test_native_tool_template_gets_tools_and_calls(tiny: Any, tmp_path: Path) ->
 
 def test_zero_trained_tokens_give_an_empty_mask(tiny: Any, llama2: Any) -> None:
     for tok, template in [(tiny, "chatml"), (llama2, "llama2"), (llama2, "fastchat:vicuna_v1.1")]:
-        enc = Renderer(tok, template=template).encode(FIXTURES["nothing_trained"])
+        enc = Renderer(tok, template=template).encode(FIXTURES["nothing_trained"]).samples[0]
         assert len(enc.input_ids) > 0 and not enc.train_mask.any()
-    enc = Renderer(llama2, template="fastchat:vicuna_v1.1").encode(FIXTURES["empty_reply"])
+    enc = (
+        Renderer(llama2, template="fastchat:vicuna_v1.1").encode(FIXTURES["empty_reply"]).samples[0]
+    )
     assert not enc.train_mask.any()
 
 
@@ -308,8 +312,8 @@ def test_encode_batch_equals_encode(tiny: Any) -> None:
     batch = r.encode_batch(convs)
     for conv, enc in zip(convs, batch, strict=True):
         one = r.encode(conv)
-        assert np.array_equal(one.input_ids, enc.input_ids)
-        assert np.array_equal(one.train_mask, enc.train_mask)
+        assert np.array_equal(one.samples[0].input_ids, enc.samples[0].input_ids)
+        assert np.array_equal(one.samples[0].train_mask, enc.samples[0].train_mask)
     assert r.encode_batch([]) == []
 
 
@@ -317,7 +321,9 @@ def test_fixed_overhead_and_template_text(tiny: Any, llama2: Any) -> None:
     r = Renderer(tiny, template="chatml")
     minimal = "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n"
     assert r.fixed_overhead == len(tiny.backend_tokenizer.encode(minimal, add_special_tokens=False))
-    assert r.fixed_overhead < len(r.encode(_conv(Message(U, "Hi"), Message(A, "Hello"))).input_ids)
+    assert r.fixed_overhead < len(
+        r.encode(_conv(Message(U, "Hi"), Message(A, "Hello"))).samples[0].input_ids
+    )
     assert r.name == "chatml"
     assert r.template_text == (ROOT / "sftdata/templates/chatml.jinja").read_text()
     assert Renderer(tiny, template="auto").template_text == tiny.chat_template
@@ -379,7 +385,7 @@ def test_render_failure_names_the_record_source(tiny: Any, tmp_path: Path) -> No
     with pytest.raises(TemplateError) as e:
         r.encode_batch([FIXTURES["chinese"], FIXTURES["multi_turn_system"]])
     msg = str(e.value)
-    assert msg.startswith("data.jsonl:7: template picky.jinja cannot render record 'r1'")
+    assert msg.startswith("data.jsonl:7: template picky.jinja: record 'r1': TemplateError:")
     assert "at most two turns" in msg and "\n" not in msg
 
 
@@ -408,7 +414,8 @@ def test_hf_generation_tag_is_accepted(tiny: Any, tmp_path: Path) -> None:
     tpl.write_text(
         "{% for m in messages %}<|im_start|>{{ m.role }}\n"
         "{% if m.role == 'assistant' %}{% generation %}{{ m.content }}<|im_end|>{% endgeneration %}"
-        "{% else %}{{ m.content }}<|im_end|>{% endif %}{{ '\\n' }}{% endfor %}",
+        "{% else %}{{ m.content }}<|im_end|>{% endif %}{{ '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
         encoding="utf-8",
     )
     r = Renderer(tiny, template=str(tpl))

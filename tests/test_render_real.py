@@ -46,7 +46,7 @@ def test_c2_real_data_llama2_tokenizer(
         encs = r.encode_batch(convs)
         for conv, enc in zip(convs, encs, strict=True):
             assert_c2(r, tok, conv, enc, template)
-        assert sum(int(e.train_mask.sum()) for e in encs) > 0
+        assert sum(int(s.train_mask.sum()) for e in encs for s in e.samples) > 0
 
 
 @pytest.mark.parametrize("name", list(FILES))

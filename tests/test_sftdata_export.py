@@ -210,8 +210,8 @@ def test_inexpressible_records_are_refused(messages, fn, needle) -> None:
 
 def test_parallel_tool_calls_become_a_json_list(tmp_path: Path) -> None:
     calls = [
-        {"type": "function", "function": {"name": "a", "arguments": '{"x": 1}'}},
-        {"type": "function", "function": {"name": "b", "arguments": "{}"}},
+        {"type": "function", "function": {"name": "a", "arguments": {"x": 1}}},
+        {"type": "function", "function": {"name": "b", "arguments": {}}},
     ]
     conv = Conversation(
         id="p",

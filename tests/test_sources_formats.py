@@ -117,8 +117,8 @@ def test_sharegpt_function_call_observation_and_string_tools():
     call = c.messages[1]
     assert call.content == ""
     assert call.tool_calls == [
-        {"type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
-        {"type": "function", "function": {"name": "g", "arguments": "{}"}},
+        {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}},
+        {"type": "function", "function": {"name": "g", "arguments": {}}},
     ]
     assert c.tools == [{"type": "function", "function": tool}]
 
@@ -182,7 +182,7 @@ def test_openai_parts_null_content_weight_and_aliases():
     assert roles(c) == ["system", "user", "assistant", "tool", "assistant", "user", "assistant"]
     assert contents(c)[:3] == ["S", "ab", ""]
     assert c.messages[2].tool_calls == [
-        {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+        {"type": "function", "function": {"name": "f", "arguments": {}}}
     ]
     # Flags equal to the role's default are left out; others are kept.
     assert [m.train for m in c.messages] == [None, None, None, None, False, True, None]

@@ -97,7 +97,7 @@ def test_valid_structures(messages):
     ],
 )
 def test_structural_problems(messages, fragment):
-    problems = structure_problems(messages)
+    problems = structure_problems(messages, version=1)
     assert any(fragment in p for p in problems), problems
 
 
@@ -109,7 +109,7 @@ def test_every_problem_is_reported_with_file_line_and_source(tmp_path):
             "{not json",
             rec([u(), u()], id="b", source={"file": "raw.xlsx", "sheet": "S", "row": 4}),
             rec([{"role": "bot", "content": 1}], id="c"),
-            {"schema_version": 2, "id": "d", "messages": []},
+            {"schema_version": 3, "id": "d", "messages": []},
             rec([u(), a()]),  # duplicate id "r"
             [1, 2],
             "",
@@ -128,7 +128,7 @@ def test_every_problem_is_reported_with_file_line_and_source(tmp_path):
     line4 = [t for t in text if t.startswith(f"{p}:4: ")]
     assert any("'bot' is not one of" in t for t in line4)
     assert any("1 is not of type 'string'" in t for t in line4)
-    assert f"{p}:5: schema_version 2 is not supported (this is version 1)" in text
+    assert f"{p}:5: schema_version 3 is not supported (this reads versions 1, 2)" in text
     assert f"{p}:6: duplicate id 'r' (first on line 1)" in text
     assert f"{p}:7: expected a JSON object, got list" in text
     assert any(t.startswith(f"{p}:9: ") and "'extra'" in t for t in text)
@@ -255,12 +255,12 @@ def test_fast_schema_check_never_accepts_what_jsonschema_rejects():
         tools=[{"type": "function", "function": {"name": "f"}}],
         source={"file": "f.xlsx", "sheet": "S", "row": 2},
     )
-    assert _fast_valid(base) and not list(_validator().iter_errors(base))
+    assert _fast_valid(base) and not list(_validator(base["schema_version"]).iter_errors(base))
     count = 0
     for mutate in _mutations():
         r = copy.deepcopy(base)
         mutate(r)
-        assert list(_validator().iter_errors(r)), r  # each mutation breaks the schema...
+        assert list(_validator(1).iter_errors(r)), r  # each mutation breaks the schema...
         assert not _fast_valid(r), r  # ...and the fast path sends it to jsonschema
         count += 1
     assert count == 26

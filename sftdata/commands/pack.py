@@ -8,6 +8,7 @@ import click
 
 from sftdata.packer import OVERFLOW
 from sftdata.render import TRAIN_ON
+from sftdata.templates import DEFAULT_TEMPLATE_DATE
 
 
 @click.command("pack")
@@ -72,6 +73,23 @@ from sftdata.render import TRAIN_ON
     help="Rows per shard file [default: about 64 MB per file].",
 )
 @click.option(
+    "--template-date",
+    default=DEFAULT_TEMPLATE_DATE,
+    show_default=True,
+    help="The date templates print (strftime_now, date_string), fixed so packs reproduce.",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse records that need a fold-in (e.g. a system prompt merged into the first user "
+    "turn for a template without a system role) instead of folding them in.",
+)
+@click.option(
+    "--skip-invalid",
+    is_flag=True,
+    help="Skip records the template cannot render (listed and counted) instead of stopping.",
+)
+@click.option(
     "--overwrite", is_flag=True, help="Replace an output folder that holds something else."
 )
 def command(
@@ -88,6 +106,9 @@ def command(
     seed: int,
     num_proc: int,
     shard_size: int | None,
+    template_date: str,
+    strict: bool,
+    skip_invalid: bool,
     overwrite: bool,
 ) -> None:
     """Render, mask, pack and shard canonical JSONL files (from `sftdata convert`).
@@ -112,6 +133,9 @@ def command(
         seed=seed,
         shard_size=shard_size,
         num_proc=num_proc,
+        template_date=template_date,
+        strict=strict,
+        skip_invalid=skip_invalid,
     )
     console = Console(stderr=True)
     bar = Progress(
@@ -153,4 +177,18 @@ def command(
         f"  tokens {report.tokens:,}; trained {report.trained_tokens:,} ({ratio:.1%}); "
         f"packing efficiency {report.packing_efficiency:.2%}"
     )
+    if report.fold_ins:
+        kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(report.fold_ins.items()))
+        click.echo(f"  fold-ins (records): {kinds}")
+    if report.split_turns or report.fallback or report.no_stop:
+        click.echo(
+            f"  turns trained as their own sample {report.split_turns:,}; records whose prompt "
+            f"is not a prefix of their render {report.fallback:,}; turns with no stop token "
+            f"{report.no_stop:,}"
+        )
+    if report.refused:
+        kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(report.refused.items()))
+        click.echo(f"  refused {sum(report.refused.values()):,} records ({kinds}):", err=True)
+        for line in report.refusal_examples:
+            click.echo(f"    {line}", err=True)
     click.echo(f"  {report.seconds:.1f} s ({tps / 1e6:.2f}M tokens/s)")

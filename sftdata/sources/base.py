@@ -15,7 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sftdata.conversation import Conversation, Message, Source
+from sftdata.conversation import (
+    Conversation,
+    Message,
+    Source,
+    normalize_tool_calls,
+    split_reasoning,
+)
 from sftdata.errors import ConversionError
 
 #: Canonical fields a ``--map SRC=DST`` may target.
@@ -255,26 +261,26 @@ def parse_tools(value: Any, where: str) -> list[dict[str, Any]] | None:
 
 
 def tool_call(value: Any, where: str) -> dict[str, Any]:
-    """One call ``{"name", "arguments"}`` (arguments object or string) → the OpenAI shape."""
+    """One call ``{"name", "arguments"}`` or OpenAI's ``{"id"?, "function": {...}}`` → the
+    canonical shape, ``arguments`` as a JSON object (a JSON string of one is parsed: templates
+    apply ``tojson`` to it, so a string would be rendered double-encoded)."""
     if isinstance(value, dict) and isinstance(value.get("function"), dict):
-        call = dict(value)
-        fn = dict(call["function"])
+        call = value
     elif isinstance(value, dict):
-        call, fn = {"type": "function"}, dict(value)
+        call = {"type": "function", "function": value}
     else:
         raise RecordError(
             f"{where}: a tool call must be an object with 'name' and 'arguments', got {type_name(value)}",
             reason="wrong type",
         )
-    name = fn.get("name")
+    name = call["function"].get("name")
     if not isinstance(name, str) or not name.strip():
         raise RecordError(f"{where}: a tool call has no 'name'", reason="missing field")
-    args = fn.get("arguments", {})
-    if not isinstance(args, str):
-        args = json.dumps(args, ensure_ascii=False)
-    call["type"] = call.get("type", "function")
-    call["function"] = {"name": name, "arguments": args}
-    return call
+    try:
+        return normalize_tool_calls([call], "tool call")[0]
+    except ConversionError as e:
+        detail = str(e).split(".function.", 1)[-1]
+        raise RecordError(f"{where}: {detail}", reason="bad tool call") from None
 
 
 def cell_text(value: Any) -> str:
@@ -317,4 +323,6 @@ def run_adapter(
         convs = adapter.convert(value, **kwargs)
     except RecordError as e:
         return e
+    for c in convs:
+        c.messages = [split_reasoning(m) for m in c.messages]
     return [(c, own is not None) for c in convs]

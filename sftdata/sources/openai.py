@@ -3,7 +3,9 @@
 ``content`` may be a string, ``null`` (an assistant turn that only calls tools) or a list of
 ``{"type": "text", "text"}`` parts. The legacy ``function`` role is a ``tool`` turn and
 ``developer`` a ``system`` turn. A per-message ``train`` boolean or axolotl-style ``weight``
-(0/1) sets the message's train flag.
+(0/1) sets the message's train flag. An assistant's ``reasoning_content`` (OpenAI-compatible
+servers, Qwen, DeepSeek), ``reasoning`` or ``thinking`` (gpt-oss) becomes its ``reasoning``;
+a tool result's ``tool_call_id`` and ``name`` are kept, so parallel results pair with their calls.
 """
 
 from __future__ import annotations
@@ -20,6 +22,20 @@ from sftdata.sources.base import (
 )
 
 ROLE_ALIASES = {"developer": "system", "function": "tool"}
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+
+
+def _optional_text(msg: dict[str, Any], keys: tuple[str, ...], here: str) -> str | None:
+    for key in keys:
+        v = msg.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, str):
+            raise RecordError(
+                f"{here}: {key!r} must be a string, got {type_name(v)}", reason="wrong type"
+            )
+        return v
+    return None
 
 
 def matches(record: dict[str, Any]) -> str | None:
@@ -109,6 +125,18 @@ def convert(value: Any, *, where: str, source: Source, rid: str) -> list[Convers
                     reason="wrong type",
                 )
             calls = [tool_call(c, f"{here}: tool_calls[{k}]") for k, c in enumerate(calls)] or None
-        messages.append(Message(role, content, train=_train(msg, role, here), tool_calls=calls))
+        reasoning = _optional_text(msg, REASONING_KEYS, here) if role == "assistant" else None
+        is_tool = role == "tool"
+        messages.append(
+            Message(
+                role,
+                content,
+                train=_train(msg, role, here),
+                tool_calls=calls,
+                reasoning=reasoning or None,
+                tool_call_id=_optional_text(msg, ("tool_call_id",), here) if is_tool else None,
+                name=_optional_text(msg, ("name",), here) if is_tool else None,
+            )
+        )
     tools = parse_tools(record.get("tools"), where)
     return [Conversation(id=rid, messages=messages, source=source, tools=tools)]
