@@ -342,9 +342,12 @@ def test_template_errors_and_seq_len_below_overhead(tmp_path: Path, data: Path) 
         "<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% generation %}{{ m.content }}<|im_end|>"
         "{% endgeneration %}{% else %}{{ m.content }}<|im_end|>{% endif %}\n{% endfor %}"
     )
-    r = run("pack", data, "-o", out, "--tokenizer", "tiny", "--seq-len", 256, "--template", picky)
+    folded = tmp_path / "folded"
+    r = run(
+        "pack", data, "-o", folded, "--tokenizer", "tiny", "--seq-len", 256, "--template", picky
+    )
     assert r.exit_code == 0 and "fold-ins (records): system_into_user" in r.output, r.output
-    assert read_index(out)["counts"]["fold_ins"]["system_into_user"] > 0
+    assert read_index(folded)["counts"]["fold_ins"]["system_into_user"] > 0
     strict = tmp_path / "strict"
     r = run("pack", data, "-o", strict, "--tokenizer", "tiny", "--seq-len", 256, "--template",
             picky, "--strict")  # fmt: skip
