@@ -247,7 +247,7 @@ class Renderer:
     def _try(
         self, msgs: list[dict[str, Any]], tools: Any = None, gen: bool = False
     ) -> str | Exception:
-        if getattr(self, "_parts", False):
+        if self._parts:
             msgs = [_as_parts(m) for m in msgs]
         try:
             return self._backend.render(msgs, tools, gen)
@@ -286,8 +286,12 @@ class Renderer:
                 ],
             }
 
-        result = {"role": "tool", "content": p["tool"], "tool_call_id": "a1b2c3d4e"}
-        result["name"] = p["fn"]
+        result = {
+            "role": "tool",
+            "content": p["tool"],
+            "tool_call_id": "a1b2c3d4e",
+            "name": p["fn"],
+        }
         args = {p["arg"]: 1}
         args_as_string = False
         tool_calls = renders(p["arg"], [u, call(args)]) or renders(
@@ -463,10 +467,7 @@ class Renderer:
                 if not wanted:
                     continue
                 if d["role"] == "assistant":
-                    turn = self._assistant_turn(msgs, tools, j, text, cursor, out, _text(d))
-                    if turn is None:
-                        continue
-                    s, e, sample = turn
+                    s, e, sample = self._assistant_turn(msgs, tools, j, text, cursor, out, _text(d))
                     if sample is not None:
                         if not everything:
                             extra.append(sample)
@@ -498,7 +499,7 @@ class Renderer:
         cursor: int,
         out: RecordRender,
         original: str,
-    ) -> tuple[int, int, Rendered | None] | None:
+    ) -> tuple[int, int, Rendered | None]:
         """(start, end, None) of turn ``j`` inside ``text``, or (start, end, its own sample)."""
         last = j == len(msgs) - 1
         prompt = self._backend.render(msgs[:j], tools, True) if j else ""
