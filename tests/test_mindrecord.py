@@ -331,7 +331,7 @@ def test_token_after_special_tokens_matches_sentencepiece(
     for conv in read_conversations(path):
         if "  " in json.dumps(turns[conv.id]) or len(turns[conv.id]) < 4:
             continue
-        ours = renderer.encode(conv).input_ids.tolist()
+        ours = renderer.encode(conv).samples[0].input_ids.tolist()
         ids, _ = _mindformers_preprocess(turns[conv.id], sp, len(ours) + 8)
         assert ours == [t for t in ids.tolist() if t != 0], conv.id
         checked += 1
