@@ -68,7 +68,7 @@ class PackOptions:
     tokenizer: str
     """``"tiny"``, a local HF tokenizer folder or a SentencePiece ``.model`` file."""
     template: str = "auto"
-    """Chat template: auto, chatml, llama2, alpaca, fastchat:NAME or a .jinja file."""
+    """Chat template: auto, a built-in name (chatml, qwen2.5, llama3, ...), a LLaMA-Factory name, fastchat:NAME or a .jinja file."""
     train_on: str = "all-assistant"
     """Which turns are trained when a message carries no ``train`` flag."""
     overflow: str = "drop"

@@ -307,7 +307,16 @@ class Renderer:
         tool_role = renders(p["tool"], [u, tool_call, result, a]) if tool_calls else False
         if not tool_calls:
             tool_role = renders(p["tool"], [u, a, result, a])
-        schema = {"type": "function", "function": {"name": p["tool_schema"], "parameters": {}}}
+        # A schema as tool-calling data carries it: templates that write the description or walk
+        # the properties (gpt-oss) raise on a bare {"name": ...}.
+        schema = {
+            "type": "function",
+            "function": {
+                "name": p["tool_schema"],
+                "description": "Probe",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
         reasoning = {**a, "reasoning_content": p["reasoning"], "thinking": p["reasoning"]}
         return _Caps(
             system=renders(p["system"], [{"role": "system", "content": p["system"]}, u, a]),

@@ -337,7 +337,8 @@ def test_fixed_overhead_and_template_text(tiny: Any, llama2: Any) -> None:
 
 def test_auto_without_chat_template_names_the_options(llama2: Any) -> None:
     with pytest.raises(
-        TemplateError, match=r"no chat_template.*chatml, llama2, alpaca, fastchat:NAME"
+        TemplateError,
+        match=r"no chat_template.*chatml, .*llama2, .*qwen3, a LLaMA-Factory template name, fastchat:NAME",
     ):
         Renderer(llama2, template="auto")
 
@@ -345,7 +346,10 @@ def test_auto_without_chat_template_names_the_options(llama2: Any) -> None:
 @pytest.mark.parametrize(
     ("template", "pattern"),
     [
-        ("nonsense", r"template 'nonsense' is not known; choose one of auto, chatml"),
+        (
+            "nonsense",
+            r"template 'nonsense' is not known; choose one of auto, alpaca, chatml, cohere",
+        ),
         ("fastchat:no_such_template", r"fastchat:no_such_template: not a FastChat"),
         ("missing.jinja", r"missing.jinja: template file does not exist"),
     ],

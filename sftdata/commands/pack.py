@@ -26,7 +26,7 @@ from sftdata.templates import DEFAULT_TEMPLATE_DATE
     "--template",
     default="auto",
     show_default=True,
-    help="auto (the tokenizer's chat_template), chatml, llama2, alpaca, fastchat:NAME or FILE.jinja.",
+    help="auto (the tokenizer's chat_template), a built-in (chatml, llama2, alpaca, qwen2.5, qwen3, llama3, mistral, gemma, gemma3, phi3, phi4, deepseek3, glm4, gpt-oss, cohere), a LLaMA-Factory template name, fastchat:NAME or FILE.jinja.",
 )
 @click.option(
     "--train-on",

@@ -9,6 +9,10 @@ the shard index so a changed template invalidates packed data). The built-ins ar
   ``<s>[INST] <<SYS>>\nSYSTEM\n<</SYS>>\n\nUSER [/INST] ASSISTANT </s>`` (end of turn ``</s>``).
 - ``alpaca.jinja``: the Stanford Alpaca prompt (``### Instruction:`` / ``### Input:`` /
   ``### Response:``), EOS after each response, blocks repeated for multi-turn records.
+- one file per model family (``qwen2.5``, ``qwen3``, ``llama3``, ``mistral``, ``gemma``,
+  ``gemma3``, ``phi3``, ``phi4``, ``deepseek3``, ``glm4``, ``gpt-oss``, ``cohere``), written here
+  and tested (tests/test_named_templates.py) to render like the family's official template, for
+  tokenizers that ship none. Each file's header says what the layout does.
 """
 
 from __future__ import annotations
@@ -22,9 +26,40 @@ from typing import Any
 
 from sftdata.errors import TemplateError
 
-BUILTIN_TEMPLATES = ("chatml", "llama2", "alpaca")
 TEMPLATES_DIR = Path(__file__).resolve().parent
-OPTIONS = "auto, chatml, llama2, alpaca, fastchat:NAME (e.g. fastchat:vicuna_v1.1) or FILE.jinja"
+BUILTIN_TEMPLATES = tuple(sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja")))
+"""Every Jinja file in this folder, by file stem (``--template qwen2.5`` is ``qwen2.5.jinja``)."""
+
+LLAMAFACTORY_NAMES = {
+    "qwen": "qwen2.5",
+    "qwen2_5": "qwen2.5",
+    "qwen3": "qwen3",
+    "qwen3_nothink": "qwen3",
+    "llama3": "llama3",
+    "mistral": "mistral",
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3": "gemma3",
+    "phi": "phi3",
+    "phi_small": "phi3",
+    "phi4": "phi4",
+    "deepseek3": "deepseek3",
+    "deepseekr1": "deepseek3",
+    "glm4_moe": "glm4",
+    "glm4": "glm4",
+    "gpt": "gpt-oss",
+    "cohere": "cohere",
+    "llama2": "llama2",
+    "alpaca": "alpaca",
+    "vicuna": "fastchat:vicuna_v1.1",
+}
+"""LLaMA-Factory ``template:`` names (its ``template.py`` registry) and the template they select
+here, so a LLaMA-Factory YAML's ``template: qwen`` means the same layout as ``--template qwen``."""
+
+OPTIONS = (
+    f"auto, {', '.join(BUILTIN_TEMPLATES)}, a LLaMA-Factory template name, "
+    "fastchat:NAME (e.g. fastchat:vicuna_v1.1) or FILE.jinja"
+)
 
 
 DEFAULT_TEMPLATE_DATE = "2024-01-01"
@@ -228,6 +263,8 @@ def load_template(
             text,
             JinjaTemplate(text, where="chat_template", specials=specials, date=date),
         )
+    if spec not in BUILTIN_TEMPLATES and spec in LLAMAFACTORY_NAMES:
+        spec = LLAMAFACTORY_NAMES[spec]
     if spec in BUILTIN_TEMPLATES:
         path = TEMPLATES_DIR / f"{spec}.jinja"
         text = path.read_text(encoding="utf-8")
