@@ -25,7 +25,7 @@ import click
     "--template",
     default="auto",
     show_default=True,
-    help="auto (the tokenizer's chat_template), chatml, llama2, alpaca, fastchat:NAME or FILE.jinja — use the one you packed with.",
+    help="auto (the tokenizer's chat_template), a built-in name (chatml, qwen2.5, llama3, ...), a LLaMA-Factory name, fastchat:NAME or FILE.jinja — use the one you packed with.",
 )
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option(
