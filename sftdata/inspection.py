@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,17 @@ import numpy as np
 from sftdata import IGNORE_INDEX
 
 TRAIN_OPEN, TRAIN_CLOSE = "[[", "]]"
+KIND_PREFIX = {"reply": "", "reasoning": "reasoning: ", "stop": "stop: "}
+"""Plain-text marker of each trained kind: ``[[reply]]``, ``[[reasoning: ...]]``, ``[[stop: ...]]``."""
+
+REASONING_RE = re.compile(
+    r"<think>.*?(?:</think>|$)"  # Qwen3, DeepSeek-R1, GLM, and sftdata's reasoning fold-in
+    r"|<\|channel\|>analysis<\|message\|>.*?(?:<\|end\|>|$)"  # gpt-oss analysis channel
+    r"|<\|channel>thought.*?(?:<channel\|>|$)",  # Gemma 4
+    re.S,
+)
+"""Reasoning blocks as the chat templates sftdata knows write them (display only: masks never
+depend on this)."""
 
 
 def segments(row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -54,9 +66,41 @@ def runs(ids: np.ndarray, trained: np.ndarray, decode) -> list[tuple[bool, str]]
     return pieces
 
 
-def plain_text(pieces: list[tuple[bool, str]]) -> str:
-    """Pieces joined with trained text wrapped in the ``[[``/``]]`` markers."""
-    return "".join(f"{TRAIN_OPEN}{t}{TRAIN_CLOSE}" if tr else t for tr, t in pieces)
+def classify(pieces: list[tuple[bool, str]], stop_tokens: list[str]) -> list[tuple[str, str]]:
+    """``runs`` pieces as ``(kind, text)``: ``masked``, or a trained ``reply``, ``reasoning``
+    block or ``stop`` token (the stop tokens recorded in the shard index)."""
+    stops = sorted((t for t in stop_tokens if t), key=len, reverse=True)
+    stop_re = re.compile("|".join(re.escape(t) for t in stops)) if stops else None
+    out: list[tuple[str, str]] = []
+    for trained, text in pieces:
+        if not trained:
+            out.append(("masked", text))
+            continue
+        at = 0
+        for m in REASONING_RE.finditer(text):
+            out += _stops(text[at : m.start()], stop_re)
+            out.append(("reasoning", m.group(0)))
+            at = m.end()
+        out += _stops(text[at:], stop_re)
+    return [(k, t) for k, t in out if t]
+
+
+def _stops(text: str, stop_re: re.Pattern[str] | None) -> list[tuple[str, str]]:
+    if stop_re is None:
+        return [("reply", text)]
+    out, at = [], 0
+    for m in stop_re.finditer(text):
+        out += [("reply", text[at : m.start()]), ("stop", m.group(0))]
+        at = m.end()
+    return [*out, ("reply", text[at:])]
+
+
+def plain_text(pieces: list[tuple[str, str]]) -> str:
+    """Classified pieces joined, each trained one wrapped in ``[[``/``]]`` with its kind."""
+    return "".join(
+        t if kind == "masked" else f"{TRAIN_OPEN}{KIND_PREFIX[kind]}{t}{TRAIN_CLOSE}"
+        for kind, t in pieces
+    )
 
 
 def load_decoder(index: dict[str, Any], tokenizer: str | None):

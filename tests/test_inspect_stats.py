@@ -12,7 +12,7 @@ from test_packer import fixture_records, write_jsonl  # tests/ is on sys.path (r
 
 from sftdata.cli import main
 from sftdata.conversation import read_jsonl
-from sftdata.inspection import plain_text, runs
+from sftdata.inspection import classify, plain_text, runs
 from sftdata.shards import ShardReader
 from sftdata.stats import packing_estimate
 
@@ -47,12 +47,14 @@ def test_inspect_row_marks_trained_text_and_record_boundaries(packed: tuple[Path
     )
     assert [h[0] for h in heads] == row["record_ids"]
     assert [int(h[1]) for h in heads] == row["seq_lens"][: len(heads)].tolist()
-    # the marked text is exactly the assistant turns (plus end of turn), nothing else
-    marked = re.findall(r"\[\[(.*?)\]\]", "\n".join(lines[1:]), flags=re.S)
+    # the marked text is exactly the assistant turns, each followed by its stop token
+    marked = re.findall(
+        r"\[\[(?!stop: )(.*?)\]\]\[\[stop: (.*?)\]\]", "\n".join(lines[1:]), flags=re.S
+    )
     want = [m.content for rid in row["record_ids"] for m in convs[rid].messages if m.trained]
     assert len(marked) == len(want)
-    for got, content in zip(marked, want, strict=True):
-        assert got.startswith(content) and got.strip() != content
+    for (got, stop), content in zip(marked, want, strict=True):
+        assert got == content and stop == "<|im_end|>"
     assert "user" in r.output and not any("Question" in m for m in marked)
     if row["num_pad"]:
         assert f"--- padding ({row['num_pad']} tokens, not trained) ---" in r.output
@@ -63,7 +65,7 @@ def test_inspect_record_and_errors(packed: tuple[Path, Path]) -> None:
     r = run("inspect", out, "--record", "r4")
     assert r.exit_code == 0, r.output
     assert r.output.count("--- record ") == 1 and "--- record r4 (" in r.output
-    assert "It is 8." in r.output and "[[16.<|im_end|>" in r.output
+    assert "It is 8." in r.output and "[[16.]][[stop: <|im_end|>]]" in r.output
     r = run("inspect", out, "--row", 10_000)
     assert r.exit_code == 1 and "--row 10000" in r.output and "Traceback" not in r.output
     r = run("inspect", out, "--record", "missing")
@@ -84,7 +86,52 @@ def test_runs_pieces_join_to_the_whole_decode() -> None:
     pieces = runs(ids, trained, lambda x: tok.decode(x))
     assert "".join(t for _, t in pieces) == tok.decode(ids.tolist())
     assert [tr for tr, _ in pieces] == [False, True, False]
-    assert plain_text(pieces).count("[[") == 1
+    assert plain_text(classify(pieces, [])).count("[[") == 1
+
+
+def test_classify_sets_reasoning_and_stop_tokens_apart() -> None:
+    pieces = [
+        (False, "<|im_start|>assistant\n"),
+        (True, "<think>\nAdd.\n</think>\n\n4<|im_end|>"),
+        (False, "\n"),
+    ]
+    got = classify(pieces, ["<|im_end|>", "<|endoftext|>"])
+    assert got == [
+        ("masked", "<|im_start|>assistant\n"),
+        ("reasoning", "<think>\nAdd.\n</think>"),
+        ("reply", "\n\n4"),
+        ("stop", "<|im_end|>"),
+        ("masked", "\n"),
+    ]
+    assert plain_text(got) == (
+        "<|im_start|>assistant\n[[reasoning: <think>\nAdd.\n</think>]][[\n\n4]]"
+        "[[stop: <|im_end|>]]\n"
+    )
+    # gpt-oss: the analysis channel is reasoning, <|return|> the stop
+    harmony = [(True, "<|channel|>analysis<|message|>Hmm.<|end|><|start|>assistant"
+                      "<|channel|>final<|message|>4<|return|>")]  # fmt: skip
+    kinds = [k for k, _ in classify(harmony, ["<|return|>", "<|call|>"])]
+    assert kinds == ["reasoning", "reply", "stop"]
+
+
+def test_inspect_shows_reasoning_and_stop_token_distinctly(tmp_path: Path) -> None:
+    rec = {
+        "schema_version": 2,
+        "id": "think1",
+        "messages": [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4", "reasoning": "Add two and two."},
+        ],
+    }
+    data = write_jsonl(tmp_path / "data.jsonl", [rec])
+    out = tmp_path / "shards"
+    r = run("pack", data, "-o", out, "--tokenizer", "tiny", "--seq-len", 128, "--no-pack")
+    assert r.exit_code == 0, r.output
+    r = run("inspect", out)
+    assert r.exit_code == 0, r.output
+    assert "; stop tokens " in r.output.splitlines()[0]
+    assert "[[reasoning: <think>\nAdd two and two.\n</think>]]" in r.output
+    assert re.search(r"\[\[\n*4\]\]\[\[stop: <\|im_end\|>\]\]", r.output), r.output
 
 
 def test_stats_on_shards_and_plot(packed: tuple[Path, Path], tmp_path: Path) -> None:

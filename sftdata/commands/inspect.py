@@ -1,7 +1,9 @@
 """`sftdata inspect`: show a packed row (or one record) with trained and masked tokens apart.
 
-On a terminal trained text is green and masked text dim; when the output is piped (or with
-``--plain``) trained text is wrapped in ``[[`` ... ``]]`` and every record starts with a line
+On a terminal trained text is green, a trained reasoning block magenta, a trained stop token
+yellow, and masked text dim; when the output is piped (or with ``--plain``) trained text is
+wrapped in ``[[`` ... ``]]`` (``[[reasoning: ...]]``, ``[[stop: ...]]``) and every record starts
+with a line
 ``--- record ID (N tokens, M trained) ---``. The padding segment is summarised, not decoded.
 """
 
@@ -10,6 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
+STYLES = {
+    "masked": "dim",
+    "reply": "bold green",
+    "reasoning": "italic magenta",
+    "stop": "bold black on yellow",
+}
 
 
 @click.command("inspect")
@@ -40,7 +49,15 @@ def command(
     from rich.text import Text
 
     from sftdata.errors import ConfigError
-    from sftdata.inspection import TRAIN_CLOSE, TRAIN_OPEN, load_decoder, plain_text, runs, segments
+    from sftdata.inspection import (
+        TRAIN_CLOSE,
+        TRAIN_OPEN,
+        classify,
+        load_decoder,
+        plain_text,
+        runs,
+        segments,
+    )
     from sftdata.shards import ShardReader
 
     if row_i is not None and record_id is not None:
@@ -81,8 +98,15 @@ def command(
         f"lengths {[len(s['ids']) for s in recs]}, padding {row['num_pad']}, "
         f"trained {n_trained} of {reader.seq_len} tokens"
     )
+    stops = list(reader.index.get("template", {}).get("stop_tokens") or [])
+    if stops:
+        header += f"; stop tokens {', '.join(stops)}"
     if not colour:
-        header += f"; trained text is wrapped in {TRAIN_OPEN} {TRAIN_CLOSE}"
+        header += (
+            f"; trained text is wrapped in {TRAIN_OPEN} {TRAIN_CLOSE}, "
+            f"reasoning in {TRAIN_OPEN}reasoning: {TRAIN_CLOSE}, "
+            f"the stop token in {TRAIN_OPEN}stop: {TRAIN_CLOSE}"
+        )
     shown = segs if seg_pick is None else [segs[seg_pick]]
     out = [header]
     for s in shown:
@@ -93,11 +117,11 @@ def command(
         out.append(
             f"--- record {s['record_id']} ({n} tokens, {int(s['trained'].sum())} trained) ---"
         )
-        pieces = runs(s["ids"], s["trained"], decode)
+        pieces = classify(runs(s["ids"], s["trained"], decode), stops)
         if colour:
             text = Text()
-            for tr, t in pieces:
-                text.append(t, style="bold green" if tr else "dim")
+            for kind, t in pieces:
+                text.append(t, style=STYLES[kind])
             out.append(text)
         else:
             out.append(plain_text(pieces))
