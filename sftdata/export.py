@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from sftdata.atomic import atomic_file
-from sftdata.conversation import Conversation, Message, read_jsonl_numbered
+from sftdata.conversation import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    Conversation,
+    Message,
+    read_jsonl_numbered,
+)
 from sftdata.errors import ConversionError
 
 CHAT_FORMATS = ("sharegpt", "alpaca", "openai")
@@ -74,6 +80,32 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 
+def _with_reasoning(m: Message) -> str:
+    # ShareGPT and Alpaca have no reasoning field: LLaMA-Factory's reasoning data (and
+    # DeepSeek-R1/Qwen3 outputs) carry it as a leading <think> block, which convert reads back.
+    if not m.reasoning:
+        return m.content
+    return f"{THINK_OPEN}\n{m.reasoning}\n{THINK_CLOSE}\n\n{m.content}"
+
+
+def _refuse_unpairable_results(conv: Conversation, fmt: str, where: str) -> None:
+    """Formats without call ids pair results with calls by position: refuse any other order."""
+    calls: list[Any] = []
+    k = 0
+    for i, m in enumerate(conv.messages):
+        if m.role == "assistant":
+            calls, k = list(m.tool_calls or []), 0
+        elif m.role == "tool":
+            expected = calls[k].get("id") if k < len(calls) else None
+            if m.tool_call_id and expected is not None and expected != m.tool_call_id:
+                raise ConversionError(
+                    f"{where}: messages[{i}] answers call {m.tool_call_id!r}, not the call in its "
+                    f"position ({expected!r}); {fmt} pairs results with calls by "
+                    "position only, use --format openai"
+                )
+            k += 1
+
+
 def _refuse_train_flags(conv: Conversation, fmt: str, where: str) -> None:
     for i, m in enumerate(conv.messages):
         if m.train is not None and m.train != (m.role == "assistant"):
@@ -95,6 +127,7 @@ def to_sharegpt(conv: Conversation, *, where: str | None = None) -> dict[str, An
     """
     where = where or str(conv.source)
     _refuse_train_flags(conv, "ShareGPT", where)
+    _refuse_unpairable_results(conv, "ShareGPT", where)
     turns: list[dict[str, str]] = []
     msgs = list(conv.messages)
     system = None
@@ -106,9 +139,10 @@ def to_sharegpt(conv: Conversation, *, where: str | None = None) -> dict[str, An
     for i, m in enumerate(msgs, start=offset):
         at = f"{where}: messages[{i}]"
         if m.role == "assistant" and m.tool_calls:
-            if m.content.strip():
+            if m.content.strip() or m.reasoning:
                 raise ConversionError(
-                    f"{at}: an assistant turn with both text and tool calls has no ShareGPT form"
+                    f"{at}: an assistant turn with both text and tool calls (or reasoning and tool calls) has "
+                    "no ShareGPT form; use --format openai"
                 )
             calls = [
                 {"name": name, "arguments": _arguments_object(args, at)}
@@ -117,7 +151,7 @@ def to_sharegpt(conv: Conversation, *, where: str | None = None) -> dict[str, An
             value = _dumps(calls[0] if len(calls) == 1 else calls)
             turns.append({"from": SHAREGPT_FUNCTION, "value": value})
         else:
-            turns.append({"from": SHAREGPT_ROLE[m.role], "value": m.content})
+            turns.append({"from": SHAREGPT_ROLE[m.role], "value": _with_reasoning(m)})
     out: dict[str, Any] = {"id": conv.id, "conversations": turns}
     if system is not None:
         out["system"] = system
@@ -167,12 +201,16 @@ def to_alpaca(conv: Conversation, *, where: str | None = None) -> dict[str, Any]
         raise ConversionError(
             f"{where}: Alpaca needs user/assistant pairs ending with the assistant"
         )
-    out: dict[str, Any] = {"instruction": msgs[-2].content, "input": "", "output": msgs[-1].content}
+    out: dict[str, Any] = {
+        "instruction": msgs[-2].content,
+        "input": "",
+        "output": _with_reasoning(msgs[-1]),
+    }
     if system is not None:
         out["system"] = system
     if len(msgs) > 2:
         out["history"] = [
-            [msgs[j].content, msgs[j + 1].content] for j in range(0, len(msgs) - 2, 2)
+            [msgs[j].content, _with_reasoning(msgs[j + 1])] for j in range(0, len(msgs) - 2, 2)
         ]
     return out
 
@@ -180,15 +218,25 @@ def to_alpaca(conv: Conversation, *, where: str | None = None) -> dict[str, Any]
 def to_openai(conv: Conversation, *, where: str | None = None) -> dict[str, Any]:
     """OpenAI fine-tuning record ``{messages: [{role, content, tool_calls?, weight?}], tools?}``.
 
-    An assistant ``train`` flag becomes OpenAI's per-message ``weight`` (0/1); a ``train`` flag on
-    another role cannot be expressed and raises ConversionError naming the record's source.
+    Tool calls are written as OpenAI has them (``{id?, type: "function", function: {name,
+    arguments}}`` with ``arguments`` a JSON string); tool results keep ``tool_call_id``;
+    and ``name``; reasoning is ``reasoning_content`` (the field of DeepSeek's and Qwen's
+    OpenAI-compatible APIs, which ``convert`` reads back). An assistant ``train`` flag becomes OpenAI's
+    per-message ``weight`` (0/1); a ``train`` flag on another role cannot be expressed and raises
+    ConversionError naming the record's source.
     """
     where = where or str(conv.source)
     messages: list[dict[str, Any]] = []
     for i, m in enumerate(conv.messages):
         d: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.reasoning:
+            d["reasoning_content"] = m.reasoning
         if m.tool_calls is not None:
-            d["tool_calls"] = m.tool_calls
+            d["tool_calls"] = [_openai_call(c, f"{where}: messages[{i}]") for c in m.tool_calls]
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
+        if m.name:
+            d["name"] = m.name
         if m.train is not None:
             if m.role == "assistant":
                 d["weight"] = int(m.train)
@@ -202,6 +250,15 @@ def to_openai(conv: Conversation, *, where: str | None = None) -> dict[str, Any]
     if conv.tools is not None:
         out["tools"] = conv.tools
     return out
+
+
+def _openai_call(call: Any, where: str) -> dict[str, Any]:
+    name, args = _call_parts(call, where)
+    out: dict[str, Any] = {}
+    if isinstance(call, dict) and call.get("id"):
+        out["id"] = call["id"]
+    arguments = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    return {**out, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 CONVERTERS: dict[str, Callable[..., dict[str, Any]]] = {

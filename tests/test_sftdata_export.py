@@ -303,3 +303,83 @@ def test_export_reads_what_convert_wrote(tmp_path: Path) -> None:
         main, ["export", str(canon), "--format", "alpaca", "-o", str(tmp_path / "o.json")]
     )
     assert res.exit_code == 1 and f"{canon}:1" in res.output
+
+
+V2 = Conversation(
+    id="v2",
+    source=Source("raw.jsonl", line=3),
+    messages=[
+        Message("user", "Weather in Oslo and Rome?"),
+        Message(
+            "assistant",
+            "",
+            reasoning="Two cities: two calls.",
+            tool_calls=[
+                {
+                    "id": "call_o",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": {"city": "Oslo"}},
+                },
+                {
+                    "id": "call_r",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": {"city": "Rome"}},
+                },
+            ],
+        ),
+        Message("tool", '{"c": 3}', tool_call_id="call_o", name="weather"),
+        Message("tool", '{"c": 21}', tool_call_id="call_r", name="weather"),
+        Message("assistant", "Oslo 3, Rome 21.", reasoning="Read both results."),
+    ],
+)
+
+
+def test_openai_export_writes_string_arguments_ids_and_reasoning(tmp_path: Path) -> None:
+    rec = to_openai(V2)
+    jsonschema.validate(rec, _schema("export-openai.json"))
+    call = rec["messages"][1]["tool_calls"][0]
+    assert call == {
+        "id": "call_o",
+        "type": "function",
+        "function": {"name": "weather", "arguments": '{"city": "Oslo"}'},
+    }
+    assert rec["messages"][1]["reasoning_content"] == "Two cities: two calls."
+    assert rec["messages"][3] == {
+        "role": "tool",
+        "content": '{"c": 21}',
+        "tool_call_id": "call_r",
+        "name": "weather",
+    }
+    canon = tmp_path / "c.jsonl"
+    canon.write_text(V2.to_json() + "\n", encoding="utf-8")
+    out = tmp_path / "o.jsonl"
+    _export(canon, "openai", out)
+    back = next(read_conversations(out, fmt="openai"))
+    assert _without_source(back, keep_id=False) == _without_source(V2, keep_id=False)
+
+
+def test_sharegpt_export_keeps_reasoning_as_think_and_refuses_reordered_results(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConversionError, match=r"text and tool calls \(or reasoning"):
+        to_sharegpt(V2)  # reasoning on a tool-call turn: no ShareGPT form
+    msgs = list(V2.messages)
+    msgs[1] = Message("assistant", "", tool_calls=msgs[1].tool_calls)
+    plain = Conversation("v2", msgs, V2.source)
+    rec = to_sharegpt(plain)
+    assert rec["conversations"][-1]["value"] == (
+        "<think>\nRead both results.\n</think>\n\nOslo 3, Rome 21."
+    )
+    canon = tmp_path / "c.jsonl"
+    canon.write_text(plain.to_json() + "\n", encoding="utf-8")
+    out = tmp_path / "o.json"
+    _export(canon, "sharegpt", out)
+    back = next(read_conversations(out, fmt="sharegpt"))
+    assert back.messages[-1].reasoning == "Read both results."
+    assert back.messages[-1].content == "Oslo 3, Rome 21."
+    # results answering the calls out of order cannot be paired by position
+    swapped = [*msgs[:2], msgs[3], msgs[2], msgs[4]]
+    with pytest.raises(ConversionError, match=r"raw.jsonl:3: messages\[2\] answers call 'call_r'"):
+        to_sharegpt(Conversation("v2", swapped, V2.source))
+    alp = to_alpaca(Conversation("a", [msgs[0], msgs[4]], V2.source))
+    assert alp["output"].startswith("<think>\nRead both results.\n</think>\n\n")
