@@ -246,6 +246,47 @@ def test_validation_split_is_deterministic_and_disjoint(tmp_path: Path, data: Pa
     assert len(ids(tmp_path / "f", "validation")) == 6
 
 
+HISTORY_DIFFERS = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and not loop.last %}(earlier) {% endif %}"
+    "{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_samples_of_one_record_stay_on_one_side_of_the_split(tmp_path: Path) -> None:
+    """A template that renders earlier replies differently gives a sample per such turn
+    (``ID#turnK``); the validation draw is over records, so they never straddle it."""
+    template = tmp_path / "history.jinja"
+    template.write_text(HISTORY_DIFFERS, encoding="utf-8")
+    recs = [
+        _rec(
+            i,
+            [
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": f"a{i}"},
+                {"role": "user", "content": f"again {i}"},
+                {"role": "assistant", "content": f"b{i}"},
+            ],
+        )
+        for i in range(40)
+    ]
+    data = write_jsonl(tmp_path / "d.jsonl", recs)
+    out = tmp_path / "s"
+    args = ("--tokenizer", "tiny", "--seq-len", 256, "--template", template)
+    pack_ok(data, "-o", out, *args, "--val-count", 10, "--train-on", "all-assistant")
+    side: dict[str, set[str]] = {}
+    for split in ("train", "validation"):
+        r = ShardReader(out, split=split)
+        for i in range(len(r)):
+            for rid in r[i]["record_ids"]:
+                side.setdefault(rid.split("#")[0], set()).add(split)
+    assert len(side) == 40 and all(len(v) == 1 for v in side.values())
+    assert sum(v == {"validation"} for v in side.values()) == 10
+    index = read_index(out)
+    assert index["counts"]["split_turns"] == 40
+
+
 def test_c5_num_proc_gives_identical_shards_and_rerun_is_a_noop(tmp_path: Path, data: Path) -> None:
     big = write_jsonl(
         tmp_path / "big.jsonl",
