@@ -227,3 +227,33 @@ def test_trl_templates_on_real_data(
             check_refusal(r, hf, conv, enc)
         else:
             check_record(r, hf, stops, conv, enc)
+
+
+@pytest.mark.parametrize(
+    ("name", "beyond_c2"),
+    [
+        # the layout newline after <|im_end|> (and before the reply) is inside the block
+        ("qwen2_5_training", "\n"),
+        # the block opens with the header <|start|>assistant, which the generation prompt holds
+        ("gptoss_training", "<|start|>"),
+    ],
+)
+def test_generation_blocks_train_more_than_c2(
+    name: str, beyond_c2: str, model_root: str, llama2_tokenizer_dir: Path
+) -> None:
+    """Why masks are not taken from ``{% generation %}`` blocks: on trl's training templates the
+    blocks (transformers' return_assistant_tokens_mask) also cover tokens the model never
+    generates; sftdata's mask is C2's own definition (the prefix renders)."""
+    hf, snap, stops = _tokenizers(name, model_root, str(llama2_tokenizer_dir))
+    conv = EDGE[1]  # multi-turn
+    msgs = [{"role": m.role, "content": m.content} for m in conv.messages]
+    out = hf.apply_chat_template(
+        msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    blocks = np.asarray(out["assistant_masks"], dtype=bool)
+    r = Renderer(snap, template="auto")
+    ours = r.encode(conv).samples[0]
+    assert ours.input_ids.tolist() == list(out["input_ids"])
+    extra = [hf.decode([t]) for t in ours.input_ids[blocks & ~ours.train_mask].tolist()]
+    assert any(beyond_c2 in t for t in extra), extra
+    check_record(r, hf, stops, conv, r.encode(conv))
