@@ -457,11 +457,21 @@ class Renderer:
         if folds and self.strict:
             self._refuse(conv, out, "strict", f"needs fold-in {', '.join(folds)} (--strict)")
             return out
+        blocks: list[tuple[int, int]] | None = None
         try:
-            text = self._backend.render(msgs, tools, False)
+            if self._backend.exact_blocks:
+                text, blocks = self._backend.render_blocks(msgs, tools)
+            else:
+                text = self._backend.render(msgs, tools, False)
         except Exception as e:
             self._refuse(conv, out, "template_error", f"{type(e).__name__}: {_one_line(e)}")
             return out
+        # one block per assistant message (our templates' invariant; else derive by prefixes)
+        ordinal = {
+            j: k for k, j in enumerate(j for j, d in enumerate(msgs) if d["role"] == "assistant")
+        }
+        if blocks is not None and len(blocks) != len(ordinal):
+            blocks = None
         flags = self._flags(conv)
         everything = self.train_on == "everything"
         spans: list[tuple[int, int]] = []
@@ -475,7 +485,15 @@ class Renderer:
                 wanted = flag is True if not everything else flag is False
                 if not wanted:
                     continue
-                if d["role"] == "assistant":
+                if (
+                    d["role"] == "assistant"
+                    and blocks is not None
+                    and blocks[ordinal[j]][0] >= cursor
+                ):
+                    s, e = blocks[ordinal[j]]
+                    if self._stop_re is None or not self._stop_re.search(text, s, e):
+                        out.no_stop += 1
+                elif d["role"] == "assistant":
                     s, e, sample = self._assistant_turn(msgs, tools, j, text, cursor, out, _text(d))
                     if sample is not None:
                         if not everything:

@@ -392,3 +392,74 @@ def test_llamafactory_names_select_the_same_template(lf_name: str) -> None:
 def test_unknown_template_name_lists_the_choices() -> None:
     with pytest.raises(TemplateError, match=r"qwen2\.5.*LLaMA-Factory template name"):
         load_template("qwen9", None, specials={"bos_token": "", "eos_token": ""})
+
+
+BLOCK_TEMPLATES = {  # built-ins whose {% generation %} blocks give the masks: their family
+    "chatml": None,
+    "llama2": None,
+    "qwen2.5": "qwen2_5",
+    "llama3": "llama3",
+    "gemma": "gemma",
+    "gemma3": "gemma3",
+    "phi3": "phi3_5",
+    "phi4": PHI4,
+    "cohere": "cohere",
+}
+
+
+def test_the_templates_with_blocks_are_the_listed_ones() -> None:
+    specials = {"bos_token": "<s>", "eos_token": "</s>"}
+    have = {
+        n for n in BUILTIN_TEMPLATES if load_template(n, None, specials=specials)[2].exact_blocks
+    }
+    assert have == set(BLOCK_TEMPLATES)
+
+
+@pytest.mark.parametrize("named", sorted(BLOCK_TEMPLATES))
+def test_generation_blocks_of_builtins_equal_the_prefix_derivation(
+    named: str, root: str, llama2_tokenizer_dir: Path, shared_data: Path
+) -> None:
+    """One render with blocks gives exactly what the prefix renders (C2's definition) give:
+    samples, ids, masks and counts, on the edge cases and real data, every train-on mode."""
+    family = BLOCK_TEMPLATES[named]
+    if family is None:
+        snap = _base(str(llama2_tokenizer_dir))
+    elif isinstance(family, tuple):
+        snap = load_snapshot(
+            family_tokenizer(_base(str(llama2_tokenizer_dir)), Path(root) / named, "", family)
+        )
+    else:
+        snap = _folder(family, root, str(llama2_tokenizer_dir))[1]
+    convs = _records(shared_data)
+    for train_on in ("all-assistant", "last-assistant", "everything"):
+        fast = Renderer(snap, template=named, train_on=train_on)
+        slow = Renderer(snap, template=named, train_on=train_on)
+        assert fast._backend.exact_blocks
+        slow._backend = _NoBlocks(slow._backend)
+        for a, b in zip(
+            fast.encode_batch(convs, skip_invalid=True),
+            slow.encode_batch(convs, skip_invalid=True),
+            strict=True,
+        ):
+            ra, rb = a.render, b.render
+            assert (ra.refusal, ra.no_stop, ra.fallback, ra.split_turns) == (
+                rb.refusal,
+                rb.no_stop,
+                rb.fallback,
+                rb.split_turns,
+            )
+            assert [(s.text, s.spans) for s in ra.samples] == [
+                (s.text, s.spans) for s in rb.samples
+            ]
+
+
+class _NoBlocks:
+    """A built-in template with its blocks ignored: masks from prefix renders only."""
+
+    exact_blocks = False
+
+    def __init__(self, backend: Any) -> None:
+        self._b = backend
+
+    def render(self, *args: Any) -> str:
+        return self._b.render(*args)

@@ -67,8 +67,13 @@ DEFAULT_TEMPLATE_DATE = "2024-01-01"
 same inputs pack to the same bytes on any day (Llama 3.1/3.2 and gpt-oss print today's date)."""
 
 
+class TrainedBlock(str):
+    """The output of one ``{% generation %}`` block (a marked ``str``, located after rendering)."""
+
+
 class _GenerationTag:
-    """Factory of a Jinja extension accepting HF's ``{% generation %}`` tag (rendered as is)."""
+    """Factory of a Jinja extension accepting HF's ``{% generation %}`` tag: its output is
+    rendered as is, marked as a :class:`TrainedBlock` for :meth:`JinjaTemplate.render_blocks`."""
 
     @staticmethod
     def make() -> type:
@@ -86,7 +91,7 @@ class _GenerationTag:
                 )
 
             def _passthrough(self, caller: Any) -> str:
-                return caller()
+                return TrainedBlock(caller())
 
         return GenerationTag
 
@@ -179,6 +184,8 @@ class JinjaTemplate:
         # for the llama2 template on 49,950 Alpaca records), for the same output.
         # The date is pinned (and recorded in the shard index) so renders are reproducible.
         day = parse_template_date(date)
+        # Only our own files' blocks are trusted for masks (see render_blocks).
+        self.exact_blocks = trusted and "generation" in _block_tags(source)
         self._base_vars = {
             **self._template.globals,
             "strftime_now": day.strftime,
@@ -208,6 +215,47 @@ class JinjaTemplate:
             template.environment.handle_exception()  # re-raises, as Template.render does
             raise
 
+    def render_blocks(
+        self, messages: list[dict[str, Any]], tools: list[Any] | None
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """The render without a generation prompt and the (start, end) of each ``{% generation
+        %}`` block's output in it, in order.
+
+        The built-in templates that have blocks (``exact_blocks``) place one around exactly what
+        C2 trains of every assistant turn: from the end of the generation prompt through the
+        stop token. They are the templates whose turns render the same in history as when last
+        (nothing depends on later messages), so one render gives every turn's span; the tests
+        check these spans against the prefix-render oracle. Third-party blocks are not used
+        (README "Templates and masks").
+        """
+        template = self._template
+        variables = {
+            **self._base_vars,
+            "messages": messages,
+            "tools": tools,
+            "add_generation_prompt": False,
+        }
+        parts: list[str] = []
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        try:
+            for chunk in template.root_render_func(template.new_context(variables, shared=True)):
+                if type(chunk) is TrainedBlock:
+                    spans.append((pos, pos + len(chunk)))
+                parts.append(chunk)
+                pos += len(chunk)
+        except Exception:
+            template.environment.handle_exception()
+            raise
+        return "".join(parts), spans
+
+
+def _block_tags(source: str) -> set[str]:
+    import re
+
+    code = re.sub(r"{#.*?#}", "", source, flags=re.S)  # a comment may name the tag
+    return set(re.findall(r"{%-?\s*(generation|endgeneration)\b", code))
+
 
 class FastChatTemplate:
     """A FastChat ``Conversation`` template (``fastchat.conversation.get_conv_template``).
@@ -233,6 +281,7 @@ class FastChatTemplate:
                 "llama-2, chatml, one_shot)"
             ) from None
         self._bos = bos
+        self.exact_blocks = False
         fields = {f.name: getattr(self._base, f.name) for f in dataclasses.fields(self._base)}
         fields.pop("messages", None)
         self.text = json.dumps(
