@@ -1,7 +1,9 @@
 """Benchmark `sftdata pack` end to end against the raw tokenizer and TRL, in one run.
 
 Data: ~50k Alpaca records made from ../shared/data/alpaca_en_demo.json (its unique records
-repeated), the real Llama-2 tokenizer, the `llama2` template. Every step runs in its own process
+repeated), the real Llama-2 tokenizer, the `llama2` template; and the Glaive tool-call file
+repeated the same way with the `qwen2.5` template (tool schemas, calls and results rendered
+natively) on the Llama-2 tokenizer plus Qwen's ChatML special tokens. Every step runs in its own process
 so its wall time and peak RSS are its own. Prints a Markdown table for benchmarks/README.md and
 writes the raw figures to bench_out/pack_results.json.
 
@@ -25,13 +27,13 @@ CACHE = OUT / "tokenizer_cache"
 """The packs' SFTPIPE_CACHE: emptied first, so the first pack loads the tokenizer cold."""
 
 
-def make_records(copies: int) -> Path:
-    """Write the alpaca_en_demo records repeated ``copies`` times as one JSON array.
+def make_records(copies: int, name: str = "alpaca_en_demo") -> Path:
+    """Write the records of ``../shared/data/NAME.json`` repeated ``copies`` times as one array.
 
-    999 records x 50 = 49,950, the record count of DESIGN §6's anchors.
+    999 Alpaca records x 50 = 49,950, the record count of DESIGN §6's anchors.
     """
-    src = json.loads((SHARED / "data" / "alpaca_en_demo.json").read_text(encoding="utf-8"))
-    path = OUT / f"alpaca_x{copies}.json"
+    src = json.loads((SHARED / "data" / f"{name}.json").read_text(encoding="utf-8"))
+    path = OUT / f"{name.split('_')[0]}_x{copies}.json"
     path.write_text(json.dumps(src * copies, ensure_ascii=False), encoding="utf-8")
     return path
 
@@ -47,7 +49,28 @@ print(time.perf_counter() - t0)
 """
 
 
-def pack(conv: Path, seq_len: int, num_proc: int, tag: str, *, note: str = "") -> dict:
+QWEN_TOKENIZER = """
+import sys
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]})
+tok.eos_token = tok.pad_token = "<|im_end|>"
+tok.save_pretrained(sys.argv[2])
+"""
+"""The Llama-2 tokenizer with Qwen2.5's special tokens and end of turn (no Qwen vocabulary ships
+in ../shared): the qwen2.5 template's turn markers and stop token are single tokens, as there."""
+
+
+def pack(
+    conv: Path,
+    seq_len: int,
+    num_proc: int,
+    tag: str,
+    *,
+    note: str = "",
+    tokenizer: Path = TOKENIZER,
+    template: str = "llama2",
+) -> dict:
     out = OUT / f"shards_{tag}"
     shutil.rmtree(out, ignore_errors=True)
     r = run_child(
@@ -58,11 +81,11 @@ def pack(conv: Path, seq_len: int, num_proc: int, tag: str, *, note: str = "") -
             "-o",
             str(out),
             "--tokenizer",
-            str(TOKENIZER),
+            str(tokenizer),
             "--seq-len",
             str(seq_len),
             "--template",
-            "llama2",
+            template,
             "--num-proc",
             str(num_proc),
         ],
@@ -107,22 +130,28 @@ def main() -> None:
         }
     )
 
-    def raw_tokenizer(when: str) -> dict:
+    def raw_tokenizer(
+        when: str,
+        data: Path = conv,
+        tokenizer: Path = TOKENIZER,
+        template: str = "llama2",
+        into: list | None = None,
+    ) -> dict:
         r = run_child(
             [
                 str(BIN / "python"),
                 str(ROOT / "benchmarks" / "raw_tokenizer.py"),
-                str(conv),
+                str(data),
                 "--tokenizer",
-                str(TOKENIZER),
+                str(tokenizer),
                 "--template",
-                "llama2",
+                template,
             ]
         )
         base = last_json_line(r["stdout"])
         step = {"step": f"raw batch tokenizer (same texts), {when}", **base}
         step["peak_tree_rss_mb"] = r["peak_tree_rss_mb"]
-        results.append(step)
+        (results if into is None else into).append(step)
         return step
 
     # The reference is measured before and after the packs; the faster of the two is used, so
@@ -168,18 +197,48 @@ def main() -> None:
     raw_last = raw_tokenizer("after the packs")
     raw_tps = max(raw_first["tokens_per_s"], raw_last["tokens_per_s"])
 
+    # Tool calls with the qwen2.5 template: its own reference, before and after its pack.
+    qwen_tok = OUT / "llama2_qwen_specials"
+    run_child([str(BIN / "python"), "-c", QWEN_TOKENIZER, str(TOKENIZER), str(qwen_tok)])
+    glaive = OUT / f"glaive_x{a.copies}.jsonl"
+    run_child(
+        [
+            str(BIN / "sftdata"),
+            "convert",
+            str(make_records(a.copies, "glaive_toolcall_en_demo")),
+            "-o",
+            str(glaive),
+        ]
+    )
+    tool_steps: list[dict] = []
+    raw_tokenizer("Glaive, qwen2.5, before", glaive, qwen_tok, "qwen2.5", tool_steps)
+    tool_steps.append(
+        pack(
+            glaive,
+            4096,
+            2,
+            "glaive",
+            note=", Glaive, qwen2.5",
+            tokenizer=qwen_tok,
+            template="qwen2.5",
+        )
+    )
+    raw_tokenizer("Glaive, qwen2.5, after", glaive, qwen_tok, "qwen2.5", tool_steps)
+    tool_tps = max(tool_steps[0]["tokens_per_s"], tool_steps[2]["tokens_per_s"])
+
     print(
         "| step | records | tokens | seconds | records/s | tokens/s | vs raw tokenizer | rows (floor) | "
         "efficiency | peak RSS MB, largest process | peak RSS MB, all processes |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for x in results:
+    for x in results + tool_steps:
+        ref = tool_tps if x in tool_steps else raw_tps
         tokens = x.get("tokens")
         tps = tokens / x["seconds"] if tokens else None
         rows = f"{x['rows']} ({x.get('floor_rows', '')})" if "rows" in x else ""
         speed = f"{tps / 1e6:.3f}M" if tps else ""
         rps = f"{x['records'] / x['seconds']:,.0f}" if x.get("records") and tokens else ""
-        ratio = f"{tps / raw_tps:.0%}" if tps else ""
+        ratio = f"{tps / ref:.0%}" if tps else ""
         eff = f"{x['efficiency']:.2%}" if "efficiency" in x else ""
         print(
             f"| {x['step']} | {x.get('records', '')} | {tokens or ''} | {x['seconds']:.2f} | "
@@ -192,7 +251,7 @@ def main() -> None:
     results.append(
         {"step": "time to first batch", "seconds": first_batch_s, "peak_rss_mb": r["peak_rss_mb"]}
     )
-    (OUT / "pack_results.json").write_text(json.dumps(results, indent=2))
+    (OUT / "pack_results.json").write_text(json.dumps(results + tool_steps, indent=2))
 
 
 if __name__ == "__main__":

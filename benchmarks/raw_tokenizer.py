@@ -26,7 +26,8 @@ def main() -> None:
 
     tok = load_tokenizer(a.tokenizer)
     renderer = Renderer(tok, template=a.template)
-    texts = [renderer.render(c)[0] for c in read_jsonl(a.conversations)]
+    # every sample a record gives (a template that re-renders history gives more than one)
+    texts = [s.text for c in read_jsonl(a.conversations) for s in renderer.render_record(c).samples]
     times = []
     tokens = 0
     for _ in range(a.repeats):
