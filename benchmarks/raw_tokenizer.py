@@ -27,7 +27,8 @@ def main() -> None:
     tok = load_tokenizer(a.tokenizer)
     renderer = Renderer(tok, template=a.template)
     # every sample a record gives (a template that re-renders history gives more than one)
-    texts = [s.text for c in read_jsonl(a.conversations) for s in renderer.render_record(c).samples]
+    convs = list(read_jsonl(a.conversations))
+    texts = [s.text for c in convs for s in renderer.render_record(c).samples]
     times = []
     tokens = 0
     for _ in range(a.repeats):
@@ -42,7 +43,8 @@ def main() -> None:
         json.dumps(
             {
                 "tool": "raw batch tokenizer (tok(texts), median of runs)",
-                "records": len(texts),
+                "records": len(convs),
+                "samples": len(texts),
                 "seconds": best,
                 "tokens": tokens,
                 "tokens_per_s": tokens / best,

@@ -67,13 +67,14 @@ DEFAULT_TEMPLATE_DATE = "2024-01-01"
 same inputs pack to the same bytes on any day (Llama 3.1/3.2 and gpt-oss print today's date)."""
 
 
-class TrainedBlock(str):
-    """The output of one ``{% generation %}`` block (a marked ``str``, located after rendering)."""
+MARKS = "__sftpipe_generation_marks__"
+"""Context variable holding the list :meth:`JinjaTemplate.render_blocks` collects block edges in."""
 
 
 class _GenerationTag:
-    """Factory of a Jinja extension accepting HF's ``{% generation %}`` tag: its output is
-    rendered as is, marked as a :class:`TrainedBlock` for :meth:`JinjaTemplate.render_blocks`."""
+    """Factory of a Jinja extension accepting HF's ``{% generation %}`` tag: its body is
+    rendered as is, between two statements that note the block's edges (when
+    :meth:`JinjaTemplate.render_blocks` asks for them; a plain render ignores them)."""
 
     @staticmethod
     def make() -> type:
@@ -86,12 +87,19 @@ class _GenerationTag:
             def parse(self, parser: Any) -> Any:
                 lineno = next(parser.stream).lineno
                 body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-                return nodes.CallBlock(self.call_method("_passthrough"), [], [], body).set_lineno(
-                    lineno
-                )
+                ctx = [nodes.ContextReference()]
+                # Statements, not a {% call %} block: a CallBlock builds a macro per use, which
+                # cost a third of rendering a tool-calling record (profiled).
+                return [
+                    nodes.ExprStmt(self.call_method("_mark", ctx)).set_lineno(lineno),
+                    *body,
+                    nodes.ExprStmt(self.call_method("_mark", ctx)).set_lineno(lineno),
+                ]
 
-            def _passthrough(self, caller: Any) -> str:
-                return TrainedBlock(caller())
+            def _mark(self, context: Any) -> None:
+                marks = context.get(MARKS)
+                if marks is not None:
+                    marks.append(None)
 
         return GenerationTag
 
@@ -235,19 +243,24 @@ class JinjaTemplate:
             "tools": tools,
             "add_generation_prompt": False,
         }
+        # A mark is noted while the generator runs towards its next chunk, so every mark noted
+        # before a chunk is yielded stands at the text length before that chunk.
+        marks: list[None] = []
+        variables[MARKS] = marks
         parts: list[str] = []
-        spans: list[tuple[int, int]] = []
+        edges: list[int] = []
         pos = 0
         try:
             for chunk in template.root_render_func(template.new_context(variables, shared=True)):
-                if type(chunk) is TrainedBlock:
-                    spans.append((pos, pos + len(chunk)))
+                if len(marks) > len(edges):
+                    edges += [pos] * (len(marks) - len(edges))
                 parts.append(chunk)
                 pos += len(chunk)
         except Exception:
             template.environment.handle_exception()
             raise
-        return "".join(parts), spans
+        edges += [pos] * (len(marks) - len(edges))
+        return "".join(parts), list(zip(edges[::2], edges[1::2], strict=False))
 
 
 def _block_tags(source: str) -> set[str]:
