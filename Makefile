@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test wheel-smoke lint format clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ install: $(STAMP)
 
 demo: install
 	bash fixtures/demo.sh
+
+wheel-smoke: install
+	bash .ci/wheel_smoke.sh
 
 test: install
 	$(BIN)/ruff check .

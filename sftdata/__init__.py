@@ -4,5 +4,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SCHEMAS_DIR = PACKAGE_DIR / "schemas"
+"""JSON Schemas of every file format sftpipe writes (package data: found in an installed wheel)."""
+TINY_DIR = PACKAGE_DIR / "tiny"
+"""The built-in tiny tokenizer and tiny model config (package data)."""
+
 IGNORE_INDEX = -100
 """Label value for tokens that are not trained (Hugging Face / PyTorch cross-entropy convention)."""

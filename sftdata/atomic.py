@@ -13,6 +13,27 @@ from typing import IO
 from sftdata.errors import ConfigError
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux says it (/proc), else set back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | os.PathLike[str], *, folder: bool = False) -> None:
+    """Give a file (0666) or folder (0777) made by mkstemp/mkdtemp (0600/0700) the mode ``open``
+    or ``mkdir`` would give it under the current umask, so teammates and serving containers
+    running as other users can read outputs as they read any other file."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_file(
     path: str | os.PathLike[str], *, mode: str = "w", encoding: str | None = "utf-8"
@@ -41,6 +62,7 @@ def atomic_file(
             yield f
             f.flush()
             os.fsync(f.fileno())
+        follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -50,13 +72,18 @@ def atomic_file(
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temp folder beside ``path``; on success it replaces ``path`` (removed first if present)."""
+    """Yield a temp folder beside ``path``; on success it replaces ``path`` (removed first if
+    present), with the folder and everything in it given the umask's modes (``follow_umask``)."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
     try:
         yield tmp
+        # What libraries write inside may be private too (safetensors writes 0600 files).
+        for p in [tmp, *tmp.rglob("*")]:
+            if not p.is_symlink():
+                follow_umask(p, folder=p.is_dir())
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

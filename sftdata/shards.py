@@ -25,13 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from sftdata.atomic import atomic_file
+from sftdata import SCHEMAS_DIR
+from sftdata.atomic import atomic_file, follow_umask
 from sftdata.errors import ShardError
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 KIND = "sftpipe.shards"
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "shard_index.v1.json"
+SCHEMA_PATH = SCHEMAS_DIR / "shard_index.v1.json"
 FIXED_COLUMNS = ("input_ids", "labels", "position_ids")
 VERIFY_MODES = ("full", "lazy", "size")
 
@@ -135,7 +136,7 @@ class ShardWriter:
             sink = pa.PythonFile(f, mode="w")
             with pa.ipc.new_stream(sink, schema) as w:
                 w.write_batch(batch)
-        _make_readable(path)
+        follow_umask(path)
         self.shards.append(
             {"file": name, "rows": n, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
         )
@@ -180,13 +181,6 @@ def _string_lists(rows: Sequence[Sequence[str]]) -> Any:
     return pa.ListArray.from_arrays(_int32(_offsets([len(r) for r in rows])), strings)
 
 
-def _make_readable(path: Path) -> None:
-    # atomic_file's mkstemp creates 0600 files; shards are data meant to be shared like any file.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def validate_index(index: Any, *, where: str) -> None:
     """Check ``index`` against ``schemas/shard_index.v1.json``; ShardError naming ``where``."""
     import jsonschema
@@ -207,7 +201,7 @@ def write_index(folder: str | os.PathLike[str], index: dict[str, Any]) -> Path:
     with atomic_file(path) as f:
         json.dump(index, f, indent=2, ensure_ascii=False, sort_keys=False)
         f.write("\n")
-    _make_readable(path)
+    follow_umask(path)
     return path
 
 

@@ -1,6 +1,6 @@
 """Load tokenizers from local files only, and identify them by content.
 
-``load_tokenizer`` accepts ``"tiny"`` (the project's own byte-level BPE in ``fixtures/tiny``), a
+``load_tokenizer`` accepts ``"tiny"`` (the project's own byte-level BPE in ``sftdata/tiny``), a
 local Hugging Face tokenizer folder (``tokenizer.json``, or a ``tokenizer.model`` that transformers
 converts) or a bare SentencePiece ``.model`` file. It always returns a *fast* tokenizer, because the
 label masks are computed from the Rust tokenizer's character offsets. Nothing is ever fetched from a
@@ -26,14 +26,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftdata import __version__
+from sftdata import TINY_DIR, __version__
 from sftdata.atomic import atomic_file
 from sftdata.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-TINY_DIR: Path = Path(__file__).resolve().parents[1] / "fixtures" / "tiny"
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 

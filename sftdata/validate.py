@@ -21,9 +21,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from sftdata import SCHEMAS_DIR
 from sftdata.conversation import READ_VERSIONS, ROLES, Source
-
-SCHEMAS_DIR = Path(__file__).resolve().parents[1] / "schemas"
 
 
 @dataclass(frozen=True)

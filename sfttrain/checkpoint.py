@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from sftdata import __version__
+from sftdata import SCHEMAS_DIR, __version__
 from sftdata.atomic import atomic_dir
 from sftdata.errors import ConfigError, SftError
 from sfttrain.config import TrainConfig, config_from_dict, trajectory_hash
@@ -40,7 +40,7 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 CHECKPOINTS = "checkpoints"
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "checkpoint.v1.json"
+SCHEMA_PATH = SCHEMAS_DIR / "checkpoint.v1.json"
 
 
 class CheckpointError(SftError):

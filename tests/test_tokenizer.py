@@ -19,7 +19,7 @@ from sftdata.tokenizer import TINY_DIR, load_snapshot, load_tokenizer, tokenizer
 
 def test_tiny_tokenizer_files_and_specials() -> None:
     tok = load_tokenizer("tiny")
-    assert TINY_DIR == ROOT / "fixtures" / "tiny"
+    assert TINY_DIR == ROOT / "sftdata" / "tiny"
     assert tok.is_fast
     assert len(tok) == 4096
     assert tok.eos_token == "<|im_end|>"
@@ -39,7 +39,8 @@ def test_tiny_tokenizer_training_is_deterministic(tmp_path: Path) -> None:
     copy = tmp_path / "make_tiny_tokenizer.py"
     shutil.copy(script, copy)
     env = {**os.environ, "PYTHONHASHSEED": "123"}
-    subprocess.run([sys.executable, str(copy)], check=True, capture_output=True, env=env)
+    out = tmp_path / "tiny"
+    subprocess.run([sys.executable, str(copy), str(out)], check=True, capture_output=True, env=env)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "tiny" / name).read_bytes() == (TINY_DIR / name).read_bytes(), name
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from sftdata import IGNORE_INDEX
+from sftdata.atomic import current_umask, follow_umask
 from sftdata.errors import ConfigError, ShardError
 
 FORMAT_VERSION = 1
@@ -113,12 +114,6 @@ def _is_packed(reader: Any) -> bool:
     return False
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 @contextlib.contextmanager
 def _atomic_mindrecord(output: Path):
     """Yield a temp path with ``output``'s file name; move ``X`` and ``X.db`` onto ``output`` at the end.
@@ -128,11 +123,12 @@ def _atomic_mindrecord(output: Path):
     """
     output.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    follow_umask(tmpdir, folder=True)
     try:
         target = tmpdir / output.name
         yield target
         db = output.with_name(output.name + ".db")
-        mode = 0o666 & ~_umask()  # FileWriter creates 0600 files; give them the usual mode
+        mode = 0o666 & ~current_umask()  # FileWriter creates 0600 files; give them the usual mode
         for f in (target, target.with_name(target.name + ".db")):
             os.chmod(f, mode)
         # Index first, data file last: a reader opening ``output`` then finds a matching .db.
