@@ -117,8 +117,20 @@ class Conversation:
         return d
 
     def to_json(self) -> str:
-        """One JSON line (no trailing newline), UTF-8 text kept as is."""
-        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+        """One JSON line (no trailing newline), UTF-8 text kept as is.
+
+        Raises:
+            ConversionError: naming the record's source where it holds NaN or Infinity (in tool
+                schemas or call arguments), which JSON cannot carry.
+        """
+        try:
+            return json.dumps(
+                self.to_dict(), ensure_ascii=False, separators=(",", ":"), allow_nan=False
+            )
+        except ValueError:
+            raise ConversionError(
+                f"{self.source}: record {self.id!r} holds NaN or Infinity, which JSON cannot carry"
+            ) from None
 
     def content_key(self) -> str:
         """A key equal for records with the same messages and tools (for ``--dedup``)."""
@@ -239,6 +251,30 @@ def split_reasoning(m: Message) -> Message:
     return replace(m, content=answer.lstrip("\n"), reasoning=inner.strip("\n"))
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads_strict(text: str) -> Any:
+    """``json.loads`` for canonical JSONL: NaN/Infinity (Python's extension, not JSON) refused.
+
+    Raises:
+        ValueError: the problem in words (json.JSONDecodeError, a ValueError, for bad syntax;
+            RecursionError is reported as nesting too deep).
+    """
+    try:
+        return json.loads(text, parse_constant=_not_json)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def invalid_json(e: ValueError) -> str:
+    """``loads_strict``'s error as the words after ``FILE:LINE: ``."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"invalid JSON ({e.msg} at column {e.colno})"
+    return f"invalid JSON ({e})"
+
+
 def parse_jsonl_line(line: str, *, path: str, lineno: int) -> Conversation:
     """One canonical JSONL line as a Conversation (its source defaults to ``path:lineno``).
 
@@ -249,9 +285,9 @@ def parse_jsonl_line(line: str, *, path: str, lineno: int) -> Conversation:
     if lineno == 1:  # a BOM (Windows editors) is skipped, as validate skips it
         line = line.lstrip("\ufeff")
     try:
-        d = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        d = loads_strict(line)
+    except ValueError as e:
+        raise ConversionError(f"{where}: {invalid_json(e)}") from None
     return Conversation.from_dict(d, where=where, fallback_source=Source(file=path, line=lineno))
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sftdata import SCHEMAS_DIR
-from sftdata.conversation import READ_VERSIONS, ROLES, Source
+from sftdata.conversation import READ_VERSIONS, ROLES, Source, invalid_json, loads_strict
 
 
 @dataclass(frozen=True)
@@ -310,9 +310,9 @@ def validate_file(path: str | Path) -> ValidationReport:
                 continue
             report.records += 1
             try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                problem(lineno, f"invalid JSON ({e.msg} at column {e.colno})")
+                record = loads_strict(text)
+            except ValueError as e:
+                problem(lineno, invalid_json(e))
                 continue
             source = _source_text(record)
             for msg in record_problems(record):

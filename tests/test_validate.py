@@ -264,3 +264,54 @@ def test_fast_schema_check_never_accepts_what_jsonschema_rejects():
         assert not _fast_valid(r), r  # ...and the fast path sends it to jsonschema
         count += 1
     assert count == 26
+
+
+def test_nan_infinity_and_deep_nesting_are_not_json(tmp_path) -> None:
+    """Canonical JSONL is strict JSON: Python's NaN/Infinity extension and nesting past the
+    parser's limit are problems at their line (issue 11), for validate and for every reader."""
+    from sftdata.conversation import read_jsonl
+    from sftdata.errors import ConversionError
+
+    good = {
+        "schema_version": 2,
+        "id": "a",
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+    }
+    line = json.dumps(good)
+    nan = line.replace('"content": "q"}', '"content": "q", "weight": NaN}')
+    inf = line.replace('"id": "a"', '"id": "b", "x": -Infinity')
+    deep = '{"id": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([line, nan, inf, deep]) + "\n", encoding="utf-8")
+    report = validate_file(path)
+    got = {p.line: p.message for p in report.problems}
+    assert got[2] == "invalid JSON (NaN is not a JSON number)"
+    assert got[3] == "invalid JSON (-Infinity is not a JSON number)"
+    assert got[4] == "invalid JSON (nested too deeply)"
+    r = validate(str(path))
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    with pytest.raises(ConversionError, match=r"d.jsonl:2: invalid JSON \(NaN is not"):
+        list(read_jsonl(path))
+
+
+def test_convert_refuses_nan_it_cannot_write(tmp_path) -> None:
+    raw = tmp_path / "raw.jsonl"
+    rec = {
+        "messages": [
+            {"role": "user", "content": "q"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+                ],
+            },
+        ]
+    }
+    raw.write_text(json.dumps(rec).replace('{"x": 1}', '{"x": NaN}') + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    r = CliRunner().invoke(main, ["convert", str(raw), "-o", str(out), "--from", "openai"])
+    assert r.exit_code == 1, r.output
+    assert "raw.jsonl:1" in r.output and "NaN or Infinity" in r.output
+    assert "Traceback" not in r.output and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.jsonl"]
