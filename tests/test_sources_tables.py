@@ -137,3 +137,19 @@ def test_xlsx_formula_without_cached_value_is_reported_not_evaluated(tmp_path):
 def test_sheet_option_only_for_workbooks():
     with pytest.raises(ConversionError, match="--sheet only applies"):
         list(read_conversations(RAW / "qa.csv", sheet="x"))
+
+
+def test_rows_wider_than_the_header_are_refused_not_cut(tmp_path):
+    """A row with text past the header's columns (an unquoted comma, a shifted row) is a record
+    error naming its line/row (``--skip-invalid`` counts it); empty trailing cells are fine."""
+    p = tmp_path / "w.csv"
+    p.write_text("question,answer\nq1,a1\nName a colour,blue,green\nq3,a3,,\n")
+    items = list(iter_records(p))
+    assert contents(items[0]) == ["q1", "a1"] and contents(items[2]) == ["q3", "a3"]
+    assert isinstance(items[1], RecordError) and items[1].reason == "extra cells"
+    assert str(items[1]).startswith(f"{p}:3: the row has text in 1 cell(s) past the header's 2")
+    x = tmp_path / "w.xlsx"
+    _book(x, [["question", "answer", None], ["q1", "a1", None], ["q2", "a2", "stray"]])
+    items = list(iter_records(x))
+    assert contents(items[0]) == ["q1", "a1"]
+    assert isinstance(items[1], RecordError) and str(items[1]).startswith(f"{x}:S:row 3: ")

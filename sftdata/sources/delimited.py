@@ -20,7 +20,7 @@ from sftdata.sources.base import (
     refuse_binary,
     source_of,
 )
-from sftdata.sources.table import is_blank, resolve_columns, row_conversation
+from sftdata.sources.table import header_width, is_blank, resolve_columns, row_conversation
 
 
 def iter_table(
@@ -54,6 +54,7 @@ def iter_table(
                 if columns is None:
                     headers = [c.strip() for c in cells]
                     columns = resolve_columns(headers, mapping, where=f"{path}:{start}: header")
+                    width = header_width(headers)
                     continue
                 where = f"{path}:{start}"
                 # Quoted fields keep the file's CRLF line ends; text inside a record uses "\n".
@@ -66,6 +67,7 @@ def iter_table(
                             where=where,
                             source=source_of(path, line=start),
                             rid=f"{stem}-{index}",
+                            width=width,
                         )
                     ]
                 except RecordError as e:

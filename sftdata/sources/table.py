@@ -90,10 +90,33 @@ def is_blank(cells: Sequence[Any]) -> bool:
     return all(cell_text(c).strip() == "" for c in cells)
 
 
+def header_width(headers: Sequence[str]) -> int:
+    """Columns the header names: up to its last non-empty cell."""
+    return max((i + 1 for i, h in enumerate(headers) if h), default=0)
+
+
 def row_conversation(
-    cells: Sequence[Any], columns: dict[str, int], *, where: str, source: Source, rid: str
+    cells: Sequence[Any],
+    columns: dict[str, int],
+    *,
+    where: str,
+    source: Source,
+    rid: str,
+    width: int,
 ) -> tuple[Conversation, bool]:
-    """One conversation from a table row, and whether its id came from an ``id`` column."""
+    """One conversation from a table row, and whether its id came from an ``id`` column.
+
+    Raises:
+        RecordError: the row has text in cells past the header's ``width`` (an unquoted
+            delimiter or a shifted row: cutting it to fit would keep a wrong answer).
+    """
+    extra = [i for i in range(width, len(cells)) if cell_text(cells[i]).strip()]
+    if extra:
+        raise RecordError(
+            f"{where}: the row has text in {len(extra)} cell(s) past the header's {width} "
+            "columns (an unquoted delimiter or a shifted row?)",
+            reason="extra cells",
+        )
     record: dict[str, Any] = {}
     for field, i in columns.items():
         record[field] = cell_text(cells[i]) if i < len(cells) else ""

@@ -14,7 +14,7 @@ from pathlib import Path
 from sftdata.conversation import Conversation
 from sftdata.errors import ConversionError
 from sftdata.sources.base import RecordError, cell_text, check_input_file, source_of
-from sftdata.sources.table import is_blank, resolve_columns, row_conversation
+from sftdata.sources.table import header_width, is_blank, resolve_columns, row_conversation
 
 
 def open_workbook(path: Path):
@@ -99,6 +99,7 @@ def iter_sheet(
                 columns = resolve_columns(
                     headers, mapping, where=f"{path}:{name}:row {rowno}: header"
                 )
+                width = header_width(headers)
                 continue
             where = f"{path}:{name}:row {rowno}"
             try:
@@ -112,6 +113,7 @@ def iter_sheet(
                         where=where,
                         source=source_of(path, sheet=name, row=rowno),
                         rid=f"{stem}-{index}",
+                        width=width,
                     )
                 ]
             except RecordError as e:
