@@ -27,11 +27,15 @@ def current_umask() -> int:
     return mask
 
 
-def follow_umask(path: str | os.PathLike[str], *, folder: bool = False) -> None:
+def follow_umask(
+    path: str | os.PathLike[str], *, folder: bool = False, umask: int | None = None
+) -> None:
     """Give a file (0666) or folder (0777) made by mkstemp/mkdtemp (0600/0700) the mode ``open``
-    or ``mkdir`` would give it under the current umask, so teammates and serving containers
-    running as other users can read outputs as they read any other file."""
-    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
+    or ``mkdir`` would give it under the current umask (or ``umask``, read once by a caller
+    fixing many paths), so teammates and serving containers running as other users can read
+    outputs as they read any other file."""
+    mask = current_umask() if umask is None else umask
+    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
@@ -81,9 +85,10 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         # What libraries write inside may be private too (safetensors writes 0600 files).
+        mask = current_umask()
         for p in [tmp, *tmp.rglob("*")]:
             if not p.is_symlink():
-                follow_umask(p, folder=p.is_dir())
+                follow_umask(p, folder=p.is_dir(), umask=mask)
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -467,11 +467,11 @@ class Renderer:
             self._refuse(conv, out, "template_error", f"{type(e).__name__}: {_one_line(e)}")
             return out
         # one block per assistant message (our templates' invariant; else derive by prefixes)
-        ordinal = {
-            j: k for k, j in enumerate(j for j, d in enumerate(msgs) if d["role"] == "assistant")
-        }
-        if blocks is not None and len(blocks) != len(ordinal):
-            blocks = None
+        block_of: dict[int, tuple[int, int]] = {}
+        if blocks is not None:
+            assistants = [j for j, d in enumerate(msgs) if d["role"] == "assistant"]
+            if len(blocks) == len(assistants):
+                block_of = dict(zip(assistants, blocks, strict=True))
         flags = self._flags(conv)
         everything = self.train_on == "everything"
         spans: list[tuple[int, int]] = []
@@ -485,12 +485,9 @@ class Renderer:
                 wanted = flag is True if not everything else flag is False
                 if not wanted:
                     continue
-                if (
-                    d["role"] == "assistant"
-                    and blocks is not None
-                    and blocks[ordinal[j]][0] >= cursor
-                ):
-                    s, e = blocks[ordinal[j]]
+                block = block_of.get(j)
+                if block is not None and block[0] >= cursor:
+                    s, e = block
                     if self._stop_re is None or not self._stop_re.search(text, s, e):
                         out.no_stop += 1
                 elif d["role"] == "assistant":

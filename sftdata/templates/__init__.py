@@ -193,12 +193,22 @@ class JinjaTemplate:
         # The date is pinned (and recorded in the shard index) so renders are reproducible.
         day = parse_template_date(date)
         # Only our own files' blocks are trusted for masks (see render_blocks).
-        self.exact_blocks = trusted and "generation" in _block_tags(source)
+        self.exact_blocks = trusted and _has_generation_block(source)
         self._base_vars = {
             **self._template.globals,
             "strftime_now": day.strftime,
             "date_string": day.strftime("%d %b %Y"),
             **specials,
+        }
+
+    def _variables(
+        self, messages: list[dict[str, Any]], tools: list[Any] | None, generation_prompt: bool
+    ) -> dict[str, Any]:
+        return {
+            **self._base_vars,
+            "messages": messages,
+            "tools": tools,
+            "add_generation_prompt": generation_prompt,
         }
 
     def render(
@@ -209,12 +219,7 @@ class JinjaTemplate:
     ) -> str:
         """``messages`` rendered as one string (ending in the generation prompt when asked)."""
         template = self._template
-        variables = {
-            **self._base_vars,
-            "messages": messages,
-            "tools": tools,
-            "add_generation_prompt": generation_prompt,
-        }
+        variables = self._variables(messages, tools, generation_prompt)
         try:
             return template.environment.concat(
                 template.root_render_func(template.new_context(variables, shared=True))
@@ -237,12 +242,7 @@ class JinjaTemplate:
         (README "Templates and masks").
         """
         template = self._template
-        variables = {
-            **self._base_vars,
-            "messages": messages,
-            "tools": tools,
-            "add_generation_prompt": False,
-        }
+        variables = self._variables(messages, tools, False)
         # A mark is noted while the generator runs towards its next chunk, so every mark noted
         # before a chunk is yielded stands at the text length before that chunk.
         marks: list[None] = []
@@ -263,11 +263,11 @@ class JinjaTemplate:
         return "".join(parts), list(zip(edges[::2], edges[1::2], strict=False))
 
 
-def _block_tags(source: str) -> set[str]:
+def _has_generation_block(source: str) -> bool:
     import re
 
     code = re.sub(r"{#.*?#}", "", source, flags=re.S)  # a comment may name the tag
-    return set(re.findall(r"{%-?\s*(generation|endgeneration)\b", code))
+    return re.search(r"{%-?\s*generation\b", code) is not None
 
 
 class FastChatTemplate:
