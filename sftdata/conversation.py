@@ -255,6 +255,10 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+_STRICT = json.JSONDecoder(parse_constant=_not_json)
+"""One decoder for every line: ``json.loads`` with an option builds a new one per call."""
+
+
 def loads_strict(text: str) -> Any:
     """``json.loads`` for canonical JSONL: NaN/Infinity (Python's extension, not JSON) refused.
 
@@ -263,7 +267,9 @@ def loads_strict(text: str) -> Any:
             RecursionError is reported as nesting too deep).
     """
     try:
-        return json.loads(text, parse_constant=_not_json)
+        if text.startswith("\ufeff"):  # json.loads's own message for a BOM
+            return json.loads(text, parse_constant=_not_json)
+        return _STRICT.decode(text)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 
