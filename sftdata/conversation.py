@@ -219,10 +219,10 @@ def normalize_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
         args = fn.get("arguments", {})
         if isinstance(args, str):
             try:
-                args = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError as e:
+                args = loads_strict(args) if args.strip() else {}
+            except ValueError as e:
                 raise ConversionError(
-                    f"{here}.function.arguments is not valid JSON ({e.msg} at column {e.colno})"
+                    f"{here}.function.arguments is not valid JSON ({invalid_json(e)[14:-1]})"
                 ) from None
         if not isinstance(args, dict):
             raise ConversionError(
@@ -272,6 +272,11 @@ def loads_strict(text: str) -> Any:
         return _STRICT.decode(text)
     except RecursionError:
         raise ValueError("nested too deeply") from None
+
+
+def json_problem(e: ValueError) -> str:
+    """What :func:`loads_strict` found wrong, without position (callers add their own place)."""
+    return e.msg if isinstance(e, json.JSONDecodeError) else str(e)
 
 
 def invalid_json(e: ValueError) -> str:

@@ -27,6 +27,7 @@ from sftdata.conversation import (
     THINK_OPEN,
     Conversation,
     Message,
+    loads_strict,
     read_jsonl_numbered,
 )
 from sftdata.errors import ConversionError
@@ -69,8 +70,8 @@ def _arguments_object(args: Any, where: str) -> Any:
     # OpenAI carries arguments as a JSON string; ShareGPT/LLaMA-Factory as a JSON object.
     if isinstance(args, str):
         try:
-            return json.loads(args)
-        except json.JSONDecodeError:
+            return loads_strict(args)
+        except ValueError:
             raise ConversionError(f"{where}: tool call arguments are not valid JSON") from None
     return args
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftdata.conversation import Conversation
+from sftdata.conversation import Conversation, json_problem, loads_strict
 from sftdata.errors import ConfigError, ConversionError
 
 logger = logging.getLogger("sftpipe")
@@ -98,9 +98,10 @@ def load_registry(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path}: cannot read ({e})") from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        data = loads_strict(text)
+    except ValueError as e:
+        line = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise ConversionError(f"{path}{line}: invalid JSON ({json_problem(e)})") from None
     if not isinstance(data, dict):
         raise ConversionError(f"{path}: expected a JSON object of dataset entries")
     return data

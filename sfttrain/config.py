@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from sftdata.errors import ConfigError
+from sftdata.yamlfile import load_yaml
 
 FINETUNING_TYPES = ("lora", "full")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -300,8 +301,6 @@ def lora_target_modules(target: str) -> str | list[str]:
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["key=value", ...]`` -> dict with YAML-typed values (``--set bf16=true``, ``--set lora_rank=16``)."""
-    import yaml
-
     out: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -309,9 +308,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value")
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            out[key] = raw
+            out[key] = load_yaml(raw, where=f"--set {key}") if raw.strip() else ""
+        except ConfigError:
+            out[key] = raw  # not YAML: the text itself (``--set template=x:{y``)
     return out
 
 
@@ -339,8 +338,6 @@ def _closest(key: str) -> str | None:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (optional), apply ``key=value`` overrides, validate. Errors name the key."""
-    import yaml
-
     values: dict[str, Any] = {}
     where = ""
     if path is not None:
@@ -350,12 +347,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             text = p.read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"{p}: cannot read config ({e.strerror or e})") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{p}{line}: not valid YAML") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
+        loaded = load_yaml(text, where=str(p))
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import codecs
 import datetime as _dt
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from sftdata.conversation import (
     Conversation,
     Message,
     Source,
+    json_problem,
+    loads_strict,
     normalize_tool_calls,
     split_reasoning,
 )
@@ -243,10 +244,11 @@ def parse_tools(value: Any, where: str) -> list[dict[str, Any]] | None:
         return None
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
+            value = loads_strict(value)
+        except ValueError as e:
             raise RecordError(
-                f"{where}: 'tools' is a string but not valid JSON ({e.msg})", reason="wrong type"
+                f"{where}: 'tools' is a string but not valid JSON ({json_problem(e)})",
+                reason="wrong type",
             ) from None
         if value in (None, [], {}):
             return None

@@ -56,7 +56,10 @@ def _iter_lines(path: Path, encoding: str) -> Iterator[tuple[int, Any] | RecordE
         if not text.strip():
             continue
         try:
-            yield lineno, json.loads(text)
+            value = json.loads(text)
+        except RecursionError:
+            yield RecordError(f"{path}:{lineno}: invalid JSON (nested too deeply)", reason="invalid JSON")
+            continue
         except json.JSONDecodeError as e:
             hint = ""
             if lineno == 1 and text.strip() in ("{", "{\n"):
@@ -67,6 +70,8 @@ def _iter_lines(path: Path, encoding: str) -> Iterator[tuple[int, Any] | RecordE
                 f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}){hint}",
                 reason="invalid JSON",
             )
+            continue
+        yield lineno, value
 
 
 class _ArrayReader:
@@ -138,6 +143,8 @@ class _ArrayReader:
         while True:
             try:
                 value, end = _DECODER.raw_decode(self.buf, self.pos)
+            except RecursionError:
+                raise self.error("nested too deeply") from None
             except json.JSONDecodeError as e:
                 # An element cut by the chunk boundary fails at (or, for a string, starts near)
                 # the buffer's end: read on and retry. Anything else is a genuine error.

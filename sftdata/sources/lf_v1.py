@@ -8,10 +8,9 @@ to the role's default is left out so records read the same as from any other for
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from sftdata.conversation import ROLES, Conversation, Message, Source
+from sftdata.conversation import ROLES, Conversation, Message, Source, json_problem, loads_strict
 from sftdata.sources.base import RecordError, parse_tools, require_object, tool_call, type_name
 
 
@@ -61,10 +60,11 @@ def _parts(parts: Any, here: str) -> tuple[str, list[dict[str, Any]] | None]:
             texts.append(value)
         else:
             try:
-                calls.append(tool_call(json.loads(value), where))
-            except json.JSONDecodeError as e:
+                calls.append(tool_call(loads_strict(value), where))
+            except ValueError as e:
                 raise RecordError(
-                    f"{where}: tool_call value is not valid JSON ({e.msg})", reason="bad tool call"
+                    f"{where}: tool_call value is not valid JSON ({json_problem(e)})",
+                    reason="bad tool call",
                 ) from None
     return "".join(texts), calls or None
 

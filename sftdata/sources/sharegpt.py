@@ -9,10 +9,9 @@ turn). ``tools`` may be a JSON string (LLaMA-Factory's Glaive export). LLaMA-Fac
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from sftdata.conversation import Conversation, Message, Source
+from sftdata.conversation import Conversation, Message, Source, json_problem, loads_strict
 from sftdata.sources.base import (
     RecordError,
     parse_tools,
@@ -73,10 +72,11 @@ def _roles(tags: dict[str, str]) -> dict[str, str]:
 
 def _calls(value: str, where: str) -> list[dict[str, Any]]:
     try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError as e:
+        parsed = loads_strict(value)
+    except ValueError as e:
         raise RecordError(
-            f"{where}: function_call value is not valid JSON ({e.msg})", reason="bad tool call"
+            f"{where}: function_call value is not valid JSON ({json_problem(e)})",
+            reason="bad tool call",
         ) from None
     items = parsed if isinstance(parsed, list) else [parsed]
     if not items:

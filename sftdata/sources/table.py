@@ -6,11 +6,10 @@ Common headers map themselves (``question``/``context``/``answer``, ``prompt``/`
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
-from sftdata.conversation import Conversation, Source
+from sftdata.conversation import Conversation, Source, json_problem, loads_strict
 from sftdata.errors import ConversionError
 from sftdata.sources import alpaca
 from sftdata.sources.base import RecordError, cell_text
@@ -124,10 +123,11 @@ def row_conversation(
     history = record.pop("history", "")
     if history.strip():
         try:
-            record["history"] = json.loads(history)
-        except json.JSONDecodeError as e:
+            record["history"] = loads_strict(history)
+        except ValueError as e:
             raise RecordError(
-                f"{where}: the history cell is not JSON [[question, answer], ...] ({e.msg})",
+                f"{where}: the history cell is not JSON [[question, answer], ...] "
+                f"({json_problem(e)})",
                 reason="wrong type",
             ) from None
     return alpaca.build(record, where=where, source=source, rid=own_id or rid), bool(own_id)

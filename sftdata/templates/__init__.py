@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sftdata.errors import TemplateError
+from sftdata.templates import bounds
 
 TEMPLATES_DIR = Path(__file__).resolve().parent
 BUILTIN_TEMPLATES = tuple(sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja")))
@@ -156,6 +157,21 @@ def _jinja_env(*, sandboxed: bool = True) -> Any:
     class env_class(base):  # type: ignore[misc, valid-type]
         if not sandboxed:
             code_generator_class = _direct_calls()
+        else:
+            # bounds.py: operators, calls and '~' that could build unbounded strings or loop
+            code_generator_class = bounds.sandbox_generator()
+            intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+            def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+                bounds.check_binop(operator, left, right)
+                return super().call_binop(context, operator, left, right)
+
+            def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+                bounds.check_call(obj, args, kwargs)
+                return super().call(context, obj, *args, **kwargs)
+
+            checked_concat = staticmethod(bounds.checked_concat)
+            counted_iter = staticmethod(bounds.counted_iter)
 
         # ``message.role`` on a dict: Jinja tries getattr first, which raises AttributeError
         # for every key before it falls back to ``obj[key]`` (profiled: the largest single cost
@@ -182,6 +198,10 @@ def _jinja_env(*, sandboxed: bool = True) -> Any:
     )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["range"] = bounds.BoundedRange
+    del env.globals["lipsum"]  # lorem ipsum of any length; no chat template uses it
+    if sandboxed:
+        env.filters = {k: bounds.bounded_filter(k, f) for k, f in env.filters.items()}
     if not sandboxed:
         from jinja2.utils import _PassArg
 
@@ -255,10 +275,16 @@ class JinjaTemplate:
         """``messages`` rendered as one string (ending in the generation prompt when asked)."""
         template = self._template
         variables = self._variables(messages, tools, generation_prompt)
+        bounds.reset()
+        parts: list[str] = []
+        size = 0
         try:
-            return template.environment.concat(
-                template.root_render_func(template.new_context(variables, shared=True))
-            )
+            for chunk in template.root_render_func(template.new_context(variables, shared=True)):
+                size += len(chunk)
+                if size > bounds.MAX_CHARS:
+                    bounds.check_chars(size, "the render")
+                parts.append(chunk)
+            return "".join(parts)
         except Exception:
             template.environment.handle_exception()  # re-raises, as Template.render does
             raise
@@ -285,12 +311,15 @@ class JinjaTemplate:
         parts: list[str] = []
         edges: list[int] = []
         pos = 0
+        bounds.reset()
         try:
             for chunk in template.root_render_func(template.new_context(variables, shared=True)):
                 if len(marks) > len(edges):
                     edges += [pos] * (len(marks) - len(edges))
                 parts.append(chunk)
                 pos += len(chunk)
+                if pos > bounds.MAX_CHARS:
+                    bounds.check_chars(pos, "the render")
         except Exception:
             template.environment.handle_exception()
             raise

@@ -1,0 +1,104 @@
+"""A hostile chat template is stopped by counted bounds (sftdata.templates.bounds) in bounded
+time and memory, with a refusal naming the record; ordinary templates are unaffected (the real
+templates are checked with the bound lowered in test_render_templates)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from sftdata.conversation import Conversation, Message, Source
+from sftdata.errors import TemplateError
+from sftdata.render import Renderer
+from sftdata.templates import JinjaTemplate, bounds
+from sftdata.tokenizer import load_snapshot
+
+SPECIALS = {"bos_token": "<s>", "eos_token": "</s>"}
+MSGS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+BIG = "'x' * 30000000"  # just under the character bound
+
+HOSTILE = {
+    "string-times": "{% set s = 'x' * 3000000000 %}{{ s|length }}",
+    "list-times": "{{ ([1] * 100000000)|length }}",
+    "power": "{{ 10 ** 100000000000 }}",
+    "plus-doubling": "{% set ns = namespace(s='x') %}{% for i in range(60) %}"
+    "{% set ns.s = ns.s + ns.s %}{% endfor %}",
+    "tilde-doubling": "{% set ns = namespace(s='x') %}{% for i in range(60) %}"
+    "{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "nested-range": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "nested-string-loops": "{% set s = 'x' * 100000 %}{% for a in s %}{% for b in s %}"
+    "{% endfor %}{% endfor %}",
+    "macro-fan-out": "{% macro f(n) %}{% if n %}{{ f(n-1) }}{{ f(n-1) }}{% endif %}{% endmacro %}"
+    "{{ f(40) }}",
+    "center-filter": "{{ 'x'|center(3000000000) }}",
+    "indent-filter": "{{ 'x\ny'|indent(3000000000) }}",
+    "ljust-method": "{{ 'x'.ljust(3000000000) }}",
+    "percent-format": "{{ '%3000000000d' % 1 }}",
+    "str-format": "{{ '{:>3000000000}'.format(1) }}",
+    "replace": "{% set s = " + BIG + " %}{{ s.replace('x', 'yy') }}",
+    "join": "{% set s = " + BIG + " %}{{ [s, s, s]|join }}",
+    "list-filter": "{% set s = " + BIG + " %}{{ (s|list)|length }}",
+    "output": "{% set s = " + BIG + " %}{% for i in range(10) %}{{ s }}{% endfor %}",
+    "recursion": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_template_is_stopped_quickly(name: str) -> None:
+    t = JinjaTemplate(HOSTILE[name], where="evil.jinja", specials=SPECIALS)
+    t0 = time.perf_counter()
+    with pytest.raises((bounds.TemplateBoundError, RecursionError)):
+        t.render(MSGS, None, False)
+    # one render's bound is counted work, a few seconds at most on a slow machine
+    assert time.perf_counter() - t0 < 20
+
+
+def test_ordinary_templates_are_unaffected() -> None:
+    src = (
+        "{% for m in messages %}{{ loop.index }}/{{ loop.length }} {{ m.role }}: "
+        "{{ m.content.strip()|center(6) }}{% for i in range(3) %}.{% endfor %}"
+        "{% if loop.last %}!{% endif %}{{ '%5s|' % 'a' }}{{ '{:>3}'.format(1) }}\n{% endfor %}"
+        "{{ [1, 2] * 2 }}{{ 'ab' * 2 }}{{ 2 ** 10 }}{{ ['a', 'b']|join(',') }}"
+    )
+    out = JinjaTemplate(src, where="t.jinja", specials=SPECIALS).render(MSGS, None, False)
+    assert out == (
+        "1/2 user:   hi  ...    a|  1\n2/2 assistant:   yo  ...!    a|  1\n[1, 2, 1, 2]abab1024a,b"
+    )
+
+
+def test_budget_is_per_render() -> None:
+    # 3 renders of 0.6 budget each: none is refused (the budget is not shared between renders)
+    n = int(bounds.MAX_STEPS * 0.6)
+    t = JinjaTemplate(
+        "{% for i in range(" + str(n) + ") %}{% endfor %}ok", where="t.jinja", specials=SPECIALS
+    )
+    assert [t.render(MSGS, None, False) for _ in range(3)] == ["ok"] * 3
+
+
+def test_hostile_template_refuses_the_record_naming_it(tmp_path) -> None:
+    # a template that is fine on the probes but runs away on a long reply: the record is refused
+    # (counted with --skip-invalid), the others are packed
+    evil = tmp_path / "evil.jinja"
+    evil.write_text(
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n"
+        "{% if m.content|length > 50 %}{% for a in m.content %}{% for b in m.content %}"
+        "{% endfor %}{% endfor %}{% endif %}{% endfor %}",
+        encoding="utf-8",
+    )
+    r = Renderer(load_snapshot("tiny"), template=str(evil))
+    long = "y" * 2000
+    convs = [
+        Conversation(
+            f"r{i}",
+            [Message("user", "q"), Message("assistant", a)],
+            Source("d.jsonl", line=i + 1),
+        )
+        for i, a in enumerate(["ok", long, "fine"])
+    ]
+    encs = r.encode_batch(convs, skip_invalid=True)
+    assert [e.render.refusal is None for e in encs] == [True, False, True]
+    msg = encs[1].render.refusal
+    assert msg.startswith("d.jsonl:2: template evil.jinja: record 'r1': ") and "loop" in msg
+    with pytest.raises(TemplateError, match=r"d\.jsonl:2: .*record 'r1'.*loop iterations"):
+        r.encode_batch(convs)
