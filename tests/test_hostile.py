@@ -178,6 +178,63 @@ CONVERT_CASES = [
 ]
 
 
+def _xlsx(patch: Callable[[bytes], bytes]) -> Callable[[Path], list[str]]:
+    """A real workbook (openpyxl) whose first sheet's XML is rewritten by ``patch``."""
+
+    def make(folder: Path) -> list[str]:
+        import io
+        import zipfile
+
+        import openpyxl
+
+        wb = openpyxl.Workbook()
+        for row in (("question", "answer"), ("q1", "a1")):
+            wb.active.append(list(row))
+        buf = io.BytesIO()
+        wb.save(buf)
+        src = zipfile.ZipFile(buf)
+        with zipfile.ZipFile(folder / "book.xlsx", "w", zipfile.ZIP_DEFLATED) as z:
+            for info in src.infolist():
+                data = src.read(info)
+                z.writestr(
+                    info.filename, patch(data) if "worksheets/sheet" in info.filename else data
+                )
+        return ["sftdata", "convert", "book.xlsx", "-o", "out.jsonl"]
+
+    return make
+
+
+XLSX_CASES = [
+    Case(
+        "xlsx-zip-bomb",
+        _xlsx(lambda d: d.replace(b"<sheetData>", b"<sheetData>" + b" " * (40 << 20))),
+        r"book\.xlsx: part xl/worksheets/sheet1\.xml inflates .* times",
+        ("out.jsonl",),
+    ),
+    Case(
+        "xlsx-inflated-past-limit",
+        _xlsx(
+            lambda d: d.replace(b"<sheetData>", b"<sheetData>" + os.urandom(3 << 19).hex().encode())
+        ),
+        r"book\.xlsx: the workbook inflates to .* MB, more than 2 MB \(set SFTPIPE_MAX_XLSX_MB",
+        ("out.jsonl",),
+        env={"SFTPIPE_MAX_XLSX_MB": "2"},
+    ),
+    Case(
+        "xlsx-doctype",
+        _xlsx(lambda d: b'<!DOCTYPE x [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;">]>' + d),
+        r"book\.xlsx: part xl/worksheets/sheet1\.xml declares a DOCTYPE",
+        ("out.jsonl",),
+    ),
+    Case(
+        "xlsx-broken-xml",
+        _xlsx(lambda d: d.replace(b"</sheetData>", b"<row><c></sheetData>")),
+        r"book\.xlsx:Sheet: cannot read the sheet",
+        ("out.jsonl",),
+    ),
+]
+
+
 # Configs handed to sfttrain (YAML).
 def _config(text: str | bytes) -> Callable[[Path], list[str]]:
     def make(folder: Path) -> list[str]:
@@ -229,6 +286,7 @@ TEMPLATE_CASES = [
 CASES = [
     *(_jsonl_case(f, c) for f in JSONL_FAULTS for c in JSONL_COMMANDS),
     *CONVERT_CASES,
+    *XLSX_CASES,
     *CONFIG_CASES,
     *TEMPLATE_CASES,
 ]

@@ -58,7 +58,9 @@ def _iter_lines(path: Path, encoding: str) -> Iterator[tuple[int, Any] | RecordE
         try:
             value = json.loads(text)
         except RecursionError:
-            yield RecordError(f"{path}:{lineno}: invalid JSON (nested too deeply)", reason="invalid JSON")
+            yield RecordError(
+                f"{path}:{lineno}: invalid JSON (nested too deeply)", reason="invalid JSON"
+            )
             continue
         except json.JSONDecodeError as e:
             hint = ""

@@ -7,6 +7,8 @@ first non-blank row of the sheet is the header; a record's source is the sheet a
 
 from __future__ import annotations
 
+import os
+import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,54 @@ from sftdata.errors import ConversionError
 from sftdata.sources.base import RecordError, cell_text, check_input_file, source_of
 from sftdata.sources.table import header_width, is_blank, resolve_columns, row_conversation
 
+MAX_MB_ENV = "SFTPIPE_MAX_XLSX_MB"
+DEFAULT_MAX_MB = 512
+"""Most a workbook may inflate to (all its parts), unless ``SFTPIPE_MAX_XLSX_MB`` says more:
+openpyxl parses the inflated XML, at several times its size in memory."""
+MAX_RATIO = 500
+"""Most a part over 10 MiB may inflate per compressed byte: real sheet XML stays far below (it
+repeats markup, not megabytes of one byte); a zip bomb is near 1000."""
+
+
+def check_archive(path: Path) -> None:
+    """Refuse a workbook whose parts inflate past the bounds, or whose XML declares a DOCTYPE
+    (entity declarations: expansion bombs, external entities), before anything parses it.
+
+    Raises:
+        ConversionError: naming the file, the part and the bound.
+    """
+    raw = os.environ.get(MAX_MB_ENV, "")
+    try:
+        max_mb = int(raw) if raw.strip() else DEFAULT_MAX_MB
+    except ValueError:
+        raise ConversionError(f"{MAX_MB_ENV}={raw!r} is not a whole number of megabytes") from None
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            total = sum(i.file_size for i in infos)
+            if total > max_mb << 20:
+                raise ConversionError(
+                    f"{path}: the workbook inflates to {total / (1 << 20):,.1f} MB, more than "
+                    f"{max_mb:,} MB (set {MAX_MB_ENV} to allow more)"
+                )
+            for i in infos:
+                if i.file_size > 10 << 20 and i.file_size > MAX_RATIO * max(i.compress_size, 1):
+                    raise ConversionError(
+                        f"{path}: part {i.filename} inflates {i.file_size // max(i.compress_size, 1):,}"
+                        f" times ({i.file_size >> 20:,} MB), more than {MAX_RATIO} (a zip bomb?)"
+                    )
+                if i.filename.endswith((".xml", ".rels")):
+                    with z.open(i) as f:
+                        prolog = f.read(1 << 16)
+                    root = re.search(rb"<[A-Za-z_]", prolog)
+                    if b"<!DOCTYPE" in prolog[: root.start() if root else None]:
+                        raise ConversionError(
+                            f"{path}: part {i.filename} declares a DOCTYPE (entity declarations "
+                            "are refused; Excel never writes one)"
+                        )
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
+        raise ConversionError(f"{path}: cannot open as an .xlsx workbook ({e})") from None
+
 
 def open_workbook(path: Path):
     """Open read-only with cached values; a file that is not a workbook is a one-line error."""
@@ -24,9 +74,11 @@ def open_workbook(path: Path):
     head = check_input_file(path)
     if not head.startswith(b"PK"):
         raise ConversionError(f"{path}: not an Excel .xlsx workbook (no zip signature)")
+    check_archive(path)
     try:
         return openpyxl.load_workbook(path, read_only=True, data_only=True)
-    except (zipfile.BadZipFile, KeyError, OSError, ValueError) as e:
+    except (zipfile.BadZipFile, KeyError, OSError, ValueError, SyntaxError) as e:
+        # SyntaxError: xml.etree's ParseError for malformed XML inside the archive
         raise ConversionError(f"{path}: cannot open as an .xlsx workbook ({e})") from None
 
 
@@ -73,6 +125,19 @@ def _check_formulas(
             )
 
 
+def _rows(ws, where: str) -> Iterator[tuple[int, tuple]]:
+    """``(Excel row, cells)``; what openpyxl raises while it parses lazily is one line."""
+    rows = enumerate(ws.iter_rows(values_only=True), start=1)
+    while True:
+        try:
+            item = next(rows)
+        except StopIteration:
+            return
+        except (SyntaxError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+            raise ConversionError(f"{where}: cannot read the sheet ({e})") from None
+        yield item
+
+
 def iter_sheet(
     path: Path, *, sheet: str | None, mapping: dict[str, str] | None, stem: str
 ) -> Iterator[list[tuple[Conversation, bool]] | RecordError]:
@@ -91,7 +156,7 @@ def iter_sheet(
         columns: dict[str, int] | None = None
         headers: list[str] = []
         index = 0
-        for rowno, cells in enumerate(ws.iter_rows(values_only=True), start=1):
+        for rowno, cells in _rows(ws, f"{path}:{name}"):
             if is_blank(cells):
                 continue
             if columns is None:
