@@ -94,6 +94,8 @@ class PackOptions:
     """Refuse records that need a documented fold-in instead of folding them in."""
     skip_invalid: bool = False
     """Skip and count records the template cannot render (else the first one stops the pack)."""
+    allow_long: bool = False
+    """Allow a seq_len past the tokenizer's ``model_max_length`` / the model's positions."""
 
     def resolved_shard_size(self) -> int:
         """Rows per shard file after applying the automatic default."""
@@ -588,6 +590,7 @@ def pack(
     from sftdata.tokenizer import tokenizer_identity
 
     renderer = _get_renderer(opts)
+    _check_length_limit(opts, getattr(_STATE["tok"], "max_length", None), opts.tokenizer)
     ident = tokenizer_identity(_STATE["tok"])
     if opts.seq_len <= renderer.fixed_overhead:
         raise ConfigError(
@@ -652,6 +655,13 @@ def _check_options(opts: PackOptions, inputs: Sequence[Path]) -> None:
         raise ConfigError("no input files given")
     if opts.seq_len < 2:
         raise ConfigError(f"--seq-len {opts.seq_len}: must be at least 2")
+    # Writing a shard holds a few rows' int32 columns; a row must fit in memory many times over.
+    need = ROW_BUFFERS * 4 * opts.seq_len
+    if need > _physical_memory() // 4:
+        raise ConfigError(
+            f"--seq-len {opts.seq_len:,}: a row's buffers alone would take {need / 2**30:,.1f} GiB, "
+            f"more than a quarter of this machine's memory"
+        )
     if opts.overflow not in OVERFLOW:
         raise ConfigError(f"--overflow {opts.overflow!r}: must be one of {', '.join(OVERFLOW)}")
     if opts.train_on not in TRAIN_ON:
@@ -666,6 +676,27 @@ def _check_options(opts: PackOptions, inputs: Sequence[Path]) -> None:
         raise ConfigError(f"--shard-size {opts.shard_size}: must be at least 1")
     if opts.num_proc < 1:
         raise ConfigError(f"--num-proc {opts.num_proc}: must be at least 1")
+
+
+ROW_BUFFERS = 6
+"""int32 columns of one row held at once while a shard is written (ids, labels, positions and
+their copies in the writer)."""
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume a small machine
+        return 8 << 30
+
+
+def _check_length_limit(opts: PackOptions, limit: int | None, tokenizer: str) -> None:
+    if limit is not None and opts.seq_len > limit and not opts.allow_long:
+        raise ConfigError(
+            f"--seq-len {opts.seq_len:,} is more than {tokenizer}'s maximum length {limit:,} "
+            "(model_max_length / max_position_embeddings); the model was not trained on longer "
+            "rows: pack with a smaller --seq-len, or pass --allow-long"
+        )
 
 
 def _build(

@@ -248,13 +248,30 @@ def stop_tokens(tok: Any) -> tuple[str, ...]:
 
 # ------------------------------------------------------------------ snapshots and their cache
 
-SNAPSHOT_VERSION = 2
+SNAPSHOT_VERSION = 3
 """Bump when loading changes what a snapshot holds (e.g. ``_restore_dummy_prefix``)."""
 
 _WEIGHT_SUFFIXES = frozenset(
     {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".index"}
 )
 _SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def max_length(tok: Any) -> int | None:
+    """The longest sequence the tokenizer's model takes: the smaller of the tokenizer's
+    ``model_max_length`` and ``max_position_embeddings`` in the folder's ``config.json``, where
+    either is stated (transformers fills an unstated ``model_max_length`` with ~1e30)."""
+    found = []
+    n = getattr(tok, "model_max_length", None)
+    if isinstance(n, int) and 0 < n < 1 << 40:
+        found.append(n)
+    config = Path(str(getattr(tok, "name_or_path", "") or "")) / "config.json"
+    with contextlib.suppress(OSError, ValueError, AttributeError, RecursionError):
+        if config.is_file():
+            n = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                found.append(n)
+    return min(found) if found else None
 
 
 @dataclass(frozen=True)
@@ -278,6 +295,8 @@ class TokenizerSnapshot:
     """:func:`stop_tokens` of the full tokenizer (EOS plus the generation config's EOS ids)."""
     name_or_path: str = ""
     """Where it was loaded from this time (names the tokenizer in the identity)."""
+    max_length: int | None = None
+    """:func:`max_length` of the full tokenizer (None: not stated)."""
 
     @classmethod
     def of(cls, tok: Any) -> TokenizerSnapshot:
@@ -292,6 +311,7 @@ class TokenizerSnapshot:
             identity=ident,
             stop_tokens=stop_tokens(tok),
             name_or_path=str(getattr(tok, "name_or_path", "") or ""),
+            max_length=max_length(tok),
         )
 
     @cached_property
@@ -383,6 +403,7 @@ def _read_cached(path: Path, key: str) -> TokenizerSnapshot | None:
             chat_template=d["chat_template"],
             identity=dict(d["identity"]),
             stop_tokens=tuple(d["stop_tokens"]),
+            max_length=d["max_length"],
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -398,6 +419,7 @@ def _write_cached(path: Path, key: str, snap: TokenizerSnapshot) -> None:
         "chat_template": snap.chat_template,
         "identity": snap.identity,
         "stop_tokens": list(snap.stop_tokens),
+        "max_length": snap.max_length,
     }
     # A cache: a read-only or full disk only costs the next run its load time.
     with contextlib.suppress(OSError, ConfigError):

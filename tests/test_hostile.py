@@ -283,12 +283,27 @@ TEMPLATE_CASES = [
 ]  # fmt: skip
 
 
+def _pack_with(*options: str) -> Callable[[Path], list[str]]:
+    def make(folder: Path) -> list[str]:
+        data = _jsonl(folder, GOOD)
+        return ["sftdata", "pack", data, "-o", "out", "--tokenizer", "tiny", *options]
+
+    return make
+
+
+PACK_CASES = [
+    Case("pack-seq-len-huge", _pack_with("--seq-len", "1000000000"), r"--seq-len 1,000,000,000: .*memory"),
+    Case("pack-seq-len-past-model", _pack_with("--seq-len", "8192"), r"--seq-len 8,192 is more than tiny's maximum length 2,048 .*--allow-long"),
+]  # fmt: skip
+
+
 CASES = [
     *(_jsonl_case(f, c) for f in JSONL_FAULTS for c in JSONL_COMMANDS),
     *CONVERT_CASES,
     *XLSX_CASES,
     *CONFIG_CASES,
     *TEMPLATE_CASES,
+    *PACK_CASES,
 ]
 
 

@@ -15,6 +15,8 @@ from click.testing import CliRunner
 from sftdata import IGNORE_INDEX
 from sftdata.cli import main
 from sftdata.conversation import read_jsonl
+from sftdata.errors import ConfigError
+from sftdata.packer import PackOptions, pack
 from sftdata.shards import INDEX_NAME, ShardReader, read_index
 
 LONG = " ".join(f"word{i}" for i in range(400))
@@ -641,3 +643,22 @@ def test_truncation_that_cuts_every_trained_token_counts_as_zero_trained(tmp_pat
     assert rep.dropped == {"zero_trained": 1, "overflow": 0}
     rep = pack([src], tmp_path / "p", PackOptions(seq_len=256, tokenizer="tiny"))
     assert rep.dropped == {"zero_trained": 0, "overflow": 1}
+
+
+def test_seq_len_past_the_models_maximum_needs_allow_long(tmp_path: Path) -> None:
+    src = tmp_path / "d.jsonl"
+    src.write_text(
+        json.dumps({"schema_version": 2, "id": "a", "messages": [
+            {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n",
+        encoding="utf-8",
+    )  # fmt: skip
+    # the tiny model's config.json says max_position_embeddings 2048
+    with pytest.raises(
+        ConfigError, match=r"--seq-len 4,096 is more than tiny's maximum length 2,048"
+    ):
+        pack([src], tmp_path / "o", PackOptions(seq_len=4096, tokenizer="tiny"))
+    assert not (tmp_path / "o").exists()
+    report = pack(
+        [src], tmp_path / "o", PackOptions(seq_len=4096, tokenizer="tiny", allow_long=True)
+    )
+    assert report.rows == 1

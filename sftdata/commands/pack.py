@@ -90,6 +90,12 @@ from sftdata.templates import DEFAULT_TEMPLATE_DATE
     help="Skip records the template cannot render (listed and counted) instead of stopping.",
 )
 @click.option(
+    "--allow-long",
+    is_flag=True,
+    help="Allow a --seq-len past the tokenizer's model_max_length / the model's "
+    "max_position_embeddings (e.g. for a model you will extend with RoPE scaling).",
+)
+@click.option(
     "--overwrite", is_flag=True, help="Replace an output folder that holds something else."
 )
 def command(
@@ -109,6 +115,7 @@ def command(
     template_date: str,
     strict: bool,
     skip_invalid: bool,
+    allow_long: bool,
     overwrite: bool,
 ) -> None:
     """Render, mask, pack and shard canonical JSONL files (from `sftdata convert`).
@@ -136,6 +143,7 @@ def command(
         template_date=template_date,
         strict=strict,
         skip_invalid=skip_invalid,
+        allow_long=allow_long,
     )
     console = Console(stderr=True)
     bar = Progress(
