@@ -28,6 +28,7 @@ from typing import Any
 
 from sftdata.conversation import Conversation, json_problem, loads_strict
 from sftdata.errors import ConfigError, ConversionError
+from sftdata.sources.hf import inside
 
 logger = logging.getLogger("sftpipe")
 
@@ -182,6 +183,11 @@ def resolve_entry(info_path: str | Path, name: str) -> RegistryEntry:
     num_samples = entry.get("num_samples")
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
         raise ConversionError(f"{where}: num_samples must be a positive integer")
+    if not inside(info_path.parent, file_name):
+        raise ConversionError(
+            f"{where}: file_name {file_name!r} is not inside the dataset_dir {info_path.parent} "
+            "(absolute paths, '..' and links out of it are refused)"
+        )
     path = (info_path.parent / file_name).resolve()
     if not path.exists():
         raise ConversionError(f"{where}: file_name {file_name!r} does not exist ({path})")
@@ -266,6 +272,11 @@ def entry_files(entry: RegistryEntry) -> list[Path]:
     p = entry.path
     if p.is_dir() and not (p / "state.json").is_file() and not (p / "dataset_dict.json").is_file():
         files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+        for f in files:
+            if not inside(p, f.name):
+                raise ConversionError(
+                    f"{f}: a link out of the folder of dataset {entry.name!r} is refused"
+                )
         if not files:
             raise ConversionError(f"{p}: folder of dataset {entry.name!r} has no files")
         return files

@@ -77,6 +77,48 @@ def check_model_dir(path: str | Path) -> Path:
         if any(p.glob("*.bin")) or any(p.glob("*.pt")):
             raise ConfigError(f"{p}: weights are not safetensors (pickle weights are refused)")
         raise ConfigError(f"{p}: model folder has no weights (model.safetensors)")
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        _check_weight_map(index)
+    return p
+
+
+def _check_weight_map(index: Path) -> None:
+    """Every shard a safetensors index names is a ``.safetensors`` file inside its folder."""
+    from sftdata.conversation import json_problem, loads_strict
+    from sftdata.sources.hf import inside
+
+    try:
+        weight_map = loads_strict(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, UnicodeDecodeError, AttributeError) as e:
+        raise ConfigError(f"{index}: cannot read ({e})") from None
+    except ValueError as e:
+        raise ConfigError(f"{index}: invalid JSON ({json_problem(e)})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConfigError(f"{index}: 'weight_map' must map tensor names to files")
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not name.endswith(".safetensors"):
+            raise ConfigError(
+                f"{index}: weight_map[{tensor!r}] is {name!r}, not a .safetensors file "
+                "(pickle weights are refused)"
+            )
+        if not inside(index.parent, name):
+            raise ConfigError(
+                f"{index}: weight_map[{tensor!r}] {name!r} is not a file inside {index.parent}"
+            )
+
+
+def check_adapter_dir(path: str | Path) -> Path:
+    """A PEFT adapter folder whose weights are safetensors, or ConfigError (one line)."""
+    p = Path(path)
+    if not is_adapter_dir(p):
+        raise ConfigError(f"{p}: not an adapter folder (no adapter_config.json)")
+    if not (p / "adapter_model.safetensors").is_file():
+        if (p / "adapter_model.bin").exists():
+            raise ConfigError(
+                f"{p}: adapter weights are not safetensors (pickle weights are refused)"
+            )
+        raise ConfigError(f"{p}: adapter folder has no adapter_model.safetensors")
     return p
 
 
@@ -468,8 +510,7 @@ def load_for_inference(
     if adapter is not None:
         from peft import PeftModel
 
-        if not is_adapter_dir(adapter):
-            raise ConfigError(f"{adapter}: not an adapter folder (no adapter_config.json)")
+        check_adapter_dir(adapter)
         from safetensors import SafetensorError
 
         try:

@@ -297,6 +297,68 @@ PACK_CASES = [
 ]  # fmt: skip
 
 
+# Paths that come out of files a user hands us must stay inside their folder.
+ALPACA = json.dumps([{"instruction": "q", "output": "a"}])
+
+
+def _saved_dataset(filename: str) -> Callable[[Path], list[str]]:
+    def make(folder: Path) -> list[str]:
+        _write(folder, "secret/x.arrow", "not yours")
+        state = {"_data_files": [{"filename": filename}], "_fingerprint": "0", "_format_type": None}
+        _write(folder, "ds/state.json", json.dumps(state))
+        _write(folder, "ds/dataset_info.json", "{}")
+        return ["sftdata", "convert", "ds", "-o", "out.jsonl"]
+
+    return make
+
+
+def _registry(file_name: str) -> Callable[[Path], list[str]]:
+    def make(folder: Path) -> list[str]:
+        _write(folder, "outside.json", ALPACA)
+        _write(folder, "data/dataset_info.json", json.dumps({"d": {"file_name": file_name}}))
+        return ["sftdata", "convert", "--dataset-info", "data", "--dataset", "d", "-o", "out.jsonl"]
+
+    return make
+
+
+def _linked_registry(folder: Path) -> list[str]:
+    _write(folder, "outside.json", ALPACA)
+    _write(folder, "data/dataset_info.json", json.dumps({"d": {"file_name": "d.json"}}))
+    (folder / "data" / "d.json").symlink_to(folder / "outside.json")
+    return ["sftdata", "convert", "--dataset-info", "data", "--dataset", "d", "-o", "out.jsonl"]
+
+
+def _model_dir(weight_map: dict[str, str]) -> Callable[[Path], list[str]]:
+    def make(folder: Path) -> list[str]:
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(1)}, str(folder / "outside.safetensors"))
+        _write(folder, "model/config.json", json.dumps({"model_type": "llama"}))
+        _write(folder, "model/model.safetensors.index.json", json.dumps({"weight_map": weight_map}))
+        return ["sfttrain", "generate", "--model", "model", "--prompt", "hi"]
+
+    return make
+
+
+def _adapter_dir(folder: Path) -> list[str]:
+    _write(folder, "adapter/adapter_config.json", json.dumps({"base_model_name_or_path": "tiny"}))
+    _write(folder, "adapter/adapter_model.bin", b"\x80\x04pickle")
+    return ["sfttrain", "generate", "--model", "tiny", "--adapter", "adapter", "--prompt", "hi"]
+
+
+PATH_CASES = [
+    Case("saved-dataset-climbs", _saved_dataset("../secret/x.arrow"), r"ds/state\.json: _data_files\[0\]\.filename '\.\./secret/x\.arrow' is not a file inside", ("out.jsonl",)),
+    Case("saved-dataset-absolute", _saved_dataset("/etc/passwd"), r"state\.json: _data_files\[0\]\.filename '/etc/passwd'", ("out.jsonl",)),
+    Case("registry-climbs", _registry("../outside.json"), r"dataset_info\.json.*file_name '\.\./outside\.json' is not inside the dataset_dir", ("out.jsonl",)),
+    Case("registry-absolute", _registry("/etc/hostname"), r"file_name '/etc/hostname' is not inside", ("out.jsonl",)),
+    Case("registry-link-out", _linked_registry, r"file_name 'd\.json' is not inside", ("out.jsonl",)),
+    Case("weight-map-climbs", _model_dir({"w": "../outside.safetensors"}), r"model\.safetensors\.index\.json: weight_map\['w'\] '\.\./outside\.safetensors' is not a file inside", ()),
+    Case("weight-map-pickle", _model_dir({"w": "pytorch_model.bin"}), r"weight_map\['w'\] is 'pytorch_model\.bin', not a \.safetensors file \(pickle", ()),
+    Case("adapter-pickle", _adapter_dir, r"adapter: adapter weights are not safetensors \(pickle", ()),
+]  # fmt: skip
+
+
 CASES = [
     *(_jsonl_case(f, c) for f in JSONL_FAULTS for c in JSONL_COMMANDS),
     *CONVERT_CASES,
@@ -304,6 +366,7 @@ CASES = [
     *CONFIG_CASES,
     *TEMPLATE_CASES,
     *PACK_CASES,
+    *PATH_CASES,
 ]
 
 

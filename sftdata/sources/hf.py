@@ -41,9 +41,59 @@ def _drop_nulls(value: Any) -> Any:
     return value
 
 
+def inside(folder: Path, name: Any) -> bool:
+    """Whether the relative path ``name`` stays inside ``folder``, links resolved."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        return False
+    root = folder.resolve()
+    return (root / name).resolve().is_relative_to(root)
+
+
+def check_saved_dataset(path: Path) -> None:
+    """Refuse a saved dataset whose metadata names files outside its folder before ``datasets``
+    opens them (``state.json`` ``_data_files``, ``dataset_dict.json`` ``splits``).
+
+    Raises:
+        ConversionError: naming the metadata file, the key and the path.
+    """
+    from sftdata.conversation import json_problem, loads_strict
+
+    def read(meta: Path) -> Any:
+        try:
+            return loads_strict(meta.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConversionError(f"{meta}: cannot read ({e})") from None
+        except ValueError as e:
+            raise ConversionError(f"{meta}: invalid JSON ({json_problem(e)})") from None
+
+    folders = [path]
+    if (path / "dataset_dict.json").is_file():
+        meta = path / "dataset_dict.json"
+        splits = read(meta).get("splits") if isinstance(read(meta), dict) else None
+        if not isinstance(splits, list):
+            raise ConversionError(f"{meta}: 'splits' must be a list of split names")
+        for k, name in enumerate(splits):
+            if not inside(path, name) or "/" in name or "\\" in name:
+                raise ConversionError(f"{meta}: splits[{k}] {name!r} is not a folder inside {path}")
+        folders = [path / name for name in splits]
+    for folder in folders:
+        meta = folder / "state.json"
+        if not meta.is_file():
+            continue  # datasets names what is missing
+        state = read(meta)
+        files = state.get("_data_files") if isinstance(state, dict) else None
+        for k, entry in enumerate(files if isinstance(files, list) else []):
+            name = entry.get("filename") if isinstance(entry, dict) else None
+            if not inside(folder, name):
+                raise ConversionError(
+                    f"{meta}: _data_files[{k}].filename {name!r} is not a file inside {folder}"
+                )
+
+
 def _saved_batches(path: Path, split: str | None) -> Iterator[list[dict[str, Any]]]:
     import datasets
 
+    check_saved_dataset(path)
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets raises FileNotFoundError/ValueError/ArrowInvalid
