@@ -14,6 +14,7 @@ parsed and a leading ``<think>…</think>`` in an assistant reply becomes its ``
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -255,6 +256,41 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+_SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+"""A JSON escape that can decode to a NUL or a surrogate: only then are the strings walked."""
+
+
+def text_problem(value: Any) -> str | None:
+    """What makes the strings in a parsed JSON value unusable as text, or None: a NUL
+    character, or a lone surrogate (``"\\ud800"`` is valid JSON but not Unicode text: it
+    cannot be written as UTF-8 or tokenized)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if "\x00" in v:
+                return "holds a NUL character (\\u0000)"
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"holds a lone surrogate \\u{ord(v[e.start]):04x}, which is not Unicode text"
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return None
+
+
+def check_escapes(text: str, value: Any) -> None:
+    """Raise ValueError naming :func:`text_problem` where ``text`` (the JSON ``value`` was
+    parsed from) has an escape that could hide one (a cheap test on the raw text first)."""
+    if _SUSPECT_ESCAPE.search(text):
+        problem = text_problem(value)
+        if problem:
+            raise ValueError(problem)
+
+
 _STRICT = json.JSONDecoder(parse_constant=_not_json)
 """One decoder for every line: ``json.loads`` with an option builds a new one per call."""
 
@@ -269,7 +305,9 @@ def loads_strict(text: str) -> Any:
     try:
         if text.startswith("\ufeff"):  # json.loads's own message for a BOM
             return json.loads(text, parse_constant=_not_json)
-        return _STRICT.decode(text)
+        value = _STRICT.decode(text)
+        check_escapes(text, value)
+        return value
     except RecursionError:
         raise ValueError("nested too deeply") from None
 

@@ -126,7 +126,9 @@ JSONL_FAULTS: dict[str, tuple[list[str], str]] = {
     "infinity": ([GOOD[0], GOOD[1].replace('"Paris."', "-Infinity")], r"data\.jsonl:2: .*Infinity"),
     "deep": ([GOOD[0], DEEP], r"data\.jsonl:2: .*nest"),
     "truncated": ([GOOD[0], GOOD[1][:-5]], r"data\.jsonl:2: invalid JSON"),
-}
+    "lone-surrogate": ([GOOD[0], GOOD[1].replace("Paris.", "Par\\ud800is.")], r"data\.jsonl:2: .*lone surrogate \\ud800"),
+    "nul-escape": ([GOOD[0], GOOD[1].replace("Paris.", "Par\\u0000is.")], r"data\.jsonl:2: .*NUL"),
+}  # fmt: skip
 JSONL_COMMANDS: dict[str, Callable[[str], list[str]]] = {
     "validate": lambda f: ["sftdata", "validate", f],
     "pack": lambda f: ["sftdata", "pack", f, "-o", "out", "--tokenizer", "tiny", "--seq-len", "64"],
@@ -156,6 +158,12 @@ NAN_ARGS = (
     '[{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "",'
     ' "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"x": NaN}}}]}]}]'
 )
+PADDED_CSV = "question,answer\n" + "".join(f"q{i},a{i}\n" for i in range(1000)) + "q,a\x00b\n"
+CONVERT_TEXT_CASES = [
+    Case("convert-csv-nul-past-head", lambda d: ["sftdata", "convert", _write(d, "qa.csv", PADDED_CSV), "-o", "out.jsonl"], r"qa\.csv:1002: holds a NUL byte", ("out.jsonl",)),
+    Case("convert-json-array-surrogate", lambda d: _alpaca(d, '[{"instruction": "q", "output": "a"},\n {"instruction": "\\udc00", "output": "a"}]'), r"raw\.json:2: .*lone surrogate \\udc00", ("out.jsonl",)),
+    Case("convert-json-lines-nul", lambda d: ["sftdata", "convert", _write(d, "raw.jsonl", '{"instruction": "q", "output": "a"}\n{"instruction": "q\\u0000", "output": "a"}\n'), "-o", "out.jsonl"], r"raw\.jsonl:2: .*NUL", ("out.jsonl",)),
+]  # fmt: skip
 CONVERT_CASES = [
     Case(
         "convert-nan",
@@ -362,6 +370,7 @@ PATH_CASES = [
 CASES = [
     *(_jsonl_case(f, c) for f in JSONL_FAULTS for c in JSONL_COMMANDS),
     *CONVERT_CASES,
+    *CONVERT_TEXT_CASES,
     *XLSX_CASES,
     *CONFIG_CASES,
     *TEMPLATE_CASES,

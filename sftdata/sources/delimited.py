@@ -23,6 +23,17 @@ from sftdata.sources.base import (
 from sftdata.sources.table import header_width, is_blank, resolve_columns, row_conversation
 
 
+def _without_nul(lines: Iterator[str], path: Path) -> Iterator[str]:
+    """The file's lines, refusing a NUL character (binary data past the sniffed head; the csv
+    module would keep it in a cell)."""
+    for lineno, line in enumerate(lines, start=1):
+        if "\x00" in line:
+            raise ConversionError(
+                f"{path}:{lineno}: holds a NUL byte (binary data in a text file?)"
+            )
+        yield line
+
+
 def iter_table(
     path: Path,
     *,
@@ -42,7 +53,7 @@ def iter_table(
     except LookupError:
         raise ConversionError(f"--encoding {encoding!r}: unknown encoding") from None
     with path.open(encoding=enc, newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter, strict=True)
+        reader = csv.reader(_without_nul(f, path), delimiter=delimiter, strict=True)
         columns: dict[str, int] | None = None
         index = 0
         last = 0

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sftdata.conversation import check_escapes
 from sftdata.errors import ConversionError
 from sftdata.sources.base import (
     RecordError,
@@ -72,6 +73,11 @@ def _iter_lines(path: Path, encoding: str) -> Iterator[tuple[int, Any] | RecordE
                 f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}){hint}",
                 reason="invalid JSON",
             )
+            continue
+        try:
+            check_escapes(text, value)
+        except ValueError as e:
+            yield RecordError(f"{path}:{lineno}: {e}", reason="not text")
             continue
         yield lineno, value
 
@@ -161,6 +167,10 @@ class _ArrayReader:
             if end >= len(self.buf) and not self.eof and self.read_more():
                 continue  # a number or literal may go on in the next chunk
             start = self.line_at(self.pos)
+            try:
+                check_escapes(self.buf[self.pos : end], value)
+            except ValueError as e:
+                raise ConversionError(f"{self.path}:{start}: the record {e}") from None
             self.pos = end
             return start, value
 
