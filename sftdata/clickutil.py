@@ -17,6 +17,13 @@ class SftGroup(click.Group):
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
             raise click.Abort() from None
+        # The last line of defence for what no library code names (a full disk while torch or
+        # pyarrow write, memory running out): still one line, never a traceback.
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from None
+        except MemoryError:
+            raise click.ClickException("out of memory") from None
 
 
 def register_commands(group: click.Group, package: str) -> None:

@@ -19,10 +19,12 @@ Layout of ``OUT_DIR/checkpoints/step-0000050/`` (``schemas/checkpoint.v1.json`` 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +187,36 @@ def load_weights(model, folder: Path, *, finetuning_type: str) -> None:
 # ----------------------------------------------------------------------------- save
 
 
+def write_failure(e: BaseException) -> str:
+    """A failed write in words: safetensors reports one as SafetensorError, torch.save as
+    RuntimeError ("... file write failed"), the rest as OSError; a full disk reads the same."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    from safetensors import SafetensorError
+
+    if isinstance(e, RuntimeError) and not isinstance(e, SafetensorError):
+        return "writ" in str(e).lower()  # torch.save: "... failed writing file ..."
+    return isinstance(e, (OSError, SafetensorError))
+
+
+@contextlib.contextmanager
+def written(target: Path, what: str) -> Iterator[Path]:
+    """``atomic_dir(target)`` where a failed write (a full disk, a read-only folder) is one
+    CheckpointError line naming ``target`` and ``what``; nothing is left at ``target``."""
+    try:
+        with atomic_dir(target) as tmp:
+            yield tmp
+    except Exception as e:
+        if not _is_write_failure(e):
+            raise
+        raise CheckpointError(f"{target}: could not write {what} ({write_failure(e)})") from None
+
+
 def save_checkpoint(
     run_dir: str | Path,
     *,
@@ -230,12 +262,16 @@ def save_checkpoint(
             )
             torch.save(rng_state(), tmp / RNG_FILE)
             (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=2) + "\n", encoding="utf-8")
-            (tmp / MARKER).write_text(f"step {step}\n", encoding="utf-8")
-    except OSError as e:
+            # last: the marker says the folder is complete and what each file must hash to
+            marker = {"format_version": 1, "step": step, "sha256": _file_digests(tmp)}
+            (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+    except Exception as e:
+        if not _is_write_failure(e):
+            raise
         prev = latest_checkpoint(run_dir)
         kept = f"; {prev} is still valid" if prev else ""
         raise CheckpointError(
-            f"{target}: could not write the checkpoint ({e.strerror or e}){kept}"
+            f"{target}: could not write the checkpoint ({write_failure(e)}){kept}"
         ) from None
     if config.save_total_limit is not None:
         rotate(run_dir, keep=config.save_total_limit)
@@ -324,11 +360,80 @@ def _validate_schema(state: dict[str, Any], *, where: str) -> None:
         raise ConfigError(f"{where}: {at}: {err.message}")
 
 
-def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
-    """``auto`` -> newest complete checkpoint of ``run_dir`` (None if there is none); else the path."""
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    return Path(resume)
+def _file_digests(folder: Path) -> dict[str, str]:
+    from sftdata.shards import sha256_file
+
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MARKER
+    }
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Every file the completion marker records has the sha256 it had when it was saved.
+
+    A marker written before checksums were recorded (``step N``) verifies nothing.
+
+    Raises:
+        CheckpointError: naming the checkpoint and the first missing or changed file.
+    """
+    from sftdata.conversation import loads_strict
+    from sftdata.shards import sha256_file
+    from sftdata.sources.hf import inside
+
+    try:
+        marker = loads_strict((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{folder / MARKER}: cannot read ({e})") from None
+    except ValueError:
+        return  # "step N": a checkpoint from before checksums
+    if not isinstance(marker, dict) or marker.get("format_version") != 1:
+        version = marker.get("format_version") if isinstance(marker, dict) else None
+        raise CheckpointError(
+            f"{folder / MARKER}: format_version {version!r} is not supported (this reader knows 1)"
+        )
+    recorded = marker.get("sha256")
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"{folder / MARKER}: no 'sha256' map of the checkpoint's files")
+    for name, digest in recorded.items():
+        path = folder / name
+        if not inside(folder, name) or not path.is_file():
+            raise CheckpointError(f"{folder}: {name} is missing (a damaged checkpoint)")
+        if sha256_file(path) != digest:
+            raise CheckpointError(
+                f"{folder}: {name} does not match the sha256 recorded when it was saved "
+                "(a damaged checkpoint)"
+            )
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from, and notes on damaged ones passed over.
+
+    ``auto``: the newest complete checkpoint of ``run_dir`` whose files verify (None if there is
+    none); a damaged newer one is skipped and noted. A path: that checkpoint, verified.
+
+    Raises:
+        CheckpointError: the given checkpoint is damaged, or every checkpoint of the run is.
+    """
+    if resume != "auto":
+        folder = Path(resume)
+        if (folder / MARKER).is_file():
+            verify_checkpoint(folder)
+        return folder, []  # read_state names what else is wrong with it
+    notes: list[str] = []
+    for folder in reversed(complete_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(folder)
+        except CheckpointError as e:
+            notes.append(f"{e}; skipped")
+            continue
+        if notes:
+            notes.append(f"resuming from {folder}, the newest intact checkpoint")
+        return folder, notes
+    if notes:
+        raise CheckpointError(f"{run_dir}: no intact checkpoint to resume from ({notes[0]})")
+    return None, []
 
 
 def check_resumable(
@@ -415,11 +520,15 @@ def load_optimizer(folder: Path, *, model, optimizer, scheduler) -> None:
             options=StateDictOptions(full_state_dict=True),
         )
         scheduler.load_state_dict(opt["scheduler"])
-    except (OSError, RuntimeError, KeyError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(
-            f"{folder / OPTIMIZER_FILE}: cannot load optimizer state ({first})"
+    except Exception as e:
+        raise CheckpointError(
+            f"{folder / OPTIMIZER_FILE}: cannot load optimizer state ({_first_line(e)})"
         ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_rng(folder: Path) -> None:
@@ -428,9 +537,11 @@ def load_rng(folder: Path) -> None:
 
     try:
         state = torch.load(folder / RNG_FILE, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as e:
-        raise ConfigError(f"{folder / RNG_FILE}: cannot load RNG state ({e})") from None
-    set_rng_state(state)
+        set_rng_state(state)
+    except Exception as e:
+        raise CheckpointError(
+            f"{folder / RNG_FILE}: cannot load RNG state ({_first_line(e)})"
+        ) from None
 
 
 __all__ = [
@@ -456,4 +567,5 @@ __all__ = [
     "save_weights",
     "set_rng_state",
     "shards_identity",
+    "verify_checkpoint",
 ]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from sftdata.atomic import atomic_dir
 from sftdata.errors import ConfigError
+from sfttrain.checkpoint import written
 from sfttrain.model import adapter_base, is_adapter_dir, load_for_inference, load_tokenizer_for
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -71,7 +71,7 @@ def export_checkpoint(
             raise ConfigError(
                 "--dtype: an unmerged adapter is exported as trained (fp32); add --merge to convert"
             )
-        with atomic_dir(out) as tmp:
+        with written(out, "the adapter") as tmp:
             for name in ADAPTER_FILES:
                 shutil.copy2(src / name, tmp / name)
             tokenizer.save_pretrained(str(tmp))
@@ -85,7 +85,7 @@ def export_checkpoint(
         what = "merged model"
     model = model.to(target_dtype)
     model.config.use_cache = True
-    with atomic_dir(out) as tmp:
+    with written(out, f"the {what}") as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
     return what

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sftdata.atomic import atomic_dir, atomic_file
+from sftdata.atomic import atomic_file
 from sftdata.errors import ConfigError
 from sfttrain.checkpoint import (
     check_resumable,
@@ -49,6 +49,7 @@ from sfttrain.checkpoint import (
     save_checkpoint,
     save_weights,
     shards_identity,
+    written,
 )
 from sfttrain.config import TrainConfig
 from sfttrain.data import (
@@ -361,6 +362,8 @@ class TrainResult:
     final_dir: Path | None
     last_loss: float | None
     trained_tokens: int
+    resume_notes: list[str] = field(default_factory=list)
+    """Damaged checkpoints ``--resume auto`` passed over, and which one it used instead."""
 
 
 def train(
@@ -425,8 +428,9 @@ def train(
     )
     shard_id = shards_identity(shards, reader.index)
     step, trained_total, resumed_from, state = 0, 0, None, None
+    resume_notes: list[str] = []
     if resume is not None:
-        resumed_from = resolve_resume(resume, run_dir)
+        resumed_from, resume_notes = resolve_resume(resume, run_dir)
         if resumed_from is not None:
             state = check_resumable(
                 resumed_from,
@@ -615,7 +619,7 @@ def train(
             _log_eval(loss_model, eval_reader, config, dist, autocast, metrics, step, sampler)
         final_state = gather_model_state(model)  # every rank (FSDP all-gathers)
         if dist.is_main:
-            with atomic_dir(run_dir / "final") as tmp:
+            with written(run_dir / "final", "the final weights") as tmp:
                 save_weights(
                     model, tmp, finetuning_type=config.finetuning_type, state_dict=final_state
                 )
@@ -633,7 +637,9 @@ def train(
             plot_loss(rows, run_dir / "loss.png")
     if checkpoint is None:
         checkpoint = latest_checkpoint(run_dir)
-    return TrainResult(step, total_steps, stopped, checkpoint, final_dir, last_loss, trained_total)
+    return TrainResult(
+        step, total_steps, stopped, checkpoint, final_dir, last_loss, trained_total, resume_notes
+    )
 
 
 # ----------------------------------------------------------------------------- loop pieces
@@ -676,7 +682,7 @@ def _base_model_dir(
         return None
     target = run_dir / "base_model"
     if dist.is_main and not (target / "model.safetensors").is_file():
-        with atomic_dir(target) as tmp:
+        with written(target, "the base model") as tmp:
             base.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
     dist.barrier()

@@ -328,3 +328,60 @@ def test_fresh_run_refuses_a_folder_with_checkpoints_and_resume_skips_a_torn_lin
     assert r.step == 4
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+
+
+def _flip_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_checkpoint_is_refused_and_auto_resume_falls_back(
+    shards, model_dir, tmp_path
+) -> None:
+    run = tmp_path / "run"
+    common = [str(shards), "--model", str(model_dir), "-o", str(run), "--no-progress"]
+    steps = ["--set", "save_steps=2", "--set", "report_to=none", "--set", "logging_steps=1"]
+    r = run_cli("run", *common, *steps, "--set", "max_steps=4")
+    assert r.returncode == 0, r.stderr
+    newest, older = complete_checkpoints(run)[-1], complete_checkpoints(run)[-2]
+    marker = json.loads((newest / MARKER).read_text())
+    assert marker["format_version"] == 1 and "adapter_model.safetensors" in marker["sha256"]
+    _flip_byte(newest / "adapter_model.safetensors")  # a flipped bit on disk: loads fine, wrong
+
+    # an explicit path to the damaged checkpoint: one line naming it and the file
+    r = run_cli("run", *common, *steps, "--set", "max_steps=4", "--resume", str(newest))
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert lines == [
+        f"Error: {newest}: adapter_model.safetensors does not match the sha256 recorded when it "
+        "was saved (a damaged checkpoint)"
+    ], r.stderr
+
+    # auto: the newest intact one, and it says so
+    r = run_cli("run", *common, *steps, "--set", "max_steps=4", "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    assert f"{newest}: adapter_model.safetensors does not match" in r.stderr
+    assert f"resuming from {older}, the newest intact checkpoint" in r.stderr
+    resumed = [m["step"] for m in metrics(run) if "loss" in m]
+    assert resumed == [1, 2, 3, 4]  # steps 3-4 trained again from step 2 (the log kept 1-2)
+
+    # every checkpoint damaged: refused, not restarted from scratch
+    for folder in complete_checkpoints(run):
+        _flip_byte(folder / "optimizer.pt")
+    r = run_cli("run", *common, *steps, "--set", "max_steps=4", "--resume", "auto")
+    assert r.returncode != 0
+    assert "no intact checkpoint to resume from" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unreadable_optimizer_or_rng_state_is_one_line(shards, model_dir, tmp_path) -> None:
+    from sfttrain.checkpoint import load_optimizer, load_rng
+
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    (folder / "optimizer.pt").write_bytes(b"PK\x03\x04 not a zip")
+    (folder / "rng.pt").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt: cannot load optimizer state"):
+        load_optimizer(folder, model=None, optimizer=None, scheduler=None)
+    with pytest.raises(CheckpointError, match=r"rng\.pt: cannot load RNG state"):
+        load_rng(folder)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import resource
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -42,10 +43,19 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
     report: bool = False
     """The command reports problems (``validate``) instead of stopping at the first."""
+    file_size: int | None = None
+    """RLIMIT_FSIZE in bytes: writes past it fail as on a full disk."""
 
 
-def _limits() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+def _limits(file_size: int | None) -> Callable[[], None]:
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+        if file_size is not None:
+            # a full disk, as a write sees it: EFBIG instead of SIGXFSZ killing the process
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
+
+    return apply
 
 
 def _snapshot(folder: Path, skip: tuple[str, ...]) -> dict[str, str]:
@@ -67,7 +77,7 @@ def run_case(case: Case, folder: Path) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
-        preexec_fn=_limits,
+        preexec_fn=_limits(case.file_size),
         env=env,
     )
     where = (
@@ -367,6 +377,27 @@ PATH_CASES = [
 ]  # fmt: skip
 
 
+# A full disk while writing (RLIMIT_FSIZE: the write fails with EFBIG): one line, nothing left.
+BIG = [json.dumps(_record(i, "word " * 200)) for i in range(400)]
+FULL = r"(File too large|cannot write)"
+
+
+def _train_full_disk(folder: Path) -> list[str]:
+    data = _jsonl(folder, BIG)
+    pack = ["sftdata", "pack", data, "-o", "shards", "--tokenizer", "tiny", "--seq-len", "256"]
+    subprocess.run([str(BIN / pack[0]), *pack[1:]], cwd=folder, check=True, capture_output=True)
+    steps = ["--set", "max_steps=2", "--set", "save_steps=1", "--set", "logging_steps=1"]
+    return ["sfttrain", "run", "shards", "--model", "tiny", "-o", "out", "--no-progress", *steps]
+
+
+FULL_DISK_CASES = [
+    Case("disk-full-convert", lambda d: ["sftdata", "convert", _jsonl(d, BIG, "raw.jsonl"), "-o", "out.jsonl"], FULL, ("out.jsonl",), file_size=200_000),
+    Case("disk-full-pack", lambda d: ["sftdata", "pack", _jsonl(d, BIG), "-o", "out", "--tokenizer", "tiny", "--seq-len", "512"], FULL, file_size=200_000),
+    Case("disk-full-export", lambda d: ["sftdata", "export", _jsonl(d, BIG), "--format", "sharegpt", "-o", "out"], FULL, file_size=200_000),
+    Case("disk-full-checkpoint", _train_full_disk, FULL, ("out/checkpoints",), file_size=300_000),
+]  # fmt: skip
+
+
 CASES = [
     *(_jsonl_case(f, c) for f in JSONL_FAULTS for c in JSONL_COMMANDS),
     *CONVERT_CASES,
@@ -376,6 +407,7 @@ CASES = [
     *TEMPLATE_CASES,
     *PACK_CASES,
     *PATH_CASES,
+    *FULL_DISK_CASES,
 ]
 
 

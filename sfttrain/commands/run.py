@@ -118,6 +118,8 @@ def command(
         dist.close()
     if not dist.is_main:
         return  # rank 0 reports for the group
+    for note in result.resume_notes:
+        click.echo(note, err=True)
     loss = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
     if result.stopped:
         click.echo(
