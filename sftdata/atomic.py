@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,7 +53,15 @@ def atomic_file(
         ConfigError: naming ``path`` when its folder cannot take a new file (missing, not a
             folder, no permission).
     """
+    if _is_special(path):
+        # "-" or a device/FIFO (/dev/stdout, /dev/null): written only once everything
+        # succeeded, and into the device, never replacing the device's own link
+        with _into_special(path, mode=mode, encoding=encoding) as f:
+            yield f
+        return
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()  # write the file the link names; the link stays a link
     parent = path.parent if str(path.parent) else Path(".")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
@@ -72,6 +82,44 @@ def atomic_file(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _is_special(path: str | os.PathLike[str]) -> bool:
+    """``-``, anything under /dev or /proc (``/dev/stdout`` links to whatever file descriptor 1
+    is, a regular file when output is redirected: renaming onto it would replace the link), or
+    an existing path that is not a regular file (a FIFO, a device)."""
+    text = os.fspath(path)
+    if text == "-" or os.path.abspath(text).startswith(("/dev/", "/proc/")):
+        return True
+    try:
+        mode = os.stat(text).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+@contextlib.contextmanager
+def _into_special(path: str | os.PathLike[str], *, mode: str, encoding: str | None) -> Iterator[IO]:
+    """A private temp file, copied into standard output (``-``) or the device at the end."""
+    import sys
+
+    with tempfile.TemporaryFile("w+b") as raw:
+        f = raw if "b" in mode else io.TextIOWrapper(raw, encoding=encoding, newline="")
+        yield f
+        f.flush()
+        raw.seek(0)
+        if os.fspath(path) == "-":
+            shutil.copyfileobj(raw, sys.stdout.buffer, 1 << 20)
+            sys.stdout.buffer.flush()
+        else:
+            try:
+                # append: /dev/stdout may be a redirected regular file, which "wb" would truncate
+                with open(path, "ab") as dst:
+                    shutil.copyfileobj(raw, dst, 1 << 20)
+            except OSError as e:
+                raise ConfigError(f"{path}: cannot write ({e.strerror or e})") from None
+        if f is not raw:
+            f.detach()
 
 
 @contextlib.contextmanager

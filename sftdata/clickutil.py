@@ -11,10 +11,13 @@ class SftGroup(click.Group):
     """A click group that turns every SftError into one clean line and a non-zero exit."""
 
     def invoke(self, ctx: click.Context):
+        _exit_on_sigterm()
         try:
             return super().invoke(ctx)
         except SftError as e:
-            raise click.ClickException(str(e)) from None
+            from sftdata.inputs import unspool_message
+
+            raise click.ClickException(unspool_message(str(e))) from None
         except KeyboardInterrupt:
             raise click.Abort() from None
         # The last line of defence for what no library code names (a full disk while torch or
@@ -24,6 +27,20 @@ class SftGroup(click.Group):
             raise click.ClickException(f"{where}{e.strerror or e}") from None
         except MemoryError:
             raise click.ClickException("out of memory") from None
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (``kill``, a scheduler's stop) unwinds like Ctrl-C: every ``atomic_file`` /
+    ``atomic_dir`` / work folder is removed on the way out instead of left half-written.
+    ``sfttrain run`` installs its own handler for the training loop (save, then stop)."""
+    import signal
+    import threading
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
 
 
 def register_commands(group: click.Group, package: str) -> None:

@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -216,6 +217,9 @@ def _get_renderer(opts: PackOptions) -> Any:
 
 
 def _init_worker(opts: PackOptions) -> None:
+    # Pool.terminate() stops workers with SIGTERM: they must die at once, not unwind through the
+    # CLI's handler (clickutil) inherited by fork, which can leave the pool's queue lock held.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Under fork the parent's renderer is inherited and reused; under spawn it is built here.
     _get_renderer(opts)
     # A chunk's records are thousands of small acyclic dicts and lists: with the default
@@ -612,38 +616,70 @@ def pack(
         else:
             return PackReport.from_index(output, old, noop=True, seconds=time.perf_counter() - t0)
 
-    work = output.with_name(f".{output.name}.partial")
+    with _exclusive(output):
+        work = output.with_name(f".{output.name}.partial")
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(work, ignore_errors=True)  # a stale one from a killed run
+            work.mkdir()
+        except OSError as e:
+            raise ShardError(
+                f"{e.filename or output}: cannot create the output ({e.strerror or e})"
+            ) from None
+        try:
+            (work / MARKER).write_text(json.dumps({"kind": KIND, "fingerprint": fp}) + "\n")
+            with _Workers(opts) as workers:
+                index = _build(
+                    inputs, work, opts, workers,
+                    ident=ident, tok_spec=_spec_of(opts.tokenizer),
+                    template={
+                        "name": renderer.name, "sha256": tpl_sha, "date": opts.template_date,
+                        "stop_tokens": list(renderer.stop_tokens),
+                    },
+                    in_meta=in_meta, fp=fp, approx_records=approx_records, progress=progress,
+                )  # fmt: skip
+            (work / MARKER).unlink()
+            replace_dir(work, output)
+        except OSError as e:  # disk full, permissions, ...: one line, nothing left behind
+            shutil.rmtree(work, ignore_errors=True)
+            raise ShardError(
+                f"{e.filename or work}: cannot write the shards ({e.strerror or e})"
+            ) from None
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        return PackReport.from_index(output, index, noop=False, seconds=time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _exclusive(output: Path) -> Iterator[None]:
+    """Hold an exclusive lock beside ``output`` while it is written: a second pack into the same
+    folder fails at once with one line instead of destroying the first one's work folder."""
+    import fcntl
+
+    lock = output.with_name(f".{output.name}.lock")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(work, ignore_errors=True)  # a stale one from a killed run
-        work.mkdir()
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
     except OSError as e:
         raise ShardError(
             f"{e.filename or output}: cannot create the output ({e.strerror or e})"
         ) from None
     try:
-        (work / MARKER).write_text(json.dumps({"kind": KIND, "fingerprint": fp}) + "\n")
-        with _Workers(opts) as workers:
-            index = _build(
-                inputs, work, opts, workers,
-                ident=ident, tok_spec=_spec_of(opts.tokenizer),
-                template={
-                    "name": renderer.name, "sha256": tpl_sha, "date": opts.template_date,
-                    "stop_tokens": list(renderer.stop_tokens),
-                },
-                in_meta=in_meta, fp=fp, approx_records=approx_records, progress=progress,
-            )  # fmt: skip
-        (work / MARKER).unlink()
-        replace_dir(work, output)
-    except OSError as e:  # disk full, permissions, ...: one line, nothing left behind
-        shutil.rmtree(work, ignore_errors=True)
-        raise ShardError(
-            f"{e.filename or work}: cannot write the shards ({e.strerror or e})"
-        ) from None
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return PackReport.from_index(output, index, noop=False, seconds=time.perf_counter() - t0)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ShardError(
+                f"{output}: another sftdata pack is writing this folder (lock {lock}); wait for it "
+                "or write elsewhere"
+            ) from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)  # while still held, so no other pack holds it then
+    finally:
+        os.close(fd)
 
 
 def _spec_of(spec: str) -> str:

@@ -50,9 +50,17 @@ def check_mergeable_base(base: str | Path) -> None:
 
 
 def export_checkpoint(
-    checkpoint: str | Path, output: str | Path, *, merge: bool = False, dtype: str = "fp32"
+    checkpoint: str | Path,
+    output: str | Path,
+    *,
+    merge: bool = False,
+    dtype: str = "fp32",
+    overwrite: bool = False,
 ) -> str:
     """Write ``checkpoint`` (a LoRA or full checkpoint, or ``final/``) to ``output``; returns what was written.
+
+    An ``output`` folder that already holds files is replaced only with ``overwrite`` (a user's
+    folder is never emptied by mistake); one holding the checkpoint is refused.
 
     LoRA without ``merge``: the PEFT adapter + tokenizer (transformers loads it through PEFT, base
     from ``base_model_name_or_path``). LoRA with ``merge``: base + adapter merged into plain weights
@@ -64,6 +72,15 @@ def export_checkpoint(
     out = Path(output)
     if out.exists() and out.resolve() == src.resolve():
         raise ConfigError(f"{out}: output must differ from the checkpoint folder")
+    if out.exists() and src.resolve().is_relative_to(out.resolve()):
+        raise ConfigError(f"{out}: output holds the checkpoint {src}; write somewhere else")
+    if out.is_file() or out.is_symlink():
+        raise ConfigError(f"{out}: is a file; -o names the folder to write")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"{out}: the folder already holds files; pass --overwrite to replace it, or give "
+            "another -o"
+        )
     target_dtype = torch_dtype(dtype)
     tokenizer = load_tokenizer_for(src)
     if is_adapter_dir(src) and not merge:

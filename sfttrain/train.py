@@ -628,7 +628,7 @@ def train(
             if config.save_merged and config.finetuning_type == "lora":
                 from sfttrain.export import export_checkpoint
 
-                export_checkpoint(final_dir, run_dir / "final_merged", merge=True)
+                export_checkpoint(final_dir, run_dir / "final_merged", merge=True, overwrite=True)
     dist.barrier()  # final/ exists before any rank returns
     if dist.is_main:
         rows = metrics.rows()

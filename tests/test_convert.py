@@ -172,7 +172,7 @@ def test_output_problems(tmp_path):
     same = tmp_path / "same.jsonl"
     same.write_text('{"instruction": "q", "output": "a"}\n')
     r = run(str(same), "-o", str(same))
-    assert r.exit_code == 1 and "is also the output file" in r.stderr
+    assert r.exit_code == 1 and "the output would overwrite the input" in r.stderr
     r = run(str(RAW / "qa.csv"), "-o", str(same / "o.jsonl"))  # parent is a file
     assert r.exit_code == 1
     assert r.stderr.strip() == f"Error: {same / 'o.jsonl'}: cannot write here (Not a directory)"

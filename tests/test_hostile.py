@@ -398,6 +398,48 @@ FULL_DISK_CASES = [
 ]  # fmt: skip
 
 
+# Outputs that would destroy inputs or another writer's work.
+def _shards(folder: Path) -> None:
+    data = _jsonl(folder, GOOD)
+    pack = ["sftdata", "pack", data, "-o", "shards", "--tokenizer", "tiny", "--seq-len", "64"]
+    subprocess.run([str(BIN / pack[0]), *pack[1:]], cwd=folder, check=True, capture_output=True)
+
+
+def _mindrecord_into_shards(folder: Path) -> list[str]:
+    _shards(folder)
+    return ["sftdata", "export", "shards", "--format", "mindrecord", "-o", "shards/x.mindrecord"]
+
+
+def _export_into_existing(folder: Path) -> list[str]:
+    _write(folder, "mine/notes.txt", "a user's own file")
+    steps = ["--set", "max_steps=1", "--set", "report_to=none"]
+    _shards(folder)
+    run = ["sfttrain", "run", "shards", "--model", "tiny", "-o", "run", "--no-progress", *steps]
+    subprocess.run([str(BIN / run[0]), *run[1:]], cwd=folder, check=True, capture_output=True)
+    return ["sfttrain", "export", "run/final", "-o", "mine"]
+
+
+def _pack_while_locked(folder: Path) -> list[str]:
+    import fcntl
+
+    data = _jsonl(folder, GOOD)
+    fd = os.open(folder / ".out.lock", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another pack holds the folder (the fd lives in this process)
+    _HELD.append(fd)
+    return ["sftdata", "pack", data, "-o", "out", "--tokenizer", "tiny", "--seq-len", "64"]
+
+
+_HELD: list[int] = []
+OUTPUT_CASES = [
+    Case("convert-onto-its-input", lambda d: ["sftdata", "convert", _jsonl(d, GOOD), "-o", "data.jsonl"], r"data\.jsonl: the output would overwrite the input data\.jsonl", ()),
+    Case("export-onto-its-input", lambda d: ["sftdata", "export", _jsonl(d, GOOD), "--format", "openai", "-o", "data.jsonl"], r"data\.jsonl: the output would overwrite the input", ()),
+    Case("mindrecord-into-its-shards", _mindrecord_into_shards, r"shards/x\.mindrecord: the output would overwrite the input shards", ("shards/x.mindrecord",)),
+    Case("pack-into-folder-holding-input", lambda d: ["sftdata", "pack", _jsonl(d, GOOD, "out/data.jsonl"), "-o", "out", "--tokenizer", "tiny", "--seq-len", "64"], r"out: the output would overwrite the input out/data\.jsonl", ()),
+    Case("pack-while-another-writes", _pack_while_locked, r"out: another sftdata pack is writing this folder"),
+    Case("sfttrain-export-into-nonempty", _export_into_existing, r"mine: the folder already holds files; pass --overwrite", ()),
+]  # fmt: skip
+
+
 CASES = [
     *(_jsonl_case(f, c) for f in JSONL_FAULTS for c in JSONL_COMMANDS),
     *CONVERT_CASES,
@@ -408,9 +450,14 @@ CASES = [
     *PACK_CASES,
     *PATH_CASES,
     *FULL_DISK_CASES,
+    *OUTPUT_CASES,
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_input_is_one_line_and_leaves_nothing(case: Case, tmp_path: Path) -> None:
-    run_case(case, tmp_path)
+    try:
+        run_case(case, tmp_path)
+    finally:
+        while _HELD:
+            os.close(_HELD.pop())

@@ -10,7 +10,7 @@ FORMAT_CHOICES = (
 
 
 @click.command("convert")
-@click.argument("inputs", nargs=-1, required=False, metavar="INPUT...")
+@click.argument("inputs", nargs=-1, required=False, metavar="INPUT...")  # '-': standard input
 @click.option(
     "-o", "--output", required=True, metavar="OUT.jsonl", help="Canonical JSONL to write."
 )
@@ -62,30 +62,35 @@ def command(
     """Convert Alpaca, ShareGPT, OpenAI, LLaMA-Factory v1, CSV/TSV and Excel files into one
     canonical conversations JSONL (several inputs are concatenated)."""
     from sftdata.convert import convert
+    from sftdata.inputs import readable, refuse_overwriting, unspool_message
     from sftdata.sources import parse_mapping
 
     def log(line: str) -> None:
-        click.echo(line, err=True)
+        click.echo(unspool_message(line), err=True)
 
-    sources: list = list(inputs)
-    if dataset_info or datasets:
-        from sftdata.llamafactory import registry_inputs
+    refuse_overwriting(inputs, output)
+    with readable(list(inputs)) as paths:
+        sources: list = list(paths)
+        if dataset_info or datasets:
+            from sftdata.llamafactory import registry_inputs
 
-        sources += registry_inputs(dataset_info, datasets, fmt=fmt, mapping=map_, log=log)
-    elif not inputs:
-        raise click.UsageError("give INPUT files, or --dataset-info PATH --dataset NAME")
-    report = convert(
-        sources,
-        output,
-        fmt=fmt,
-        mapping=parse_mapping(map_) if map_ else None,
-        sheet=sheet,
-        encoding=encoding,
-        system=system,
-        dedup=dedup,
-        skip_invalid=skip_invalid,
-        log=log,
-    )
+            found = registry_inputs(dataset_info, datasets, fmt=fmt, mapping=map_, log=log)
+            refuse_overwriting([e.path for e in found], output)
+            sources += found
+        elif not inputs:
+            raise click.UsageError("give INPUT files, or --dataset-info PATH --dataset NAME")
+        report = convert(
+            sources,
+            output,
+            fmt=fmt,
+            mapping=parse_mapping(map_) if map_ else None,
+            sheet=sheet,
+            encoding=encoding,
+            system=system,
+            dedup=dedup,
+            skip_invalid=skip_invalid,
+            log=log,
+        )
     for message in report.examples:
         log(f"skipped {message}")
     shown = len(report.examples)

@@ -65,7 +65,11 @@ def command(
     boundaries: bool | None,
 ) -> None:
     """Write data for other training stacks: MindSpore (MindRecord), FastChat, LLaMA-Factory, TRL."""
+    from sftdata.inputs import readable, refuse_overwriting
+
+    refuse_overwriting([input_path], output)
     if fmt == "mindrecord":
+        refuse_overwriting([input_path], f"{output}.db")
         from sftdata.exporters.mindrecord import export_mindrecord
 
         rep = export_mindrecord(
@@ -87,5 +91,6 @@ def command(
             raise ConfigError(f"--{name.replace('_', '-')} only applies to --format mindrecord")
     from sftdata.export import export_conversations
 
-    report = export_conversations(input_path, output, fmt=fmt)
+    with readable([str(input_path)]) as (path,):
+        report = export_conversations(Path(path), output, fmt=fmt)
     click.echo(f"wrote {report.records_out} records to {report.output} ({fmt})")

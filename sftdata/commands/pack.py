@@ -162,8 +162,11 @@ def command(
             tasks[stage] = bar.add_task(stage, total=total)
         bar.update(tasks[stage], completed=done, total=total)
 
-    with bar:
-        report = pack(inputs, output, opts, overwrite=overwrite, progress=progress)
+    from sftdata.inputs import readable, refuse_overwriting
+
+    refuse_overwriting(inputs, output)
+    with readable([str(p) for p in inputs]) as paths, bar:  # '-', pipes and FIFOs read once
+        report = pack(paths, output, opts, overwrite=overwrite, progress=progress)
     if report.noop:
         click.echo(
             f"{output}: already up to date (same inputs, tokenizer, template and options); "

@@ -20,9 +20,11 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
 def command(files: tuple[str, ...], fmt: str, as_json: bool) -> None:
     """Check canonical conversation JSONL files; exit 0 only when every file is clean."""
+    from sftdata.inputs import readable, unspool_message
     from sftdata.validate import github_annotation, validate_file
 
-    reports = [validate_file(f) for f in files]
+    with readable(list(files)) as paths:  # '-', pipes and FIFOs read once
+        reports = [validate_file(f) for f in paths]
     problems = [p for r in reports for p in r.problems]
     if as_json:
         doc = {
@@ -31,11 +33,11 @@ def command(files: tuple[str, ...], fmt: str, as_json: bool) -> None:
             "problems": len(problems),
             "files": [r.to_dict() for r in reports],
         }
-        click.echo(json.dumps(doc, ensure_ascii=False, indent=2))
+        click.echo(unspool_message(json.dumps(doc, ensure_ascii=False, indent=2)))
     else:
         for p in problems:
-            click.echo(github_annotation(p) if fmt == "github" else str(p))
+            click.echo(unspool_message(github_annotation(p) if fmt == "github" else str(p)))
         for r in reports:
             status = "ok" if r.ok else f"{len(r.problems)} problems"
-            click.echo(f"{r.file}: {r.records} records, {status}", err=True)
+            click.echo(unspool_message(f"{r.file}: {r.records} records, {status}"), err=True)
     click.get_current_context().exit(0 if not problems else 1)

@@ -309,7 +309,9 @@ def source_of(
     path: Path, *, line: int | None = None, sheet: str | None = None, row: int | None = None
 ) -> Source:
     """The ``source`` of a record: the path as the user gave it, plus line or sheet/row."""
-    return Source(file=str(path), line=line, row=row, sheet=sheet)
+    from sftdata.inputs import shown
+
+    return Source(file=shown(path), line=line, row=row, sheet=sheet)
 
 
 def run_adapter(

@@ -7,7 +7,7 @@ import click
 
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=str))
-@click.option("-o", "--output", required=True, help="Folder to write (replaced atomically).")
+@click.option("-o", "--output", required=True, help="Folder to write (atomically).")
 @click.option("--merge", is_flag=True, help="Merge a LoRA adapter into its base model's weights.")
 @click.option(
     "--dtype",
@@ -16,12 +16,15 @@ import click
     show_default=True,
     help="Weight dtype of a merged or full model.",
 )
-def command(checkpoint: str, output: str, merge: bool, dtype: str) -> None:
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an OUTPUT folder that already holds files."
+)
+def command(checkpoint: str, output: str, merge: bool, dtype: str, overwrite: bool) -> None:
     """Write CHECKPOINT (checkpoints/step-N or final/) as a folder AutoModelForCausalLM.from_pretrained loads."""
     from sfttrain.commands.run import _quiet_libraries
 
     _quiet_libraries()
     from sfttrain.export import export_checkpoint
 
-    what = export_checkpoint(checkpoint, output, merge=merge, dtype=dtype)
+    what = export_checkpoint(checkpoint, output, merge=merge, dtype=dtype, overwrite=overwrite)
     click.echo(f"wrote {what} to {output}")

@@ -1,0 +1,116 @@
+"""Inputs and outputs that are not plain files: ``-``, pipes, FIFOs, ``<(...)``, devices; and
+outputs that would overwrite an input.
+
+Readers sniff a file's head, then open it again to stream it (format detection, hashing for
+the shard fingerprint, a second pass for formulas). A stream can be read only once: read twice,
+the first bytes are lost; a FIFO opened twice hangs. So every input that is not a regular file
+is copied ONCE into a private temporary file (streamed in blocks, memory flat), and the rest
+of the pipeline reads that; errors and record sources still name what the user gave (the
+temporary path is mapped back to it by :func:`shown`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from sftdata.errors import ConfigError
+
+STDIN = "-"
+_SHOWN: dict[str, str] = {}
+"""Temporary copy (as a string) -> what the user named (``<stdin>``, ``/dev/fd/63``)."""
+
+
+def shown(path: str | os.PathLike[str]) -> str:
+    """``path`` as the user named it (a spooled stream's original name)."""
+    text = os.fspath(path)
+    return _SHOWN.get(text, text)
+
+
+def unspool_message(message: str) -> str:
+    """An error message with every temporary copy's path replaced by what the user named."""
+    for tmp, name in _SHOWN.items():
+        message = message.replace(tmp, name)
+    return message
+
+
+def is_stream(path: str) -> bool:
+    """``-``, or an existing path that is neither a regular file nor a folder (pipe, FIFO,
+    character device, ``/dev/stdin``, ``<(...)``)."""
+    if path == STDIN:
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False  # missing: the reader names it
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+@contextlib.contextmanager
+def readable(paths: Sequence[str]) -> Iterator[list[str]]:
+    """``paths`` with each stream replaced by a temporary regular copy of everything it held.
+
+    ``-`` is standard input (at most once). The copies are removed on exit.
+
+    Raises:
+        ConfigError: ``-`` given twice, or a stream that cannot be read.
+    """
+    if sum(p == STDIN for p in paths) > 1:
+        raise ConfigError("'-' (standard input) can be given once")
+    if not any(is_stream(p) for p in paths):
+        yield list(paths)
+        return
+    folder = tempfile.mkdtemp(prefix="sftpipe-input-")
+    try:
+        out = []
+        for k, p in enumerate(paths):
+            if not is_stream(p):
+                out.append(p)
+                continue
+            name = "<stdin>" if p == STDIN else p
+            # keep a recognisable extension (format detection by name: data.csv via <(...))
+            suffix = "".join(Path(p).suffixes[-2:]) if p != STDIN else ""
+            tmp = os.path.join(folder, f"input-{k}{suffix}")
+            try:
+                with contextlib.ExitStack() as stack:
+                    src = sys.stdin.buffer if p == STDIN else stack.enter_context(open(p, "rb"))
+                    with open(tmp, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+            except OSError as e:
+                raise ConfigError(f"{name}: cannot read ({e.strerror or e})") from None
+            _SHOWN[tmp] = name  # kept: the CLI maps an error raised after the block too
+            out.append(tmp)
+        yield out
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def refuse_overwriting(
+    inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str]
+) -> None:
+    """Refuse an output that is one of the inputs (also through links) or a folder holding one.
+
+    Raises:
+        ConfigError: naming the output and the input it would destroy.
+    """
+    out = Path(output)
+    if os.fspath(output) == STDIN or os.path.abspath(output).startswith(("/dev/", "/proc/")):
+        return
+    target = out.resolve()
+    for inp in inputs:
+        p = Path(inp)
+        if os.fspath(inp) == STDIN or not p.exists():
+            continue
+        same = out.is_file() and os.path.samefile(p, out)
+        holds_input = out.is_dir() and p.resolve().is_relative_to(target)
+        inside_input = p.is_dir() and target.is_relative_to(p.resolve())  # into a shard folder
+        if same or holds_input or inside_input:
+            raise ConfigError(
+                f"{output}: the output would overwrite the input {shown(inp)}; write it elsewhere"
+            )
