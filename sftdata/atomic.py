@@ -6,13 +6,13 @@ import contextlib
 import io
 import os
 import shutil
-import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 from sftdata.errors import ConfigError
+from sftdata.inputs import is_special
 
 
 def current_umask() -> int:
@@ -53,7 +53,7 @@ def atomic_file(
         ConfigError: naming ``path`` when its folder cannot take a new file (missing, not a
             folder, no permission).
     """
-    if _is_special(path):
+    if is_special(path):
         # "-" or a device/FIFO (/dev/stdout, /dev/null): written only once everything
         # succeeded, and into the device, never replacing the device's own link
         with _into_special(path, mode=mode, encoding=encoding) as f:
@@ -82,20 +82,6 @@ def atomic_file(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def _is_special(path: str | os.PathLike[str]) -> bool:
-    """``-``, anything under /dev or /proc (``/dev/stdout`` links to whatever file descriptor 1
-    is, a regular file when output is redirected: renaming onto it would replace the link), or
-    an existing path that is not a regular file (a FIFO, a device)."""
-    text = os.fspath(path)
-    if text == "-" or os.path.abspath(text).startswith(("/dev/", "/proc/")):
-        return True
-    try:
-        mode = os.stat(text).st_mode
-    except OSError:
-        return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from pathlib import Path
 from sftdata.atomic import atomic_file
 from sftdata.conversation import Conversation
 from sftdata.errors import ConversionError
+from sftdata.inputs import refuse_overwriting
 from sftdata.llamafactory import RegistryEntry
 from sftdata.sources import IdAllocator, detect_format, iter_records
 from sftdata.sources.base import RecordError, set_system
@@ -125,7 +126,7 @@ def convert(
         raise ConversionError(f"{output}: is a folder; -o needs a file name such as data.jsonl")
     if not output.parent.exists():
         raise ConversionError(f"{output.parent}: output folder does not exist")
-    resolved_out = output.resolve()
+    refuse_overwriting([p.path if isinstance(p, RegistryEntry) else p for p in inputs], output)
 
     def drop(reason: str, message: str) -> None:
         report.dropped[reason] += 1
@@ -139,8 +140,6 @@ def convert(
             entry = raw_path if isinstance(raw_path, RegistryEntry) else None
             path = Path(entry.path if entry else raw_path)
             in_mapping = (entry.mapping or None) if entry else mapping
-            if path.exists() and path.resolve() == resolved_out:
-                raise ConversionError(f"{path}: is also the output file")
             if entry:
                 used, reason = entry.fmt, f"dataset_info.json entry {entry.name!r}"
             elif fmt == "auto":

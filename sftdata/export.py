@@ -31,6 +31,7 @@ from sftdata.conversation import (
     read_jsonl_numbered,
 )
 from sftdata.errors import ConversionError
+from sftdata.inputs import refuse_overwriting
 
 CHAT_FORMATS = ("sharegpt", "alpaca", "openai")
 """Formats ``export_conversations`` writes from canonical JSONL."""
@@ -299,6 +300,7 @@ def export_conversations(input_path: str | Path, output: str | Path, *, fmt: str
     if fmt not in CONVERTERS:
         raise ConversionError(f"--format {fmt!r} is not one of {(*CHAT_FORMATS, 'mindrecord')}")
     convert = CONVERTERS[fmt]
+    refuse_overwriting([input_path], output)
     report = ExportReport(output=str(output), format=fmt)
 
     def records() -> Iterable[dict[str, Any]]:

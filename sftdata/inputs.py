@@ -40,16 +40,29 @@ def unspool_message(message: str) -> str:
     return message
 
 
-def is_stream(path: str) -> bool:
-    """``-``, or an existing path that is neither a regular file nor a folder (pipe, FIFO,
-    character device, ``/dev/stdin``, ``<(...)``)."""
-    if path == STDIN:
+def is_special(path: str | os.PathLike[str]) -> bool:
+    """``-``, anything under /dev or /proc (``/dev/stdout`` links to whatever file descriptor 1
+    is, a regular file when output is redirected: renaming onto it would replace the link), or
+    an existing path that is neither a regular file nor a folder (a pipe, a FIFO, a device,
+    ``<(...)``). Such a path is read once (:func:`readable`) and written into, never replaced
+    (``sftdata.atomic.atomic_file``)."""
+    text = os.fspath(path)
+    if text == STDIN or os.path.abspath(text).startswith(("/dev/", "/proc/")):
         return True
     try:
-        mode = os.stat(path).st_mode
+        mode = os.stat(text).st_mode
     except OSError:
-        return False  # missing: the reader names it
+        return False  # missing: the reader or writer names it
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def inside(folder: Path, name: object) -> bool:
+    """Whether the relative path ``name`` (from a file a user handed us) stays inside
+    ``folder``, links resolved."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        return False
+    root = folder.resolve()
+    return (root / name).resolve().is_relative_to(root)
 
 
 @contextlib.contextmanager
@@ -63,14 +76,14 @@ def readable(paths: Sequence[str]) -> Iterator[list[str]]:
     """
     if sum(p == STDIN for p in paths) > 1:
         raise ConfigError("'-' (standard input) can be given once")
-    if not any(is_stream(p) for p in paths):
+    if not any(is_special(p) for p in paths):
         yield list(paths)
         return
     folder = tempfile.mkdtemp(prefix="sftpipe-input-")
     try:
         out = []
         for k, p in enumerate(paths):
-            if not is_stream(p):
+            if not is_special(p):
                 out.append(p)
                 continue
             name = "<stdin>" if p == STDIN else p
@@ -100,12 +113,12 @@ def refuse_overwriting(
         ConfigError: naming the output and the input it would destroy.
     """
     out = Path(output)
-    if os.fspath(output) == STDIN or os.path.abspath(output).startswith(("/dev/", "/proc/")):
+    if is_special(output):
         return
     target = out.resolve()
     for inp in inputs:
         p = Path(inp)
-        if os.fspath(inp) == STDIN or not p.exists():
+        if is_special(inp) or not p.exists():
             continue
         same = out.is_file() and os.path.samefile(p, out)
         holds_input = out.is_dir() and p.resolve().is_relative_to(target)

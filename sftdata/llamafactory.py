@@ -28,7 +28,7 @@ from typing import Any
 
 from sftdata.conversation import Conversation, json_problem, loads_strict
 from sftdata.errors import ConfigError, ConversionError
-from sftdata.sources.hf import inside
+from sftdata.inputs import inside
 
 logger = logging.getLogger("sftpipe")
 

@@ -46,6 +46,7 @@ from sftdata import __version__
 from sftdata.atomic import replace_dir
 from sftdata.conversation import Conversation, parse_jsonl_line, read_jsonl
 from sftdata.errors import ConfigError, ConversionError, ShardError, ValidationError
+from sftdata.inputs import refuse_overwriting
 from sftdata.pack import build_row, efficiency, pack_rows
 from sftdata.render import TRAIN_ON
 from sftdata.shards import INDEX_NAME, KIND, ShardReader, ShardWriter, write_index
@@ -555,9 +556,7 @@ def _check_output(output: Path, inputs: Sequence[Path], *, overwrite: bool) -> N
     out = output.resolve()
     if out == Path(out.anchor) or out == Path.home().resolve():
         raise ConfigError(f"{output}: refusing to use this folder as a shard folder")
-    for p in inputs:
-        if out in p.resolve().parents:
-            raise ConfigError(f"{output}: the output folder contains the input {p}")
+    refuse_overwriting(inputs, output)
     if not output.exists() or overwrite or _existing_index(output) is not None:
         return
     if any(output.iterdir()) and not (output / MARKER).exists():
@@ -618,8 +617,7 @@ def pack(
 
     with _exclusive(output):
         work = output.with_name(f".{output.name}.partial")
-        try:
-            output.parent.mkdir(parents=True, exist_ok=True)
+        try:  # the parent folder exists: _exclusive made it for its lock
             shutil.rmtree(work, ignore_errors=True)  # a stale one from a killed run
             work.mkdir()
         except OSError as e:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from sftdata import SCHEMAS_DIR
-from sftdata.atomic import atomic_file, follow_umask
+from sftdata.atomic import atomic_file
 from sftdata.errors import ShardError
 
 FORMAT_VERSION = 1
@@ -136,7 +136,6 @@ class ShardWriter:
             sink = pa.PythonFile(f, mode="w")
             with pa.ipc.new_stream(sink, schema) as w:
                 w.write_batch(batch)
-        follow_umask(path)
         self.shards.append(
             {"file": name, "rows": n, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
         )
@@ -201,7 +200,6 @@ def write_index(folder: str | os.PathLike[str], index: dict[str, Any]) -> Path:
     with atomic_file(path) as f:
         json.dump(index, f, indent=2, ensure_ascii=False, sort_keys=False)
         f.write("\n")
-    follow_umask(path)
     return path
 
 

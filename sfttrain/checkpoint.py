@@ -192,8 +192,7 @@ def write_failure(e: BaseException) -> str:
     RuntimeError ("... file write failed"), the rest as OSError; a full disk reads the same."""
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return _first_line(e)
 
 
 def _is_write_failure(e: BaseException) -> bool:
@@ -253,7 +252,7 @@ def save_checkpoint(
         "config_hash": trajectory_hash(config, world_size=int(state.get("world_size", 1))),
     }
     try:
-        with atomic_dir(target) as tmp:
+        with written(target, "the checkpoint") as tmp:
             save_weights(model, tmp, finetuning_type=config.finetuning_type, state_dict=model_state)
             tokenizer.save_pretrained(str(tmp))
             torch.save(
@@ -265,14 +264,10 @@ def save_checkpoint(
             # last: the marker says the folder is complete and what each file must hash to
             marker = {"format_version": 1, "step": step, "sha256": _file_digests(tmp)}
             (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
-    except Exception as e:
-        if not _is_write_failure(e):
-            raise
+    except CheckpointError as e:
         prev = latest_checkpoint(run_dir)
         kept = f"; {prev} is still valid" if prev else ""
-        raise CheckpointError(
-            f"{target}: could not write the checkpoint ({write_failure(e)}){kept}"
-        ) from None
+        raise CheckpointError(f"{e}{kept}") from None
     if config.save_total_limit is not None:
         rotate(run_dir, keep=config.save_total_limit)
     return target
@@ -379,8 +374,8 @@ def verify_checkpoint(folder: Path) -> None:
         CheckpointError: naming the checkpoint and the first missing or changed file.
     """
     from sftdata.conversation import loads_strict
+    from sftdata.inputs import inside
     from sftdata.shards import sha256_file
-    from sftdata.sources.hf import inside
 
     try:
         marker = loads_strict((folder / MARKER).read_text(encoding="utf-8"))

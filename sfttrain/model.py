@@ -86,7 +86,7 @@ def check_model_dir(path: str | Path) -> Path:
 def _check_weight_map(index: Path) -> None:
     """Every shard a safetensors index names is a ``.safetensors`` file inside its folder."""
     from sftdata.conversation import json_problem, loads_strict
-    from sftdata.sources.hf import inside
+    from sftdata.inputs import inside
 
     try:
         weight_map = loads_strict(index.read_text(encoding="utf-8")).get("weight_map")

@@ -62,21 +62,18 @@ def command(
     """Convert Alpaca, ShareGPT, OpenAI, LLaMA-Factory v1, CSV/TSV and Excel files into one
     canonical conversations JSONL (several inputs are concatenated)."""
     from sftdata.convert import convert
-    from sftdata.inputs import readable, refuse_overwriting, unspool_message
+    from sftdata.inputs import readable, unspool_message
     from sftdata.sources import parse_mapping
 
     def log(line: str) -> None:
         click.echo(unspool_message(line), err=True)
 
-    refuse_overwriting(inputs, output)
     with readable(list(inputs)) as paths:
         sources: list = list(paths)
         if dataset_info or datasets:
             from sftdata.llamafactory import registry_inputs
 
-            found = registry_inputs(dataset_info, datasets, fmt=fmt, mapping=map_, log=log)
-            refuse_overwriting([e.path for e in found], output)
-            sources += found
+            sources += registry_inputs(dataset_info, datasets, fmt=fmt, mapping=map_, log=log)
         elif not inputs:
             raise click.UsageError("give INPUT files, or --dataset-info PATH --dataset NAME")
         report = convert(

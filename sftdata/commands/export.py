@@ -65,11 +65,9 @@ def command(
     boundaries: bool | None,
 ) -> None:
     """Write data for other training stacks: MindSpore (MindRecord), FastChat, LLaMA-Factory, TRL."""
-    from sftdata.inputs import readable, refuse_overwriting
+    from sftdata.inputs import readable
 
-    refuse_overwriting([input_path], output)
     if fmt == "mindrecord":
-        refuse_overwriting([input_path], f"{output}.db")
         from sftdata.exporters.mindrecord import export_mindrecord
 
         rep = export_mindrecord(

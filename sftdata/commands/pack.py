@@ -162,9 +162,8 @@ def command(
             tasks[stage] = bar.add_task(stage, total=total)
         bar.update(tasks[stage], completed=done, total=total)
 
-    from sftdata.inputs import readable, refuse_overwriting
+    from sftdata.inputs import readable
 
-    refuse_overwriting(inputs, output)
     with readable([str(p) for p in inputs]) as paths, bar:  # '-', pipes and FIFOs read once
         report = pack(paths, output, opts, overwrite=overwrite, progress=progress)
     if report.noop:

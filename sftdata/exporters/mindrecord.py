@@ -37,6 +37,7 @@ import numpy as np
 from sftdata import IGNORE_INDEX
 from sftdata.atomic import current_umask, follow_umask
 from sftdata.errors import ConfigError, ShardError
+from sftdata.inputs import refuse_overwriting
 
 FORMAT_VERSION = 1
 LAYOUTS = ("legacy", "mcore")
@@ -128,9 +129,9 @@ def _atomic_mindrecord(output: Path):
         target = tmpdir / output.name
         yield target
         db = output.with_name(output.name + ".db")
-        mode = 0o666 & ~current_umask()  # FileWriter creates 0600 files; give them the usual mode
+        mask = current_umask()  # FileWriter creates 0600 files; give them the usual mode
         for f in (target, target.with_name(target.name + ".db")):
-            os.chmod(f, mode)
+            follow_umask(f, umask=mask)
         # Index first, data file last: a reader opening ``output`` then finds a matching .db.
         os.replace(target.with_name(target.name + ".db"), db)
         os.replace(target, output)
@@ -172,6 +173,8 @@ def export_mindrecord(
     output = Path(output)
     if output.is_dir():
         raise ConfigError(f"{output}: is a folder; -o names the MindRecord file to write")
+    refuse_overwriting([shards_dir], output)
+    refuse_overwriting([shards_dir], f"{output}.db")
     reader = ShardReader(shards_dir, split=split)
     if len(reader) == 0:
         raise ShardError(f"{shards_dir}: split {split!r} has no rows to export")

@@ -14,6 +14,7 @@ from typing import Any
 
 from sftdata.conversation import Conversation
 from sftdata.errors import ConversionError
+from sftdata.inputs import inside
 from sftdata.sources import alpaca, openai, sharegpt
 from sftdata.sources.base import RecordError, apply_mapping, record_id, run_adapter, source_of
 
@@ -41,14 +42,6 @@ def _drop_nulls(value: Any) -> Any:
     return value
 
 
-def inside(folder: Path, name: Any) -> bool:
-    """Whether the relative path ``name`` stays inside ``folder``, links resolved."""
-    if not isinstance(name, str) or not name or Path(name).is_absolute():
-        return False
-    root = folder.resolve()
-    return (root / name).resolve().is_relative_to(root)
-
-
 def check_saved_dataset(path: Path) -> None:
     """Refuse a saved dataset whose metadata names files outside its folder before ``datasets``
     opens them (``state.json`` ``_data_files``, ``dataset_dict.json`` ``splits``).
@@ -69,7 +62,8 @@ def check_saved_dataset(path: Path) -> None:
     folders = [path]
     if (path / "dataset_dict.json").is_file():
         meta = path / "dataset_dict.json"
-        splits = read(meta).get("splits") if isinstance(read(meta), dict) else None
+        info = read(meta)
+        splits = info.get("splits") if isinstance(info, dict) else None
         if not isinstance(splits, list):
             raise ConversionError(f"{meta}: 'splits' must be a list of split names")
         for k, name in enumerate(splits):
