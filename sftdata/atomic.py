@@ -141,3 +141,41 @@ def replace_dir(src: Path, path: Path) -> None:
         os.replace(path, old)
     os.replace(src, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive(output: str | os.PathLike[str], *, writer: str) -> Iterator[None]:
+    """Hold an exclusive lock beside the folder ``output`` while ``writer`` (a command, for the
+    message) writes it: a second writer fails at once with one line instead of destroying the
+    first one's work. The lock is ``.NAME.lock`` in the parent (the folder itself may be
+    replaced whole); the parent is made if missing.
+
+    Raises:
+        ConfigError: another process holds the lock, or the parent cannot be written.
+    """
+    import fcntl
+
+    out = Path(output)
+    lock = out.with_name(f".{out.name}.lock")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
+    except OSError as e:
+        raise ConfigError(
+            f"{e.filename or out}: cannot create the output ({e.strerror or e})"
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"{out}: another {writer} is writing this folder (lock {lock}); wait for it or "
+                "write elsewhere"
+            ) from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)  # while still held, so no other writer holds it then
+    finally:
+        os.close(fd)

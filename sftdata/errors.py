@@ -23,5 +23,9 @@ class ShardError(SftError):
     """A shard folder is missing, incomplete, foreign, corrupted or unsafe."""
 
 
+class CheckpointError(SftError):
+    """A training checkpoint cannot be written (disk full, permissions) or read back intact."""
+
+
 class ConfigError(SftError):
     """A training/packing configuration is unknown, ill-typed or impossible."""

@@ -40,14 +40,22 @@ def unspool_message(message: str) -> str:
     return message
 
 
+_DEV_FILESYSTEMS = ("/dev/shm/",)
+"""A filesystem mounted under /dev (tmpfs): its regular files are files like any other."""
+
+
 def is_special(path: str | os.PathLike[str]) -> bool:
-    """``-``, anything under /dev or /proc (``/dev/stdout`` links to whatever file descriptor 1
-    is, a regular file when output is redirected: renaming onto it would replace the link), or
+    """``-``, anything under /dev (but /dev/shm) or /proc (``/dev/stdout`` links to whatever
+    file descriptor 1 is, a regular file when output is redirected: renaming onto it would
+    replace the link), or
     an existing path that is neither a regular file nor a folder (a pipe, a FIFO, a device,
     ``<(...)``). Such a path is read once (:func:`readable`) and written into, never replaced
     (``sftdata.atomic.atomic_file``)."""
     text = os.fspath(path)
-    if text == STDIN or os.path.abspath(text).startswith(("/dev/", "/proc/")):
+    absolute = os.path.abspath(text)
+    if text == STDIN or (
+        absolute.startswith(("/dev/", "/proc/")) and not absolute.startswith(_DEV_FILESYSTEMS)
+    ):
         return True
     try:
         mode = os.stat(text).st_mode

@@ -19,16 +19,16 @@ rejects keys LLaMA-Factory itself would not know.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftdata.conversation import Conversation, json_problem, loads_strict
+from sftdata.conversation import Conversation
 from sftdata.errors import ConfigError, ConversionError
 from sftdata.inputs import inside
+from sftdata.jsonfile import read_json
 
 logger = logging.getLogger("sftpipe")
 
@@ -92,17 +92,9 @@ def load_registry(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / "dataset_info.json"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConversionError(f"{path}: no such file (--dataset-info)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path}: cannot read ({e})") from None
-    try:
-        data = loads_strict(text)
-    except ValueError as e:
-        line = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
-        raise ConversionError(f"{path}{line}: invalid JSON ({json_problem(e)})") from None
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file (--dataset-info)")
+    data = read_json(path, error=ConversionError)
     if not isinstance(data, dict):
         raise ConversionError(f"{path}: expected a JSON object of dataset entries")
     return data

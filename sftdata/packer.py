@@ -43,10 +43,10 @@ from typing import Any
 import numpy as np
 
 from sftdata import __version__
-from sftdata.atomic import replace_dir
+from sftdata.atomic import exclusive, replace_dir
 from sftdata.conversation import Conversation, parse_jsonl_line, read_jsonl
 from sftdata.errors import ConfigError, ConversionError, ShardError, ValidationError
-from sftdata.inputs import refuse_overwriting
+from sftdata.inputs import refuse_overwriting, shown
 from sftdata.pack import build_row, efficiency, pack_rows
 from sftdata.render import TRAIN_ON
 from sftdata.shards import INDEX_NAME, KIND, ShardReader, ShardWriter, write_index
@@ -523,7 +523,7 @@ def _hash_inputs(inputs: Sequence[Path]) -> tuple[list[dict[str, Any]], int]:
                 h.update(block)
                 size += len(block)
                 lines += block.count(b"\n")
-        out.append({"file": p.name, "bytes": size, "sha256": h.hexdigest()})
+        out.append({"file": Path(shown(p)).name, "bytes": size, "sha256": h.hexdigest()})
     return out, lines
 
 
@@ -543,7 +543,7 @@ def fingerprint(
 
 
 def _existing_index(output: Path) -> dict[str, Any] | None:
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, RecursionError):
         d = json.loads((output / INDEX_NAME).read_text(encoding="utf-8"))
         if isinstance(d, dict) and d.get("kind") == KIND:
             return d
@@ -615,9 +615,9 @@ def pack(
         else:
             return PackReport.from_index(output, old, noop=True, seconds=time.perf_counter() - t0)
 
-    with _exclusive(output):
+    with exclusive(output, writer="sftdata pack"):
         work = output.with_name(f".{output.name}.partial")
-        try:  # the parent folder exists: _exclusive made it for its lock
+        try:  # the parent folder exists: exclusive() made it for its lock
             shutil.rmtree(work, ignore_errors=True)  # a stale one from a killed run
             work.mkdir()
         except OSError as e:
@@ -647,37 +647,6 @@ def pack(
             shutil.rmtree(work, ignore_errors=True)
             raise
         return PackReport.from_index(output, index, noop=False, seconds=time.perf_counter() - t0)
-
-
-@contextlib.contextmanager
-def _exclusive(output: Path) -> Iterator[None]:
-    """Hold an exclusive lock beside ``output`` while it is written: a second pack into the same
-    folder fails at once with one line instead of destroying the first one's work folder."""
-    import fcntl
-
-    lock = output.with_name(f".{output.name}.lock")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
-    except OSError as e:
-        raise ShardError(
-            f"{e.filename or output}: cannot create the output ({e.strerror or e})"
-        ) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ShardError(
-                f"{output}: another sftdata pack is writing this folder (lock {lock}); wait for it "
-                "or write elsewhere"
-            ) from None
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(lock)  # while still held, so no other pack holds it then
-    finally:
-        os.close(fd)
 
 
 def _spec_of(spec: str) -> str:

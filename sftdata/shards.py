@@ -28,6 +28,7 @@ import numpy as np
 from sftdata import SCHEMAS_DIR
 from sftdata.atomic import atomic_file
 from sftdata.errors import ShardError
+from sftdata.jsonfile import read_json_object
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
@@ -213,12 +214,7 @@ def read_index(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise ShardError(
             f"{folder}: no {INDEX_NAME} (not a shard folder, or an interrupted pack: run it again)"
         )
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(index, dict):
-        raise ShardError(f"{path}: expected a JSON object")
+    index = read_json_object(path, error=ShardError)
     version = index.get("format_version")
     if version != FORMAT_VERSION:
         raise ShardError(

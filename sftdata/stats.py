@@ -59,7 +59,7 @@ def shard_lengths(folder: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]
 
 
 def jsonl_lengths(
-    inputs: Sequence[Path], *, tokenizer: str, template: str, train_on: str
+    inputs: Sequence[str | Path], *, tokenizer: str, template: str, train_on: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-record lengths and trained counts of canonical JSONL files, rendered and encoded."""
     from sftdata.packer import PackOptions, encode_chunk, read_chunks

@@ -234,7 +234,7 @@ def stop_tokens(tok: Any) -> tuple[str, ...]:
     where = Path(str(getattr(tok, "name_or_path", "") or ""))
     config = where / "generation_config.json"
     ids: Any = None
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, RecursionError, AttributeError):
         if config.is_file():
             ids = json.loads(config.read_text(encoding="utf-8")).get("eos_token_id")
     if isinstance(ids, int) and not isinstance(ids, bool):
@@ -405,7 +405,7 @@ def _read_cached(path: Path, key: str) -> TokenizerSnapshot | None:
             stop_tokens=tuple(d["stop_tokens"]),
             max_length=d["max_length"],
         )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
 
 

@@ -32,7 +32,8 @@ import numpy as np
 
 from sftdata import SCHEMAS_DIR, __version__
 from sftdata.atomic import atomic_dir
-from sftdata.errors import ConfigError, SftError
+from sftdata.errors import CheckpointError, ConfigError
+from sftdata.jsonfile import read_json
 from sfttrain.config import TrainConfig, config_from_dict, trajectory_hash
 
 FORMAT_VERSION = 1
@@ -43,10 +44,6 @@ OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 CHECKPOINTS = "checkpoints"
 SCHEMA_PATH = SCHEMAS_DIR / "checkpoint.v1.json"
-
-
-class CheckpointError(SftError):
-    """A checkpoint cannot be written (disk full, permissions) or read."""
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -329,10 +326,7 @@ def read_state(folder: str | Path) -> dict[str, Any]:
             f"{folder}: checkpoint is incomplete (no {MARKER} marker); resume from an earlier one"
         )
     path = folder / STATE_FILE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: cannot read checkpoint state ({e})") from None
+    state = read_json(path, error=ConfigError, what="checkpoint state")
     if not isinstance(state, dict) or state.get("kind") != KIND:
         raise ConfigError(f"{path}: not an sftpipe checkpoint")
     if state.get("format_version") != FORMAT_VERSION:

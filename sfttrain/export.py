@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from sftdata.atomic import exclusive
 from sftdata.errors import ConfigError
+from sftdata.jsonfile import read_json_object
 from sfttrain.checkpoint import written
 from sfttrain.model import adapter_base, is_adapter_dir, load_for_inference, load_tokenizer_for
 
@@ -32,15 +34,11 @@ def check_mergeable_base(base: str | Path) -> None:
     full-precision weights to merge into; rounding the merged sum back to 4 bits would destroy the
     update, so it is refused.
     """
-    import json
 
     cfg = Path(base) / "config.json"
     if not cfg.is_file():
         return  # load_for_inference reports a missing base in its own words
-    try:
-        quant = json.loads(cfg.read_text(encoding="utf-8")).get("quantization_config")
-    except (OSError, ValueError):
-        return
+    quant = read_json_object(cfg, error=ConfigError, strict=False).get("quantization_config")
     if quant:
         raise ConfigError(
             f"{cfg}: the adapter's base holds quantised weights ({quant.get('quant_method', 'quantised')}); "
@@ -81,6 +79,11 @@ def export_checkpoint(
             f"{out}: the folder already holds files; pass --overwrite to replace it, or give "
             "another -o"
         )
+    with exclusive(out, writer="sfttrain export"):
+        return _export(src, out, merge=merge, dtype=dtype)
+
+
+def _export(src: Path, out: Path, *, merge: bool, dtype: str) -> str:
     target_dtype = torch_dtype(dtype)
     tokenizer = load_tokenizer_for(src)
     if is_adapter_dir(src) and not merge:

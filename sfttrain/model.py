@@ -20,7 +20,6 @@ sequence, so ``LossModel`` flattens [B, L] rows to [1, B·L] under it (see ``Los
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch
 
 from sftdata import IGNORE_INDEX
 from sftdata.errors import ConfigError
+from sftdata.jsonfile import read_json_object
 from sfttrain.config import TrainConfig, lora_target_modules
 
 # Implementation -> the isolation mechanism `attn_isolation: auto` picks (tested in test_model.py).
@@ -85,15 +85,9 @@ def check_model_dir(path: str | Path) -> Path:
 
 def _check_weight_map(index: Path) -> None:
     """Every shard a safetensors index names is a ``.safetensors`` file inside its folder."""
-    from sftdata.conversation import json_problem, loads_strict
     from sftdata.inputs import inside
 
-    try:
-        weight_map = loads_strict(index.read_text(encoding="utf-8")).get("weight_map")
-    except (OSError, UnicodeDecodeError, AttributeError) as e:
-        raise ConfigError(f"{index}: cannot read ({e})") from None
-    except ValueError as e:
-        raise ConfigError(f"{index}: invalid JSON ({json_problem(e)})") from None
+    weight_map = read_json_object(index, error=ConfigError, strict=False).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ConfigError(f"{index}: 'weight_map' must map tensor names to files")
     for tensor, name in weight_map.items():
@@ -130,10 +124,9 @@ def is_adapter_dir(path: str | Path) -> bool:
 def adapter_base(path: str | Path) -> str:
     """The base model an adapter folder was trained on (``base_model_name_or_path``)."""
     p = Path(path) / "adapter_config.json"
-    try:
-        base = json.loads(p.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{p}: cannot read adapter config ({e})") from None
+    base = read_json_object(p, error=ConfigError, strict=False, what="adapter config").get(
+        "base_model_name_or_path"
+    )
     if not base:
         raise ConfigError(
             f"{p}: base_model_name_or_path is missing; pass --model BASE --adapter {path}"

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sftdata.atomic import atomic_file
+from sftdata.atomic import atomic_file, exclusive
 from sftdata.errors import ConfigError
 from sfttrain.checkpoint import (
     check_resumable,
@@ -212,7 +212,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(row, dict):
             rows.append(row)
@@ -377,8 +377,33 @@ def train(
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Fine-tune ``model_spec`` ("tiny" or a local HF folder) on a shard folder; see the module doc."""
+    """Fine-tune ``model_spec`` ("tiny" or a local HF folder) on a shard folder; see the module doc.
+
+    Rank 0 holds an exclusive lock on ``output_dir`` for the whole run: a second run into the same
+    folder fails at once (torchrun then stops its other ranks) instead of interleaving checkpoints.
+    """
     dist = dist or Dist()
+    lock = (
+        exclusive(output_dir, writer="sfttrain run") if dist.is_main else contextlib.nullcontext()
+    )
+    with lock:
+        return _train(
+            config, shards=shards, output_dir=output_dir, model_spec=model_spec, resume=resume,
+            dist=dist, progress=progress, on_step=on_step,
+        )  # fmt: skip
+
+
+def _train(
+    config: TrainConfig,
+    *,
+    shards: str | Path,
+    output_dir: str | Path,
+    model_spec: str,
+    resume: str | None,
+    dist: Dist,
+    progress: bool,
+    on_step: Callable[[int], None] | None,
+) -> TrainResult:
     device = dist.device
     run_dir = Path(output_dir)
     shards = Path(shards)
@@ -403,6 +428,20 @@ def train(
             f"{run_dir}: already holds checkpoints of a run; continue it with --resume auto, "
             "or give another -o folder"
         )
+    # The checkpoint to resume is read and checked before anything is written into the run.
+    shard_id = shards_identity(shards, reader.index)
+    resumed_from, state = None, None
+    resume_notes: list[str] = []
+    if resume is not None:
+        resumed_from, resume_notes = resolve_resume(resume, run_dir)
+        if resumed_from is not None:
+            state = check_resumable(
+                resumed_from,
+                config=config,
+                shards=shard_id,
+                model_spec=model_spec,
+                world_size=dist.world_size,
+            )
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(run_dir)
@@ -426,22 +465,11 @@ def train(
     total_steps = sampler.total_steps(
         num_train_epochs=config.num_train_epochs, max_steps=config.max_steps
     )
-    shard_id = shards_identity(shards, reader.index)
-    step, trained_total, resumed_from, state = 0, 0, None, None
-    resume_notes: list[str] = []
-    if resume is not None:
-        resumed_from, resume_notes = resolve_resume(resume, run_dir)
-        if resumed_from is not None:
-            state = check_resumable(
-                resumed_from,
-                config=config,
-                shards=shard_id,
-                model_spec=model_spec,
-                world_size=dist.world_size,
-            )
-            # Weights go into the UNWRAPPED model: every rank loads the full tensors, then
-            # DDP/FSDP wraps (FSDP shards what was loaded), whatever rank count saved them.
-            load_weights(model, resumed_from, finetuning_type=state["finetuning_type"])
+    step, trained_total = 0, 0
+    if resumed_from is not None and state is not None:
+        # Weights go into the UNWRAPPED model: every rank loads the full tensors, then
+        # DDP/FSDP wraps (FSDP shards what was loaded), whatever rank count saved them.
+        load_weights(model, resumed_from, finetuning_type=state["finetuning_type"])
     seq_len = int(reader.index["seq_len"])
     flops_per_token = model_flops_per_token(model, seq_len=seq_len)  # before sharding
     peak_tflops = device_peak_tflops(device, config.peak_tflops)

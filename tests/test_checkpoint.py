@@ -25,8 +25,8 @@ from sfttrain_helpers import (
     train_losses,
 )
 
-from sftdata.errors import ConfigError
-from sfttrain.checkpoint import MARKER, CheckpointError, complete_checkpoints, read_state
+from sftdata.errors import CheckpointError, ConfigError
+from sfttrain.checkpoint import MARKER, complete_checkpoints, read_state
 from sfttrain.config import build_config
 from sfttrain.train import train
 

@@ -377,6 +377,54 @@ PATH_CASES = [
 ]  # fmt: skip
 
 
+# JSON files beside the data (indexes, configs, checkpoint state) nested past the parser's depth.
+DEEP = "[" * 100_000
+
+
+def _deep_shard_index(folder: Path) -> list[str]:
+    _shards(folder)
+    (folder / "shards" / "index.json").write_text(DEEP, encoding="utf-8")
+    return ["sftdata", "inspect", "shards"]
+
+
+def _deep_checkpoint_state(folder: Path) -> list[str]:
+    _shards(folder)
+    _write(folder, "out/checkpoints/step-0000001/COMPLETE", "step 1\n")  # the pre-checksum marker
+    _write(folder, "out/checkpoints/step-0000001/trainer_state.json", DEEP)
+    return [
+        "sfttrain",
+        "run",
+        "shards",
+        "--model",
+        "tiny",
+        "-o",
+        "out",
+        "--resume",
+        "auto",
+        "--no-progress",
+    ]
+
+
+def _deep_adapter_config(folder: Path) -> list[str]:
+    _write(folder, "adapter/adapter_config.json", DEEP)
+    _write(folder, "adapter/adapter_model.safetensors", b"")
+    return ["sfttrain", "generate", "--model", "adapter", "--prompt", "hi"]
+
+
+def _deep_weight_map(folder: Path) -> list[str]:
+    _write(folder, "model/config.json", json.dumps({"model_type": "llama"}))
+    _write(folder, "model/model.safetensors.index.json", DEEP)
+    return ["sfttrain", "generate", "--model", "model", "--prompt", "hi"]
+
+
+DEEP_JSON_CASES = [
+    Case("deep-shard-index", _deep_shard_index, r"shards/index\.json: invalid JSON \(nested too deeply\)", ()),
+    Case("deep-checkpoint-state", _deep_checkpoint_state, r"state\.json: invalid JSON \(nested too deeply\)", ()),
+    Case("deep-adapter-config", _deep_adapter_config, r"adapter_config\.json: invalid JSON \(nested too deeply\)", ()),
+    Case("deep-weight-map", _deep_weight_map, r"model\.safetensors\.index\.json: invalid JSON \(nested too deeply\)", ()),
+]  # fmt: skip
+
+
 # A full disk while writing (RLIMIT_FSIZE: the write fails with EFBIG): one line, nothing left.
 BIG = [json.dumps(_record(i, "word " * 200)) for i in range(400)]
 FULL = r"(File too large|cannot write)"
@@ -429,6 +477,16 @@ def _pack_while_locked(folder: Path) -> list[str]:
     return ["sftdata", "pack", data, "-o", "out", "--tokenizer", "tiny", "--seq-len", "64"]
 
 
+def _train_while_locked(folder: Path) -> list[str]:
+    import fcntl
+
+    _shards(folder)
+    fd = os.open(folder / ".out.lock", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another run holds the folder
+    _HELD.append(fd)
+    return ["sfttrain", "run", "shards", "--model", "tiny", "-o", "out", "--no-progress"]
+
+
 _HELD: list[int] = []
 OUTPUT_CASES = [
     Case("convert-onto-its-input", lambda d: ["sftdata", "convert", _jsonl(d, GOOD), "-o", "data.jsonl"], r"data\.jsonl: the output would overwrite the input data\.jsonl", ()),
@@ -436,6 +494,7 @@ OUTPUT_CASES = [
     Case("mindrecord-into-its-shards", _mindrecord_into_shards, r"shards/x\.mindrecord: the output would overwrite the input shards", ("shards/x.mindrecord",)),
     Case("pack-into-folder-holding-input", lambda d: ["sftdata", "pack", _jsonl(d, GOOD, "out/data.jsonl"), "-o", "out", "--tokenizer", "tiny", "--seq-len", "64"], r"out: the output would overwrite the input out/data\.jsonl", ()),
     Case("pack-while-another-writes", _pack_while_locked, r"out: another sftdata pack is writing this folder"),
+    Case("train-while-another-trains", _train_while_locked, r"out: another sfttrain run is writing this folder"),
     Case("sfttrain-export-into-nonempty", _export_into_existing, r"mine: the folder already holds files; pass --overwrite", ()),
 ]  # fmt: skip
 
@@ -449,6 +508,7 @@ CASES = [
     *TEMPLATE_CASES,
     *PACK_CASES,
     *PATH_CASES,
+    *DEEP_JSON_CASES,
     *FULL_DISK_CASES,
     *OUTPUT_CASES,
 ]

@@ -65,6 +65,45 @@ def test_convert_reads_process_substitution_and_fifo(tmp_path: Path) -> None:
     assert len(_records(tmp_path / "b.jsonl")) == len(RECORDS)
 
 
+def test_pack_and_stats_read_standard_input_as_the_file(tmp_path: Path) -> None:
+    (tmp_path / "raw.json").write_text(RAW, encoding="utf-8")
+    assert sftdata("convert", "raw.json", "-o", "data.jsonl", cwd=tmp_path).returncode == 0
+    data = (tmp_path / "data.jsonl").read_text(encoding="utf-8")
+    pack = ["-o", "shards", "--tokenizer", "tiny", "--seq-len", "2048"]
+    r = sftdata("pack", "-", *pack, cwd=tmp_path, stdin=data)
+    assert r.returncode == 0, r.stderr
+    index = json.loads((tmp_path / "shards" / "index.json").read_text(encoding="utf-8"))
+    assert [i["file"] for i in index["inputs"]] == ["<stdin>"]  # not the private copy's name
+    # the same bytes from the file: same fingerprint, so the shards are already up to date
+    r = sftdata("pack", "data.jsonl", *pack, cwd=tmp_path)
+    assert r.returncode == 0 and "already up to date" in r.stdout, r.stdout + r.stderr
+
+    stats = ["--tokenizer", "tiny", "--seq-len", "2048"]
+    from_file = sftdata("stats", "data.jsonl", *stats, cwd=tmp_path)
+    from_stdin = sftdata("stats", "-", *stats, cwd=tmp_path, stdin=data)
+    assert from_file.returncode == 0 and from_stdin.returncode == 0, from_stdin.stderr
+    assert "records 300;" in from_stdin.stdout
+    assert from_stdin.stdout.splitlines()[1:] == from_file.stdout.splitlines()[1:]
+
+
+def test_a_file_in_dev_shm_is_an_ordinary_output(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        # every Linux CI machine has a writable tmpfs here; other systems have no /dev/shm
+        assert sys.platform != "linux", "/dev/shm is missing or read-only"
+        return
+    (tmp_path / "raw.json").write_text(RAW, encoding="utf-8")
+    out = shm / f"sftpipe-test-{os.getpid()}.jsonl"
+    out.write_text("stale line\n", encoding="utf-8")
+    try:
+        r = sftdata("convert", "raw.json", "-o", str(out), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        lines = out.read_text(encoding="utf-8").splitlines()
+        assert len(lines) == len(RECORDS) and "stale" not in lines[0]  # replaced, not appended to
+    finally:
+        out.unlink(missing_ok=True)
+
+
 def test_an_error_in_standard_input_names_it(tmp_path: Path) -> None:
     r = sftdata("validate", "-", cwd=tmp_path, stdin='{"schema_version": 2, "id": "x"\n')
     assert r.returncode == 1

@@ -54,6 +54,29 @@ def test_hostile_template_is_stopped_quickly(name: str) -> None:
     assert time.perf_counter() - t0 < 20
 
 
+TRUSTED_BOUNDS = ["nested-range", "nested-string-loops", "tilde-doubling", "output"]
+
+
+@pytest.mark.parametrize("name", TRUSTED_BOUNDS)
+def test_built_in_templates_keep_loop_concat_and_output_bounds(name: str) -> None:
+    # our own files compile without the sandbox (speed), but with the same loop, '~', range()
+    # and output bounds: a record's data cannot make them loop or grow without end either
+    t = JinjaTemplate(HOSTILE[name], where="ours.jinja", specials=SPECIALS, trusted=True)
+    with pytest.raises(bounds.TemplateBoundError):
+        t.render(MSGS, None, False)
+
+
+def test_built_in_template_loops_spend_the_budget(monkeypatch) -> None:
+    from sftdata.templates import load_template
+
+    _, _, t = load_template("chatml", None, specials=SPECIALS)
+    many = MSGS * 20
+    assert t.render(many, None, False).count("<|im_start|>") == 40
+    monkeypatch.setattr(bounds, "MAX_STEPS", 10)
+    with pytest.raises(bounds.TemplateBoundError, match="more than 10 loop iterations"):
+        t.render(many, None, False)
+
+
 def test_ordinary_templates_are_unaffected() -> None:
     src = (
         "{% for m in messages %}{{ loop.index }}/{{ loop.length }} {{ m.role }}: "

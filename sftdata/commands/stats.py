@@ -53,6 +53,7 @@ def command(
 ) -> None:
     """Token-length distribution, trained ratio and packing efficiency of a shard folder or JSONL files."""
     from sftdata.errors import ConfigError
+    from sftdata.inputs import readable
     from sftdata.stats import (
         jsonl_lengths,
         packing_estimate,
@@ -77,9 +78,10 @@ def command(
         for p in inputs:
             if p.is_dir():
                 raise ConfigError(f"{p}: a folder among JSONL inputs (give one shard folder alone)")
-        lens, trained = jsonl_lengths(
-            inputs, tokenizer=tokenizer, template=template, train_on=train_on
-        )
+        with readable([str(p) for p in inputs]) as paths:  # '-', pipes and FIFOs read once
+            lens, trained = jsonl_lengths(
+                paths, tokenizer=tokenizer, template=template, train_on=train_on
+            )
         seq = seq_len
         eff_line = None
         if seq_len:

@@ -49,15 +49,10 @@ def check_saved_dataset(path: Path) -> None:
     Raises:
         ConversionError: naming the metadata file, the key and the path.
     """
-    from sftdata.conversation import json_problem, loads_strict
+    from sftdata.jsonfile import read_json
 
     def read(meta: Path) -> Any:
-        try:
-            return loads_strict(meta.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConversionError(f"{meta}: cannot read ({e})") from None
-        except ValueError as e:
-            raise ConversionError(f"{meta}: invalid JSON ({json_problem(e)})") from None
+        return read_json(meta, error=ConversionError)
 
     folders = [path]
     if (path / "dataset_dict.json").is_file():

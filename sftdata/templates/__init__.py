@@ -117,11 +117,11 @@ def _direct_calls() -> type:
     an Alpaca record with the llama2 template). Our templates call only str/list/dict methods,
     macros, ``raise_exception``, ``strftime_now`` and Jinja's default globals, none of which
     carry such a marker (checked in :func:`_jinja_env`), so the plain call does the same. Calls
-    that forward ``caller`` (``{% call %}`` blocks) keep Jinja's path.
+    that forward ``caller`` (``{% call %}`` blocks) keep Jinja's path. Loop items still spend
+    the step budget and ``~`` is still checked (bounds.py), as in the sandbox.
     """
-    from jinja2.compiler import CodeGenerator
 
-    class DirectCalls(CodeGenerator):
+    class DirectCalls(bounds.sandbox_generator()):  # loops and '~' still bounded
         def visit_Call(self, node: Any, frame: Any, forward_caller: bool = False) -> None:
             if forward_caller or self.environment.is_async:
                 return super().visit_Call(node, frame, forward_caller)
@@ -155,6 +155,8 @@ def _jinja_env(*, sandboxed: bool = True) -> Any:
     base = ImmutableSandboxedEnvironment if sandboxed else jinja2.Environment
 
     class env_class(base):  # type: ignore[misc, valid-type]
+        checked_concat = staticmethod(bounds.checked_concat)
+        counted_iter = staticmethod(bounds.counted_iter)
         if not sandboxed:
             code_generator_class = _direct_calls()
         else:
@@ -169,9 +171,6 @@ def _jinja_env(*, sandboxed: bool = True) -> Any:
             def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
                 bounds.check_call(obj, args, kwargs)
                 return super().call(context, obj, *args, **kwargs)
-
-            checked_concat = staticmethod(bounds.checked_concat)
-            counted_iter = staticmethod(bounds.counted_iter)
 
         # ``message.role`` on a dict: Jinja tries getattr first, which raises AttributeError
         # for every key before it falls back to ``obj[key]`` (profiled: the largest single cost

@@ -13,8 +13,8 @@ time limit would make the packed output depend on the machine's speed):
 - what a render outputs is counted as it is produced (``JinjaTemplate``) against :data:`MAX_CHARS`.
 
 Templates from files and tokenizer configs run in Jinja's sandbox with all of these. Our own
-built-in files skip the sandbox for speed (templates/__init__.py) and keep the range and output
-bounds: their loops run over the record's messages and tools only.
+built-in files skip the sandbox for speed (templates/__init__.py) and keep the loop, ``~``,
+range and output bounds: what they do grows only with the record's messages and tools.
 """
 
 from __future__ import annotations
@@ -204,8 +204,20 @@ def bounded_filter(name: str, fn: Any) -> Any:
     return wrapped
 
 
-def counted_iter(iterable: Any) -> Iterator[Any]:
-    """A sandboxed ``{% for %}``'s items, each spending a step."""
+def counted_iter(iterable: Any) -> Any:
+    """A ``{% for %}``'s items, each spending a step: a sized iterable (a list, a string, a
+    range) spends its length up front and is returned as it is, so Jinja's ``loop.last`` and
+    ``loop.length`` stay cheap (a generator would make every ``loop.last`` peek ahead); anything
+    else spends per item."""
+    try:
+        n = len(iterable)
+    except TypeError:
+        return _counted(iterable)
+    spend(n)
+    return iterable
+
+
+def _counted(iterable: Any) -> Iterator[Any]:
     for x in iterable:
         spend()
         yield x

@@ -96,7 +96,7 @@ def command(
     _quiet_libraries()
     dist = dist_from_env(config)
 
-    from sfttrain.checkpoint import CheckpointError
+    from sftdata.errors import CheckpointError
     from sfttrain.train import train
 
     try:

@@ -1,0 +1,60 @@
+"""Reading a JSON file someone handed us: every way it can be wrong is one line naming the file.
+
+``json.loads`` raises ``RecursionError`` (not a ValueError) for deep nesting, and
+``read_text`` raises ``UnicodeDecodeError``; callers that caught ``ValueError`` alone printed a
+traceback for ``[[[[…`` in an index or config file. This is the one place that maps them all.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sftdata.conversation import json_problem, loads_strict
+from sftdata.errors import SftError
+
+
+def read_json(
+    path: str | Path, *, error: type[SftError], strict: bool = True, what: str = ""
+) -> Any:
+    """The parsed content of ``path``.
+
+    Args:
+        error: the error class raised (the caller's part of the error tree).
+        strict: refuse NaN/Infinity (our own formats); third-party configs may carry them.
+        what: what the file is, for the message ("adapter config").
+
+    Raises:
+        error: missing, unreadable, not UTF-8, invalid JSON or nested too deeply, naming the file
+            (and the line for syntax errors).
+    """
+    path = Path(path)
+    label = f" ({what})" if what else ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: no such file{label}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start}){label}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e}){label}") from None
+    try:
+        if strict:
+            return loads_strict(text)
+        return json.loads(text)
+    except RecursionError:
+        raise error(f"{path}: invalid JSON (nested too deeply){label}") from None
+    except ValueError as e:
+        line = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise error(f"{path}{line}: invalid JSON ({json_problem(e)}){label}") from None
+
+
+def read_json_object(
+    path: str | Path, *, error: type[SftError], strict: bool = True, what: str = ""
+) -> dict[str, Any]:
+    """:func:`read_json` for a file that must hold one JSON object."""
+    value = read_json(path, error=error, strict=strict, what=what)
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object{f' ({what})' if what else ''}")
+    return value
