@@ -423,11 +423,7 @@ def _train(
         device=device,
     )
     check_compatible(reader.index, tokenizer, base, shards_dir=shards, model_spec=model_spec)
-    if resume is None and latest_checkpoint(run_dir) is not None:
-        raise ConfigError(
-            f"{run_dir}: already holds checkpoints of a run; continue it with --resume auto, "
-            "or give another -o folder"
-        )
+    _check_run_dir(run_dir, resume=resume)
     # The checkpoint to resume is read and checked before anything is written into the run.
     shard_id = shards_identity(shards, reader.index)
     resumed_from, state = None, None
@@ -696,6 +692,43 @@ def _autocast(config: TrainConfig, device: torch.device) -> Callable[[], Any]:
     if not config.bf16:
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+RUN_ENTRIES = frozenset(
+    {
+        "checkpoints",
+        "final",
+        "final_merged",
+        "base_model",
+        "metrics.jsonl",
+        "loss.png",
+        "tensorboard",
+    }
+)
+"""What a run writes into its folder; anything else there is someone else's."""
+
+
+def _check_run_dir(run_dir: Path, *, resume: str | None) -> None:
+    """A run writes into an empty or new folder, or continues its own (``--resume``); it never
+    replaces a finished run's ``final/`` or mixes its files with a user's."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: exists and is not a folder; -o names the run's folder")
+    # dot names: temp files of a killed write (atomic_file/written) and the user's own hidden ones
+    foreign = sorted(
+        p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES and p.name[0] != "."
+    )
+    if foreign:
+        raise ConfigError(
+            f"{run_dir}: holds files that are not a sfttrain run's ({', '.join(foreign[:3])}); "
+            "give an empty or new -o folder"
+        )
+    if resume is None and (latest_checkpoint(run_dir) is not None or (run_dir / "final").exists()):
+        raise ConfigError(
+            f"{run_dir}: already holds a run (checkpoints or final/); continue it with "
+            "--resume auto, or give another -o folder"
+        )
 
 
 def _base_model_dir(

@@ -305,7 +305,7 @@ def test_fresh_run_refuses_a_folder_with_checkpoints_and_resume_skips_a_torn_lin
         model_spec=str(model_dir),
         progress=False,
     )
-    with pytest.raises(ConfigError, match=r"already holds checkpoints .* --resume auto"):
+    with pytest.raises(ConfigError, match=r"already holds a run .* --resume auto"):
         train(
             _cfg(save_steps=2),
             shards=shards,
