@@ -600,9 +600,12 @@ class Renderer:
     ) -> str | None:
         """What of the record no sample's text holds ("message 3 (tool)", ...), or None."""
         texts = [s.text for s in samples]
+        only = texts[0] if len(texts) == 1 else None  # the usual case: one sample
 
         def found(needle: str) -> bool:
             needle = needle.strip()
+            if only is not None:
+                return not needle or needle in only
             return not needle or any(needle in t for t in texts)
 
         for i, m in enumerate(conv.messages):
