@@ -37,6 +37,7 @@ import torch
 
 from sftdata.atomic import atomic_file, exclusive
 from sftdata.errors import ConfigError
+from sftdata.inputs import refuse_overwriting
 from sfttrain.checkpoint import (
     check_resumable,
     latest_checkpoint,
@@ -423,7 +424,7 @@ def _train(
         device=device,
     )
     check_compatible(reader.index, tokenizer, base, shards_dir=shards, model_spec=model_spec)
-    _check_run_dir(run_dir, resume=resume)
+    _check_run_dir(run_dir, shards=shards, resume=resume)
     # The checkpoint to resume is read and checked before anything is written into the run.
     shard_id = shards_identity(shards, reader.index)
     resumed_from, state = None, None
@@ -708,9 +709,11 @@ RUN_ENTRIES = frozenset(
 """What a run writes into its folder; anything else there is someone else's."""
 
 
-def _check_run_dir(run_dir: Path, *, resume: str | None) -> None:
+def _check_run_dir(run_dir: Path, *, shards: Path, resume: str | None) -> None:
     """A run writes into an empty or new folder, or continues its own (``--resume``); it never
-    replaces a finished run's ``final/`` or mixes its files with a user's."""
+    replaces a finished run's ``final/``, mixes its files with a user's or writes into (or
+    around) the shard folder it reads."""
+    refuse_overwriting([shards], run_dir)
     if not run_dir.exists():
         return
     if not run_dir.is_dir():

@@ -477,6 +477,11 @@ def _pack_while_locked(folder: Path) -> list[str]:
     return ["sftdata", "pack", data, "-o", "out", "--tokenizer", "tiny", "--seq-len", "64"]
 
 
+def _train_into_shards(folder: Path) -> list[str]:
+    _shards(folder)
+    return ["sfttrain", "run", "shards", "--model", "tiny", "-o", "shards/run", "--no-progress"]
+
+
 def _train_into_users_folder(folder: Path) -> list[str]:
     _write(folder, "mine/notes.txt", "a user's own file")
     _shards(folder)
@@ -499,7 +504,9 @@ OUTPUT_CASES = [
     Case("export-onto-its-input", lambda d: ["sftdata", "export", _jsonl(d, GOOD), "--format", "openai", "-o", "data.jsonl"], r"data\.jsonl: the output would overwrite the input", ()),
     Case("mindrecord-into-its-shards", _mindrecord_into_shards, r"shards/x\.mindrecord: the output would overwrite the input shards", ("shards/x.mindrecord",)),
     Case("pack-into-folder-holding-input", lambda d: ["sftdata", "pack", _jsonl(d, GOOD, "out/data.jsonl"), "-o", "out", "--tokenizer", "tiny", "--seq-len", "64"], r"out: the output would overwrite the input out/data\.jsonl", ()),
+    Case("stats-plot-onto-its-input", lambda d: ["sftdata", "stats", _jsonl(d, GOOD), "--tokenizer", "tiny", "--plot", "data.jsonl"], r"data\.jsonl: the output would overwrite the input", ()),
     Case("pack-while-another-writes", _pack_while_locked, r"out: another sftdata pack is writing this folder"),
+    Case("train-into-its-shards", _train_into_shards, r"shards/run: the output would overwrite the input shards", ("shards/run",)),
     Case("train-into-a-users-folder", _train_into_users_folder, r"mine: holds files that are not a sfttrain run's \(notes\.txt\)", ()),
     Case("train-while-another-trains", _train_while_locked, r"out: another sfttrain run is writing this folder"),
     Case("sfttrain-export-into-nonempty", _export_into_existing, r"mine: the folder already holds files; pass --overwrite", ()),

@@ -53,7 +53,7 @@ def command(
 ) -> None:
     """Token-length distribution, trained ratio and packing efficiency of a shard folder or JSONL files."""
     from sftdata.errors import ConfigError
-    from sftdata.inputs import readable
+    from sftdata.inputs import readable, refuse_overwriting
     from sftdata.stats import (
         jsonl_lengths,
         packing_estimate,
@@ -63,6 +63,8 @@ def command(
     )
 
     lines = []
+    if plot is not None:
+        refuse_overwriting(inputs, plot)
     if len(inputs) == 1 and inputs[0].is_dir():
         lens, trained, index = shard_lengths(inputs[0])
         c = index["counts"]
