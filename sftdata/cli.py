@@ -1,11 +1,12 @@
-"""`sftdata`: the data half of sftpipe. Commands live one per module in ``sftdata.commands``."""
+"""`sftdata`: the data half of sftpipe; its commands (one module each in ``sftdata.commands``)."""
 
 from __future__ import annotations
 
 import click
 
 from sftdata import __version__
-from sftdata.clickutil import SftGroup, register_commands
+from sftdata.clickutil import SftGroup
+from sftdata.commands import convert, export, inspect, pack, stats, validate
 
 
 @click.group(cls=SftGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,4 +15,6 @@ def main() -> None:
     """Convert, validate, pack, inspect and export supervised fine-tuning data."""
 
 
-register_commands(main, "sftdata.commands")
+# Every command (--help lists them by name); each module only wires library calls together.
+for _module in (convert, validate, pack, inspect, stats, export):
+    main.add_command(_module.command)

@@ -41,20 +41,3 @@ def _exit_on_sigterm() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop)
-
-
-def register_commands(group: click.Group, package: str) -> None:
-    """Add the ``command`` object of every module in ``package`` to ``group``.
-
-    One module per command keeps the CLI files a table of contents; command modules import
-    heavy libraries (torch, transformers, pyarrow) inside their functions so ``--help`` is fast.
-    """
-    import importlib
-    import pkgutil
-
-    pkg = importlib.import_module(package)
-    for mod in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{package}.{mod.name}")
-        cmd = getattr(module, "command", None)
-        if isinstance(cmd, click.Command):
-            group.add_command(cmd)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from sftdata.atomic import atomic_file
 from sftdata.conversation import Conversation
-from sftdata.errors import ConversionError
+from sftdata.errors import ConversionError, RecordError
 from sftdata.inputs import refuse_overwriting
-from sftdata.llamafactory import RegistryEntry
 from sftdata.sources import IdAllocator, detect_format, iter_records
-from sftdata.sources.base import RecordError, set_system
+from sftdata.sources.base import set_system
+from sftdata.sources.registry import RegistryEntry
 from sftdata.validate import structure_problems
 
 #: At most this many skipped-record messages are kept in the report (the counts are complete).
@@ -99,7 +99,7 @@ def convert(
     """Convert ``inputs`` (concatenated, in order) into canonical JSONL at ``output``.
 
     Args:
-        inputs: raw files, or LLaMA-Factory registry entries (``sftdata.llamafactory``).
+        inputs: raw files, or LLaMA-Factory registry entries (``sftdata.sources.registry``).
         output: the JSONL to write (atomically: nothing is left behind on failure).
         fmt: ``"auto"`` or a format from :data:`sftdata.sources.FORMATS`.
         mapping: raw field/column → canonical field (``--map``).

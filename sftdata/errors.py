@@ -11,6 +11,14 @@ class ConversionError(SftError):
     """A raw input file or record cannot be turned into a canonical conversation."""
 
 
+class RecordError(ConversionError):
+    """One raw record cannot be converted (``--skip-invalid`` counts it under ``reason``)."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class ValidationError(SftError):
     """A canonical conversation file breaks the schema or the structural rules."""
 

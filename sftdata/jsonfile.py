@@ -8,9 +8,11 @@ traceback for ``[[[[…`` in an index or config file. This is the one place that
 from __future__ import annotations
 
 import json
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+from sftdata import SCHEMAS_DIR
 from sftdata.conversation import json_problem, loads_strict
 from sftdata.errors import SftError
 
@@ -58,3 +60,25 @@ def read_json_object(
     if not isinstance(value, dict):
         raise error(f"{path}: expected a JSON object{f' ({what})' if what else ''}")
     return value
+
+
+@cache
+def load_schema(name: str) -> Any:
+    """The validator of one of our file formats' JSON Schemas (``sftdata/schemas/NAME.json``,
+    e.g. ``shard_index.v1``), compiled once per process."""
+    import jsonschema
+
+    path = SCHEMAS_DIR / f"{name}.json"
+    return jsonschema.Draft202012Validator(json.loads(path.read_text(encoding="utf-8")))
+
+
+def schema_problem(value: Any, name: str) -> str | None:
+    """``"where/in/value: what is wrong"`` for the most relevant error of ``value`` against the
+    schema ``name``, or None when it is valid."""
+    import jsonschema
+
+    err = jsonschema.exceptions.best_match(load_schema(name).iter_errors(value))
+    if err is None:
+        return None
+    at = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+    return f"{at}: {err.message}"

@@ -36,7 +36,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -861,8 +861,3 @@ def _val_size(opts: PackOptions, n: int) -> int:
     if opts.val_fraction:
         return max(1, round(opts.val_fraction * n))
     return 0
-
-
-def options_dict(opts: PackOptions) -> dict[str, Any]:
-    """All options as a plain dict (for logs and reports)."""
-    return asdict(opts)

@@ -25,15 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from sftdata import SCHEMAS_DIR
 from sftdata.atomic import atomic_file
 from sftdata.errors import ShardError
-from sftdata.jsonfile import read_json_object
+from sftdata.jsonfile import read_json_object, schema_problem
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 KIND = "sftpipe.shards"
-SCHEMA_PATH = SCHEMAS_DIR / "shard_index.v1.json"
+SCHEMA = "shard_index.v1"
 FIXED_COLUMNS = ("input_ids", "labels", "position_ids")
 VERIFY_MODES = ("full", "lazy", "size")
 
@@ -183,15 +182,9 @@ def _string_lists(rows: Sequence[Sequence[str]]) -> Any:
 
 def validate_index(index: Any, *, where: str) -> None:
     """Check ``index`` against ``schemas/shard_index.v1.json``; ShardError naming ``where``."""
-    import jsonschema
-
-    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
-    err = jsonschema.exceptions.best_match(
-        jsonschema.Draft202012Validator(schema).iter_errors(index)
-    )
-    if err is not None:
-        at = "/".join(str(p) for p in err.absolute_path) or "(top level)"
-        raise ShardError(f"{where}: {at}: {err.message}")
+    problem = schema_problem(index, SCHEMA)
+    if problem is not None:
+        raise ShardError(f"{where}: {problem}")
 
 
 def write_index(folder: str | os.PathLike[str], index: dict[str, Any]) -> Path:

@@ -17,12 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sftdata import SCHEMAS_DIR
 from sftdata.conversation import READ_VERSIONS, ROLES, Source, invalid_json, loads_strict
+from sftdata.jsonfile import load_schema
 
 
 @dataclass(frozen=True)
@@ -69,13 +68,8 @@ class ValidationReport:
         }
 
 
-@lru_cache(maxsize=len(READ_VERSIONS))
 def _validator(version: int):
-    import jsonschema
-
-    path = SCHEMAS_DIR / f"conversation.v{version}.json"
-    schema = json.loads(path.read_text(encoding="utf-8"))
-    return jsonschema.Draft202012Validator(schema)
+    return load_schema(f"conversation.v{version}")
 
 
 def _path(parts) -> str:

@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from sftdata import SCHEMAS_DIR, __version__
+from sftdata import __version__
 from sftdata.atomic import atomic_dir
 from sftdata.errors import CheckpointError, ConfigError
-from sftdata.jsonfile import read_json
+from sftdata.jsonfile import read_json, schema_problem
 from sfttrain.config import TrainConfig, config_from_dict, trajectory_hash
 
 FORMAT_VERSION = 1
@@ -43,7 +43,7 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 CHECKPOINTS = "checkpoints"
-SCHEMA_PATH = SCHEMAS_DIR / "checkpoint.v1.json"
+SCHEMA = "checkpoint.v1"
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -338,15 +338,9 @@ def read_state(folder: str | Path) -> dict[str, Any]:
 
 
 def _validate_schema(state: dict[str, Any], *, where: str) -> None:
-    import jsonschema
-
-    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
-    err = jsonschema.exceptions.best_match(
-        jsonschema.Draft202012Validator(schema).iter_errors(state)
-    )
-    if err is not None:
-        at = "/".join(str(p) for p in err.absolute_path) or "(top level)"
-        raise ConfigError(f"{where}: {at}: {err.message}")
+    problem = schema_problem(state, SCHEMA)
+    if problem is not None:
+        raise ConfigError(f"{where}: {problem}")
 
 
 def _file_digests(folder: Path) -> dict[str, str]:
@@ -484,13 +478,6 @@ def check_resumable(
     return state
 
 
-def load_checkpoint(folder: Path, *, model, optimizer, scheduler) -> None:
-    """Weights, optimizer and scheduler state from ``folder`` (RNG is restored separately, last)."""
-    state = read_state(folder)
-    load_weights(model, folder, finetuning_type=state["finetuning_type"])
-    load_optimizer(folder, model=model, optimizer=optimizer, scheduler=scheduler)
-
-
 def load_optimizer(folder: Path, *, model, optimizer, scheduler) -> None:
     """Optimizer (full, name-keyed) and scheduler state into a possibly DDP/FSDP-wrapped run.
 
@@ -542,7 +529,6 @@ __all__ = [
     "checkpoint_dir",
     "complete_checkpoints",
     "latest_checkpoint",
-    "load_checkpoint",
     "load_optimizer",
     "load_rng",
     "load_weights",

@@ -1,11 +1,12 @@
-"""`sfttrain`: train, evaluate, sample and export. Commands live one per module in ``sfttrain.commands``."""
+"""`sfttrain`: train, evaluate, sample and export; its commands (one module each in ``sfttrain.commands``)."""
 
 from __future__ import annotations
 
 import click
 
 from sftdata import __version__
-from sftdata.clickutil import SftGroup, register_commands
+from sftdata.clickutil import SftGroup
+from sfttrain.commands import eval, export, generate, run
 
 
 @click.group(cls=SftGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,4 +15,6 @@ def main() -> None:
     """Fine-tune causal LMs on packed sftdata shards (full, LoRA, QLoRA; one or many GPUs)."""
 
 
-register_commands(main, "sfttrain.commands")
+# Every command (--help lists them by name); each module only wires library calls together.
+for _module in (run, eval, generate, export):
+    main.add_command(_module.command)

@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from sftdata.errors import ConfigError
 from sftdata.yamlfile import load_yaml
+from sfttrain.lf_config import is_llamafactory_config, translate_for_load
 
 FINETUNING_TYPES = ("lora", "full")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -354,10 +355,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of key: value at the top level")
-        from sftdata.llamafactory import is_llamafactory_config, translate_for_load
-
         if is_llamafactory_config(loaded):  # a LLaMA-Factory SFT YAML (stage:, dataset:, ...)
-            loaded = translate_for_load(loaded, where=where)
+            ours = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+            loaded = translate_for_load(loaded, ours, where=where)
         values.update(loaded)
     over = parse_overrides(list(overrides or []))
     values.update(over)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -202,3 +203,31 @@ __all__ = [
     "to_tensors",
     "trained_tokens",
 ]
+
+
+def check_compatible(
+    index: dict[str, Any], tokenizer: Any, model: Any, *, shards_dir: Path, model_spec: str
+) -> None:
+    """Refuse shards that were packed for another tokenizer or are longer than the model's context."""
+    from sftdata.tokenizer import tokenizer_identity
+
+    want = index["tokenizer"]["sha256"]
+    have = tokenizer_identity(tokenizer)["sha256"]
+    if want != have:
+        raise ConfigError(
+            f"{shards_dir / 'index.json'}: shards were packed with tokenizer {index['tokenizer'].get('name')!r} "
+            f"(sha256 {want[:12]}…) but model {model_spec} uses {tokenizer_identity(tokenizer)['name']!r} "
+            f"(sha256 {have[:12]}…); pack again with --tokenizer {model_spec}"
+        )
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and index["seq_len"] > max_pos:
+        raise ConfigError(
+            f"{shards_dir / 'index.json'}: seq_len {index['seq_len']} is longer than the model's "
+            f"max_position_embeddings {max_pos}; pack with --seq-len {max_pos} or less"
+        )
+    vocab = model.get_input_embeddings().num_embeddings
+    if index["tokenizer"]["vocab_size"] > vocab:
+        raise ConfigError(
+            f"{shards_dir / 'index.json'}: tokenizer vocab_size {index['tokenizer']['vocab_size']} "
+            f"exceeds the model's {vocab} embeddings"
+        )

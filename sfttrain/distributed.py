@@ -3,7 +3,7 @@
 ``torchrun --nproc_per_node N -m sfttrain run ...`` (or ``sfttrain run --nproc N``, which execs
 that) sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``; ``dist_from_env``
 joins the process group (``nccl`` on CUDA, ``gloo`` on CPU) and returns a ``TorchDist`` whose hooks
-the loop calls (``sfttrain.train.Dist`` documents them). Nothing here is a home-made engine: DDP is
+the loop calls (``Dist`` below documents them). Nothing here is a home-made engine: DDP is
 ``DistributedDataParallel``, FSDP is FSDP2's ``fully_shard`` (per decoder layer, then the root), and
 checkpoints gather full state dicts with ``torch.distributed.checkpoint.state_dict`` so the files
 on disk are the same whatever the number of ranks or the wrapper (resume on any rank count).
@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from sftdata.errors import ConfigError
-from sfttrain.train import Dist
 
 
 def _full_options():
@@ -33,11 +32,51 @@ def under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def default_device(local_rank: int = 0) -> torch.device:
-    """``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
+def default_device(local_rank: int | None = None) -> torch.device:
+    """``cuda:LOCAL_RANK`` (``local_rank``, else the environment's) when CUDA is available, else
+    the CPU."""
     if torch.cuda.is_available():
+        if local_rank is None:
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     return torch.device("cpu")
+
+
+@dataclass
+class Dist:
+    """Process-group hooks of the loop. This single-process version is the identity; issue 5's
+    torch.distributed version overrides the methods (all-reduce over the group, DDP/FSDP wrap)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=default_device)
+
+    @property
+    def is_main(self) -> bool:
+        """True on the rank that writes logs, metrics and checkpoints."""
+        return self.rank == 0
+
+    def all_reduce_sum(self, value: float) -> float:
+        """Sum of ``value`` over ranks (the step's trained tokens, logged loss sums)."""
+        return value
+
+    def any_true(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank (a SIGTERM on one rank stops all)."""
+        return flag
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The module the loop calls (DDP/FSDP wrapper in issue 5)."""
+        return module
+
+    def no_sync(self, module: torch.nn.Module, *, last: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce on accumulation micro-batches but the last one."""
+        return contextlib.nullcontext()
+
+    def barrier(self) -> None:
+        """Wait for every rank (around checkpoints)."""
+
+    def close(self) -> None:
+        """Leave the process group (nothing to leave here)."""
 
 
 @dataclass

@@ -13,7 +13,7 @@
 
 Distributed training plugs in through ``Dist``: ranks, the all-reduce of the trained-token count
 and of logged sums, the model wrapper (DDP/FSDP), ``no_sync`` for accumulation micro-batches, and
-agreeing on a stop request. The single-process ``Dist`` is defined here; ``sfttrain.distributed``
+agreeing on a stop request. ``sfttrain.distributed`` holds the single-process ``Dist`` and
 builds the torch.distributed one from torchrun's environment. Every rank runs the same number of
 micro-batches per step (zero-weight padding, ``StepSampler.padded_micro_batches``) because DDP and
 FSDP run collectives in every forward/backward.
@@ -22,20 +22,17 @@ FSDP run collectives in every forward/backward.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from sftdata.atomic import atomic_file, exclusive
+from sftdata.atomic import exclusive
 from sftdata.errors import ConfigError
 from sftdata.inputs import refuse_overwriting
 from sfttrain.checkpoint import (
@@ -56,300 +53,19 @@ from sfttrain.config import TrainConfig
 from sfttrain.data import (
     Cursor,
     StepSampler,
-    eval_batches,
+    check_compatible,
     has_split,
     open_split,
     to_tensors,
     trained_tokens,
 )
-from sfttrain.model import (
-    TINY,
-    LossModel,
-    apply_finetuning,
-    compile_layers,
-    is_quantized,
-    isolation_for,
-    liger_loss,
-    load_base_model,
-)
+from sfttrain.distributed import Dist
+from sfttrain.evaluate import evaluate
+from sfttrain.loss import LossModel, isolation_for, liger_loss
+from sfttrain.metrics import Metrics, peak_memory_mb, plot_loss, progress_bar
+from sfttrain.model import TINY, apply_finetuning, compile_layers, is_quantized, load_base_model
+from sfttrain.optim import lr_schedule, param_groups
 from sfttrain.perf import check_platform, device_peak_tflops, mfu, model_flops_per_token
-
-METRICS_VERSION = 1
-
-
-# ----------------------------------------------------------------------------- distributed hooks
-
-
-def default_device() -> torch.device:
-    """``cuda`` (this process's LOCAL_RANK) when CUDA is available, else the CPU."""
-    import os
-
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.device("cuda", local % max(torch.cuda.device_count(), 1))
-    return torch.device("cpu")
-
-
-@dataclass
-class Dist:
-    """Process-group hooks of the loop. This single-process version is the identity; issue 5's
-    torch.distributed version overrides the methods (all-reduce over the group, DDP/FSDP wrap)."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=default_device)
-
-    @property
-    def is_main(self) -> bool:
-        """True on the rank that writes logs, metrics and checkpoints."""
-        return self.rank == 0
-
-    def all_reduce_sum(self, value: float) -> float:
-        """Sum of ``value`` over ranks (the step's trained tokens, logged loss sums)."""
-        return value
-
-    def any_true(self, flag: bool) -> bool:
-        """True on every rank if ``flag`` is true on any rank (a SIGTERM on one rank stops all)."""
-        return flag
-
-    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        """The module the loop calls (DDP/FSDP wrapper in issue 5)."""
-        return module
-
-    def no_sync(self, module: torch.nn.Module, *, last: bool) -> contextlib.AbstractContextManager:
-        """Skip the gradient all-reduce on accumulation micro-batches but the last one."""
-        return contextlib.nullcontext()
-
-    def barrier(self) -> None:
-        """Wait for every rank (around checkpoints)."""
-
-    def close(self) -> None:
-        """Leave the process group (nothing to leave here)."""
-
-
-# ----------------------------------------------------------------------------- small helpers
-
-
-class StopRequest:
-    """SIGTERM/SIGINT -> finish the current step, save a checkpoint, exit 0. A second SIGINT aborts."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> StopRequest:
-        with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-class Metrics:
-    """``metrics.jsonl`` (one JSON line per log/eval, flushed at once) and optional TensorBoard."""
-
-    def __init__(
-        self, run_dir: Path, *, resume_step: int | None, report_to: str, enabled: bool
-    ) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        if resume_step is not None and self.path.exists():
-            # Lines after the checkpoint belong to steps that will run again: drop them.
-            keep = [r for r in _read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-            with atomic_file(self.path) as f:
-                f.write("".join(json.dumps(r) + "\n" for r in keep))
-        elif resume_step is None:
-            self.path.unlink(missing_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        if report_to != "none":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                if report_to == "tensorboard":
-                    raise ConfigError(
-                        "report_to: tensorboard is not installed (pip install tensorboard)"
-                    ) from None
-
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self._f.write(json.dumps({"format_version": METRICS_VERSION, **row}) + "\n")
-        self._f.flush()
-        if self.tb is not None:
-            for k, v in row.items():
-                if k not in ("step", "epoch") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(
-                        f"{'eval' if k.startswith('eval') else 'train'}/{k}", v, row["step"]
-                    )
-
-    def close(self) -> None:
-        if self.enabled:
-            self._f.close()
-            if self.tb is not None:
-                self.tb.close()
-
-    def rows(self) -> list[dict[str, Any]]:
-        return _read_jsonl(self.path)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Lines of a metrics file; a torn last line (the run was SIGKILLed mid-write) is skipped."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
-    """``loss.png``: train loss per logging step and eval loss per evaluation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per trained token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_file(path, mode="wb", encoding=None) as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak accelerator memory, or this process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters; weight decay only on matrices (not biases or norm weights)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
-def check_compatible(
-    index: dict[str, Any], tokenizer: Any, model: Any, *, shards_dir: Path, model_spec: str
-) -> None:
-    """Refuse shards that were packed for another tokenizer or are longer than the model's context."""
-    from sftdata.tokenizer import tokenizer_identity
-
-    want = index["tokenizer"]["sha256"]
-    have = tokenizer_identity(tokenizer)["sha256"]
-    if want != have:
-        raise ConfigError(
-            f"{shards_dir / 'index.json'}: shards were packed with tokenizer {index['tokenizer'].get('name')!r} "
-            f"(sha256 {want[:12]}…) but model {model_spec} uses {tokenizer_identity(tokenizer)['name']!r} "
-            f"(sha256 {have[:12]}…); pack again with --tokenizer {model_spec}"
-        )
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and index["seq_len"] > max_pos:
-        raise ConfigError(
-            f"{shards_dir / 'index.json'}: seq_len {index['seq_len']} is longer than the model's "
-            f"max_position_embeddings {max_pos}; pack with --seq-len {max_pos} or less"
-        )
-    vocab = model.get_input_embeddings().num_embeddings
-    if index["tokenizer"]["vocab_size"] > vocab:
-        raise ConfigError(
-            f"{shards_dir / 'index.json'}: tokenizer vocab_size {index['tokenizer']['vocab_size']} "
-            f"exceeds the model's {vocab} embeddings"
-        )
-
-
-@torch.no_grad()
-def evaluate(
-    loss_model: torch.nn.Module, reader: Any, *, batch_size: int, dist: Dist, autocast: Any
-) -> tuple[float, int]:
-    """(token-weighted mean loss, trained tokens) over a split; no RNG is consumed (dropout off)."""
-    was_training = loss_model.training
-    loss_model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=dist.device)
-    tokens = 0
-    batches = eval_batches(
-        reader, batch_size, rank=dist.rank, world_size=dist.world_size, pad=dist.world_size > 1
-    )
-    for rows in batches:
-        # A rank out of rows runs row 0 with weight 0: FSDP needs the same forwards on every rank.
-        weight = 1.0 if len(rows) else 0.0
-        host = reader.get_batch(rows if len(rows) else np.zeros(1, dtype=np.int64))
-        if weight:
-            tokens += trained_tokens(host["labels"])
-        with autocast():
-            total += loss_model(**to_tensors(host, dist.device)).double() * weight
-    loss_model.train(was_training)
-    tokens = int(dist.all_reduce_sum(tokens))
-    loss_sum = dist.all_reduce_sum(total.item())
-    return (loss_sum / tokens if tokens else float("nan")), tokens
-
-
-def _progress(enabled: bool, total: int, start: int) -> Any:
-    """A rich progress bar on stderr (step, loss, lr, trained tokens/s, ETA), or a no-op."""
-    if not enabled:
-        return contextlib.nullcontext(None)
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    progress = Progress(
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(
-            "loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"
-            "  MFU {task.fields[mfu]}"
-        ),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-    )
-    progress.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-", mfu="-")
-    return progress
-
-
-# ----------------------------------------------------------------------------- the loop
 
 
 @dataclass
@@ -482,7 +198,7 @@ def _train(
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_epsilon,
     )
-    scheduler = _scheduler(optimizer, config, total_steps)
+    scheduler = lr_schedule(optimizer, config, total_steps)
     autocast = _autocast(config, device)
 
     # ---- 3. resume: optimizer, scheduler, cursor; RNG last --------------------------------------
@@ -545,7 +261,7 @@ def _train(
     checkpoint: Path | None = None
     saved_step = step if resumed_from else -1
     stopped = False
-    with StopRequest() as stop, _progress(progress and dist.is_main, total_steps, step) as bar:
+    with StopRequest() as stop, progress_bar(progress and dist.is_main, total_steps, step) as bar:
         while step < total_steps:
             # a. this rank's micro-batches of the step, as host arrays (memory-mapped rows, one stack),
             #    padded with zero-weight ones so every rank runs the same number (DDP/FSDP collectives)
@@ -677,17 +393,6 @@ def gather_model_state(model: torch.nn.Module) -> dict[str, Any] | None:
     return gather(model)
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> Any:
-    """transformers' warm-up + cosine/linear/constant schedules (LambdaLR; state saves as plain data)."""
-    from transformers import get_scheduler
-
-    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[
-        config.lr_scheduler_type
-    ]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
 def _autocast(config: TrainConfig, device: torch.device) -> Callable[[], Any]:
     """A context factory: bf16 autocast when asked (weights and the loss stay fp32), else nothing."""
     if not config.bf16:
@@ -773,9 +478,27 @@ def _log_eval(loss_model, reader, config, dist, autocast, metrics, step, sampler
     )
 
 
-def iter_metrics(run_dir: str | Path) -> Iterator[dict[str, Any]]:
-    """The lines of a run's metrics.jsonl (tests, tools)."""
-    yield from _read_jsonl(Path(run_dir) / "metrics.jsonl")
+class StopRequest:
+    """SIGTERM/SIGINT -> finish the current step, save a checkpoint, exit 0. A second SIGINT aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
-__all__ = ["Dist", "TrainResult", "evaluate", "iter_metrics", "plot_loss", "train"]
+__all__ = ["TrainResult", "train"]

@@ -273,7 +273,7 @@ def test_resume_refuses_incomplete_foreign_or_changed_checkpoints(
 def test_checkpoint_state_follows_its_schema(shards, model_dir, tmp_path) -> None:
     import jsonschema
 
-    from sfttrain.checkpoint import SCHEMA_PATH
+    from sftdata import SCHEMAS_DIR
 
     train(
         _cfg(max_steps=2, finetuning_type="full"),
@@ -284,7 +284,7 @@ def test_checkpoint_state_follows_its_schema(shards, model_dir, tmp_path) -> Non
     )
     ckpt = complete_checkpoints(tmp_path)[-1]
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    jsonschema.validate(state, json.loads(SCHEMA_PATH.read_text()))
+    jsonschema.validate(state, json.loads((SCHEMAS_DIR / "checkpoint.v1.json").read_text()))
     assert (
         state["cursor"] == {"epoch": 0, "step_in_epoch": 2}
         and state["config"]["finetuning_type"] == "full"

@@ -15,7 +15,8 @@ from sftdata.errors import ConfigError
 from sfttrain.config import build_config
 from sfttrain.data import open_split, to_tensors
 from sfttrain.export import check_mergeable_base
-from sfttrain.model import LossModel, build_tiny, forward_kwargs, load_base_model
+from sfttrain.loss import LossModel, forward_kwargs
+from sfttrain.model import build_tiny, load_base_model
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

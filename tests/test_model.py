@@ -11,16 +11,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from sftdata import IGNORE_INDEX
 from sftdata.errors import ConfigError
 from sfttrain.config import build_config
+from sfttrain.loss import AUTO_ISOLATION, LossModel, forward_kwargs, isolation_for
 from sfttrain.model import (
-    AUTO_ISOLATION,
     CPU_ATTN_IMPLEMENTATIONS,
-    LossModel,
     apply_finetuning,
     build_tiny,
     check_attn_implementation,
     check_model_dir,
-    forward_kwargs,
-    isolation_for,
     tiny_dir,
 )
 

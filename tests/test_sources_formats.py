@@ -9,7 +9,7 @@ import pytest
 from conftest import FIXTURES
 
 from sftdata.conversation import Source
-from sftdata.errors import ConversionError
+from sftdata.errors import ConversionError, RecordError
 from sftdata.sources import (
     IdAllocator,
     alpaca,
@@ -20,7 +20,6 @@ from sftdata.sources import (
     read_conversations,
     sharegpt,
 )
-from sftdata.sources.base import RecordError
 
 SRC = Source(file="x.json", line=1)
 RAW = FIXTURES / "raw"

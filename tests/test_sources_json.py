@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-from sftdata.errors import ConversionError
+from sftdata.errors import ConversionError, RecordError
 from sftdata.sources import jsonstream
-from sftdata.sources.base import RecordError
 from sftdata.sources.jsonstream import iter_json
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import FIXTURES
 
-from sftdata.errors import ConversionError
+from sftdata.errors import ConversionError, RecordError
 from sftdata.sources import iter_records, read_conversations
-from sftdata.sources.base import RecordError
 
 RAW = FIXTURES / "raw"
 

@@ -128,9 +128,9 @@ def test_lora_training_reduces_loss(shards, model_dir, tmp_path) -> None:
 def test_metrics_lines_follow_the_schema(shards, model_dir, tmp_path) -> None:
     import jsonschema
 
-    from sfttrain.checkpoint import SCHEMA_PATH
+    from sftdata import SCHEMAS_DIR
 
-    schema = json.loads((SCHEMA_PATH.parent / "metrics.v1.json").read_text())
+    schema = json.loads((SCHEMAS_DIR / "metrics.v1.json").read_text())
     cfg = build_config({"max_steps": 3, "logging_steps": 1, "eval_steps": 2, "report_to": "none"})
     train(cfg, shards=shards, output_dir=tmp_path, model_spec=str(model_dir), progress=False)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -1,1 +1,1 @@
-"""One click command per module; each module exposes `command`."""
+"""One click command per module, each exposing `command`; cli.py lists them."""

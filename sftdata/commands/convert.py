@@ -71,7 +71,7 @@ def command(
     with readable(list(inputs)) as paths:
         sources: list = list(paths)
         if dataset_info or datasets:
-            from sftdata.llamafactory import registry_inputs
+            from sftdata.sources.registry import registry_inputs
 
             sources += registry_inputs(dataset_info, datasets, fmt=fmt, mapping=map_, log=log)
         elif not inputs:

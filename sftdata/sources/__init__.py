@@ -2,7 +2,7 @@
 
 ``detect_format`` guesses a file's format from its extension, then from the keys of its first
 record, and says why; ``iter_records`` yields conversations and, for bad records, the
-:class:`~sftdata.sources.base.RecordError` instead of raising it (so ``convert --skip-invalid``
+:class:`~sftdata.errors.RecordError` instead of raising it (so ``convert --skip-invalid``
 can count them and go on).
 """
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from sftdata.conversation import Conversation, Message, Source
-from sftdata.sources.base import RecordError, require_object, string_field, type_name
+from sftdata.errors import RecordError
+from sftdata.sources.base import require_object, string_field, type_name
 
 
 def matches(record: dict[str, Any]) -> str | None:

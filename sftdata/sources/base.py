@@ -23,7 +23,7 @@ from sftdata.conversation import (
     normalize_tool_calls,
     split_reasoning,
 )
-from sftdata.errors import ConversionError
+from sftdata.errors import ConversionError, RecordError
 
 #: Canonical fields a ``--map SRC=DST`` may target.
 MAP_TARGETS = (
@@ -42,14 +42,6 @@ MAP_TARGETS = (
 SNIFF_BYTES = 8192
 
 ENCODING_HINT = "pass --encoding (Chinese CSV/Excel exports are often GBK: try --encoding gb18030)"
-
-
-class RecordError(ConversionError):
-    """One raw record cannot be converted; ``reason`` is the short key it is counted under."""
-
-    def __init__(self, message: str, *, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def check_input_file(path: Path) -> bytes:

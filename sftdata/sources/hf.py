@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from sftdata.conversation import Conversation
-from sftdata.errors import ConversionError
+from sftdata.errors import ConversionError, RecordError
 from sftdata.inputs import inside
 from sftdata.sources import alpaca, openai, sharegpt
-from sftdata.sources.base import RecordError, apply_mapping, record_id, run_adapter, source_of
+from sftdata.sources.base import apply_mapping, record_id, run_adapter, source_of
 
 HF_FORMATS = ("parquet", "hf")
 """``parquet``: a ``.parquet`` file; ``hf``: a folder written by ``datasets`` ``save_to_disk``."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from sftdata.conversation import ROLES, Conversation, Message, Source, json_problem, loads_strict
-from sftdata.sources.base import RecordError, parse_tools, require_object, tool_call, type_name
+from sftdata.errors import RecordError
+from sftdata.sources.base import parse_tools, require_object, tool_call, type_name
 
 
 def matches(record: dict[str, Any]) -> str | None:

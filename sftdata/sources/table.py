@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from sftdata.conversation import Conversation, Source, json_problem, loads_strict
-from sftdata.errors import ConversionError
+from sftdata.errors import ConversionError, RecordError
 from sftdata.sources import alpaca
-from sftdata.sources.base import RecordError, cell_text
+from sftdata.sources.base import cell_text
 
 TABLE_FIELDS = ("instruction", "input", "output", "system", "history", "id")
 

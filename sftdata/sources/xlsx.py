@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sftdata.conversation import Conversation
-from sftdata.errors import ConversionError
-from sftdata.sources.base import RecordError, cell_text, check_input_file, source_of
+from sftdata.errors import ConversionError, RecordError
+from sftdata.sources.base import cell_text, check_input_file, source_of
 from sftdata.sources.table import header_width, is_blank, resolve_columns, row_conversation
 
 MAX_MB_ENV = "SFTPIPE_MAX_XLSX_MB"

@@ -43,13 +43,15 @@ def command(
     import json
     import math
 
-    from sfttrain.commands.run import _quiet_libraries
+    from sfttrain.commands import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     from sfttrain.config import build_config
-    from sfttrain.data import has_split, open_split
-    from sfttrain.model import LossModel, isolation_for, load_for_inference
-    from sfttrain.train import Dist, check_compatible, evaluate
+    from sfttrain.data import check_compatible, has_split, open_split
+    from sfttrain.distributed import Dist
+    from sfttrain.evaluate import evaluate
+    from sfttrain.loss import LossModel, isolation_for
+    from sfttrain.model import load_for_inference
 
     if split is None:
         split = "validation" if has_split(shards, "validation") else "train"

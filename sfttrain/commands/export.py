@@ -21,9 +21,9 @@ import click
 )
 def command(checkpoint: str, output: str, merge: bool, dtype: str, overwrite: bool) -> None:
     """Write CHECKPOINT (checkpoints/step-N or final/) as a folder AutoModelForCausalLM.from_pretrained loads."""
-    from sfttrain.commands.run import _quiet_libraries
+    from sfttrain.commands import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     from sfttrain.export import export_checkpoint
 
     what = export_checkpoint(checkpoint, output, merge=merge, dtype=dtype, overwrite=overwrite)

@@ -49,9 +49,9 @@ def command(
     seed: int,
 ) -> None:
     """Print MODEL's reply to each PROMPT, rendered with the same chat template as training."""
-    from sfttrain.commands.run import _quiet_libraries
+    from sfttrain.commands import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     from sfttrain.generate import generate
 
     replies = generate(

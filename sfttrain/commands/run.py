@@ -93,7 +93,9 @@ def command(
 
     if nproc is not None and nproc > 1 and not under_torchrun():
         raise SystemExit(_run_torchrun(nproc, config))
-    _quiet_libraries()
+    from sfttrain.commands import quiet_libraries
+
+    quiet_libraries()
     dist = dist_from_env(config)
 
     from sftdata.errors import CheckpointError
@@ -187,18 +189,6 @@ def _run_args(argv: list[str]) -> list[str]:
         return argv[argv.index("run") + 1 :]
     except ValueError:
         return argv[1:]
-
-
-def _quiet_libraries() -> None:
-    """transformers/peft chatter (save progress bars, advisory warnings) would bury the progress bar."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 
 def _help_config(ctx: click.Context, value: bool) -> None:

@@ -1,0 +1,41 @@
+"""The token-weighted loss over a split of shards: used by the loop's evaluations and by
+``sfttrain eval`` (same batches, same weighting, so both report the same number)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from sfttrain.data import eval_batches, to_tensors, trained_tokens
+from sfttrain.distributed import Dist
+
+
+@torch.no_grad()
+def evaluate(
+    loss_model: torch.nn.Module, reader: Any, *, batch_size: int, dist: Dist, autocast: Any
+) -> tuple[float, int]:
+    """(token-weighted mean loss, trained tokens) over a split; no RNG is consumed (dropout off)."""
+    was_training = loss_model.training
+    loss_model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=dist.device)
+    tokens = 0
+    batches = eval_batches(
+        reader, batch_size, rank=dist.rank, world_size=dist.world_size, pad=dist.world_size > 1
+    )
+    for rows in batches:
+        # A rank out of rows runs row 0 with weight 0: FSDP needs the same forwards on every rank.
+        weight = 1.0 if len(rows) else 0.0
+        host = reader.get_batch(rows if len(rows) else np.zeros(1, dtype=np.int64))
+        if weight:
+            tokens += trained_tokens(host["labels"])
+        with autocast():
+            total += loss_model(**to_tensors(host, dist.device)).double() * weight
+    loss_model.train(was_training)
+    tokens = int(dist.all_reduce_sum(tokens))
+    loss_sum = dist.all_reduce_sum(total.item())
+    return (loss_sum / tokens if tokens else float("nan")), tokens
+
+
+__all__ = ["evaluate"]

@@ -1,0 +1,159 @@
+"""What a run reports: ``metrics.jsonl`` (one versioned JSON line per log/eval), TensorBoard,
+``loss.png``, peak memory and the progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sftdata.atomic import atomic_file
+from sftdata.errors import ConfigError
+
+METRICS_VERSION = 1
+
+
+class Metrics:
+    """``metrics.jsonl`` (one JSON line per log/eval, flushed at once) and optional TensorBoard."""
+
+    def __init__(
+        self, run_dir: Path, *, resume_step: int | None, report_to: str, enabled: bool
+    ) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            # Lines after the checkpoint belong to steps that will run again: drop them.
+            keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            with atomic_file(self.path) as f:
+                f.write("".join(json.dumps(r) + "\n" for r in keep))
+        elif resume_step is None:
+            self.path.unlink(missing_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if report_to != "none":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                if report_to == "tensorboard":
+                    raise ConfigError(
+                        "report_to: tensorboard is not installed (pip install tensorboard)"
+                    ) from None
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._f.write(json.dumps({"format_version": METRICS_VERSION, **row}) + "\n")
+        self._f.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(
+                        f"{'eval' if k.startswith('eval') else 'train'}/{k}", v, row["step"]
+                    )
+
+    def close(self) -> None:
+        if self.enabled:
+            self._f.close()
+            if self.tb is not None:
+                self.tb.close()
+
+    def rows(self) -> list[dict[str, Any]]:
+        return read_metrics(self.path)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Lines of a metrics file; a torn last line (the run was SIGKILLed mid-write) is skipped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
+    """``loss.png``: train loss per logging step and eval loss per evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per trained token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_file(path, mode="wb", encoding=None) as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory, or this process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def progress_bar(enabled: bool, total: int, start: int) -> Any:
+    """A rich progress bar on stderr (step, loss, lr, trained tokens/s, ETA), or a no-op."""
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(
+            "loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"
+            "  MFU {task.fields[mfu]}"
+        ),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
+    progress.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-", mfu="-")
+    return progress
+
+
+__all__ = [
+    "METRICS_VERSION",
+    "Metrics",
+    "peak_memory_mb",
+    "plot_loss",
+    "progress_bar",
+    "read_metrics",
+]

@@ -1,0 +1,129 @@
+"""The import rules of the layout (README "Architecture"), read from the source with ``ast``:
+no import cycles (function-level imports included), the data package never imports the
+trainer, the trainer reads data only as shards, and only the CLI layer talks to the terminal."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("sftdata", "sfttrain")
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for p in sorted((ROOT / pkg).rglob("*.py")):
+            name = ".".join(p.relative_to(ROOT).with_suffix("").parts)
+            out[name.removesuffix(".__init__")] = p
+    return out
+
+
+MODULES = _modules()
+
+
+def _imports(path: Path) -> set[str]:
+    """Our modules that ``path`` imports anywhere (``from pkg import submodule`` names the
+    submodule, not the package)."""
+    deps: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            deps.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            subs = [f"{node.module}.{a.name}" for a in node.names]
+            deps.update(subs) if all(s in MODULES for s in subs) else deps.add(node.module)
+    return {d for d in deps if d in MODULES}
+
+
+GRAPH = {name: _imports(path) - {name} for name, path in MODULES.items()}
+
+
+def _cycles() -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(GRAPH[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(GRAPH):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_walk_sees_the_packages() -> None:
+    # the rules below would hold vacuously over an empty graph
+    assert len(MODULES) > 40 and "sfttrain.train" in GRAPH["sfttrain.commands.run"]
+
+
+def test_no_import_cycles() -> None:
+    assert _cycles() == []
+
+
+def test_the_data_package_never_imports_the_trainer() -> None:
+    bad = [(a, b) for a, deps in GRAPH.items() if a.startswith("sftdata") for b in deps
+           if b.startswith("sfttrain")]  # fmt: skip
+    assert bad == []
+
+
+# What the trainer may use of sftdata: shards, the tokenizer/templates (generate renders
+# prompts), errors and small shared utilities. Never the raw readers, the packer or exports.
+TRAINER_MAY_USE = {
+    "sftdata", "sftdata.atomic", "sftdata.clickutil", "sftdata.conversation", "sftdata.errors",
+    "sftdata.inputs", "sftdata.jsonfile", "sftdata.shards", "sftdata.templates",
+    "sftdata.tokenizer", "sftdata.yamlfile",
+}  # fmt: skip
+
+
+def test_the_trainer_reads_data_only_as_shards() -> None:
+    used = {b for a, deps in GRAPH.items() if a.startswith("sfttrain") for b in deps}
+    assert {b for b in used if b.startswith("sftdata")} <= TRAINER_MAY_USE
+
+
+def _is_cli(name: str) -> bool:
+    return ".commands" in name or name.endswith(".cli") or name == "sftdata.clickutil"
+
+
+def test_only_the_cli_layer_talks_to_the_terminal() -> None:
+    # library code raises; the commands print and exit (pure core, thin shell)
+    loud = re.compile(r"^\s*(import click|from click)|\bprint\(|sys\.exit\(", re.M)
+    bad = [n for n, p in MODULES.items() if not _is_cli(n) and loud.search(p.read_text("utf-8"))]
+    assert bad == []
+
+
+def test_commands_are_imported_only_by_their_cli() -> None:
+    for name, deps in GRAPH.items():
+        if not _is_cli(name):
+            assert not [d for d in deps if ".commands" in d], name
+
+
+def test_every_error_class_lives_in_errors() -> None:
+    found = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Error"):
+                found.append((name, node.name))
+    # bounds.py's is internal: raised inside a render and reported as a TemplateError
+    allowed = {"sftdata.errors", "sftdata.templates.bounds"}
+    assert [f for f in found if f[0] not in allowed] == []
