@@ -20,11 +20,13 @@ Layout of ``OUT_DIR/checkpoints/step-0000050/`` (``schemas/checkpoint.v1.json`` 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import random
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from sftdata.atomic import atomic_dir
 from sftdata.errors import CheckpointError, ConfigError
 from sftdata.jsonfile import read_json, schema_problem
 from sfttrain.config import TrainConfig, config_from_dict, trajectory_hash
+from sfttrain.data import Cursor
 
 FORMAT_VERSION = 1
 KIND = "sftpipe.checkpoint"
@@ -44,6 +47,35 @@ OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 CHECKPOINTS = "checkpoints"
 SCHEMA = "checkpoint.v1"
+
+
+@dataclass
+class RunState:
+    """Where a run stands, saved whole in every checkpoint's ``trainer_state.json`` (beside the
+    config and its hash) and restored whole on resume, as torchtune's ``TrainingProgress``."""
+
+    step: int
+    """Optimizer steps done."""
+    cursor: Cursor
+    """Where the data stream stands (the next step's rows)."""
+    trained_tokens: int
+    """Trained tokens of every step so far, summed over ranks."""
+    total_steps: int
+    """Steps the run will take in all."""
+    world_size: int
+    """Ranks that trained it (resume on another count is allowed for DDP/FSDP)."""
+    model: str
+    """The model given to ``sfttrain run`` (``tiny`` or a folder)."""
+    base_model: str | None
+    """Where an adapter's base model lives (``base_model/`` of the run for tiny + LoRA)."""
+    shards: dict[str, Any]
+    """The shard folder's identity: a resume must read the same shards."""
+    last_loss: float | None
+    """Loss of the last logging window."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (``trainer_state.json`` keys, schemas/checkpoint.v1.json)."""
+        return {**dataclasses.asdict(self), "cursor": self.cursor.to_dict()}
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -216,12 +248,11 @@ def written(target: Path, what: str) -> Iterator[Path]:
 def save_checkpoint(
     run_dir: str | Path,
     *,
-    step: int,
+    state: RunState,
     model,
     tokenizer,
     optimizer,
     scheduler,
-    state: dict[str, Any],
     config: TrainConfig,
     model_state: dict[str, Any] | None = None,
     optim_state: dict[str, Any] | None = None,
@@ -237,16 +268,16 @@ def save_checkpoint(
 
     if optim_state is None:
         optim_state = optimizer_state(model, optimizer)
+    step = state.step
     target = checkpoint_dir(run_dir, step)
     full_state = {
         "format_version": FORMAT_VERSION,
         "kind": KIND,
         "tool": {"name": "sftpipe", "version": __version__},
-        "step": step,
-        **state,
+        **state.to_dict(),
         "finetuning_type": config.finetuning_type,
         "config": config.to_dict(),
-        "config_hash": trajectory_hash(config, world_size=int(state.get("world_size", 1))),
+        "config_hash": trajectory_hash(config, world_size=state.world_size),
     }
     try:
         with written(target, "the checkpoint") as tmp:
@@ -525,6 +556,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MARKER",
     "CheckpointError",
+    "RunState",
     "check_resumable",
     "checkpoint_dir",
     "complete_checkpoints",
