@@ -62,7 +62,7 @@ def jsonl_lengths(
     inputs: Sequence[str | Path], *, tokenizer: str, template: str, train_on: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-record lengths and trained counts of canonical JSONL files, rendered and encoded."""
-    from sftdata.packer import PackOptions, encode_chunk, read_chunks
+    from sftdata.pack import PackOptions, encode_chunk, read_chunks
 
     # seq_len is irrelevant here: overflow "truncate" would cut; use a bound no record reaches.
     opts = PackOptions(seq_len=1 << 62, tokenizer=tokenizer, template=template, train_on=train_on)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from sftdata.convert import convert
-from sftdata.packer import PackOptions, pack
+from sftdata.pack import PackOptions, pack
 from sftdata.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Packing properties of sftdata.pack (pure functions, synthetic lengths)."""
+"""Packing properties of sftdata.pack.rows (pure functions, synthetic lengths)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sftdata import IGNORE_INDEX
-from sftdata.pack import build_row, efficiency, next_fit, pack_rows, trained_count
+from sftdata.pack.rows import build_row, efficiency, next_fit, pack_rows, trained_count
 
 
 def _alpaca_like(n: int, seed: int = 0) -> np.ndarray:

@@ -16,7 +16,7 @@ from sftdata import IGNORE_INDEX
 from sftdata.cli import main
 from sftdata.conversation import read_jsonl
 from sftdata.errors import ConfigError
-from sftdata.packer import PackOptions, pack
+from sftdata.pack import PackOptions, pack
 from sftdata.shards import INDEX_NAME, ShardReader, read_index
 
 LONG = " ".join(f"word{i}" for i in range(400))
@@ -311,7 +311,7 @@ def test_c5_num_proc_gives_identical_shards_and_rerun_is_a_noop(tmp_path: Path, 
 
 
 def test_chunking_and_workers_do_not_change_bytes(tmp_path: Path, data: Path) -> None:
-    from sftdata.packer import PackOptions, pack
+    from sftdata.pack import PackOptions, pack
 
     base = {"seq_len": 256, "tokenizer": "tiny", "shard_size": 5}
     pack([data], tmp_path / "x", PackOptions(**base, chunk_size=2000, num_proc=1))
@@ -323,15 +323,16 @@ def test_chunking_and_workers_do_not_change_bytes(tmp_path: Path, data: Path) ->
 def test_cold_and_warm_tokenizer_cache_give_identical_shards(
     tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sftdata import packer
+    from sftdata.pack import encode
+    from sftdata.pack import pipeline as packer
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("SFTPIPE_CACHE", str(cache))
     opts = packer.PackOptions(seq_len=256, tokenizer="tiny", shard_size=5)
-    packer._STATE.clear()  # the renderer is kept per process: make both packs load the tokenizer
+    encode._STATE.clear()  # the renderer is kept per process: make both packs load the tokenizer
     packer.pack([data], tmp_path / "cold", opts)
     assert len(list((cache / "tokenizers").glob("*.json"))) == 1
-    packer._STATE.clear()
+    encode._STATE.clear()
     packer.pack([data], tmp_path / "warm", opts)
     cold, warm = read_index(tmp_path / "cold"), read_index(tmp_path / "warm")
     assert cold["tokenizer"] == warm["tokenizer"] and cold["fingerprint"] == warm["fingerprint"]
@@ -629,7 +630,7 @@ def test_disk_full_while_writing_is_one_line_and_leaves_nothing(
 
 
 def test_truncation_that_cuts_every_trained_token_counts_as_zero_trained(tmp_path: Path) -> None:
-    from sftdata.packer import PackOptions, pack
+    from sftdata.pack import PackOptions, pack
 
     recs = [
         *fixture_records()[:5],

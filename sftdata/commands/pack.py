@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from sftdata.packer import OVERFLOW
+from sftdata.pack import OVERFLOW
 from sftdata.render import TRAIN_ON
 from sftdata.templates import DEFAULT_TEMPLATE_DATE
 
@@ -126,7 +126,7 @@ def command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sftdata.packer import PackOptions, pack
+    from sftdata.pack import PackOptions, pack
 
     opts = PackOptions(
         seq_len=seq_len,

@@ -13,11 +13,7 @@ Stages, each streaming so memory stays flat in the number of records:
    and write that shard file (shards are independent; the index lists them in order);
 5. write ``index.json`` last and atomically, then move the work folder into place.
 
-Measured on 49,950 Alpaca records (9.99M Llama-2 tokens, seq_len 4096, 2 quiet cores, num_proc
-2, tokenizer snapshot cached): 0.3 s start-up, 6.0 s encoding (the workers' ~11.5 CPU-s, of which
-the Rust ``encode_batch`` is 9.5), 0.1 s packing, 0.45 s writing: 6.9 s, where the raw batch
-tokenizer alone takes 5.6 s on the same rendered texts with its own 2 threads
-(benchmarks/README.md).
+The figures (time per stage, against the raw batch tokenizer) are in benchmarks/README.md.
 
 All work happens in ``.<name>.partial`` beside the output folder; the output is only replaced
 once everything succeeded, so an interrupted or failed pack leaves no ``index.json`` anywhere
@@ -27,15 +23,12 @@ once everything succeeded, so an interrupted or failed pack leaves no ``index.js
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
 import os
 import shutil
-import signal
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,81 +37,23 @@ import numpy as np
 
 from sftdata import __version__
 from sftdata.atomic import exclusive, replace_dir
-from sftdata.conversation import Conversation, parse_jsonl_line, read_jsonl
-from sftdata.errors import ConfigError, ConversionError, ShardError, ValidationError
+from sftdata.errors import ConfigError, ShardError, ValidationError
 from sftdata.inputs import refuse_overwriting, shown
-from sftdata.pack import build_row, efficiency, pack_rows
+from sftdata.pack.encode import get_renderer, loaded_tokenizer, merge_stats, render_stats
+from sftdata.pack.options import OVERFLOW, PackOptions, Progress
+from sftdata.pack.rows import efficiency, pack_rows
+from sftdata.pack.workers import (
+    SPILL_IDS,
+    SPILL_MASK,
+    ShardTask,
+    Workers,
+    encoded_chunks,
+    write_shard,
+)
 from sftdata.render import TRAIN_ON
-from sftdata.shards import INDEX_NAME, KIND, ShardReader, ShardWriter, write_index
-from sftdata.templates import DEFAULT_TEMPLATE_DATE
+from sftdata.shards import INDEX_NAME, KIND, ShardReader, write_index
 
-OVERFLOW = ("drop", "truncate", "error")
 MARKER = ".sftdata-pack"
-SPILL_IDS, SPILL_MASK = ".spill-ids.bin", ".spill-mask.bin"
-SHARD_BYTES = 64 << 20
-"""Auto shard size: about this many bytes per shard file (3 int32 columns x seq_len per row)."""
-
-Progress = Callable[[str, int, int | None], None]
-"""``progress(stage, done, total)``: stage is "encode" (records) or "write" (rows)."""
-
-
-@dataclass(frozen=True)
-class PackOptions:
-    """Everything that decides the bytes of the shards (plus ``num_proc``, which never does)."""
-
-    seq_len: int
-    """Row length in tokens."""
-    tokenizer: str
-    """``"tiny"``, a local HF tokenizer folder or a SentencePiece ``.model`` file."""
-    template: str = "auto"
-    """Chat template: auto, a built-in name (chatml, qwen2.5, llama3, ...), a LLaMA-Factory name, fastchat:NAME or a .jinja file."""
-    train_on: str = "all-assistant"
-    """Which turns are trained when a message carries no ``train`` flag."""
-    overflow: str = "drop"
-    """Records longer than seq_len: drop (counted), truncate (keep the first seq_len), error."""
-    pack: bool = True
-    """False: one record per row, padded (``--no-pack``)."""
-    val_fraction: float | None = None
-    """Fraction of kept records held out as the ``validation`` split."""
-    val_count: int | None = None
-    """Number of kept records held out as the ``validation`` split."""
-    seed: int = 0
-    """Seed of the validation pick and of the row shuffle."""
-    shard_size: int | None = None
-    """Rows per shard file; None: about 64 MB per file."""
-    num_proc: int = 1
-    """Encoding worker processes (does not change the output)."""
-    chunk_size: int = 2000
-    """Records per encode_batch call (does not change the output)."""
-    template_date: str = DEFAULT_TEMPLATE_DATE
-    """The date templates see (``strftime_now``, ``date_string``), pinned for reproducibility."""
-    strict: bool = False
-    """Refuse records that need a documented fold-in instead of folding them in."""
-    skip_invalid: bool = False
-    """Skip and count records the template cannot render (else the first one stops the pack)."""
-    allow_long: bool = False
-    """Allow a seq_len past the tokenizer's ``model_max_length`` / the model's positions."""
-
-    def resolved_shard_size(self) -> int:
-        """Rows per shard file after applying the automatic default."""
-        if self.shard_size is not None:
-            return self.shard_size
-        return max(1, SHARD_BYTES // (12 * self.seq_len))
-
-    def output_options(self) -> dict[str, Any]:
-        """The options recorded in the index and fingerprinted (those that change the bytes)."""
-        return {
-            "train_on": self.train_on,
-            "overflow": self.overflow,
-            "pack": self.pack,
-            "seed": self.seed,
-            "val_fraction": self.val_fraction,
-            "val_count": self.val_count,
-            "shard_size": self.resolved_shard_size(),
-            "template_date": self.template_date,
-            "strict": self.strict,
-            "skip_invalid": self.skip_invalid,
-        }
 
 
 @dataclass
@@ -173,338 +108,6 @@ class PackReport:
 
 
 # ------------------------------------------------------------------ encoding (worker side)
-
-
-@dataclass
-class _Chunk:
-    """One encoded chunk: flat tokens/masks of the kept records and the counts."""
-
-    ids: np.ndarray  # int32, all kept records back to back
-    mask: np.ndarray  # bool, same length
-    lengths: np.ndarray  # int32 per kept record
-    record_ids: list[str]
-    owners: np.ndarray  # int64 per kept record: which input record of the chunk it came from
-    n_in: int
-    zero_trained: int
-    overflow: int
-    truncated: int
-    stats: dict[str, Any] = field(default_factory=dict)
-
-
-_STATE: dict[str, Any] = {}  # per process: the renderer for a (tokenizer, template, train_on) key
-
-
-def _renderer_key(opts: PackOptions) -> tuple[Any, ...]:
-    return (opts.tokenizer, opts.template, opts.train_on, opts.template_date, opts.strict)
-
-
-def _get_renderer(opts: PackOptions) -> Any:
-    key = _renderer_key(opts)
-    if _STATE.get("key") != key:
-        from sftdata.render import Renderer
-        from sftdata.tokenizer import load_snapshot
-
-        tok = load_snapshot(opts.tokenizer)
-        _STATE["tok"] = tok
-        _STATE["renderer"] = Renderer(
-            tok,
-            template=opts.template,
-            train_on=opts.train_on,
-            template_date=opts.template_date,
-            strict=opts.strict,
-        )
-        _STATE["key"] = key
-    return _STATE["renderer"]
-
-
-def _init_worker(opts: PackOptions) -> None:
-    # Pool.terminate() stops workers with SIGTERM: they must die at once, not unwind through the
-    # CLI's handler (clickutil) inherited by fork, which can leave the pool's queue lock held.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    # Under fork the parent's renderer is inherited and reused; under spawn it is built here.
-    _get_renderer(opts)
-    # A chunk's records are thousands of small acyclic dicts and lists: with the default
-    # threshold the cyclic collector runs every 700 allocations and rescans them each time
-    # (profiled: ~10% of a worker's Python time). Collect every 50,000 instead; what the worker
-    # inherited or loaded is frozen out of the scans.
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-
-
-def encode_chunk(
-    convs: Sequence[Conversation], opts: PackOptions, *, keep_zero_trained: bool = False
-) -> _Chunk:
-    """Encode one chunk with one ``encode_batch`` call and apply the drop/overflow policies."""
-    renderer = _get_renderer(opts)
-    records = renderer.encode_batch(convs, skip_invalid=opts.skip_invalid)
-    stats = render_stats(records)
-    encoded = [s for r in records for s in r.samples]
-    owners = [c for c, r in zip(convs, records, strict=True) for _ in r.samples]
-    owner_at = np.fromiter(
-        (k for k, r in enumerate(records) for _ in r.samples), dtype=np.int64, count=len(owners)
-    )
-    sample_ids = [
-        c.id if k == 0 else f"{c.id}#turn{k}"
-        for c, r in zip(convs, records, strict=True)
-        for k in range(len(r.samples))
-    ]
-    convs = owners
-    n = len(encoded)
-    if n == 0:
-        return _Chunk(
-            np.empty(0, np.int32), np.empty(0, bool), np.empty(0, np.int32), [],
-            np.empty(0, np.int64), len(records), 0, 0, 0, stats,
-        )  # fmt: skip
-    # Vectorised over the chunk (a per-record Python loop was ~4% of a pack, measured).
-    lens = np.fromiter((len(e.input_ids) for e in encoded), dtype=np.int64, count=n)
-    ids = np.concatenate([e.input_ids for e in encoded]).astype(np.int32, copy=False)
-    mask = np.concatenate([e.train_mask for e in encoded]).astype(bool, copy=False)
-    starts = np.zeros(n, dtype=np.int64)
-    np.cumsum(lens[:-1], out=starts[1:])
-    csum = np.zeros(len(mask) + 1, dtype=np.int64)
-    np.cumsum(mask, out=csum[1:])
-
-    def trained(upto: np.ndarray) -> np.ndarray:
-        # Trained tokens among 1..upto-1 of each record: the first token's label is always
-        # ignored once packed, so it never counts.
-        return csum[starts + upto] - csum[np.minimum(starts + 1, starts + upto)]
-
-    seq_len = opts.seq_len
-    zero = np.zeros(n, bool) if keep_zero_trained else trained(lens) == 0
-    over = (lens > seq_len) & ~zero
-    if over.any() and opts.overflow == "error":
-        i = int(np.flatnonzero(over)[0])
-        raise ValidationError(
-            f"{convs[i].source}: record {convs[i].id!r} has {int(lens[i])} tokens, more than "
-            f"--seq-len {seq_len} (--overflow error; use drop or truncate)"
-        )
-    if opts.overflow == "truncate":
-        cut_zero = over & (trained(np.minimum(lens, seq_len)) == 0)
-        keep = ~zero & ~cut_zero
-        n_zero, n_over, n_trunc = int(zero.sum() + cut_zero.sum()), 0, int((over & keep).sum())
-    else:
-        keep = ~zero & ~over
-        n_zero, n_over, n_trunc = int(zero.sum()), int(over.sum()), 0
-    if keep.all() and not over.any():  # the usual chunk: every token is kept
-        kept_ids, kept_mask = ids, mask
-    else:
-        rec_of_token = np.repeat(np.arange(n), lens)
-        pos = np.arange(len(ids), dtype=np.int64) - starts[rec_of_token]
-        tok_keep = keep[rec_of_token] & (pos < seq_len)
-        kept_ids, kept_mask = ids[tok_keep], mask[tok_keep]
-    return _Chunk(
-        ids=kept_ids,
-        mask=kept_mask,
-        lengths=np.minimum(lens, seq_len)[keep].astype(np.int32),
-        record_ids=[c for c, k in zip(sample_ids, keep.tolist(), strict=True) if k],
-        owners=owner_at[keep],
-        n_in=len(records),
-        zero_trained=n_zero,
-        overflow=n_over,
-        truncated=n_trunc,
-        stats=stats,
-    )
-
-
-REFUSAL_EXAMPLES = 20
-"""Refused records listed by name in the pack summary and index (the rest are counted)."""
-
-
-def render_stats(records: Sequence[Any]) -> dict[str, Any]:
-    """Fold-ins, refusals, split turns, fallbacks and stop-less turns of encoded records."""
-    folds: dict[str, int] = {}
-    refused: dict[str, int] = {}
-    examples: list[str] = []
-    split = fallback = no_stop = 0
-    for r in records:
-        rr = r.render
-        for kind in rr.fold_ins:
-            folds[kind] = folds.get(kind, 0) + 1
-        if rr.refusal is not None:
-            refused[rr.reason] = refused.get(rr.reason, 0) + 1
-            if len(examples) < REFUSAL_EXAMPLES:
-                examples.append(rr.refusal)
-        split += rr.split_turns
-        fallback += int(rr.fallback)
-        no_stop += rr.no_stop
-    return {
-        "fold_ins": folds,
-        "refused": refused,
-        "examples": examples,
-        "split_turns": split,
-        "fallback": fallback,
-        "no_stop": no_stop,
-    }
-
-
-def _merge_stats(total: dict[str, Any], part: dict[str, Any]) -> None:
-    for key in ("fold_ins", "refused"):
-        for k, v in part.get(key, {}).items():
-            total[key][k] = total[key].get(k, 0) + v
-    room = REFUSAL_EXAMPLES - len(total["examples"])
-    total["examples"].extend(part.get("examples", [])[:room])
-    for key in ("split_turns", "fallback", "no_stop"):
-        total[key] += part.get(key, 0)
-
-
-def read_chunks(inputs: Sequence[Path], size: int) -> Iterator[list[Conversation]]:
-    """Canonical records of ``inputs`` in order, in lists of ``size``."""
-    chunk: list[Conversation] = []
-    for path in inputs:
-        for conv in read_jsonl(path):
-            chunk.append(conv)
-            if len(chunk) == size:
-                yield chunk
-                chunk = []
-    if chunk:
-        yield chunk
-
-
-@dataclass(frozen=True)
-class RawChunk:
-    """Up to ``chunk_size`` raw lines of one input file, parsed where they are encoded."""
-
-    path: str
-    first_line: int
-    data: bytes
-
-
-def read_raw_chunks(inputs: Sequence[Path], size: int) -> Iterator[RawChunk]:
-    """Raw line blocks of ``inputs`` in order: the main process only splits lines, so JSON
-    parsing happens in the workers (measured: parsing is ~10% of a single-process pack)."""
-    for path in inputs:
-        try:
-            f = path.open("rb")
-        except OSError as e:
-            raise ConversionError(f"{path}: cannot read ({e.strerror})") from None
-        with f:
-            first, lines = 1, []
-            for lineno, line in enumerate(f, start=1):
-                lines.append(line)
-                if len(lines) == size:
-                    yield RawChunk(str(path), first, b"".join(lines))
-                    first, lines = lineno + 1, []
-            if lines:
-                yield RawChunk(str(path), first, b"".join(lines))
-
-
-def parse_chunk(chunk: RawChunk) -> list[Conversation]:
-    """Canonical records of a raw block, with ``read_jsonl``'s ``path:line`` errors."""
-    out = []
-    for lineno, raw in enumerate(chunk.data.splitlines(), start=chunk.first_line):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ConversionError(f"{chunk.path}:{lineno}: not valid UTF-8 text") from None
-        if line.strip():
-            out.append(parse_jsonl_line(line, path=chunk.path, lineno=lineno))
-    return out
-
-
-def _encode_raw(chunk: RawChunk, opts: PackOptions) -> _Chunk:
-    return encode_chunk(parse_chunk(chunk), opts)
-
-
-class _Workers:
-    """The ``num_proc`` worker processes of one pack, used for encoding and then for writing.
-
-    ``ordered`` runs a function over tasks and yields the results in task order with a bounded
-    look-ahead (``Pool.imap`` would read the whole input ahead into its queue), so the output
-    never depends on ``num_proc``. With ``num_proc`` 1 the tasks run in this process.
-    """
-
-    def __init__(self, opts: PackOptions):
-        self.opts = opts
-        self._pool: Any = None
-        self._old_env: str | None = None
-
-    def __enter__(self) -> _Workers:
-        if self.opts.num_proc > 1:
-            import multiprocessing as mp
-
-            # The workers each run one single-threaded tokenizer; this also silences the
-            # tokenizers library's fork warning.
-            self._old_env = os.environ.get("TOKENIZERS_PARALLELISM")
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            self._pool = ctx.Pool(
-                self.opts.num_proc, initializer=_init_worker, initargs=(self.opts,)
-            )
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            if self._old_env is None:
-                os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = self._old_env
-
-    def ordered(self, fn: Callable[..., Any], tasks: Iterator[tuple[Any, ...]]) -> Iterator[Any]:
-        """``fn(*task)`` for each task, in task order."""
-        if self._pool is None:
-            for task in tasks:
-                yield fn(*task)
-            return
-        pending: deque = deque()
-        for task in tasks:
-            pending.append(self._pool.apply_async(fn, task))
-            if len(pending) >= 2 * self.opts.num_proc:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
-@dataclass(frozen=True)
-class _ShardTask:
-    """One shard file to write: its rows as (offset, length) of each record in the spill."""
-
-    folder: str
-    split: str
-    number: int
-    seq_len: int
-    pad_id: int
-    rows: list[list[tuple[int, int]]]
-    record_ids: list[list[str]]
-
-
-def _write_shard(task: _ShardTask) -> tuple[dict[str, Any], int, int]:
-    """Gather, lay out and write one shard; return its index entry, tokens and trained tokens."""
-    folder = Path(task.folder)
-    # Records are read back with pread, not a memory map: mapped pages count towards RSS, which
-    # would then grow with the dataset (5 bytes per token) instead of staying flat.
-    fd_ids = os.open(folder / SPILL_IDS, os.O_RDONLY)
-    fd_mask = os.open(folder / SPILL_MASK, os.O_RDONLY)
-    try:
-        writer = ShardWriter(
-            folder, split=task.split, seq_len=task.seq_len, shard_size=len(task.rows),
-            first_shard=task.number,
-        )  # fmt: skip
-        tokens = trained = 0
-        for row, ids_of_row in zip(task.rows, task.record_ids, strict=True):
-            segs = []
-            for a, n in row:
-                ids = np.frombuffer(os.pread(fd_ids, 4 * n, 4 * a), dtype=np.int32)
-                mask = np.frombuffer(os.pread(fd_mask, n, a), dtype=np.bool_)
-                tokens += n
-                trained += int(np.count_nonzero(mask[1:]))
-                segs.append((ids, mask))
-            # The last add fills the writer (shard_size = rows), which writes the file.
-            writer.add(build_row(segs, seq_len=task.seq_len, pad_id=task.pad_id), ids_of_row)
-    finally:
-        os.close(fd_ids)
-        os.close(fd_mask)
-    (entry,) = writer.shards
-    return entry, tokens, trained
-
-
-def _encoded_chunks(
-    inputs: Sequence[Path], opts: PackOptions, workers: _Workers
-) -> Iterator[_Chunk]:
-    """Encoded chunks in input order."""
-    chunks = read_raw_chunks(inputs, opts.chunk_size)
-    return workers.ordered(_encode_raw, ((raw, opts) for raw in chunks))
 
 
 # ------------------------------------------------------------------ folder handling
@@ -592,9 +195,9 @@ def pack(
 
     from sftdata.tokenizer import tokenizer_identity
 
-    renderer = _get_renderer(opts)
-    _check_length_limit(opts, getattr(_STATE["tok"], "max_length", None), opts.tokenizer)
-    ident = tokenizer_identity(_STATE["tok"])
+    renderer = get_renderer(opts)
+    _check_length_limit(opts, getattr(loaded_tokenizer(), "max_length", None), opts.tokenizer)
+    ident = tokenizer_identity(loaded_tokenizer())
     if opts.seq_len <= renderer.fixed_overhead:
         raise ConfigError(
             f"--seq-len {opts.seq_len} is not larger than template {renderer.name!r}'s fixed "
@@ -626,7 +229,7 @@ def pack(
             ) from None
         try:
             (work / MARKER).write_text(json.dumps({"kind": KIND, "fingerprint": fp}) + "\n")
-            with _Workers(opts) as workers:
+            with Workers(opts) as workers:
                 index = _build(
                     inputs, work, opts, workers,
                     ident=ident, tok_spec=_spec_of(opts.tokenizer),
@@ -706,7 +309,7 @@ def _build(
     inputs: Sequence[Path],
     work: Path,
     opts: PackOptions,
-    workers: _Workers,
+    workers: Workers,
     *,
     ident: dict[str, Any],
     tok_spec: str,
@@ -724,7 +327,7 @@ def _build(
     stats: dict[str, Any] = render_stats([])
     ids_path, mask_path = work / SPILL_IDS, work / SPILL_MASK
     with ids_path.open("wb") as fi, mask_path.open("wb") as fm:
-        for chunk in _encoded_chunks(inputs, opts, workers):
+        for chunk in encoded_chunks(inputs, opts, workers):
             chunk.ids.tofile(fi)
             chunk.mask.tofile(fm)  # bool: one byte per token
             lengths_parts.append(chunk.lengths)
@@ -734,7 +337,7 @@ def _build(
             zero += chunk.zero_trained
             over += chunk.overflow
             trunc += chunk.truncated
-            _merge_stats(stats, chunk.stats)
+            merge_stats(stats, chunk.stats)
             if progress:
                 progress("encode", n_in, max(approx_records, n_in))
     lengths = np.concatenate(lengths_parts) if lengths_parts else np.empty(0, np.int32)
@@ -784,7 +387,7 @@ def _build(
         total_rows += len(rows)
 
     shard_tasks = [
-        _ShardTask(
+        ShardTask(
             folder=str(work), split=name, number=number, seq_len=opts.seq_len, pad_id=pad_id,
             rows=[[(int(starts[i]), int(lengths[i])) for i in row] for row in part],
             record_ids=[[record_ids[i] for i in row] for row in part],
@@ -808,7 +411,7 @@ def _build(
         for name, rows in plans.items()
     }
     written = 0
-    results = workers.ordered(_write_shard, ((t,) for t in shard_tasks))
+    results = workers.ordered(write_shard, ((t,) for t in shard_tasks))
     for task, (entry, tokens, trained) in zip(shard_tasks, results, strict=True):
         split = splits[task.split]
         split["shards"].append(entry)

@@ -1,0 +1,33 @@
+"""``sftdata pack``: canonical JSONL -> rendered, masked, tokenized records -> packed shards.
+
+One stage per module, in data-flow order:
+
+- ``options``: :class:`PackOptions`, everything that decides the output bytes;
+- ``encode``: chunks of JSONL lines rendered and tokenized with one ``encode_batch`` call each
+  (worker side), zero-trained and overflow policies applied;
+- ``rows``: the pure packer (best-fit decreasing) and the layout of one row (labels, positions);
+- ``workers``: the worker processes and the shard-writing tasks they run;
+- ``pipeline``: :func:`pack` itself — inputs hashed, spill, validation split, rows, shards,
+  ``index.json`` last, the work folder moved into place.
+"""
+
+from __future__ import annotations
+
+from sftdata.pack.encode import encode_chunk, read_chunks, render_stats
+from sftdata.pack.options import OVERFLOW, PackOptions
+from sftdata.pack.pipeline import PackReport, fingerprint, pack
+from sftdata.pack.rows import build_row, efficiency, pack_rows
+
+__all__ = [
+    "OVERFLOW",
+    "PackOptions",
+    "PackReport",
+    "build_row",
+    "efficiency",
+    "encode_chunk",
+    "fingerprint",
+    "pack",
+    "pack_rows",
+    "read_chunks",
+    "render_stats",
+]

@@ -1,0 +1,121 @@
+"""The ``num_proc`` worker processes of one pack (encoding, then writing shard files) and the
+tasks they run; results come back in task order, so the output never depends on ``num_proc``."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sftdata.pack.encode import Chunk, encode_raw, init_worker, read_raw_chunks
+from sftdata.pack.options import PackOptions
+from sftdata.pack.rows import build_row
+from sftdata.shards import ShardWriter
+
+SPILL_IDS, SPILL_MASK = ".spill-ids.bin", ".spill-mask.bin"
+"""Tokens and masks of every kept record, spilled in input order inside the work folder."""
+
+
+class Workers:
+    """The ``num_proc`` worker processes of one pack, used for encoding and then for writing.
+
+    ``ordered`` runs a function over tasks and yields the results in task order with a bounded
+    look-ahead (``Pool.imap`` would read the whole input ahead into its queue), so the output
+    never depends on ``num_proc``. With ``num_proc`` 1 the tasks run in this process.
+    """
+
+    def __init__(self, opts: PackOptions):
+        self.opts = opts
+        self._pool: Any = None
+        self._old_env: str | None = None
+
+    def __enter__(self) -> Workers:
+        if self.opts.num_proc > 1:
+            import multiprocessing as mp
+
+            # The workers each run one single-threaded tokenizer; this also silences the
+            # tokenizers library's fork warning.
+            self._old_env = os.environ.get("TOKENIZERS_PARALLELISM")
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            self._pool = ctx.Pool(
+                self.opts.num_proc, initializer=init_worker, initargs=(self.opts,)
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            if self._old_env is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = self._old_env
+
+    def ordered(self, fn: Callable[..., Any], tasks: Iterator[tuple[Any, ...]]) -> Iterator[Any]:
+        """``fn(*task)`` for each task, in task order."""
+        if self._pool is None:
+            for task in tasks:
+                yield fn(*task)
+            return
+        pending: deque = deque()
+        for task in tasks:
+            pending.append(self._pool.apply_async(fn, task))
+            if len(pending) >= 2 * self.opts.num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard file to write: its rows as (offset, length) of each record in the spill."""
+
+    folder: str
+    split: str
+    number: int
+    seq_len: int
+    pad_id: int
+    rows: list[list[tuple[int, int]]]
+    record_ids: list[list[str]]
+
+
+def write_shard(task: ShardTask) -> tuple[dict[str, Any], int, int]:
+    """Gather, lay out and write one shard; return its index entry, tokens and trained tokens."""
+    folder = Path(task.folder)
+    # Records are read back with pread, not a memory map: mapped pages count towards RSS, which
+    # would then grow with the dataset (5 bytes per token) instead of staying flat.
+    fd_ids = os.open(folder / SPILL_IDS, os.O_RDONLY)
+    fd_mask = os.open(folder / SPILL_MASK, os.O_RDONLY)
+    try:
+        writer = ShardWriter(
+            folder, split=task.split, seq_len=task.seq_len, shard_size=len(task.rows),
+            first_shard=task.number,
+        )  # fmt: skip
+        tokens = trained = 0
+        for row, ids_of_row in zip(task.rows, task.record_ids, strict=True):
+            segs = []
+            for a, n in row:
+                ids = np.frombuffer(os.pread(fd_ids, 4 * n, 4 * a), dtype=np.int32)
+                mask = np.frombuffer(os.pread(fd_mask, n, a), dtype=np.bool_)
+                tokens += n
+                trained += int(np.count_nonzero(mask[1:]))
+                segs.append((ids, mask))
+            # The last add fills the writer (shard_size = rows), which writes the file.
+            writer.add(build_row(segs, seq_len=task.seq_len, pad_id=task.pad_id), ids_of_row)
+    finally:
+        os.close(fd_ids)
+        os.close(fd_mask)
+    (entry,) = writer.shards
+    return entry, tokens, trained
+
+
+def encoded_chunks(inputs: Sequence[Path], opts: PackOptions, workers: Workers) -> Iterator[Chunk]:
+    """Encoded chunks in input order."""
+    chunks = read_raw_chunks(inputs, opts.chunk_size)
+    return workers.ordered(encode_raw, ((raw, opts) for raw in chunks))
