@@ -12,7 +12,7 @@ from test_packer import fixture_records, write_jsonl  # tests/ is on sys.path (r
 
 from sftdata.cli import main
 from sftdata.conversation import read_jsonl
-from sftdata.inspection import classify, plain_text, runs
+from sftdata.rowview import classify, plain_text, runs
 from sftdata.shards import ShardReader
 from sftdata.stats import packing_estimate
 

@@ -1,4 +1,4 @@
-"""`sftdata export --format sharegpt|alpaca|openai` (sftdata/export.py): round trips on real data, refusals, schemas.
+"""`sftdata export --format sharegpt|alpaca|openai` (sftdata/export/chat.py): round trips on real data, refusals, schemas.
 
 (Named apart from tests/test_export.py, which tests sfttrain/export.py.)
 """
@@ -16,7 +16,7 @@ from conftest import ROOT
 from sftdata.cli import main
 from sftdata.conversation import Conversation, Message, Source, read_jsonl
 from sftdata.errors import ConversionError
-from sftdata.export import to_alpaca, to_openai, to_sharegpt
+from sftdata.export.chat import to_alpaca, to_openai, to_sharegpt
 from sftdata.sources import read_conversations
 
 

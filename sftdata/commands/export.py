@@ -68,7 +68,7 @@ def command(
     from sftdata.inputs import readable
 
     if fmt == "mindrecord":
-        from sftdata.exporters.mindrecord import export_mindrecord
+        from sftdata.export.mindrecord import export_mindrecord
 
         rep = export_mindrecord(
             input_path,
@@ -87,7 +87,7 @@ def command(
     for name in ("split", "layout", "pad_token_id", "boundaries"):
         if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
             raise ConfigError(f"--{name.replace('_', '-')} only applies to --format mindrecord")
-    from sftdata.export import export_conversations
+    from sftdata.export.chat import export_conversations
 
     with readable([str(input_path)]) as (path,):
         report = export_conversations(Path(path), output, fmt=fmt)

@@ -49,7 +49,7 @@ def command(
     from rich.text import Text
 
     from sftdata.errors import ConfigError
-    from sftdata.inspection import (
+    from sftdata.rowview import (
         TRAIN_CLOSE,
         TRAIN_OPEN,
         classify,

@@ -9,7 +9,7 @@
 
 Every ``to_*`` function is pure: a Conversation in, a plain dict out; a record the format cannot
 express raises ``ConversionError`` naming ``where`` (default: the record's raw source).
-The MindRecord export of packed shards lives in :mod:`sftdata.exporters.mindrecord`.
+The MindRecord export of packed shards lives in :mod:`sftdata.export.mindrecord`.
 """
 
 from __future__ import annotations

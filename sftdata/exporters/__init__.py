@@ -1,1 +1,0 @@
-"""Exporters of packed shards to other training stacks' binary formats (MindRecord)."""
