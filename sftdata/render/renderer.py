@@ -41,7 +41,6 @@ folding in.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -52,22 +51,14 @@ import numpy as np
 
 from sftdata.conversation import Conversation
 from sftdata.errors import ConfigError, TemplateError
+from sftdata.render.foldins import Caps, as_parts, template_messages
+from sftdata.render.masks import mask_by_edges, mask_from_offsets, subtract
 from sftdata.templates import DEFAULT_TEMPLATE_DATE, load_template
 from sftdata.tokenizer import stop_tokens
 
 TRAIN_ON = ("all-assistant", "last-assistant", "everything")
-FOLD_INS = (
-    "system_into_user",
-    "tool_results_as_user",
-    "tool_calls_into_content",
-    "tools_into_system",
-    "reasoning_into_content",
-)
-"""Kinds of documented fold-in, as counted in the pack summary and ``index.json``."""
 REFUSALS = ("template_error", "not_rendered", "strict")
 """Reasons a record is refused (``sftdata pack --skip-invalid`` counts them)."""
-TOOL_RESULT_HEADER = "Tool result"
-"""Start of the user turn a tool result becomes for a template without a tool role."""
 
 # Probe contents: plain ASCII so that templates render them verbatim.
 _P = {
@@ -131,32 +122,9 @@ class EncodedRecord:
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _plain_tool_call(call: dict[str, Any]) -> str:
-    fn = call["function"]
-    obj = {"name": fn["name"], "arguments": fn["arguments"]}
-    return json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))
-
-
-def _call_id(rid: str, i: int, k: int) -> str:
-    # Templates that need ids (Mistral's wants nine alphanumerics) get a deterministic one.
-    return hashlib.blake2b(f"{rid}\0{i}\0{k}".encode(), digest_size=8).hexdigest()[:9]
-
-
 def _one_line(e: Exception) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[0] if lines else type(e).__name__
-
-
-@dataclass(frozen=True)
-class _Caps:
-    """What a template renders natively (probed once per template)."""
-
-    system: bool
-    tool_role: bool
-    tool_calls: bool
-    tools: bool
-    reasoning: bool
-    args_as_string: bool
 
 
 class Renderer:
@@ -248,7 +216,7 @@ class Renderer:
         self, msgs: list[dict[str, Any]], tools: Any = None, gen: bool = False
     ) -> str | Exception:
         if self._parts:
-            msgs = [_as_parts(m) for m in msgs]
+            msgs = [as_parts(m) for m in msgs]
         try:
             return self._backend.render(msgs, tools, gen)
         except Exception as e:  # any template failure: the caller decides whether it matters
@@ -264,7 +232,7 @@ class Renderer:
         m = self._special_re.match(text, j)
         return m.group(0) if m else None
 
-    def _probe(self) -> _Caps:
+    def _probe(self) -> Caps:
         p = _P
         u = {"role": "user", "content": p["user"]}
         a = {"role": "assistant", "content": p["assistant"]}
@@ -318,7 +286,7 @@ class Renderer:
             },
         }
         reasoning = {**a, "reasoning_content": p["reasoning"], "thinking": p["reasoning"]}
-        return _Caps(
+        return Caps(
             system=renders(p["system"], [{"role": "system", "content": p["system"]}, u, a]),
             tool_role=tool_role,
             tool_calls=tool_calls,
@@ -332,102 +300,9 @@ class Renderer:
     def template_messages(
         self, conv: Conversation
     ) -> tuple[list[dict[str, Any]], list[Any] | None, list[int | None], list[str]]:
-        """The messages and tools passed to the template, with fold-ins applied.
-
-        Returns:
-            (messages, tools, index of each template message in ``conv.messages`` or None for
-            one made by a fold-in, fold-in kinds applied).
-        """
-        caps = self.caps
-        folds: list[str] = []
-        msgs: list[dict[str, Any]] = []
-        origin: list[int | None] = []
-        pending_calls: list[dict[str, Any]] = []
-        results = 0  # tool results since the last assistant turn (pairs them with its calls)
-        for i, m in enumerate(conv.messages):
-            d: dict[str, Any] = {"role": m.role, "content": m.content}
-            if m.role == "assistant":
-                pending_calls, results = [], 0
-                if m.reasoning:
-                    if caps.reasoning:
-                        d["reasoning_content"] = d["thinking"] = m.reasoning
-                    else:
-                        d["content"] = f"<think>\n{m.reasoning}\n</think>\n\n{m.content}"
-                        folds.append("reasoning_into_content")
-                if m.tool_calls:
-                    calls = [
-                        {**c, "id": c.get("id") or _call_id(conv.id, i, k)}
-                        for k, c in enumerate(m.tool_calls)
-                    ]
-                    pending_calls = calls
-                    if caps.tool_calls:
-                        if caps.args_as_string:
-                            calls = [
-                                {
-                                    **c,
-                                    "function": {
-                                        "name": c["function"]["name"],
-                                        "arguments": json.dumps(
-                                            c["function"]["arguments"], ensure_ascii=False
-                                        ),
-                                    },
-                                }
-                                for c in calls
-                            ]
-                        d["tool_calls"] = calls
-                    else:
-                        lines = [_plain_tool_call(c) for c in calls]
-                        d["content"] = "\n".join(([d["content"]] if d["content"] else []) + lines)
-                        folds.append("tool_calls_into_content")
-            elif m.role == "tool":
-                paired = _paired_call(m.tool_call_id, pending_calls, results)
-                results += 1
-                if m.tool_call_id or paired:
-                    d["tool_call_id"] = m.tool_call_id or paired.get("id")
-                if m.name or paired:
-                    d["name"] = m.name or paired["function"]["name"]
-                if not caps.tool_role:
-                    head = (
-                        f"{TOOL_RESULT_HEADER} ({d['name']})"
-                        if d.get("name")
-                        else TOOL_RESULT_HEADER
-                    )
-                    body = f"{head}:\n{m.content}"
-                    folds.append("tool_results_as_user")
-                    if (
-                        msgs
-                        and msgs[-1]["role"] == "user"
-                        and origin[-1] is not None
-                        and (conv.messages[origin[-1]].role == "tool")
-                    ):
-                        msgs[-1] = {**msgs[-1], "content": msgs[-1]["content"] + "\n\n" + body}
-                        continue  # merged: this message shares the user turn of the one before
-                    d = {"role": "user", "content": body}
-            msgs.append(d)
-            origin.append(i)
-        tools = conv.tools or None
-        if tools and not caps.tools:
-            block = "Available tools:\n" + json.dumps(tools, ensure_ascii=False)
-            if msgs and msgs[0]["role"] == "system":
-                sep = "\n\n" if msgs[0]["content"] else ""
-                msgs[0] = {**msgs[0], "content": msgs[0]["content"] + sep + block}
-            else:
-                msgs.insert(0, {"role": "system", "content": block})
-                origin.insert(0, None)
-            tools = None
-            folds.append("tools_into_system")
-        if msgs and msgs[0]["role"] == "system" and not caps.system:
-            system = msgs.pop(0)["content"]
-            origin.pop(0)
-            if msgs and msgs[0]["role"] == "user":
-                msgs[0] = {**msgs[0], "content": f"{system}\n\n{msgs[0]['content']}"}
-            else:
-                msgs.insert(0, {"role": "user", "content": system})
-                origin.insert(0, None)
-            folds.append("system_into_user")
-        if self._parts:
-            msgs = [_as_parts(m) for m in msgs]
-        return msgs, tools, origin, list(dict.fromkeys(folds))
+        """The messages and tools passed to the template, with fold-ins applied (see
+        :func:`sftdata.render.foldins.template_messages`)."""
+        return template_messages(conv, self.caps, parts=self._parts)
 
     # -- rendering ----------------------------------------------------------------------------
 
@@ -506,7 +381,7 @@ class Renderer:
             self._refuse(conv, out, "not_rendered", str(f))
             return out
         if everything:
-            spans = _subtract([(0, len(text))], excluded)
+            spans = subtract([(0, len(text))], excluded)
         out.samples = [Rendered(text, [(s, e) for s, e in spans if e > s]), *extra]
         out.split_turns = len(extra)
         missing = self._missing(conv, out.samples, msgs)
@@ -666,7 +541,7 @@ class Renderer:
             for _ in r.samples:
                 sample, enc = next(it)
                 ids = np.array(enc.ids, dtype=np.int32)
-                mask = _mask_by_edges(enc, len(ids), len(sample.text), sample.spans)
+                mask = mask_by_edges(enc, len(ids), len(sample.text), sample.spans)
                 if mask is None:
                     mask = mask_from_offsets(
                         np.array(enc.offsets, dtype=np.int64).reshape(-1, 2), sample.spans
@@ -684,12 +559,6 @@ def _common_prefix(a: str, b: str) -> int:
     return lo
 
 
-def _as_parts(m: dict[str, Any]) -> dict[str, Any]:
-    """A message with its text content as one ``{"type": "text"}`` part."""
-    c = m.get("content")
-    return {**m, "content": [{"type": "text", "text": c}]} if isinstance(c, str) else m
-
-
 def _text(m: dict[str, Any]) -> str:
     c = m.get("content")
     if isinstance(c, list):
@@ -697,74 +566,8 @@ def _text(m: dict[str, Any]) -> str:
     return c if isinstance(c, str) else ""
 
 
-def _paired_call(call_id: str | None, calls: list[dict[str, Any]], k: int) -> dict[str, Any]:
-    """The call a tool result answers: the one with its ``tool_call_id``, else the ``k``-th."""
-    if call_id:
-        return next((c for c in calls if c.get("id") == call_id), {})
-    return calls[k] if k < len(calls) else {}
-
-
 class _Fallback(Exception):
     """A turn that no derivation could place (the record is refused)."""
 
 
 # --------------------------------------------------------------------------------- span -> tokens
-
-
-def _subtract(spans: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out = spans
-    for hs, he in holes:
-        nxt = []
-        for s, e in out:
-            if he <= s or hs >= e:
-                nxt.append((s, e))
-                continue
-            if s < hs:
-                nxt.append((s, hs))
-            if he < e:
-                nxt.append((he, e))
-        out = nxt
-    return out
-
-
-def mask_from_offsets(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Reference rule: a token is trained iff its ``[start, end)`` overlaps a trained span.
-
-    Zero-width tokens count as covering their start character. ``offsets`` is int[n, 2].
-    """
-    n = len(offsets)
-    if not spans or n == 0:
-        return np.zeros(n, dtype=bool)
-    starts = np.array([s for s, _ in spans], dtype=np.int64)
-    ends = np.array([e for _, e in spans], dtype=np.int64)
-    tok_start = offsets[:, 0]
-    tok_end = np.maximum(offsets[:, 1], tok_start + 1)
-    k = np.searchsorted(ends, tok_start, side="right")  # first span ending after the token start
-    ok = k < len(spans)
-    mask = np.zeros(n, dtype=bool)
-    mask[ok] = starts[k[ok]] < tok_end[ok]
-    return mask
-
-
-def _mask_by_edges(
-    enc: Any, n: int, text_len: int, spans: list[tuple[int, int]]
-) -> np.ndarray | None:
-    """Same rule as :func:`mask_from_offsets` via two ``char_to_token`` lookups per span.
-
-    Returns None when a span edge falls on a character no token covers (the caller then uses
-    the offsets).
-    """
-    mask = np.zeros(n, dtype=bool)
-    for s, e in spans:
-        first = enc.char_to_token(s)
-        if first is None:
-            return None
-        if e >= text_len:
-            last = n - 1
-        else:
-            t = enc.char_to_token(e)
-            if t is None:
-                return None
-            last = t if enc.token_to_chars(t)[0] < e else t - 1
-        mask[first : last + 1] = True
-    return mask

@@ -1,0 +1,35 @@
+"""Chat-template rendering with exact label masks (DESIGN §2, invariant C2).
+
+- ``renderer``: :class:`Renderer` — a record through its template, the trained spans of every
+  turn (by construction from generation-prompt prefixes, or one render with our own
+  ``{% generation %}`` blocks), samples of their own for turns history renders differently;
+- ``foldins``: what a template cannot render natively is folded in, documented and counted;
+- ``masks``: trained character spans -> trained tokens of the sample's one tokenization.
+"""
+
+from __future__ import annotations
+
+from sftdata.render.foldins import FOLD_INS, TOOL_RESULT_HEADER
+from sftdata.render.masks import mask_from_offsets
+from sftdata.render.renderer import (
+    REFUSALS,
+    TRAIN_ON,
+    Encoded,
+    EncodedRecord,
+    RecordRender,
+    Rendered,
+    Renderer,
+)
+
+__all__ = [
+    "FOLD_INS",
+    "REFUSALS",
+    "TOOL_RESULT_HEADER",
+    "TRAIN_ON",
+    "Encoded",
+    "EncodedRecord",
+    "RecordRender",
+    "Rendered",
+    "Renderer",
+    "mask_from_offsets",
+]
