@@ -15,7 +15,7 @@ So the trainer always passes ``use_cache=False`` and, per implementation, either
 position-id restarts (``position_ids``, the default for every implementation: no L×L mask is built
 by us) or passes an additive float block mask (``block_mask``). ``flash_attention_2`` turns
 position-id restarts into varlen ``cu_seqlens`` inside transformers, but only for a batch of ONE
-sequence, so ``LossModel`` flattens [B, L] rows to [1, B·L] under it (see ``LossModel``). ``tests/test_loss.py`` checks C1 for every implementation the trainer may pick on CPU.
+sequence, so ``LossModel`` flattens [B, L] rows to [1, B·L] under it (see ``LossModel``). ``tests/invariants/test_c1_isolation.py`` checks C1 for every implementation the trainer may pick on CPU.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from sftdata.errors import ConfigError
 from sfttrain.config import TrainConfig
 from sfttrain.model import unwrap
 
-# Implementation -> the isolation mechanism `attn_isolation: auto` picks (tested in test_model.py).
+# Implementation -> the isolation mechanism `attn_isolation: auto` picks (tested in tests/invariants/test_c1_isolation.py).
 AUTO_ISOLATION = {
     "sdpa": "position_ids",
     "eager": "position_ids",

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
 
+from sftdata import IGNORE_INDEX
 from sftdata.convert import convert
 from sftdata.pack import PackOptions, pack
 from sftdata.tokenizer import load_tokenizer
@@ -107,3 +109,36 @@ def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
         env=subprocess_env(),
         cwd=ROOT,
     )
+
+
+# Tiny in-memory models and packed rows (C1 and model tests).
+VOCAB = 97
+
+
+def small_model(impl: str, seed: int = 0):
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).float().eval()
+
+
+def packed_row(lengths: list[int], pad: int, seed: int = 1):
+    """One packed row: records of `lengths` then `pad` padding tokens (its own segment)."""
+    g = torch.Generator().manual_seed(seed)
+    records = [torch.randint(3, VOCAB, (n,), generator=g) for n in lengths]
+    ids = torch.cat([*records, torch.zeros(pad, dtype=torch.long)])
+    pos = torch.cat([torch.arange(n) for n in [*lengths, pad] if n])
+    labels = ids.clone()
+    start = 0
+    for n in lengths:
+        labels[start] = IGNORE_INDEX  # the first token of a record is never a target
+        start += n
+    labels[start:] = IGNORE_INDEX
+    return records, ids[None], pos[None], labels[None]

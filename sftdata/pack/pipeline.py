@@ -319,111 +319,19 @@ def _build(
     approx_records: int,
     progress: Progress | None,
 ) -> dict[str, Any]:
-    # 1-3: encode and spill. Only lengths and ids stay in memory.
-    lengths_parts: list[np.ndarray] = []
-    owner_parts: list[np.ndarray] = []
-    record_ids: list[str] = []
-    n_in = zero = over = trunc = 0
-    stats: dict[str, Any] = render_stats([])
-    ids_path, mask_path = work / SPILL_IDS, work / SPILL_MASK
-    with ids_path.open("wb") as fi, mask_path.open("wb") as fm:
-        for chunk in encoded_chunks(inputs, opts, workers):
-            chunk.ids.tofile(fi)
-            chunk.mask.tofile(fm)  # bool: one byte per token
-            lengths_parts.append(chunk.lengths)
-            owner_parts.append(chunk.owners + n_in)
-            record_ids.extend(chunk.record_ids)
-            n_in += chunk.n_in
-            zero += chunk.zero_trained
-            over += chunk.overflow
-            trunc += chunk.truncated
-            merge_stats(stats, chunk.stats)
-            if progress:
-                progress("encode", n_in, max(approx_records, n_in))
-    lengths = np.concatenate(lengths_parts) if lengths_parts else np.empty(0, np.int32)
-    n = len(lengths)
-    if n == 0:
-        refused = sum(stats["refused"].values())
-        raise ValidationError(
-            f"{', '.join(map(str, inputs))}: no record left to write ({n_in} read: {zero} with zero "
-            f"trained tokens, {over} longer than --seq-len {opts.seq_len}, {refused} refused by "
-            "the template)"
-        )
-    starts = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=starts[1:])
-
-    # 4: split, pack, shuffle, write.
-    # The split is drawn over input records, so the samples one record gives (a turn the
-    # template re-renders differently, README "Templates and masks") stay on one side of it.
-    # Where every record gives one sample, groups are the samples and the draw is unchanged.
-    _, group = np.unique(np.concatenate(owner_parts), return_inverse=True)
-    n_groups = int(group.max()) + 1
-    val_n = _val_size(opts, n_groups)
-    if val_n >= n_groups:
-        raise ConfigError(
-            f"validation split of {val_n} records leaves no training record (of {n_groups})"
-        )
-    pick = np.random.default_rng([opts.seed, 0]).permutation(n_groups)[:val_n]
-    is_val = np.isin(group, pick)
-    members = {"train": np.flatnonzero(~is_val)}
-    if val_n:
-        members["validation"] = np.flatnonzero(is_val)
-
+    """Stages 2-5 inside the work folder; returns the index written last."""
+    spill = _spill(inputs, work, opts, workers, approx_records=approx_records, progress=progress)
+    plans = _plan_rows(spill, opts)
     pad_id = ident.get("pad_token_id")
-    pad_id = 0 if pad_id is None else int(pad_id)
-    shard_size = opts.resolved_shard_size()
-    total_rows = 0
-    plans = {}
-    for k, (name, idx) in enumerate(members.items()):
-        if opts.pack:
-            rows = [
-                idx[r].tolist()
-                for r in map(np.asarray, pack_rows(lengths[idx], seq_len=opts.seq_len))
-            ]
-        else:
-            rows = [[int(i)] for i in idx]
-        order = np.random.default_rng([opts.seed, 1, k]).permutation(len(rows))
-        plans[name] = [rows[j] for j in order]
-        total_rows += len(rows)
-
-    shard_tasks = [
-        ShardTask(
-            folder=str(work), split=name, number=number, seq_len=opts.seq_len, pad_id=pad_id,
-            rows=[[(int(starts[i]), int(lengths[i])) for i in row] for row in part],
-            record_ids=[[record_ids[i] for i in row] for row in part],
-        )
-        for name, rows in plans.items()
-        for number, part in enumerate(
-            rows[first : first + shard_size] for first in range(0, len(rows), shard_size)
-        )
-    ]  # fmt: skip
-
-    # Shards are independent files: the workers write them in parallel (measured on 49,950
-    # Alpaca records at 4096, 2 cores: the write stage takes 1.0 s in one process, 0.45 s in two).
-    splits: dict[str, Any] = {
-        name: {
-            "rows": len(rows),
-            "records": int(sum(len(r) for r in rows)),
-            "tokens": 0,
-            "trained_tokens": 0,
-            "shards": [],
-        }
-        for name, rows in plans.items()
-    }
-    written = 0
-    results = workers.ordered(write_shard, ((t,) for t in shard_tasks))
-    for task, (entry, tokens, trained) in zip(shard_tasks, results, strict=True):
-        split = splits[task.split]
-        split["shards"].append(entry)
-        split["tokens"] += tokens
-        split["trained_tokens"] += trained
-        written += len(task.rows)
-        if progress:
-            progress("write", written, total_rows)
-    ids_path.unlink()
-    mask_path.unlink()
-
+    splits = _write_shards(
+        plans, spill, work, opts, workers, pad_id=0 if pad_id is None else int(pad_id),
+        progress=progress,
+    )  # fmt: skip
+    (work / SPILL_IDS).unlink()
+    (work / SPILL_MASK).unlink()
+    total_rows = sum(len(rows) for rows in plans.values())
     tokens = sum(s["tokens"] for s in splits.values())
+    stats = spill.stats
     index = {
         "format_version": 1,
         "kind": KIND,
@@ -436,10 +344,10 @@ def _build(
         "inputs": in_meta,
         "fingerprint": fp,
         "counts": {
-            "records_in": n_in,
-            "dropped": {"zero_trained": zero, "overflow": over},
-            "truncated": trunc,
-            "records": n,
+            "records_in": spill.n_in,
+            "dropped": {"zero_trained": spill.zero, "overflow": spill.over},
+            "truncated": spill.trunc,
+            "records": len(spill.lengths),
             "rows": total_rows,
             "tokens": tokens,
             "trained_tokens": sum(s["trained_tokens"] for s in splits.values()),
@@ -456,6 +364,147 @@ def _build(
     }
     write_index(work, index)  # last, atomically
     return index
+
+
+@dataclass
+class _Spilled:
+    """What stays in memory of the encoded records (their tokens are in the spill files)."""
+
+    lengths: np.ndarray
+    """Tokens of each kept sample, in input order."""
+    starts: np.ndarray
+    """Offset of each sample in the spill (one more entry: the total)."""
+    owners: np.ndarray
+    """The input record each sample came from."""
+    record_ids: list[str]
+    n_in: int
+    zero: int
+    over: int
+    trunc: int
+    stats: dict[str, Any]
+
+
+def _spill(
+    inputs: Sequence[Path],
+    work: Path,
+    opts: PackOptions,
+    workers: Workers,
+    *,
+    approx_records: int,
+    progress: Progress | None,
+) -> _Spilled:
+    """Stages 2-3: encode every chunk (in the workers) and spill its tokens and masks."""
+    lengths_parts: list[np.ndarray] = []
+    owner_parts: list[np.ndarray] = []
+    record_ids: list[str] = []
+    n_in = zero = over = trunc = 0
+    stats: dict[str, Any] = render_stats([])
+    with (work / SPILL_IDS).open("wb") as fi, (work / SPILL_MASK).open("wb") as fm:
+        for chunk in encoded_chunks(inputs, opts, workers):
+            chunk.ids.tofile(fi)
+            chunk.mask.tofile(fm)  # bool: one byte per token
+            lengths_parts.append(chunk.lengths)
+            owner_parts.append(chunk.owners + n_in)
+            record_ids.extend(chunk.record_ids)
+            n_in += chunk.n_in
+            zero += chunk.zero_trained
+            over += chunk.overflow
+            trunc += chunk.truncated
+            merge_stats(stats, chunk.stats)
+            if progress:
+                progress("encode", n_in, max(approx_records, n_in))
+    lengths = np.concatenate(lengths_parts) if lengths_parts else np.empty(0, np.int32)
+    if len(lengths) == 0:
+        refused = sum(stats["refused"].values())
+        raise ValidationError(
+            f"{', '.join(map(str, inputs))}: no record left to write ({n_in} read: {zero} with zero "
+            f"trained tokens, {over} longer than --seq-len {opts.seq_len}, {refused} refused by "
+            "the template)"
+        )
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    owners = np.concatenate(owner_parts)
+    return _Spilled(lengths, starts, owners, record_ids, n_in, zero, over, trunc, stats)
+
+
+def _plan_rows(spill: _Spilled, opts: PackOptions) -> dict[str, list[list[int]]]:
+    """Stage 4: the validation split, then each split's rows (sample indices), shuffled."""
+    # The split is drawn over input records, so the samples one record gives (a turn the
+    # template re-renders differently, README "Templates and masks") stay on one side of it.
+    # Where every record gives one sample, groups are the samples and the draw is unchanged.
+    _, group = np.unique(spill.owners, return_inverse=True)
+    n_groups = int(group.max()) + 1
+    val_n = _val_size(opts, n_groups)
+    if val_n >= n_groups:
+        raise ConfigError(
+            f"validation split of {val_n} records leaves no training record (of {n_groups})"
+        )
+    pick = np.random.default_rng([opts.seed, 0]).permutation(n_groups)[:val_n]
+    is_val = np.isin(group, pick)
+    members = {"train": np.flatnonzero(~is_val)}
+    if val_n:
+        members["validation"] = np.flatnonzero(is_val)
+    plans = {}
+    for k, (name, idx) in enumerate(members.items()):
+        if opts.pack:
+            rows = [
+                idx[r].tolist()
+                for r in map(np.asarray, pack_rows(spill.lengths[idx], seq_len=opts.seq_len))
+            ]
+        else:
+            rows = [[int(i)] for i in idx]
+        order = np.random.default_rng([opts.seed, 1, k]).permutation(len(rows))
+        plans[name] = [rows[j] for j in order]
+    return plans
+
+
+def _write_shards(
+    plans: dict[str, list[list[int]]],
+    spill: _Spilled,
+    work: Path,
+    opts: PackOptions,
+    workers: Workers,
+    *,
+    pad_id: int,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """Stage 4, writing: the shard files of every split (in the workers: shards are
+    independent files); returns each split's index entry."""
+    shard_size = opts.resolved_shard_size()
+    starts, lengths, record_ids = spill.starts, spill.lengths, spill.record_ids
+    shard_tasks = [
+        ShardTask(
+            folder=str(work), split=name, number=number, seq_len=opts.seq_len, pad_id=pad_id,
+            rows=[[(int(starts[i]), int(lengths[i])) for i in row] for row in part],
+            record_ids=[[record_ids[i] for i in row] for row in part],
+        )
+        for name, rows in plans.items()
+        for number, part in enumerate(
+            rows[first : first + shard_size] for first in range(0, len(rows), shard_size)
+        )
+    ]  # fmt: skip
+    splits: dict[str, Any] = {
+        name: {
+            "rows": len(rows),
+            "records": int(sum(len(r) for r in rows)),
+            "tokens": 0,
+            "trained_tokens": 0,
+            "shards": [],
+        }
+        for name, rows in plans.items()
+    }
+    total_rows = sum(len(rows) for rows in plans.values())
+    written = 0
+    results = workers.ordered(write_shard, ((t,) for t in shard_tasks))
+    for task, (entry, tokens, trained) in zip(shard_tasks, results, strict=True):
+        split = splits[task.split]
+        split["shards"].append(entry)
+        split["tokens"] += tokens
+        split["trained_tokens"] += trained
+        written += len(task.rows)
+        if progress:
+            progress("write", written, total_rows)
+    return splits
 
 
 def _val_size(opts: PackOptions, n: int) -> int:

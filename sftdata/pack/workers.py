@@ -50,8 +50,7 @@ class Workers:
 
     def __exit__(self, *exc: object) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            _terminate(self._pool)
             if self._old_env is None:
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
             else:
@@ -119,3 +118,25 @@ def encoded_chunks(inputs: Sequence[Path], opts: PackOptions, workers: Workers) 
     """Encoded chunks in input order."""
     chunks = read_raw_chunks(inputs, opts.chunk_size)
     return workers.ordered(encode_raw, ((raw, opts) for raw in chunks))
+
+
+def _terminate(pool: Any) -> None:
+    """``pool.terminate()`` and ``join()``, bounded: terminate SIGTERMs the workers and then waits
+    for each, and a worker it never signals (seen once in a test run: left blocked on the task
+    queue's lock that a killed sibling held) would make it wait forever. So it runs in a helper
+    thread; past a grace period every remaining child is killed, which ends the wait."""
+    import multiprocessing as mp
+    import threading
+
+    stopper = threading.Thread(target=pool.terminate, daemon=True)
+    stopper.start()
+    stopper.join(timeout=TERMINATE_GRACE_S)
+    while stopper.is_alive():
+        for child in mp.active_children():
+            child.kill()
+        stopper.join(timeout=1.0)
+    pool.join()
+
+
+TERMINATE_GRACE_S = 10.0
+"""Seconds ``Pool.terminate`` gets before the workers are killed outright."""

@@ -11,7 +11,7 @@ the shard index so a changed template invalidates packed data). The built-ins ar
   ``### Response:``), EOS after each response, blocks repeated for multi-turn records.
 - one file per model family (``qwen2.5``, ``qwen3``, ``llama3``, ``mistral``, ``gemma``,
   ``gemma3``, ``phi3``, ``phi4``, ``deepseek3``, ``glm4``, ``gpt-oss``, ``cohere``), written here
-  and tested (tests/test_named_templates.py) to render like the family's official template, for
+  and tested (tests/invariants/test_c2_named_templates.py) to render like the family's official template, for
   tokenizers that ship none. Each file's header says what the layout does.
 """
 

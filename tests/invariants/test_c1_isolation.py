@@ -1,0 +1,54 @@
+"""C1: a packed row gives the same logits and loss as its records run one by one, for every
+attention implementation and isolation mechanism the trainer may pick on CPU (sfttrain/loss.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sfttrain.config import build_config
+from sfttrain.loss import AUTO_ISOLATION, LossModel, forward_kwargs, isolation_for
+from sfttrain.model import CPU_ATTN_IMPLEMENTATIONS
+from tests.sfttrain_helpers import packed_row, small_model
+
+CASES = [(impl, iso) for impl in CPU_ATTN_IMPLEMENTATIONS for iso in ("position_ids", "block_mask")]
+
+
+@pytest.mark.parametrize(("impl", "isolation"), CASES)
+@pytest.mark.parametrize("pad", [0, 7])
+def test_packed_row_equals_separate_records(impl: str, isolation: str, pad: int) -> None:
+    model = small_model(impl)
+    lengths = [11, 5, 1, 16]
+    records, ids, pos, labels = packed_row(lengths, pad)
+    with torch.no_grad():
+        packed = model(**forward_kwargs(ids, pos, isolation=isolation)).logits[0]
+        start = 0
+        for rec in records:
+            alone = model(input_ids=rec[None], use_cache=False).logits[0]
+            diff = (packed[start : start + len(rec)] - alone).abs().max().item()
+            assert diff <= 1e-5, f"record at {start} leaks: {diff}"
+            start += len(rec)
+        # The loss the trainer computes (sum over trained tokens) equals the sum of separate losses.
+        loss = LossModel(model, isolation=isolation)(ids, labels, pos)
+        want = 0.0
+        for rec in records:
+            if len(rec) > 1:
+                logits = model(input_ids=rec[None], use_cache=False).logits[0, :-1]
+                want += torch.nn.functional.cross_entropy(logits, rec[1:], reduction="sum").item()
+    assert abs(loss.item() - want) <= 1e-5 * max(1.0, abs(want))
+
+
+@pytest.mark.parametrize("impl", CPU_ATTN_IMPLEMENTATIONS)
+def test_auto_isolation_is_a_tested_mechanism(impl: str) -> None:
+    cfg = build_config({"attn_implementation": impl})
+    assert isolation_for(cfg) in ("position_ids", "block_mask")
+    assert isolation_for(build_config({"attn_isolation": "block_mask"})) == "block_mask"
+    assert set(CPU_ATTN_IMPLEMENTATIONS) <= set(AUTO_ISOLATION)
+
+
+def test_selective_head_equals_full_logits_loss() -> None:
+    model = small_model("sdpa")
+    _, ids, pos, labels = packed_row([9, 12], 3)
+    fast = LossModel(model, isolation="position_ids", selective_head=True)(ids, labels, pos)
+    full = LossModel(model, isolation="position_ids", selective_head=False)(ids, labels, pos)
+    assert torch.allclose(fast, full, atol=1e-5)

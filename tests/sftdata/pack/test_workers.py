@@ -1,0 +1,31 @@
+"""The pack's worker pool (sftdata/pack/workers.py): stopping it is bounded."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import time
+
+import pytest
+
+from sftdata.pack import workers
+
+
+def _deaf() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a worker Pool.terminate cannot stop
+
+
+def test_terminating_a_pool_whose_worker_never_stops_still_returns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A busy worker that ignores SIGTERM never reads the stop sentinel nor dies: plain
+    # pool.terminate() waits for it forever (checked by hand: killed by `timeout`).
+    monkeypatch.setattr(workers, "TERMINATE_GRACE_S", 0.5)
+    pool = mp.get_context("fork").Pool(1, initializer=_deaf)
+    assert pool.apply_async(abs, (-3,)).get(timeout=30) == 3
+    pool.apply_async(time.sleep, (3600,))
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    workers._terminate(pool)
+    assert time.monotonic() - t0 < 20
+    assert mp.active_children() == []
