@@ -119,13 +119,17 @@ def build_tiny(*, seed: int, attn_implementation: str = "sdpa"):
     return model.float()
 
 
-def check_attn_implementation(name: str) -> None:
-    """Refuse an attention implementation this machine cannot run, in one line."""
+def check_attn_implementation(name: str, *, cuda: bool | None = None) -> None:
+    """Refuse an attention implementation this machine cannot run, in one line (the one check,
+    used when a model is loaded and by ``perf.check_platform`` before training); ``cuda``: whether
+    the run's device is a working GPU (default: whether CUDA is available)."""
     if name != "flash_attention_2":
         return
     import importlib.util
 
-    if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if not cuda or importlib.util.find_spec("flash_attn") is None:
         raise ConfigError(
             "attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package; "
             "use sdpa (packed rows stay isolated through position_ids)"

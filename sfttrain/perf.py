@@ -132,11 +132,9 @@ def check_platform(config: Any, device: torch.device) -> None:
                 "use_liger_kernel: Liger's Triton kernels need a CUDA GPU; this machine has none"
             )
     if config.attn_implementation == "flash_attention_2":
-        if not cuda or importlib.util.find_spec("flash_attn") is None:
-            raise ConfigError(
-                "attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package; "
-                "use sdpa (packed rows stay isolated through position_ids)"
-            )
+        from sfttrain.model import check_attn_implementation
+
+        check_attn_implementation(config.attn_implementation, cuda=cuda)
         if not config.bf16:
             raise ConfigError(
                 "attn_implementation: flash_attention_2 computes in bf16/fp16 only; set bf16: true"
