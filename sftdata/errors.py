@@ -35,5 +35,10 @@ class CheckpointError(SftError):
     """A training checkpoint cannot be written (disk full, permissions) or read back intact."""
 
 
+class ModelError(SftError):
+    """A model or adapter folder is missing, incomplete or unsafe (pickle, paths outside it), or
+    cannot be loaded."""
+
+
 class ConfigError(SftError):
     """A training/packing configuration is unknown, ill-typed or impossible."""

@@ -178,7 +178,7 @@ def _load_file(path: Path) -> dict[str, Any]:
     try:
         return load_file(str(path))
     except (OSError, SafetensorError) as e:
-        raise ConfigError(f"{path}: cannot read the weights ({e})") from None
+        raise CheckpointError(f"{path}: cannot read the weights ({e})") from None
 
 
 def load_weights(model, folder: Path, *, finetuning_type: str) -> None:
@@ -190,15 +190,15 @@ def load_weights(model, folder: Path, *, finetuning_type: str) -> None:
 
         f = folder / "adapter_model.safetensors"
         if not f.is_file():
-            raise ConfigError(f"{folder}: no adapter_model.safetensors (not a LoRA checkpoint)")
+            raise CheckpointError(f"{folder}: no adapter_model.safetensors (not a LoRA checkpoint)")
         result = set_peft_model_state_dict(model, _load_file(f))
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
         if unexpected:
-            raise ConfigError(f"{f}: adapter does not fit the model (e.g. {unexpected[0]})")
+            raise CheckpointError(f"{f}: adapter does not fit the model (e.g. {unexpected[0]})")
         return
     files = sorted(folder.glob("model*.safetensors"))
     if not files:
-        raise ConfigError(f"{folder}: no model.safetensors (not a full fine-tuning checkpoint)")
+        raise CheckpointError(f"{folder}: no model.safetensors (not a full fine-tuning checkpoint)")
     inner = unwrap(model)
     state: dict[str, Any] = {}
     for f in files:
@@ -210,7 +210,7 @@ def load_weights(model, folder: Path, *, finetuning_type: str) -> None:
     missing = [k for k in missing if k not in tied]
     if unexpected or missing:
         what = (unexpected or missing)[0]
-        raise ConfigError(f"{folder}: weights do not fit the model (e.g. {what})")
+        raise CheckpointError(f"{folder}: weights do not fit the model (e.g. {what})")
 
 
 # ----------------------------------------------------------------------------- save
@@ -351,17 +351,17 @@ def read_state(folder: str | Path) -> dict[str, Any]:
     """``trainer_state.json`` of a complete checkpoint, or ConfigError (one line)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ConfigError(f"{folder}: checkpoint folder does not exist")
+        raise CheckpointError(f"{folder}: checkpoint folder does not exist")
     if not (folder / MARKER).is_file():
-        raise ConfigError(
+        raise CheckpointError(
             f"{folder}: checkpoint is incomplete (no {MARKER} marker); resume from an earlier one"
         )
     path = folder / STATE_FILE
-    state = read_json(path, error=ConfigError, what="checkpoint state")
+    state = read_json(path, error=CheckpointError, what="checkpoint state")
     if not isinstance(state, dict) or state.get("kind") != KIND:
-        raise ConfigError(f"{path}: not an sftpipe checkpoint")
+        raise CheckpointError(f"{path}: not an sftpipe checkpoint")
     if state.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(
+        raise CheckpointError(
             f"{path}: format_version {state.get('format_version')!r} is not supported (this reader knows {FORMAT_VERSION})"
         )
     _validate_schema(state, where=str(path))
@@ -371,7 +371,7 @@ def read_state(folder: str | Path) -> dict[str, Any]:
 def _validate_schema(state: dict[str, Any], *, where: str) -> None:
     problem = schema_problem(state, SCHEMA)
     if problem is not None:
-        raise ConfigError(f"{where}: {problem}")
+        raise CheckpointError(f"{where}: {problem}")
 
 
 def _file_digests(folder: Path) -> dict[str, str]:
@@ -467,7 +467,7 @@ def check_resumable(
     saved = config_from_dict(state["config"], where=f"{folder / STATE_FILE}: config: ")
     saved_ws = int(state.get("world_size", 1))
     if trajectory_hash(saved, world_size=saved_ws) != state["config_hash"]:
-        raise ConfigError(
+        raise CheckpointError(
             f"{folder / STATE_FILE}: config_hash does not match its config (edited by hand?)"
         )
     if trajectory_hash(saved, world_size=saved_ws) != trajectory_hash(

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from sftdata.errors import ConfigError
+from sftdata.errors import ConfigError, ModelError
 from sftdata.jsonfile import read_json_object
 from sfttrain.config import TrainConfig, lora_target_modules
 
@@ -31,18 +31,18 @@ def check_model_dir(path: str | Path) -> Path:
     """A local HF model folder with ``config.json`` and safetensors weights, or ConfigError (one line)."""
     p = Path(path)
     if not p.is_dir():
-        raise ConfigError(
+        raise ModelError(
             f"{p}: model folder does not exist (give a local Hugging Face folder or 'tiny')"
         )
     if not (p / "config.json").is_file():
-        raise ConfigError(f"{p}: not a model folder (no config.json)")
+        raise ModelError(f"{p}: not a model folder (no config.json)")
     has_weights = (p / "model.safetensors").is_file() or (
         p / "model.safetensors.index.json"
     ).is_file()
     if not has_weights:
         if any(p.glob("*.bin")) or any(p.glob("*.pt")):
-            raise ConfigError(f"{p}: weights are not safetensors (pickle weights are refused)")
-        raise ConfigError(f"{p}: model folder has no weights (model.safetensors)")
+            raise ModelError(f"{p}: weights are not safetensors (pickle weights are refused)")
+        raise ModelError(f"{p}: model folder has no weights (model.safetensors)")
     index = p / "model.safetensors.index.json"
     if index.is_file():
         _check_weight_map(index)
@@ -53,17 +53,17 @@ def _check_weight_map(index: Path) -> None:
     """Every shard a safetensors index names is a ``.safetensors`` file inside its folder."""
     from sftdata.inputs import inside
 
-    weight_map = read_json_object(index, error=ConfigError, strict=False).get("weight_map")
+    weight_map = read_json_object(index, error=ModelError, strict=False).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise ConfigError(f"{index}: 'weight_map' must map tensor names to files")
+        raise ModelError(f"{index}: 'weight_map' must map tensor names to files")
     for tensor, name in weight_map.items():
         if not isinstance(name, str) or not name.endswith(".safetensors"):
-            raise ConfigError(
+            raise ModelError(
                 f"{index}: weight_map[{tensor!r}] is {name!r}, not a .safetensors file "
                 "(pickle weights are refused)"
             )
         if not inside(index.parent, name):
-            raise ConfigError(
+            raise ModelError(
                 f"{index}: weight_map[{tensor!r}] {name!r} is not a file inside {index.parent}"
             )
 
@@ -72,13 +72,13 @@ def check_adapter_dir(path: str | Path) -> Path:
     """A PEFT adapter folder whose weights are safetensors, or ConfigError (one line)."""
     p = Path(path)
     if not is_adapter_dir(p):
-        raise ConfigError(f"{p}: not an adapter folder (no adapter_config.json)")
+        raise ModelError(f"{p}: not an adapter folder (no adapter_config.json)")
     if not (p / "adapter_model.safetensors").is_file():
         if (p / "adapter_model.bin").exists():
-            raise ConfigError(
+            raise ModelError(
                 f"{p}: adapter weights are not safetensors (pickle weights are refused)"
             )
-        raise ConfigError(f"{p}: adapter folder has no adapter_model.safetensors")
+        raise ModelError(f"{p}: adapter folder has no adapter_model.safetensors")
     return p
 
 
@@ -90,11 +90,11 @@ def is_adapter_dir(path: str | Path) -> bool:
 def adapter_base(path: str | Path) -> str:
     """The base model an adapter folder was trained on (``base_model_name_or_path``)."""
     p = Path(path) / "adapter_config.json"
-    base = read_json_object(p, error=ConfigError, strict=False, what="adapter config").get(
+    base = read_json_object(p, error=ModelError, strict=False, what="adapter config").get(
         "base_model_name_or_path"
     )
     if not base:
-        raise ConfigError(
+        raise ModelError(
             f"{p}: base_model_name_or_path is missing; pass --model BASE --adapter {path}"
         )
     return str(base)
@@ -178,7 +178,7 @@ def load_base_model(
         )
     except (OSError, ValueError, KeyError, RuntimeError, ImportError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path}: cannot load the model ({first})") from None
+        raise ModelError(f"{path}: cannot load the model ({first})") from None
     return model, tokenizer
 
 
@@ -344,7 +344,7 @@ def load_for_inference(
             base = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"{adapter}: cannot apply the adapter to {model} ({first})") from None
+            raise ModelError(f"{adapter}: cannot apply the adapter to {model} ({first})") from None
         if (Path(adapter) / "tokenizer.json").is_file() or (
             Path(adapter) / "tokenizer_config.json"
         ).is_file():

@@ -235,9 +235,9 @@ def test_resume_refuses_incomplete_foreign_or_changed_checkpoints(
     broken = tmp_path / "broken"
     shutil.copytree(ckpt, broken)
     (broken / MARKER).unlink()
-    with pytest.raises(ConfigError, match="incomplete"):
+    with pytest.raises(CheckpointError, match="incomplete"):
         resume(broken)
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         resume(tmp_path / "nowhere")
     other = demo_shards(tmp_path / "other", seq_len=64, limit=60)
     with pytest.raises(ConfigError, match="other shards"):

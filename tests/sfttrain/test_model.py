@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from sftdata.errors import ConfigError
+from sftdata.errors import ConfigError, ModelError
 from sfttrain.config import build_config
 from sfttrain.loss import LossModel
 from sfttrain.model import (
@@ -55,15 +55,15 @@ def test_lora_target_that_matches_nothing_is_refused() -> None:
 
 
 def test_model_folder_without_weights_or_config(tmp_path) -> None:
-    with pytest.raises(ConfigError, match=r"no config\.json"):
+    with pytest.raises(ModelError, match=r"no config\.json"):
         check_model_dir(tmp_path)
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ConfigError, match="no weights"):
+    with pytest.raises(ModelError, match="no weights"):
         check_model_dir(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
-    with pytest.raises(ConfigError, match="not safetensors"):
+    with pytest.raises(ModelError, match="not safetensors"):
         check_model_dir(tmp_path)
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ModelError, match="does not exist"):
         check_model_dir(tmp_path / "missing")
 
 
@@ -83,5 +83,5 @@ def test_corrupt_weights_are_one_clear_error(tmp_path) -> None:
 
     load_tokenizer("tiny").save_pretrained(str(tmp_path))
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ConfigError, match="cannot load the model"):
+    with pytest.raises(ModelError, match="cannot load the model"):
         load_base_model(tmp_path)
