@@ -61,7 +61,7 @@ from sfttrain.data import (
     to_tensors,
     trained_tokens,
 )
-from sfttrain.distributed import Dist
+from sfttrain.distributed import Dist, gather_model_state
 from sfttrain.evaluate import evaluate
 from sfttrain.loss import LossModel, isolation_for, liger_loss
 from sfttrain.metrics import Metrics, peak_memory_mb, plot_loss, progress_bar
@@ -448,13 +448,6 @@ def _save_final(
 
 
 # ----------------------------------------------------------------------------- loop pieces
-
-
-def gather_model_state(model: torch.nn.Module) -> dict[str, Any] | None:
-    """Full state dict of an FSDP2-sharded model (all ranks must call it), else None."""
-    from sfttrain.distributed import gather_model_state as gather
-
-    return gather(model)
 
 
 def _autocast(config: TrainConfig, device: torch.device) -> Callable[[], Any]:

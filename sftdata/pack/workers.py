@@ -33,6 +33,7 @@ class Workers:
         self.opts = opts
         self._pool: Any = None
         self._old_env: str | None = None
+        self._others: frozenset[Any] = frozenset()
 
     def __enter__(self) -> Workers:
         if self.opts.num_proc > 1:
@@ -43,6 +44,7 @@ class Workers:
             self._old_env = os.environ.get("TOKENIZERS_PARALLELISM")
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            self._others = frozenset(mp.active_children())  # not ours to stop (see _terminate)
             self._pool = ctx.Pool(
                 self.opts.num_proc, initializer=init_worker, initargs=(self.opts,)
             )
@@ -50,7 +52,7 @@ class Workers:
 
     def __exit__(self, *exc: object) -> None:
         if self._pool is not None:
-            _terminate(self._pool)
+            _terminate(self._pool, spare=self._others)
             if self._old_env is None:
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
             else:
@@ -120,11 +122,12 @@ def encoded_chunks(inputs: Sequence[Path], opts: PackOptions, workers: Workers) 
     return workers.ordered(encode_raw, ((raw, opts) for raw in chunks))
 
 
-def _terminate(pool: Any) -> None:
+def _terminate(pool: Any, *, spare: frozenset[Any] = frozenset()) -> None:
     """``pool.terminate()`` and ``join()``, bounded: terminate SIGTERMs the workers and then waits
     for each, and a worker it never signals (seen once in a test run: left blocked on the task
     queue's lock that a killed sibling held) would make it wait forever. So it runs in a helper
-    thread; past a grace period every remaining child is killed, which ends the wait."""
+    thread; past a grace period every remaining child but ``spare`` (the caller's own children,
+    alive before the pool) is killed, which ends the wait."""
     import multiprocessing as mp
     import threading
 
@@ -132,7 +135,7 @@ def _terminate(pool: Any) -> None:
     stopper.start()
     stopper.join(timeout=TERMINATE_GRACE_S)
     while stopper.is_alive():
-        for child in mp.active_children():
+        for child in set(mp.active_children()) - spare:
             child.kill()
         stopper.join(timeout=1.0)
     pool.join()

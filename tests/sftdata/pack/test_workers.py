@@ -21,11 +21,16 @@ def test_terminating_a_pool_whose_worker_never_stops_still_returns(
     # A busy worker that ignores SIGTERM never reads the stop sentinel nor dies: plain
     # pool.terminate() waits for it forever (checked by hand: killed by `timeout`).
     monkeypatch.setattr(workers, "TERMINATE_GRACE_S", 0.5)
-    pool = mp.get_context("fork").Pool(1, initializer=_deaf)
+    ctx = mp.get_context("fork")
+    bystander = ctx.Process(target=time.sleep, args=(3600,))  # the caller's own child
+    bystander.start()
+    pool = ctx.Pool(1, initializer=_deaf)
     assert pool.apply_async(abs, (-3,)).get(timeout=30) == 3
     pool.apply_async(time.sleep, (3600,))
     time.sleep(0.3)
     t0 = time.monotonic()
-    workers._terminate(pool)
+    workers._terminate(pool, spare=frozenset({bystander}))
     assert time.monotonic() - t0 < 20
-    assert mp.active_children() == []
+    assert mp.active_children() == [bystander]  # the pool's workers are gone, not the caller's
+    bystander.kill()
+    bystander.join()
