@@ -8,8 +8,8 @@ from pathlib import Path
 from sftdata.atomic import exclusive
 from sftdata.errors import ConfigError
 from sftdata.jsonfile import read_json_object
-from sfttrain.checkpoint import written
 from sfttrain.model import adapter_base, is_adapter_dir, load_for_inference, load_tokenizer_for
+from sfttrain.weights import written
 
 DTYPES = ("fp32", "fp16", "bf16")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 
 from sftdata.atomic import atomic_file
 from sftdata.errors import ConfigError
+from sfttrain.perf import mfu
 
 METRICS_VERSION = 1
 
@@ -118,6 +120,71 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
+class LogWindow:
+    """The steps since the last logged one: their loss sum (kept on the device and read only when
+    logging, so a step never waits for the host), trained tokens, positions processed (for MFU) and
+    the wall time they took (``restart_clock`` after evaluating or saving: that is not training)."""
+
+    def __init__(
+        self, device: torch.device, *, flops_per_token: float, peak_tflops: float | None,
+        world_size: int,
+    ) -> None:  # fmt: skip
+        self.device = device
+        self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
+        self.world_size = world_size
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start the next window."""
+        self.loss_sum.zero_()
+        self.trained_tokens = 0
+        self.positions = 0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Count the window's time from now."""
+        self.start = time.perf_counter()
+
+    def row(
+        self, *, step: int, epoch: float, loss: float, lr: float, grad_norm: Any,
+        trained_tokens: int,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The ``metrics.jsonl`` row that closes the window (``loss``: its loss, over all ranks)."""
+        elapsed = time.perf_counter() - self.start
+        step_mfu = mfu(
+            self.flops_per_token,
+            self.positions / elapsed if elapsed > 0 else 0.0,
+            peak_tflops=self.peak_tflops,
+            world_size=self.world_size,
+        )
+        return {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "trained_tokens": trained_tokens,
+            "tokens_per_s": round(self.trained_tokens / elapsed, 1) if elapsed > 0 else 0.0,
+            "peak_mem_mb": round(peak_memory_mb(self.device), 1),
+            "mfu": None if step_mfu is None else round(step_mfu, 4),
+        }
+
+
+def show_progress(bar: Any, row: dict[str, Any]) -> None:
+    """A logged training row on the progress bar (no-op without one)."""
+    if bar is None:
+        return
+    mfu = row["mfu"]
+    bar.update(
+        0,
+        loss=f"{row['loss']:.4f}",
+        lr=f"{row['lr']:.2e}",
+        tps=f"{row['tokens_per_s']:,.0f}",
+        mfu="-" if mfu is None else f"{100 * mfu:.1f}%",
+    )
+
+
 def progress_bar(enabled: bool, total: int, start: int) -> Any:
     """A rich progress bar on stderr (step, loss, lr, trained tokens/s, ETA), or a no-op."""
     if not enabled:
@@ -151,9 +218,11 @@ def progress_bar(enabled: bool, total: int, start: int) -> Any:
 
 __all__ = [
     "METRICS_VERSION",
+    "LogWindow",
     "Metrics",
     "peak_memory_mb",
     "plot_loss",
     "progress_bar",
     "read_metrics",
+    "show_progress",
 ]

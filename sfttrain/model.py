@@ -4,6 +4,8 @@ taken is ``sfttrain.loss``."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -296,27 +298,6 @@ def unwrap(model):
     return inner
 
 
-__all__ = [
-    "CPU_ATTN_IMPLEMENTATIONS",
-    "TINY",
-    "adapter_base",
-    "apply_finetuning",
-    "build_tiny",
-    "check_attn_implementation",
-    "check_model_dir",
-    "compile_layers",
-    "decoder_layers",
-    "is_adapter_dir",
-    "is_quantized",
-    "load_base_model",
-    "load_for_inference",
-    "load_tokenizer_for",
-    "quantization_kwargs",
-    "tiny_dir",
-    "unwrap",
-]
-
-
 def load_for_inference(
     model: str | Path,
     *,
@@ -351,3 +332,32 @@ def load_for_inference(
             tokenizer = load_tokenizer_for(adapter)
     base.config.use_cache = True
     return base.eval(), tokenizer
+
+
+def autocast_for(config: TrainConfig, device: torch.device) -> Callable[[], Any]:
+    """A context factory: bf16 autocast when asked (weights and the loss stay fp32), else nothing."""
+    if not config.bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+__all__ = [
+    "CPU_ATTN_IMPLEMENTATIONS",
+    "TINY",
+    "adapter_base",
+    "apply_finetuning",
+    "autocast_for",
+    "build_tiny",
+    "check_attn_implementation",
+    "check_model_dir",
+    "compile_layers",
+    "decoder_layers",
+    "is_adapter_dir",
+    "is_quantized",
+    "load_base_model",
+    "load_for_inference",
+    "load_tokenizer_for",
+    "quantization_kwargs",
+    "tiny_dir",
+    "unwrap",
+]

@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,21 +33,13 @@ import torch
 
 from sftdata.atomic import exclusive
 from sftdata.errors import ConfigError
-from sftdata.inputs import refuse_overwriting
 from sfttrain.checkpoint import (
     RunState,
     check_resumable,
     latest_checkpoint,
-    load_optimizer,
-    load_rng,
-    load_weights,
-    optimizer_state,
     remove_stale_temps,
     resolve_resume,
-    save_checkpoint,
-    save_weights,
     shards_identity,
-    written,
 )
 from sfttrain.config import TrainConfig
 from sfttrain.data import (
@@ -61,13 +51,27 @@ from sfttrain.data import (
     to_tensors,
     trained_tokens,
 )
-from sfttrain.distributed import Dist, gather_model_state
+from sfttrain.distributed import Dist, StopRequest
 from sfttrain.evaluate import evaluate
 from sfttrain.loss import LossModel, isolation_for, liger_loss
-from sfttrain.metrics import Metrics, peak_memory_mb, plot_loss, progress_bar
-from sfttrain.model import TINY, apply_finetuning, compile_layers, is_quantized, load_base_model
+from sfttrain.metrics import (
+    LogWindow,
+    Metrics,
+    plot_loss,
+    progress_bar,
+    show_progress,
+)
+from sfttrain.model import (
+    apply_finetuning,
+    autocast_for,
+    compile_layers,
+    is_quantized,
+    load_base_model,
+)
 from sfttrain.optim import lr_schedule, param_groups
-from sfttrain.perf import check_platform, device_peak_tflops, mfu, model_flops_per_token
+from sfttrain.perf import check_platform, device_peak_tflops, model_flops_per_token
+from sfttrain.rundir import base_model_dir, check_run_dir, save_final, save_run_checkpoint
+from sfttrain.weights import load_optimizer, load_rng, load_weights
 
 
 @dataclass
@@ -129,62 +133,50 @@ def _train(
 
     # ---- 1. data, model, the checkpoint to resume: all checked before anything is written ------
     data = _setup_data(config, Path(shards))
-    base, tokenizer = load_base_model(
-        model_spec,
-        attn_implementation=config.attn_implementation,
-        seed=config.seed,
-        quantization_bit=config.quantization_bit,
-        device=device,
-    )
-    check_compatible(
-        data.reader.index, tokenizer, base, shards_dir=data.folder, model_spec=model_spec
-    )
-    _check_run_dir(run_dir, shards=data.folder, resume=resume)
-    resumed_from, saved, resume_notes = None, None, []
-    if resume is not None:
-        resumed_from, resume_notes = resolve_resume(resume, run_dir)
-        if resumed_from is not None:
-            saved = check_resumable(
-                resumed_from, config=config, shards=data.identity, model_spec=model_spec,
-                world_size=dist.world_size,
-            )  # fmt: skip
+    base, tokenizer = _setup_model(config, data, model_spec, device)
+    check_run_dir(run_dir, shards=data.folder, resume=resume)
+    resumed = _setup_resume(config, resume, run_dir, data, model_spec, dist)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(run_dir)
-    base_dir = _base_model_dir(
+    base_dir = base_model_dir(
         base, tokenizer, model_spec=model_spec, run_dir=run_dir, config=config, dist=dist
     )
 
     # ---- 2. fine-tuning, wrap, optimizer, schedule, sampler; 3. resume their state -------------
-    t = _setup_training(config, base, data, dist, resumed_from=resumed_from, saved=saved)
+    t = _setup_training(config, base, data, dist, resumed=resumed)
     state = RunState(
         step=0, cursor=Cursor(), trained_tokens=0, total_steps=t.total_steps,
         world_size=dist.world_size, model=model_spec, base_model=base_dir, shards=data.identity,
         last_loss=None,
     )  # fmt: skip
-    if resumed_from is not None and saved is not None:
-        state = _restore(t, resumed_from, saved, state)
+    if resumed.folder is not None:
+        state = _restore(t, resumed, state)
     state.cursor = t.sampler.cursor_at(state.step)
     metrics = Metrics(
         run_dir,
-        resume_step=state.step if resumed_from else None,
+        resume_step=state.step if resumed.folder else None,
         report_to=config.report_to,
         enabled=dist.is_main,
     )
 
     def save() -> Path | None:
-        return _save(run_dir, state, t, tokenizer=tokenizer, config=config, dist=dist)
+        return save_run_checkpoint(
+            run_dir, state, model=t.model, optimizer=t.optimizer, scheduler=t.scheduler,
+            tokenizer=tokenizer, config=config, dist=dist,
+        )  # fmt: skip
 
     # ---- 4. the loop ------------------------------------------------------------------------
     model, loss_model, sampler, reader = t.model, t.loss_model, t.sampler, data.reader
     total_steps, seq_len = t.total_steps, data.seq_len
     loss_model.train()
-    # The window's loss is summed on the device; .item() only at logging steps (no per-step sync).
-    win_loss = torch.zeros((), dtype=torch.float64, device=device)
-    win_tokens, win_seen, win_start = 0, 0, time.perf_counter()
+    window = LogWindow(
+        device, flops_per_token=t.flops_per_token, peak_tflops=t.peak_tflops,
+        world_size=dist.world_size,
+    )  # fmt: skip
     grad_norm: torch.Tensor | None = None
     checkpoint: Path | None = None
-    saved_step = state.step if resumed_from else -1
+    saved_step = state.step if resumed.folder else -1
     stopped = False
     with (
         StopRequest() as stop,
@@ -208,8 +200,8 @@ def _train(
                     with t.autocast():
                         loss_sum = loss_model(**to_tensors(b, device)) * weight
                     (loss_sum * scale).backward()
-                win_loss += loss_sum.detach()
-            win_seen += len(sampler.step_rows(state.cursor)) * seq_len  # positions processed (MFU)
+                window.loss_sum += loss_sum.detach()
+            window.positions += len(sampler.step_rows(state.cursor)) * seq_len  # for MFU
             # d. clip and step
             if config.max_grad_norm > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(t.params, config.max_grad_norm)
@@ -221,64 +213,33 @@ def _train(
             state.step += 1
             state.cursor = sampler.advance(state.cursor)
             state.trained_tokens += step_tokens
-            win_tokens += step_tokens
+            window.trained_tokens += step_tokens
             # e. log / evaluate / checkpoint / stop
             step = state.step
             if step % config.logging_steps == 0 or step == total_steps:
-                elapsed = time.perf_counter() - win_start
-                state.last_loss = dist.all_reduce_sum(win_loss.item()) / max(win_tokens, 1)
-                lr = t.scheduler.get_last_lr()[0]
-                step_mfu = mfu(
-                    t.flops_per_token,
-                    win_seen / elapsed if elapsed > 0 else 0.0,
-                    peak_tflops=t.peak_tflops,
-                    world_size=dist.world_size,
+                state.last_loss = dist.all_reduce_sum(window.loss_sum.item()) / max(
+                    window.trained_tokens, 1
                 )
-                row = {
-                    "step": step,
-                    "epoch": round(step / sampler.steps_per_epoch, 4),
-                    "loss": state.last_loss,
-                    "lr": lr,
-                    "grad_norm": None if grad_norm is None else float(grad_norm),
-                    "trained_tokens": state.trained_tokens,
-                    "tokens_per_s": round(win_tokens / elapsed, 1) if elapsed > 0 else 0.0,
-                    "peak_mem_mb": round(peak_memory_mb(device), 1),
-                    "mfu": None if step_mfu is None else round(step_mfu, 4),
-                }
+                row = window.row(
+                    step=step, epoch=round(step / sampler.steps_per_epoch, 4),
+                    loss=state.last_loss, lr=t.scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                    trained_tokens=state.trained_tokens,
+                )  # fmt: skip
                 metrics.write(row)
-                if bar is not None:
-                    bar.update(
-                        0,
-                        loss=f"{state.last_loss:.4f}",
-                        lr=f"{lr:.2e}",
-                        tps=f"{row['tokens_per_s']:,.0f}",
-                        mfu="-" if step_mfu is None else f"{100 * step_mfu:.1f}%",
-                    )
-                win_loss.zero_()
-                win_tokens, win_seen, win_start = 0, 0, time.perf_counter()
-            if (
-                data.eval_reader is not None
-                and config.eval_steps
-                and step % config.eval_steps == 0
-                and step < total_steps
-            ):
-                _log_eval(
-                    loss_model, data.eval_reader, config, dist, t.autocast, metrics, step, sampler
-                )
-                win_start = time.perf_counter()  # evaluation time is not training time
+                show_progress(bar, row)
+                window.reset()
+            if data.eval_reader is not None and _eval_due(config, step, total_steps):
+                _log_eval(loss_model, data.eval_reader, config, dist, t, metrics, step)
+                window.restart_clock()
             if bar is not None:
                 bar.update(0, advance=1)
             if on_step is not None:
                 on_step(step)
             stopped = dist.any_true(stop.requested)
-            if (
-                stopped
-                or step == total_steps
-                or (config.save_steps and step % config.save_steps == 0)
-            ):
+            if stopped or step == total_steps or _save_due(config, step):
                 checkpoint = save()
                 saved_step = step
-                win_start = time.perf_counter()
+                window.restart_clock()
             if stopped:
                 break
 
@@ -288,10 +249,8 @@ def _train(
     final_dir = None
     if not stopped:
         if data.eval_reader is not None:
-            _log_eval(
-                loss_model, data.eval_reader, config, dist, t.autocast, metrics, state.step, sampler
-            )
-        final_dir = _save_final(run_dir, model, tokenizer, config=config, dist=dist)
+            _log_eval(loss_model, data.eval_reader, config, dist, t, metrics, state.step)
+        final_dir = save_final(run_dir, model, tokenizer, config=config, dist=dist)
     dist.barrier()  # final/ exists before any rank returns
     if dist.is_main:
         rows = metrics.rows()
@@ -302,7 +261,7 @@ def _train(
         checkpoint = latest_checkpoint(run_dir)
     return TrainResult(
         state.step, total_steps, stopped, checkpoint, final_dir, state.last_loss,
-        state.trained_tokens, resume_notes,
+        state.trained_tokens, resumed.notes,
     )  # fmt: skip
 
 
@@ -333,6 +292,48 @@ def _setup_data(config: TrainConfig, folder: Path) -> _Data:
     )  # fmt: skip
 
 
+def _setup_model(config: TrainConfig, data: _Data, model_spec: str, device: torch.device):
+    """Step 1b: the base model and tokenizer, checked against the shards (same tokenizer, fits)."""
+    base, tokenizer = load_base_model(
+        model_spec,
+        attn_implementation=config.attn_implementation,
+        seed=config.seed,
+        quantization_bit=config.quantization_bit,
+        device=device,
+    )
+    check_compatible(
+        data.reader.index, tokenizer, base, shards_dir=data.folder, model_spec=model_spec
+    )
+    return base, tokenizer
+
+
+@dataclass
+class _Resume:
+    """The checkpoint a run continues from (step 1c), read and verified before anything is written."""
+
+    folder: Path | None = None
+    """The checkpoint folder, or None for a fresh run (also: ``--resume auto`` found none)."""
+    state: dict[str, Any] = field(default_factory=dict)
+    """Its ``trainer_state.json``, checked against this run's config, shards, model and ranks."""
+    notes: list[str] = field(default_factory=list)
+    """Damaged checkpoints ``--resume auto`` passed over, and which one it used instead."""
+
+
+def _setup_resume(
+    config: TrainConfig, resume: str | None, run_dir: Path, data: _Data, model_spec: str, dist: Dist
+) -> _Resume:
+    if resume is None:
+        return _Resume()
+    folder, notes = resolve_resume(resume, run_dir)
+    if folder is None:
+        return _Resume(notes=notes)
+    state = check_resumable(
+        folder, config=config, shards=data.identity, model_spec=model_spec,
+        world_size=dist.world_size,
+    )  # fmt: skip
+    return _Resume(folder, state, notes)
+
+
 @dataclass
 class _Training:
     """What the loop steps (step 2): the wrapped model, optimizer, schedule and sampler."""
@@ -355,8 +356,7 @@ def _setup_training(
     data: _Data,
     dist: Dist,
     *,
-    resumed_from: Path | None,
-    saved: dict[str, Any] | None,
+    resumed: _Resume,
 ) -> _Training:
     device = dist.device
     model = apply_finetuning(base, config)
@@ -374,10 +374,10 @@ def _setup_training(
     total_steps = sampler.total_steps(
         num_train_epochs=config.num_train_epochs, max_steps=config.max_steps
     )
-    if resumed_from is not None and saved is not None:
+    if resumed.folder is not None:
         # Weights go into the UNWRAPPED model: every rank loads the full tensors, then
         # DDP/FSDP wraps (FSDP shards what was loaded), whatever rank count saved them.
-        load_weights(model, resumed_from, finetuning_type=saved["finetuning_type"])
+        load_weights(model, resumed.folder, finetuning_type=resumed.state["finetuning_type"])
     flops_per_token = model_flops_per_token(model, seq_len=data.seq_len)  # before sharding
     peak_tflops = device_peak_tflops(device, config.peak_tflops)
     fused_loss = liger_loss(model) if config.use_liger_kernel else None
@@ -394,13 +394,15 @@ def _setup_training(
     )
     return _Training(
         model, loss_model, params, optimizer, lr_schedule(optimizer, config, total_steps),
-        sampler, total_steps, _autocast(config, device), flops_per_token, peak_tflops,
+        sampler, total_steps, autocast_for(config, device), flops_per_token, peak_tflops,
     )  # fmt: skip
 
 
-def _restore(t: _Training, folder: Path, saved: dict[str, Any], state: RunState) -> RunState:
-    """Step 3: optimizer, scheduler and where the run stood, from checkpoint ``folder``; RNG last
+def _restore(t: _Training, resumed: _Resume, state: RunState) -> RunState:
+    """Step 3: optimizer, scheduler and where the run stood, from the checkpoint; RNG last
     (building the model drew from it)."""
+    folder, saved = resumed.folder, resumed.state
+    assert folder is not None
     load_optimizer(folder, model=t.model, optimizer=t.optimizer, scheduler=t.scheduler)
     step = int(saved["step"])
     if Cursor(**saved["cursor"]) != t.sampler.cursor_at(step):
@@ -412,122 +414,23 @@ def _restore(t: _Training, folder: Path, saved: dict[str, Any], state: RunState)
     )  # fmt: skip
 
 
-def _save(
-    run_dir: Path, state: RunState, t: _Training, *, tokenizer: Any, config: TrainConfig, dist: Dist
-) -> Path | None:
-    """Checkpoint where the run stands (every rank gathers, rank 0 writes, every rank waits)."""
-    dist.barrier()
-    model_state = gather_model_state(t.model)  # FSDP all-gathers the shards
-    optim_state = optimizer_state(t.model, t.optimizer)
-    path = None
-    if dist.is_main:
-        path = save_checkpoint(
-            run_dir, state=state, model=t.model, tokenizer=tokenizer, optimizer=t.optimizer,
-            scheduler=t.scheduler, config=config, model_state=model_state, optim_state=optim_state,
-        )  # fmt: skip
-    dist.barrier()
-    return path
-
-
-def _save_final(
-    run_dir: Path, model: torch.nn.Module, tokenizer: Any, *, config: TrainConfig, dist: Dist
-) -> Path | None:
-    """``final/`` (and ``final_merged/`` when asked); every rank gathers, rank 0 writes."""
-    final_state = gather_model_state(model)  # every rank (FSDP all-gathers)
-    if not dist.is_main:
-        return None
-    with written(run_dir / "final", "the final weights") as tmp:
-        save_weights(model, tmp, finetuning_type=config.finetuning_type, state_dict=final_state)
-        tokenizer.save_pretrained(str(tmp))
-    final_dir = run_dir / "final"
-    if config.save_merged and config.finetuning_type == "lora":
-        from sfttrain.export import export_checkpoint
-
-        export_checkpoint(final_dir, run_dir / "final_merged", merge=True, overwrite=True)
-    return final_dir
-
-
 # ----------------------------------------------------------------------------- loop pieces
 
 
-def _autocast(config: TrainConfig, device: torch.device) -> Callable[[], Any]:
-    """A context factory: bf16 autocast when asked (weights and the loss stay fp32), else nothing."""
-    if not config.bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-RUN_ENTRIES = frozenset(
-    {
-        "checkpoints",
-        "final",
-        "final_merged",
-        "base_model",
-        "metrics.jsonl",
-        "loss.png",
-        "tensorboard",
-    }
-)
-"""What a run writes into its folder; anything else there is someone else's."""
-
-
-def _check_run_dir(run_dir: Path, *, shards: Path, resume: str | None) -> None:
-    """A run writes into an empty or new folder, or continues its own (``--resume``); it never
-    replaces a finished run's ``final/``, mixes its files with a user's or writes into (or
-    around) the shard folder it reads."""
-    refuse_overwriting([shards], run_dir)
-    if not run_dir.exists():
-        return
-    if not run_dir.is_dir():
-        raise ConfigError(f"{run_dir}: exists and is not a folder; -o names the run's folder")
-    # dot names: temp files of a killed write (atomic_file/written) and the user's own hidden ones
-    foreign = sorted(
-        p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES and p.name[0] != "."
-    )
-    if foreign:
-        raise ConfigError(
-            f"{run_dir}: holds files that are not a sfttrain run's ({', '.join(foreign[:3])}); "
-            "give an empty or new -o folder"
-        )
-    if resume is None and (latest_checkpoint(run_dir) is not None or (run_dir / "final").exists()):
-        raise ConfigError(
-            f"{run_dir}: already holds a run (checkpoints or final/); continue it with "
-            "--resume auto, or give another -o folder"
-        )
-
-
-def _base_model_dir(
-    base: Any, tokenizer: Any, *, model_spec: str, run_dir: Path, config: TrainConfig, dist: Dist
-) -> str | None:
-    """Where an adapter's base model lives; for ``tiny`` + LoRA, the seeded base is saved in the run."""
-    if model_spec != TINY:
-        path = str(Path(model_spec).resolve())
-        base.name_or_path = path  # recorded by PEFT as base_model_name_or_path
-        return path
-    if config.finetuning_type != "lora":
-        return None
-    target = run_dir / "base_model"
-    if dist.is_main and not (target / "model.safetensors").is_file():
-        with written(target, "the base model") as tmp:
-            base.save_pretrained(str(tmp), safe_serialization=True)
-            tokenizer.save_pretrained(str(tmp))
-    dist.barrier()
-    base.name_or_path = str(target.resolve())
-    return str(target.resolve())
-
-
-def _log_eval(loss_model, reader, config, dist, autocast, metrics, step, sampler) -> None:
+def _log_eval(
+    loss_model, reader, config: TrainConfig, dist: Dist, t: _Training, metrics, step: int
+) -> None:
     loss, tokens = evaluate(
         loss_model,
         reader,
         batch_size=config.per_device_eval_batch_size,
         dist=dist,
-        autocast=autocast,
+        autocast=t.autocast,
     )
     metrics.write(
         {
             "step": step,
-            "epoch": round(step / sampler.steps_per_epoch, 4),
+            "epoch": round(step / t.sampler.steps_per_epoch, 4),
             "eval_loss": loss,
             "eval_perplexity": math.exp(min(loss, 700.0)),
             "eval_tokens": tokens,
@@ -535,27 +438,13 @@ def _log_eval(loss_model, reader, config, dist, autocast, metrics, step, sampler
     )
 
 
-class StopRequest:
-    """SIGTERM/SIGINT -> finish the current step, save a checkpoint, exit 0. A second SIGINT aborts."""
+def _eval_due(config: TrainConfig, step: int, total_steps: int) -> bool:
+    """Evaluate every ``eval_steps`` (the last step's evaluation runs after the loop, once)."""
+    return bool(config.eval_steps) and step % config.eval_steps == 0 and step < total_steps
 
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> StopRequest:
-        with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+def _save_due(config: TrainConfig, step: int) -> bool:
+    return bool(config.save_steps) and step % config.save_steps == 0
 
 
 __all__ = ["TrainResult", "train"]

@@ -375,7 +375,7 @@ def test_damaged_checkpoint_is_refused_and_auto_resume_falls_back(
 
 
 def test_unreadable_optimizer_or_rng_state_is_one_line(shards, model_dir, tmp_path) -> None:
-    from sfttrain.checkpoint import load_optimizer, load_rng
+    from sfttrain.weights import load_optimizer, load_rng
 
     folder = tmp_path / "ck"
     folder.mkdir()

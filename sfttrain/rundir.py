@@ -1,0 +1,118 @@
+"""The run's folder (``sfttrain run -o``): what it may hold, and the weights written beside the
+checkpoints — ``base_model/`` (the seeded tiny base an adapter needs) and ``final/``.
+
+A run writes into an empty or new folder, or continues its own; it never mixes its files with a
+user's, replaces a finished run or writes into (or around) the shard folder it reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sftdata.errors import ConfigError
+from sftdata.inputs import refuse_overwriting
+from sfttrain.checkpoint import RunState, latest_checkpoint, save_checkpoint
+from sfttrain.config import TrainConfig
+from sfttrain.distributed import Dist, gather_model_state
+from sfttrain.model import TINY
+from sfttrain.weights import optimizer_state, save_weights, written
+
+RUN_ENTRIES = frozenset(
+    {
+        "checkpoints",
+        "final",
+        "final_merged",
+        "base_model",
+        "metrics.jsonl",
+        "loss.png",
+        "tensorboard",
+    }
+)
+"""What a run writes into its folder; anything else there is someone else's."""
+
+
+def check_run_dir(run_dir: Path, *, shards: Path, resume: str | None) -> None:
+    """A run writes into an empty or new folder, or continues its own (``--resume``); it never
+    replaces a finished run's ``final/``, mixes its files with a user's or writes into (or
+    around) the shard folder it reads."""
+    refuse_overwriting([shards], run_dir)
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: exists and is not a folder; -o names the run's folder")
+    # dot names: temp files of a killed write (atomic_file/written) and the user's own hidden ones
+    foreign = sorted(
+        p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES and p.name[0] != "."
+    )
+    if foreign:
+        raise ConfigError(
+            f"{run_dir}: holds files that are not a sfttrain run's ({', '.join(foreign[:3])}); "
+            "give an empty or new -o folder"
+        )
+    if resume is None and (latest_checkpoint(run_dir) is not None or (run_dir / "final").exists()):
+        raise ConfigError(
+            f"{run_dir}: already holds a run (checkpoints or final/); continue it with "
+            "--resume auto, or give another -o folder"
+        )
+
+
+def base_model_dir(
+    base: Any, tokenizer: Any, *, model_spec: str, run_dir: Path, config: TrainConfig, dist: Dist
+) -> str | None:
+    """Where an adapter's base model lives; for ``tiny`` + LoRA, the seeded base is saved in the run."""
+    if model_spec != TINY:
+        path = str(Path(model_spec).resolve())
+        base.name_or_path = path  # recorded by PEFT as base_model_name_or_path
+        return path
+    if config.finetuning_type != "lora":
+        return None
+    target = run_dir / "base_model"
+    if dist.is_main and not (target / "model.safetensors").is_file():
+        with written(target, "the base model") as tmp:
+            base.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+    dist.barrier()
+    base.name_or_path = str(target.resolve())
+    return str(target.resolve())
+
+
+def save_final(
+    run_dir: Path, model: torch.nn.Module, tokenizer: Any, *, config: TrainConfig, dist: Dist
+) -> Path | None:
+    """``final/`` (and ``final_merged/`` when asked); every rank gathers, rank 0 writes."""
+    final_state = gather_model_state(model)  # every rank (FSDP all-gathers)
+    if not dist.is_main:
+        return None
+    with written(run_dir / "final", "the final weights") as tmp:
+        save_weights(model, tmp, finetuning_type=config.finetuning_type, state_dict=final_state)
+        tokenizer.save_pretrained(str(tmp))
+    final_dir = run_dir / "final"
+    if config.save_merged and config.finetuning_type == "lora":
+        from sfttrain.export import export_checkpoint
+
+        export_checkpoint(final_dir, run_dir / "final_merged", merge=True, overwrite=True)
+    return final_dir
+
+
+def save_run_checkpoint(
+    run_dir: Path, state: RunState, *, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+    tokenizer: Any, config: TrainConfig, dist: Dist,
+) -> Path | None:  # fmt: skip
+    """Checkpoint where the run stands (every rank gathers, rank 0 writes, every rank waits)."""
+    dist.barrier()
+    model_state = gather_model_state(model)  # FSDP all-gathers the shards
+    optim_state = optimizer_state(model, optimizer)
+    path = None
+    if dist.is_main:
+        path = save_checkpoint(
+            run_dir, state=state, model=model, tokenizer=tokenizer, optimizer=optimizer,
+            scheduler=scheduler, config=config, model_state=model_state, optim_state=optim_state,
+        )  # fmt: skip
+    dist.barrier()
+    return path
+
+
+__all__ = ["RUN_ENTRIES", "base_model_dir", "check_run_dir", "save_final", "save_run_checkpoint"]
