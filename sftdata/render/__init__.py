@@ -3,7 +3,10 @@
 - ``renderer``: :class:`Renderer` — a record through its template, the trained spans of every
   turn (by construction from generation-prompt prefixes, or one render with our own
   ``{% generation %}`` blocks), samples of their own for turns history renders differently;
+- ``probe``: what a template renders natively (system, tool role, tool calls, schemas, reasoning);
 - ``foldins``: what a template cannot render natively is folded in, documented and counted;
+- ``coverage``: after rendering, everything the record holds is in the text, or it is refused;
+- ``samples``: what rendering gives (samples, spans, ids and masks, refusals);
 - ``masks``: trained character spans -> trained tokens of the sample's one tokenization.
 """
 
@@ -11,15 +14,8 @@ from __future__ import annotations
 
 from sftdata.render.foldins import FOLD_INS, TOOL_RESULT_HEADER
 from sftdata.render.masks import mask_from_offsets
-from sftdata.render.renderer import (
-    REFUSALS,
-    TRAIN_ON,
-    Encoded,
-    EncodedRecord,
-    RecordRender,
-    Rendered,
-    Renderer,
-)
+from sftdata.render.renderer import TRAIN_ON, Renderer
+from sftdata.render.samples import REFUSALS, Encoded, EncodedRecord, RecordRender, Rendered
 
 __all__ = [
     "FOLD_INS",

@@ -41,82 +41,23 @@ folding in.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from sftdata.conversation import Conversation
 from sftdata.errors import ConfigError, TemplateError
-from sftdata.render.foldins import Caps, as_parts, template_messages
+from sftdata.render.coverage import not_rendered
+from sftdata.render.foldins import as_parts, template_messages
 from sftdata.render.masks import mask_by_edges, mask_from_offsets, subtract
+from sftdata.render.probe import PROBE, probe_caps
+from sftdata.render.samples import Encoded, EncodedRecord, RecordRender, Rendered
 from sftdata.templates import DEFAULT_TEMPLATE_DATE, load_template
 from sftdata.tokenizer import stop_tokens
 
 TRAIN_ON = ("all-assistant", "last-assistant", "everything")
-REFUSALS = ("template_error", "not_rendered", "strict")
-"""Reasons a record is refused (``sftdata pack --skip-invalid`` counts them)."""
-
-# Probe contents: plain ASCII so that templates render them verbatim.
-_P = {
-    "system": "Qzx7SystemProbe",
-    "user": "Qzx7UserProbe",
-    "assistant": "Qzx7AssistantProbe",
-    "tool": "Qzx7ToolProbe",
-    "fn": "qzx7_probe_fn",
-    "arg": "qzx7arg",
-    "tool_schema": "qzx7_probe_tool",
-    "reasoning": "Qzx7ReasoningProbe",
-}
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """One tokenized sample: token ids and which of them are trained."""
-
-    input_ids: np.ndarray
-    """int32 token ids of the rendered sample (no padding)."""
-    train_mask: np.ndarray
-    """bool, same length: True where the token is trained (its label is itself)."""
-
-
-@dataclass(frozen=True)
-class Rendered:
-    """One rendered sample: its text and trained character spans (sorted, disjoint)."""
-
-    text: str
-    spans: list[tuple[int, int]]
-
-
-@dataclass
-class RecordRender:
-    """What rendering one record gave: its samples, or the reason it was refused."""
-
-    samples: list[Rendered] = field(default_factory=list)
-    """The whole record first, then one sample per split turn."""
-    fold_ins: list[str] = field(default_factory=list)
-    """The documented fold-ins applied (kinds from :data:`FOLD_INS`)."""
-    split_turns: int = 0
-    """Turns trained as samples of their own (the template renders history differently)."""
-    fallback: bool = False
-    """A turn was located by its content (neither derivation applied)."""
-    no_stop: int = 0
-    """Trained turns after which the template writes no stop token."""
-    refusal: str | None = None
-    """Why the record cannot be trained (one line naming the record), or None."""
-    reason: str | None = None
-    """The refusal's kind, one of :data:`REFUSALS`."""
-
-
-@dataclass
-class EncodedRecord:
-    """One record tokenized: a sample per :class:`Rendered` of its :class:`RecordRender`."""
-
-    samples: list[Encoded]
-    render: RecordRender
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -172,7 +113,7 @@ class Renderer:
         added = self._backend_tok.get_added_tokens_decoder().values()
         special = sorted({t.content for t in added if t.content}, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, special))) if special else None
-        u, a = _P["user"], _P["assistant"]
+        u, a = PROBE["user"], PROBE["assistant"]
         self._parts = False
         one = self._try([{"role": "user", "content": u}, {"role": "assistant", "content": a}])
         if isinstance(one, Exception) or a not in one:
@@ -204,7 +145,7 @@ class Renderer:
             if self.stop_tokens
             else None
         )
-        self.caps = self._probe()
+        self.caps = probe_caps(self._try)
         minimal = self._try([{"role": "user", "content": ""}, {"role": "assistant", "content": ""}])
         text = minimal if isinstance(minimal, str) else one.replace(u, "").replace(a, "")
         self.fixed_overhead: int = len(self._backend_tok.encode(text, add_special_tokens=False))
@@ -231,69 +172,6 @@ class Renderer:
             j += 1
         m = self._special_re.match(text, j)
         return m.group(0) if m else None
-
-    def _probe(self) -> Caps:
-        p = _P
-        u = {"role": "user", "content": p["user"]}
-        a = {"role": "assistant", "content": p["assistant"]}
-
-        def renders(needle: str, msgs: list[dict[str, Any]], tools: Any = None) -> bool:
-            out = self._try(msgs, tools)
-            return isinstance(out, str) and needle in out
-
-        def call(args: Any) -> dict[str, Any]:
-            return {
-                "role": "assistant",
-                "content": "",
-                "tool_calls": [
-                    {
-                        "id": "a1b2c3d4e",
-                        "type": "function",
-                        "function": {"name": p["fn"], "arguments": args},
-                    }
-                ],
-            }
-
-        result = {
-            "role": "tool",
-            "content": p["tool"],
-            "tool_call_id": "a1b2c3d4e",
-            "name": p["fn"],
-        }
-        args = {p["arg"]: 1}
-        args_as_string = False
-        tool_calls = renders(p["arg"], [u, call(args)]) or renders(
-            p["arg"], [u, call(args), result, a]
-        )
-        if not tool_calls:
-            as_string = json.dumps(args)
-            if renders(p["arg"], [u, call(as_string)]) or renders(
-                p["arg"], [u, call(as_string), result, a]
-            ):
-                tool_calls = args_as_string = True
-        tool_call = call(json.dumps(args) if args_as_string else args)
-        tool_role = renders(p["tool"], [u, tool_call, result, a]) if tool_calls else False
-        if not tool_calls:
-            tool_role = renders(p["tool"], [u, a, result, a])
-        # A schema as tool-calling data carries it: templates that write the description or walk
-        # the properties (gpt-oss) raise on a bare {"name": ...}.
-        schema = {
-            "type": "function",
-            "function": {
-                "name": p["tool_schema"],
-                "description": "Probe",
-                "parameters": {"type": "object", "properties": {}},
-            },
-        }
-        reasoning = {**a, "reasoning_content": p["reasoning"], "thinking": p["reasoning"]}
-        return Caps(
-            system=renders(p["system"], [{"role": "system", "content": p["system"]}, u, a]),
-            tool_role=tool_role,
-            tool_calls=tool_calls,
-            tools=renders(p["tool_schema"], [u, a], [schema]),
-            reasoning=renders(p["reasoning"], [u, reasoning]),
-            args_as_string=args_as_string,
-        )
 
     # -- the messages a template sees ---------------------------------------------------------
 
@@ -384,7 +262,7 @@ class Renderer:
             spans = subtract([(0, len(text))], excluded)
         out.samples = [Rendered(text, [(s, e) for s, e in spans if e > s]), *extra]
         out.split_turns = len(extra)
-        missing = self._missing(conv, out.samples, msgs)
+        missing = not_rendered(conv, [s.text for s in out.samples])
         if missing:
             self._refuse(conv, out, "not_rendered", f"the template did not render {missing}")
         return out
@@ -469,34 +347,6 @@ class Renderer:
         stripped = content.strip()
         p = text.find(stripped, cursor) if stripped else -1
         return (p, p + len(stripped)) if p >= 0 else (-1, -1)
-
-    def _missing(
-        self, conv: Conversation, samples: list[Rendered], msgs: list[dict[str, Any]]
-    ) -> str | None:
-        """What of the record no sample's text holds ("message 3 (tool)", ...), or None."""
-        texts = [s.text for s in samples]
-        only = texts[0] if len(texts) == 1 else None  # the usual case: one sample
-
-        def found(needle: str) -> bool:
-            needle = needle.strip()
-            if only is not None:
-                return not needle or needle in only
-            return not needle or any(needle in t for t in texts)
-
-        for i, m in enumerate(conv.messages):
-            if not found(m.content):
-                return f"the content of message {i} ({m.role})"
-            if m.reasoning and not found(m.reasoning):
-                return f"the reasoning of message {i}"
-            for k, c in enumerate(m.tool_calls or []):
-                fn = c["function"]
-                if not found(fn["name"]) or not all(found(str(key)) for key in fn["arguments"]):
-                    return f"tool call {k} of message {i} ({fn['name']})"
-        for k, t in enumerate(conv.tools or []):
-            name = t.get("function", t).get("name") if isinstance(t, dict) else None
-            if isinstance(name, str) and not found(name):
-                return f"tool schema {k} ({name})"
-        return None
 
     def render(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
         """The whole record's text and trained spans (split turns are not included).
