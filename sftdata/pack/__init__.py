@@ -2,7 +2,8 @@
 
 One stage per module, in data-flow order:
 
-- ``options``: :class:`PackOptions`, everything that decides the output bytes;
+- ``options``: :class:`PackOptions`, everything that decides the output bytes, and its checks;
+- ``output``: the output folder (what may be replaced), input hashes and the no-op fingerprint;
 - ``encode``: chunks of JSONL lines rendered and tokenized with one ``encode_batch`` call each
   (worker side), zero-trained and overflow policies applied;
 - ``rows``: the pure packer (best-fit decreasing) and the layout of one row (labels, positions);
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 from sftdata.pack.encode import encode_chunk, read_chunks, render_stats
 from sftdata.pack.options import OVERFLOW, PackOptions
-from sftdata.pack.pipeline import PackReport, fingerprint, pack
+from sftdata.pack.output import fingerprint
+from sftdata.pack.pipeline import PackReport, pack
 from sftdata.pack.rows import build_row, efficiency, pack_rows
 
 __all__ = [

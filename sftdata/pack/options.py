@@ -1,11 +1,16 @@
-"""``PackOptions``: everything that decides the bytes of a pack's shards."""
+"""``PackOptions``: everything that decides the bytes of a pack's shards, and the checks that
+refuse options no pack can honour (before any input is read)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from sftdata.errors import ConfigError
+from sftdata.render import TRAIN_ON
 from sftdata.templates import DEFAULT_TEMPLATE_DATE
 
 OVERFLOW = ("drop", "truncate", "error")
@@ -76,3 +81,52 @@ class PackOptions:
             "strict": self.strict,
             "skip_invalid": self.skip_invalid,
         }
+
+
+def check_options(opts: PackOptions, inputs: Sequence[Path]) -> None:
+    if not inputs:
+        raise ConfigError("no input files given")
+    if opts.seq_len < 2:
+        raise ConfigError(f"--seq-len {opts.seq_len}: must be at least 2")
+    # Writing a shard holds a few rows' int32 columns; a row must fit in memory many times over.
+    need = ROW_BUFFERS * 4 * opts.seq_len
+    if need > physical_memory() // 4:
+        raise ConfigError(
+            f"--seq-len {opts.seq_len:,}: a row's buffers alone would take {need / 2**30:,.1f} GiB, "
+            f"more than a quarter of this machine's memory"
+        )
+    if opts.overflow not in OVERFLOW:
+        raise ConfigError(f"--overflow {opts.overflow!r}: must be one of {', '.join(OVERFLOW)}")
+    if opts.train_on not in TRAIN_ON:
+        raise ConfigError(f"--train-on {opts.train_on!r}: must be one of {', '.join(TRAIN_ON)}")
+    if opts.val_fraction is not None and opts.val_count is not None:
+        raise ConfigError("--val-fraction and --val-count: give at most one")
+    if opts.val_fraction is not None and not 0 <= opts.val_fraction < 1:
+        raise ConfigError(f"--val-fraction {opts.val_fraction}: must be in [0, 1)")
+    if opts.val_count is not None and opts.val_count < 0:
+        raise ConfigError(f"--val-count {opts.val_count}: must not be negative")
+    if opts.shard_size is not None and opts.shard_size < 1:
+        raise ConfigError(f"--shard-size {opts.shard_size}: must be at least 1")
+    if opts.num_proc < 1:
+        raise ConfigError(f"--num-proc {opts.num_proc}: must be at least 1")
+
+
+ROW_BUFFERS = 6
+"""int32 columns of one row held at once while a shard is written (ids, labels, positions and
+their copies in the writer)."""
+
+
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume a small machine
+        return 8 << 30
+
+
+def check_length_limit(opts: PackOptions, limit: int | None, tokenizer: str) -> None:
+    if limit is not None and opts.seq_len > limit and not opts.allow_long:
+        raise ConfigError(
+            f"--seq-len {opts.seq_len:,} is more than {tokenizer}'s maximum length {limit:,} "
+            "(model_max_length / max_position_embeddings); the model was not trained on longer "
+            "rows: pack with a smaller --seq-len, or pass --allow-long"
+        )

@@ -22,7 +22,6 @@ once everything succeeded, so an interrupted or failed pack leaves no ``index.js
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -38,9 +37,15 @@ import numpy as np
 from sftdata import __version__
 from sftdata.atomic import exclusive, replace_dir
 from sftdata.errors import ConfigError, ShardError, ValidationError
-from sftdata.inputs import refuse_overwriting, shown
 from sftdata.pack.encode import get_renderer, loaded_tokenizer, merge_stats, render_stats
-from sftdata.pack.options import OVERFLOW, PackOptions, Progress
+from sftdata.pack.options import PackOptions, Progress, check_length_limit, check_options
+from sftdata.pack.output import (
+    MARKER,
+    check_output,
+    existing_index,
+    fingerprint,
+    hash_inputs,
+)
 from sftdata.pack.rows import efficiency, pack_rows
 from sftdata.pack.workers import (
     SPILL_IDS,
@@ -50,10 +55,7 @@ from sftdata.pack.workers import (
     encoded_chunks,
     write_shard,
 )
-from sftdata.render import TRAIN_ON
-from sftdata.shards import INDEX_NAME, KIND, ShardReader, write_index
-
-MARKER = ".sftdata-pack"
+from sftdata.shards import KIND, ShardReader, write_index
 
 
 @dataclass
@@ -107,68 +109,6 @@ class PackReport:
         )
 
 
-# ------------------------------------------------------------------ encoding (worker side)
-
-
-# ------------------------------------------------------------------ folder handling
-
-
-def _hash_inputs(inputs: Sequence[Path]) -> tuple[list[dict[str, Any]], int]:
-    """sha256 and size of every input (and its line count, a progress total)."""
-    out, lines = [], 0
-    for p in inputs:
-        if not p.is_file():
-            raise ConfigError(f"{p}: no such file" if not p.exists() else f"{p}: not a file")
-        h = hashlib.sha256()
-        size = 0
-        with p.open("rb") as f:
-            while block := f.read(4 << 20):
-                h.update(block)
-                size += len(block)
-                lines += block.count(b"\n")
-        out.append({"file": Path(shown(p)).name, "bytes": size, "sha256": h.hexdigest()})
-    return out, lines
-
-
-def fingerprint(
-    inputs: list[dict[str, Any]], tok_sha: str, tpl_sha: str, opts: PackOptions, seq_len: int
-) -> str:
-    """sha256 of everything that decides the output bytes; equal fingerprints => pack is a no-op."""
-    payload = {
-        "inputs": [[i["sha256"], i["bytes"]] for i in inputs],
-        "tokenizer": tok_sha,
-        "template": tpl_sha,
-        "seq_len": seq_len,
-        "options": opts.output_options(),
-        "tool": __version__,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _existing_index(output: Path) -> dict[str, Any] | None:
-    with contextlib.suppress(OSError, ValueError, RecursionError):
-        d = json.loads((output / INDEX_NAME).read_text(encoding="utf-8"))
-        if isinstance(d, dict) and d.get("kind") == KIND:
-            return d
-    return None
-
-
-def _check_output(output: Path, inputs: Sequence[Path], *, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"{output}: exists and is not a folder")
-    out = output.resolve()
-    if out == Path(out.anchor) or out == Path.home().resolve():
-        raise ConfigError(f"{output}: refusing to use this folder as a shard folder")
-    refuse_overwriting(inputs, output)
-    if not output.exists() or overwrite or _existing_index(output) is not None:
-        return
-    if any(output.iterdir()) and not (output / MARKER).exists():
-        raise ShardError(
-            f"{output}: exists and holds other files (not an sftdata shard folder); "
-            "use --overwrite to replace it"
-        )
-
-
 # ------------------------------------------------------------------ the pipeline
 
 
@@ -189,14 +129,14 @@ def pack(
     t0 = time.perf_counter()
     inputs = [Path(p) for p in inputs]
     output = Path(output)
-    _check_options(opts, inputs)
-    in_meta, approx_records = _hash_inputs(inputs)
-    _check_output(output, inputs, overwrite=overwrite)
+    check_options(opts, inputs)
+    in_meta, approx_records = hash_inputs(inputs)
+    check_output(output, inputs, overwrite=overwrite)
 
     from sftdata.tokenizer import tokenizer_identity
 
     renderer = get_renderer(opts)
-    _check_length_limit(opts, getattr(loaded_tokenizer(), "max_length", None), opts.tokenizer)
+    check_length_limit(opts, getattr(loaded_tokenizer(), "max_length", None), opts.tokenizer)
     ident = tokenizer_identity(loaded_tokenizer())
     if opts.seq_len <= renderer.fixed_overhead:
         raise ConfigError(
@@ -208,7 +148,7 @@ def pack(
     tpl_key = f"{renderer.name}:{tpl_sha}:{stops}"
     fp = fingerprint(in_meta, ident["sha256"], tpl_key, opts, opts.seq_len)
 
-    old = _existing_index(output)
+    old = existing_index(output)
     if old is not None and old.get("fingerprint") == fp:
         try:
             for split in old["splits"]:
@@ -254,55 +194,6 @@ def pack(
 
 def _spec_of(spec: str) -> str:
     return spec if spec == "tiny" else str(Path(spec).expanduser().resolve())
-
-
-def _check_options(opts: PackOptions, inputs: Sequence[Path]) -> None:
-    if not inputs:
-        raise ConfigError("no input files given")
-    if opts.seq_len < 2:
-        raise ConfigError(f"--seq-len {opts.seq_len}: must be at least 2")
-    # Writing a shard holds a few rows' int32 columns; a row must fit in memory many times over.
-    need = ROW_BUFFERS * 4 * opts.seq_len
-    if need > _physical_memory() // 4:
-        raise ConfigError(
-            f"--seq-len {opts.seq_len:,}: a row's buffers alone would take {need / 2**30:,.1f} GiB, "
-            f"more than a quarter of this machine's memory"
-        )
-    if opts.overflow not in OVERFLOW:
-        raise ConfigError(f"--overflow {opts.overflow!r}: must be one of {', '.join(OVERFLOW)}")
-    if opts.train_on not in TRAIN_ON:
-        raise ConfigError(f"--train-on {opts.train_on!r}: must be one of {', '.join(TRAIN_ON)}")
-    if opts.val_fraction is not None and opts.val_count is not None:
-        raise ConfigError("--val-fraction and --val-count: give at most one")
-    if opts.val_fraction is not None and not 0 <= opts.val_fraction < 1:
-        raise ConfigError(f"--val-fraction {opts.val_fraction}: must be in [0, 1)")
-    if opts.val_count is not None and opts.val_count < 0:
-        raise ConfigError(f"--val-count {opts.val_count}: must not be negative")
-    if opts.shard_size is not None and opts.shard_size < 1:
-        raise ConfigError(f"--shard-size {opts.shard_size}: must be at least 1")
-    if opts.num_proc < 1:
-        raise ConfigError(f"--num-proc {opts.num_proc}: must be at least 1")
-
-
-ROW_BUFFERS = 6
-"""int32 columns of one row held at once while a shard is written (ids, labels, positions and
-their copies in the writer)."""
-
-
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not POSIX: assume a small machine
-        return 8 << 30
-
-
-def _check_length_limit(opts: PackOptions, limit: int | None, tokenizer: str) -> None:
-    if limit is not None and opts.seq_len > limit and not opts.allow_long:
-        raise ConfigError(
-            f"--seq-len {opts.seq_len:,} is more than {tokenizer}'s maximum length {limit:,} "
-            "(model_max_length / max_position_embeddings); the model was not trained on longer "
-            "rows: pack with a smaller --seq-len, or pass --allow-long"
-        )
 
 
 def _build(
