@@ -159,7 +159,7 @@ def main() -> None:
     raw_first = raw_tokenizer("before the packs")
 
     # The first pack with a tokenizer converts it through transformers and caches a snapshot
-    # (sftdata.tokenizer.load_snapshot); every later one loads the snapshot.
+    # (sftdata.tokenizer_cache.load_snapshot); every later one loads the snapshot.
     shutil.rmtree(CACHE, ignore_errors=True)
     results.append(pack(conv, 4096, 2, "4096_2_cold", note=", first use of the tokenizer"))
     for seq_len, num_proc in [(4096, 1), (4096, 2), (1024, 2)]:

@@ -6,11 +6,9 @@ converts) or a bare SentencePiece ``.model`` file. It always returns a *fast* to
 label masks are computed from the Rust tokenizer's character offsets. Nothing is ever fetched from a
 model hub and no remote code runs.
 
-``load_snapshot`` gives what rendering and packing need (the Rust tokenizer, special tokens, chat
-template, identity) and caches it as one JSON file per tokenizer content, so that only the first
-pack with a tokenizer pays for ``transformers`` (measured on ../shared/tokenizers/llama2, 2 cores:
-``load_tokenizer`` 2.3 s, of which ~1.3 s importing torch through ``AutoTokenizer`` and ~0.4 s
-converting ``tokenizer.model``; ``load_snapshot`` from the cache 0.1 s).
+``sftdata.tokenizer_cache.load_snapshot`` gives what rendering and packing need and caches it, so that
+only the first pack with a tokenizer pays for importing ``transformers`` and converting a
+SentencePiece model.
 """
 
 from __future__ import annotations
@@ -19,25 +17,23 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import os
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftdata import TINY_DIR, __version__
-from sftdata.atomic import atomic_file
+from sftdata import TINY_DIR
 from sftdata.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
-def _resolve(spec: str | Path) -> Path:
+def resolve_spec(spec: str | Path) -> Path:
     if str(spec) == "tiny":
         return TINY_DIR
     path = Path(spec).expanduser()
@@ -81,7 +77,7 @@ def _load_folder(path: Path, *, shown: Path | None = None) -> Any:
     from transformers.utils import logging as tf_logging
 
     shown = shown or path
-    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ConfigError(
             f"{path}: not a tokenizer folder (no tokenizer.json, tokenizer.model or "
             "tokenizer_config.json)"
@@ -162,7 +158,7 @@ def load_tokenizer(spec: str | Path) -> PreTrainedTokenizerFast:
         ConfigError: one line naming the path: it does not exist, is not a tokenizer, needs
             missing packages, or only a slow (offset-less) tokenizer could be built.
     """
-    path = _resolve(spec)
+    path = resolve_spec(spec)
     if path.is_dir():
         tok = _load_folder(path)
     elif path.suffix == ".model":
@@ -246,14 +242,6 @@ def stop_tokens(tok: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-# ------------------------------------------------------------------ snapshots and their cache
-
-SNAPSHOT_VERSION = 3
-"""Bump when loading changes what a snapshot holds (e.g. ``_restore_dummy_prefix``)."""
-
-_WEIGHT_SUFFIXES = frozenset(
-    {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".index"}
-)
 _SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
@@ -340,115 +328,3 @@ class TokenizerSnapshot:
     def pad_token(self) -> str | None:
         """The padding token string (None where the tokenizer has none)."""
         return self.specials.get("pad_token")
-
-
-def cache_dir() -> Path:
-    """Where snapshots are cached: ``$SFTPIPE_CACHE``, else ``$XDG_CACHE_HOME/sftpipe``, else
-    ``~/.cache/sftpipe``."""
-    if os.environ.get("SFTPIPE_CACHE"):
-        return Path(os.environ["SFTPIPE_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "sftpipe"
-
-
-def _content_files(path: Path) -> list[tuple[str, Path]] | None:
-    """(name, file) of each file whose bytes decide what ``load_tokenizer(path)`` builds, or None
-    where ``path`` is not something a snapshot is cached for."""
-    if path.is_file():
-        if path.suffix == ".model":
-            return [("tokenizer.model", path)]
-        if path.name in ("tokenizer.json", "tokenizer_config.json"):
-            path = path.parent
-        else:
-            return None
-    if not path.is_dir() or not any((path / n).is_file() for n in _TOKENIZER_FILES):
-        return None
-    # Every small top-level file but weights: AutoTokenizer reads tokenizer_config.json,
-    # config.json (to pick the class), special_tokens_map.json, chat_template.jinja, vocab files...
-    files = [
-        (p.name, p)
-        for p in sorted(path.iterdir())
-        if p.is_file() and p.suffix not in _WEIGHT_SUFFIXES and not p.name.startswith(".")
-    ]
-    extra = path / "additional_chat_templates"
-    if extra.is_dir():
-        files += [(f"{extra.name}/{p.name}", p) for p in sorted(extra.iterdir()) if p.is_file()]
-    return files
-
-
-def _cache_key(files: list[tuple[str, Path]]) -> str:
-    from importlib.metadata import version
-
-    from sftdata.shards import sha256_file
-
-    h = hashlib.sha256()
-    versions = [SNAPSHOT_VERSION, __version__, version("transformers"), version("tokenizers")]
-    h.update(json.dumps(versions).encode())
-    for name, p in files:
-        h.update(f"{name}\0{sha256_file(p)}\0".encode())
-    return h.hexdigest()
-
-
-def _read_cached(path: Path, key: str) -> TokenizerSnapshot | None:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-        if d.get("key") != key or d.get("snapshot_version") != SNAPSHOT_VERSION:
-            return None
-        backend = d["backend_json"]
-        if hashlib.sha256(backend.encode("utf-8")).hexdigest() != d["backend_sha256"]:
-            return None  # damaged: rebuilt and rewritten by the caller
-        return TokenizerSnapshot(
-            backend_json=backend,
-            specials=dict(d["specials"]),
-            chat_template=d["chat_template"],
-            identity=dict(d["identity"]),
-            stop_tokens=tuple(d["stop_tokens"]),
-            max_length=d["max_length"],
-        )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        return None
-
-
-def _write_cached(path: Path, key: str, snap: TokenizerSnapshot) -> None:
-    payload = {
-        "snapshot_version": SNAPSHOT_VERSION,
-        "key": key,
-        "backend_sha256": hashlib.sha256(snap.backend_json.encode("utf-8")).hexdigest(),
-        "backend_json": snap.backend_json,
-        "specials": snap.specials,
-        "chat_template": snap.chat_template,
-        "identity": snap.identity,
-        "stop_tokens": list(snap.stop_tokens),
-        "max_length": snap.max_length,
-    }
-    # A cache: a read-only or full disk only costs the next run its load time.
-    with contextlib.suppress(OSError, ConfigError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as f:
-            json.dump(payload, f, ensure_ascii=False)
-
-
-def load_snapshot(spec: str | Path) -> TokenizerSnapshot:
-    """:class:`TokenizerSnapshot` of ``load_tokenizer(spec)``, from the cache when it holds one.
-
-    The cache entry is keyed by the sha256 of the tokenizer's files and the versions of
-    sftpipe, transformers and tokenizers, so any change to them loads afresh.
-
-    Raises:
-        ConfigError: as :func:`load_tokenizer`.
-    """
-    path = _resolve(spec)
-    files = _content_files(path)
-    if files is None:
-        return TokenizerSnapshot.of(load_tokenizer(spec))
-    try:
-        key = _cache_key(files)
-    except OSError:  # unreadable: load_tokenizer names the problem
-        return TokenizerSnapshot.of(load_tokenizer(spec))
-    entry = cache_dir() / "tokenizers" / f"{key}.json"
-    snap = _read_cached(entry, key)
-    if snap is not None:
-        return replace(snap, name_or_path=str(path))
-    snap = TokenizerSnapshot.of(load_tokenizer(spec))
-    _write_cached(entry, key, snap)
-    return snap

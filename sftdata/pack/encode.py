@@ -44,7 +44,7 @@ def get_renderer(opts: PackOptions) -> Any:
     key = _renderer_key(opts)
     if _STATE.get("key") != key:
         from sftdata.render import Renderer
-        from sftdata.tokenizer import load_snapshot
+        from sftdata.tokenizer_cache import load_snapshot
 
         tok = load_snapshot(opts.tokenizer)
         _STATE["tok"] = tok

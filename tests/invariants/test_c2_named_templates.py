@@ -26,7 +26,8 @@ from sftdata.errors import TemplateError
 from sftdata.render import Renderer
 from sftdata.sources import read_conversations
 from sftdata.templates import BUILTIN_TEMPLATES, LLAMAFACTORY_NAMES, load_template
-from sftdata.tokenizer import load_snapshot, load_tokenizer
+from sftdata.tokenizer import load_tokenizer
+from sftdata.tokenizer_cache import load_snapshot
 from tests.chat_oracle import (
     EDGE,
     FILES,

@@ -16,7 +16,8 @@ import pytest
 from sftdata.render import Renderer
 from sftdata.sources import read_conversations
 from sftdata.templates import bounds
-from sftdata.tokenizer import load_snapshot, load_tokenizer
+from sftdata.tokenizer import load_tokenizer
+from sftdata.tokenizer_cache import load_snapshot
 from tests.chat_oracle import (
     EDGE,
     FILES,

@@ -12,7 +12,7 @@ from sftdata.conversation import Conversation, Message, Source
 from sftdata.errors import TemplateError
 from sftdata.render import Renderer
 from sftdata.templates import JinjaTemplate, bounds
-from sftdata.tokenizer import load_snapshot
+from sftdata.tokenizer_cache import load_snapshot
 
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>"}
 MSGS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]

@@ -1,0 +1,149 @@
+"""The on-disk cache of ``TokenizerSnapshot`` (what rendering and packing need of a tokenizer),
+keyed by the content of the tokenizer's files, so a warm ``pack`` neither converts a SentencePiece
+model nor imports transformers.
+
+The cache (``$SFTPIPE_CACHE`` or ``~/.cache/sftpipe``) only ever saves time: an unreadable,
+damaged or unwritable entry is rebuilt or skipped, never trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from sftdata import __version__
+from sftdata.atomic import atomic_file
+from sftdata.errors import ConfigError
+from sftdata.tokenizer import (
+    TOKENIZER_FILES,
+    TokenizerSnapshot,
+    load_tokenizer,
+    resolve_spec,
+)
+
+SNAPSHOT_VERSION = 3
+"""Bump when loading changes what a snapshot holds (e.g. ``_restore_dummy_prefix``)."""
+
+
+_WEIGHT_SUFFIXES = frozenset(
+    {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".index"}
+)
+
+
+def cache_dir() -> Path:
+    """Where snapshots are cached: ``$SFTPIPE_CACHE``, else ``$XDG_CACHE_HOME/sftpipe``, else
+    ``~/.cache/sftpipe``."""
+    if os.environ.get("SFTPIPE_CACHE"):
+        return Path(os.environ["SFTPIPE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sftpipe"
+
+
+def _content_files(path: Path) -> list[tuple[str, Path]] | None:
+    """(name, file) of each file whose bytes decide what ``load_tokenizer(path)`` builds, or None
+    where ``path`` is not something a snapshot is cached for."""
+    if path.is_file():
+        if path.suffix == ".model":
+            return [("tokenizer.model", path)]
+        if path.name in ("tokenizer.json", "tokenizer_config.json"):
+            path = path.parent
+        else:
+            return None
+    if not path.is_dir() or not any((path / n).is_file() for n in TOKENIZER_FILES):
+        return None
+    # Every small top-level file but weights: AutoTokenizer reads tokenizer_config.json,
+    # config.json (to pick the class), special_tokens_map.json, chat_template.jinja, vocab files...
+    files = [
+        (p.name, p)
+        for p in sorted(path.iterdir())
+        if p.is_file() and p.suffix not in _WEIGHT_SUFFIXES and not p.name.startswith(".")
+    ]
+    extra = path / "additional_chat_templates"
+    if extra.is_dir():
+        files += [(f"{extra.name}/{p.name}", p) for p in sorted(extra.iterdir()) if p.is_file()]
+    return files
+
+
+def _cache_key(files: list[tuple[str, Path]]) -> str:
+    from importlib.metadata import version
+
+    from sftdata.shards import sha256_file
+
+    h = hashlib.sha256()
+    versions = [SNAPSHOT_VERSION, __version__, version("transformers"), version("tokenizers")]
+    h.update(json.dumps(versions).encode())
+    for name, p in files:
+        h.update(f"{name}\0{sha256_file(p)}\0".encode())
+    return h.hexdigest()
+
+
+def _read_cached(path: Path, key: str) -> TokenizerSnapshot | None:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        if d.get("key") != key or d.get("snapshot_version") != SNAPSHOT_VERSION:
+            return None
+        backend = d["backend_json"]
+        if hashlib.sha256(backend.encode("utf-8")).hexdigest() != d["backend_sha256"]:
+            return None  # damaged: rebuilt and rewritten by the caller
+        return TokenizerSnapshot(
+            backend_json=backend,
+            specials=dict(d["specials"]),
+            chat_template=d["chat_template"],
+            identity=dict(d["identity"]),
+            stop_tokens=tuple(d["stop_tokens"]),
+            max_length=d["max_length"],
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None
+
+
+def _write_cached(path: Path, key: str, snap: TokenizerSnapshot) -> None:
+    payload = {
+        "snapshot_version": SNAPSHOT_VERSION,
+        "key": key,
+        "backend_sha256": hashlib.sha256(snap.backend_json.encode("utf-8")).hexdigest(),
+        "backend_json": snap.backend_json,
+        "specials": snap.specials,
+        "chat_template": snap.chat_template,
+        "identity": snap.identity,
+        "stop_tokens": list(snap.stop_tokens),
+        "max_length": snap.max_length,
+    }
+    # A cache: a read-only or full disk only costs the next run its load time.
+    with contextlib.suppress(OSError, ConfigError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as f:
+            json.dump(payload, f, ensure_ascii=False)
+
+
+def load_snapshot(spec: str | Path) -> TokenizerSnapshot:
+    """:class:`TokenizerSnapshot` of ``load_tokenizer(spec)``, from the cache when it holds one.
+
+    The cache entry is keyed by the sha256 of the tokenizer's files and the versions of
+    sftpipe, transformers and tokenizers, so any change to them loads afresh.
+
+    Raises:
+        ConfigError: as :func:`load_tokenizer`.
+    """
+    path = resolve_spec(spec)
+    files = _content_files(path)
+    if files is None:
+        return TokenizerSnapshot.of(load_tokenizer(spec))
+    try:
+        key = _cache_key(files)
+    except OSError:  # unreadable: load_tokenizer names the problem
+        return TokenizerSnapshot.of(load_tokenizer(spec))
+    entry = cache_dir() / "tokenizers" / f"{key}.json"
+    snap = _read_cached(entry, key)
+    if snap is not None:
+        return replace(snap, name_or_path=str(path))
+    snap = TokenizerSnapshot.of(load_tokenizer(spec))
+    _write_cached(entry, key, snap)
+    return snap
+
+
+__all__ = ["SNAPSHOT_VERSION", "cache_dir", "load_snapshot"]
