@@ -114,71 +114,33 @@ def convert(
         ConversionError: naming file and line/row for the first bad record (unless
             ``skip_invalid``), any unreadable input, or when no record is left to write.
     """
-    if not inputs:
-        raise ConversionError("no input files given")
-    if system is not None and not system.strip():
-        raise ConversionError("--system: the system prompt is empty")
-    report = ConvertReport(output=str(output))
-    seen: set[bytes] = set()
-    ids = IdAllocator()
     output = Path(output)
-    if output.is_dir():
-        raise ConversionError(f"{output}: is a folder; -o needs a file name such as data.jsonl")
-    if not output.parent.exists():
-        raise ConversionError(f"{output.parent}: output folder does not exist")
-    refuse_overwriting([p.path if isinstance(p, RegistryEntry) else p for p in inputs], output)
-
-    def drop(reason: str, message: str) -> None:
-        report.dropped[reason] += 1
-        if len(report.examples) < MAX_EXAMPLES:
-            report.examples.append(message)
-
+    _check_arguments(inputs, output, system)
+    report = ConvertReport(output=str(output))
+    keep = _RecordFilter(report, system=system, dedup=dedup, skip_invalid=skip_invalid)
+    ids = IdAllocator()
     with atomic_file(output) as out:
-        for raw_path in inputs:
+        for raw in inputs:
             # A LLaMA-Factory registry entry (from --dataset-info) brings its own format,
             # column mapping and role tags.
-            entry = raw_path if isinstance(raw_path, RegistryEntry) else None
-            path = Path(entry.path if entry else raw_path)
-            in_mapping = (entry.mapping or None) if entry else mapping
-            if entry:
-                used, reason = entry.fmt, f"dataset_info.json entry {entry.name!r}"
-            elif fmt == "auto":
-                used, reason = detect_format(path, mapping=mapping, encoding=encoding)
-                if log:
-                    log(f"{path}: detected {used} ({reason}); use --from to override")
-            else:
-                used, reason = fmt, "given with --from"
+            entry = raw if isinstance(raw, RegistryEntry) else None
+            path = Path(entry.path if entry else raw)
+            used, reason = _format_of(path, entry, fmt=fmt, mapping=mapping, encoding=encoding)
+            if log and entry is None and fmt == "auto":
+                log(f"{path}: detected {used} ({reason}); use --from to override")
             item_report = InputReport(path=str(path), format=used, reason=reason)
             report.inputs.append(item_report)
             for item in iter_records(
-                path, fmt=used, mapping=in_mapping, sheet=sheet if used == "xlsx" else None,
-                encoding=encoding, ids=ids,
+                path, fmt=used, mapping=(entry.mapping or None) if entry else mapping,
+                sheet=sheet if used == "xlsx" else None, encoding=encoding, ids=ids,
                 role_tags=entry.role_tags if entry else None,
             ):  # fmt: skip
                 item_report.records_in += 1
-                if isinstance(item, RecordError):
-                    if not skip_invalid:
-                        raise item
-                    drop(item.reason, str(item))
-                    continue
-                if system is not None:
-                    item.messages = set_system(item.messages, system)
-                problems = structure_problems([m.to_dict() for m in item.messages])
-                if problems:
-                    message = f"{item.source}: {problems[0]}"
-                    if not skip_invalid:
-                        raise ConversionError(message)
-                    drop("bad structure", message)
-                    continue
-                if dedup:
-                    key = _digest(item)
-                    if key in seen:
-                        report.dropped["duplicate"] += 1
-                        continue
-                    seen.add(key)
-                out.write(item.to_json())
-                out.write("\n")
-                item_report.records_out += 1
+                conv = keep(item)
+                if conv is not None:
+                    out.write(conv.to_json())
+                    out.write("\n")
+                    item_report.records_out += 1
         if sheet is not None and not any(i.format == "xlsx" for i in report.inputs):
             raise ConversionError(f"--sheet {sheet!r}: none of the inputs is an .xlsx workbook")
         if report.records_out == 0:
@@ -187,3 +149,74 @@ def convert(
                 f"{report.inputs[-1].path}: no records to write ({report.records_in} read, {dropped} dropped)"
             )
     return report
+
+
+def _check_arguments(
+    inputs: Sequence[str | Path | RegistryEntry], output: Path, system: str | None
+) -> None:
+    if not inputs:
+        raise ConversionError("no input files given")
+    if system is not None and not system.strip():
+        raise ConversionError("--system: the system prompt is empty")
+    if output.is_dir():
+        raise ConversionError(f"{output}: is a folder; -o needs a file name such as data.jsonl")
+    if not output.parent.exists():
+        raise ConversionError(f"{output.parent}: output folder does not exist")
+    refuse_overwriting([p.path if isinstance(p, RegistryEntry) else p for p in inputs], output)
+
+
+def _format_of(
+    path: Path, entry: RegistryEntry | None, *, fmt: str, mapping: dict[str, str] | None,
+    encoding: str | None,
+) -> tuple[str, str]:  # fmt: skip
+    """The format an input is read as, and why."""
+    if entry:
+        return entry.fmt, f"dataset_info.json entry {entry.name!r}"
+    if fmt == "auto":
+        return detect_format(path, mapping=mapping, encoding=encoding)
+    return fmt, "given with --from"
+
+
+class _RecordFilter:
+    """What becomes of each record the adapters yield: the system prompt set, refused (bad
+    structure, or an adapter's RecordError) or counted and skipped with ``skip_invalid``, dropped
+    as a duplicate with ``dedup``; else returned to be written."""
+
+    def __init__(
+        self, report: ConvertReport, *, system: str | None, dedup: bool, skip_invalid: bool
+    ) -> None:
+        self.report, self.system, self.dedup, self.skip_invalid = (
+            report,
+            system,
+            dedup,
+            skip_invalid,
+        )
+        self.seen: set[bytes] = set()
+
+    def _drop(self, reason: str, message: str) -> None:
+        self.report.dropped[reason] += 1
+        if len(self.report.examples) < MAX_EXAMPLES:
+            self.report.examples.append(message)
+
+    def __call__(self, item: Conversation | RecordError) -> Conversation | None:
+        if isinstance(item, RecordError):
+            if not self.skip_invalid:
+                raise item
+            self._drop(item.reason, str(item))
+            return None
+        if self.system is not None:
+            item.messages = set_system(item.messages, self.system)
+        problems = structure_problems([m.to_dict() for m in item.messages])
+        if problems:
+            message = f"{item.source}: {problems[0]}"
+            if not self.skip_invalid:
+                raise ConversionError(message)
+            self._drop("bad structure", message)
+            return None
+        if self.dedup:
+            key = _digest(item)
+            if key in self.seen:
+                self.report.dropped["duplicate"] += 1
+                return None
+            self.seen.add(key)
+        return item

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import itertools
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sftdata import IGNORE_INDEX
+from sftdata.errors import ConfigError, ShardError
+from sftdata.shards import ShardReader
 
 TRAIN_OPEN, TRAIN_CLOSE = "[[", "]]"
 KIND_PREFIX = {"reply": "", "reasoning": "reasoning: ", "stop": "stop: "}
@@ -121,3 +124,76 @@ def load_decoder(index: dict[str, Any], tokenizer: str | None):
             f"{spec}: not the tokenizer these shards were packed with (content hash differs)"
         )
     return tok
+
+
+@dataclass
+class RowView:
+    """The row ``sftdata inspect`` shows: where it is, its segments, and which of them to show."""
+
+    reader: ShardReader
+    split: str
+    row_i: int
+    row: dict[str, Any]
+    segments: list[dict[str, Any]]
+    shown: list[dict[str, Any]]
+    """All segments, or only the record asked for with ``--record``."""
+    stop_tokens: list[str]
+    """The template's stop tokens recorded at pack time."""
+
+
+def locate_row(
+    shards: Path, *, row_i: int | None, record_id: str | None, split: str | None
+) -> RowView:
+    """Row ``row_i`` (negative counts from the end) of ``split``, or the row holding
+    ``record_id`` in ``split`` or any split.
+
+    Raises:
+        ConfigError: both given, or a row out of range. ShardError: no such record.
+    """
+    if row_i is not None and record_id is not None:
+        raise ConfigError("--row and --record: give at most one")
+    seg_pick = None
+    if record_id is not None:
+        for name in [split] if split else ShardReader.splits(shards):
+            reader = ShardReader(shards, split=name)
+            found = reader.find_record(record_id, missing_ok=True)
+            if found is not None:
+                (row_i, seg_pick), split = found, name
+                break
+        else:
+            where = f"split {split!r}" if split else "any split"
+            raise ShardError(f"{shards}: no record {record_id!r} in {where}")
+    else:
+        split = split or "train"
+        reader = ShardReader(shards, split=split)
+    row_i = 0 if row_i is None else row_i
+    if not -len(reader) <= row_i < len(reader):
+        raise ConfigError(f"--row {row_i}: split {split!r} of {shards} has {len(reader)} rows")
+    row_i %= len(reader)
+    row = reader[row_i]
+    segs = segments(row)
+    stops = list(reader.index.get("template", {}).get("stop_tokens") or [])
+    shown = segs if seg_pick is None else [segs[seg_pick]]
+    return RowView(reader, split, row_i, row, segs, shown, stops)
+
+
+def row_header(view: RowView, *, markers: bool) -> str:
+    """The first line: the row's place, records, lengths, padding, trained tokens and stop tokens
+    (with ``markers``, how trained text is marked)."""
+    recs = [s for s in view.segments if s["record_id"] is not None]
+    trained = int(sum(s["trained"].sum() for s in recs))
+    seq_len = view.reader.seq_len
+    header = (
+        f"row {view.row_i} of {len(view.reader)} (split {view.split}, seq_len {seq_len}): "
+        f"{len(recs)} records, lengths {[len(s['ids']) for s in recs]}, "
+        f"padding {view.row['num_pad']}, trained {trained} of {seq_len} tokens"
+    )
+    if view.stop_tokens:
+        header += f"; stop tokens {', '.join(view.stop_tokens)}"
+    if markers:
+        header += (
+            f"; trained text is wrapped in {TRAIN_OPEN} {TRAIN_CLOSE}, "
+            f"reasoning in {TRAIN_OPEN}reasoning: {TRAIN_CLOSE}, "
+            f"the stop token in {TRAIN_OPEN}stop: {TRAIN_CLOSE}"
+        )
+    return header

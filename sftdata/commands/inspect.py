@@ -10,6 +10,7 @@ with a line
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -48,68 +49,18 @@ def command(
     from rich.console import Console
     from rich.text import Text
 
-    from sftdata.errors import ConfigError
-    from sftdata.rowview import (
-        TRAIN_CLOSE,
-        TRAIN_OPEN,
-        classify,
-        load_decoder,
-        plain_text,
-        runs,
-        segments,
-    )
-    from sftdata.shards import ShardReader
+    from sftdata.rowview import classify, load_decoder, locate_row, plain_text, row_header, runs
 
-    if row_i is not None and record_id is not None:
-        raise ConfigError("--row and --record: give at most one")
-    seg_pick = None
-    if record_id is not None:
-        from sftdata.errors import ShardError
-
-        for name in [split] if split else ShardReader.splits(shards):
-            reader = ShardReader(shards, split=name)
-            found = reader.find_record(record_id, missing_ok=True)
-            if found is not None:
-                (row_i, seg_pick), split = found, name
-                break
-        else:
-            where = f"split {split!r}" if split else "any split"
-            raise ShardError(f"{shards}: no record {record_id!r} in {where}")
-    else:
-        split = split or "train"
-        reader = ShardReader(shards, split=split)
-    row_i = 0 if row_i is None else row_i
-    if not -len(reader) <= row_i < len(reader):
-        raise ConfigError(f"--row {row_i}: split {split!r} of {shards} has {len(reader)} rows")
-    row_i %= len(reader)
-    row = reader[row_i]
-    tok = load_decoder(reader.index, tokenizer)
+    view = locate_row(shards, row_i=row_i, record_id=record_id, split=split)
+    tok = load_decoder(view.reader.index, tokenizer)
 
     def decode(ids: list[int]) -> str:
         return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    segs = segments(row)
-    recs = [s for s in segs if s["record_id"] is not None]
-    n_trained = int(sum(s["trained"].sum() for s in recs))
     console = Console(highlight=False, soft_wrap=True, markup=False)
     colour = console.is_terminal and not plain
-    header = (
-        f"row {row_i} of {len(reader)} (split {split}, seq_len {reader.seq_len}): {len(recs)} records, "
-        f"lengths {[len(s['ids']) for s in recs]}, padding {row['num_pad']}, "
-        f"trained {n_trained} of {reader.seq_len} tokens"
-    )
-    stops = list(reader.index.get("template", {}).get("stop_tokens") or [])
-    if stops:
-        header += f"; stop tokens {', '.join(stops)}"
-    if not colour:
-        header += (
-            f"; trained text is wrapped in {TRAIN_OPEN} {TRAIN_CLOSE}, "
-            f"reasoning in {TRAIN_OPEN}reasoning: {TRAIN_CLOSE}, "
-            f"the stop token in {TRAIN_OPEN}stop: {TRAIN_CLOSE}"
-        )
-    shown = segs if seg_pick is None else [segs[seg_pick]]
-    out = [header]
-    for s in shown:
+    out: list[Any] = [row_header(view, markers=not colour)]
+    for s in view.shown:
         n = len(s["ids"])
         if s["record_id"] is None:
             out.append(f"--- padding ({n} tokens, not trained) ---")
@@ -117,7 +68,7 @@ def command(
         out.append(
             f"--- record {s['record_id']} ({n} tokens, {int(s['trained'].sum())} trained) ---"
         )
-        pieces = classify(runs(s["ids"], s["trained"], decode), stops)
+        pieces = classify(runs(s["ids"], s["trained"], decode), view.stop_tokens)
         if colour:
             text = Text()
             for kind, t in pieces:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -99,52 +101,28 @@ from sftdata.templates import DEFAULT_TEMPLATE_DATE
     "--overwrite", is_flag=True, help="Replace an output folder that holds something else."
 )
 def command(
-    inputs: tuple[Path, ...],
-    output: Path,
-    tokenizer: str,
-    seq_len: int,
-    template: str,
-    train_on: str,
-    overflow: str,
-    no_pack: bool,
-    val_fraction: float | None,
-    val_count: int | None,
-    seed: int,
-    num_proc: int,
-    shard_size: int | None,
-    template_date: str,
-    strict: bool,
-    skip_invalid: bool,
-    allow_long: bool,
-    overwrite: bool,
+    inputs: tuple[Path, ...], output: Path, no_pack: bool, overwrite: bool, **options: Any
 ) -> None:
     """Render, mask, pack and shard canonical JSONL files (from `sftdata convert`).
 
     Writes OUTPUT/index.json (last, atomically) and OUTPUT/<split>-NNNNN.arrow. Running it again
     with the same inputs and options does nothing; changing any of them rebuilds.
     """
+    from sftdata.inputs import readable
+    from sftdata.pack import PackOptions, pack
+
+    opts = PackOptions(pack=not no_pack, **options)  # the other options are PackOptions' fields
+    bar, progress = _progress()
+    with readable([str(p) for p in inputs]) as paths, bar:  # '-', pipes and FIFOs read once
+        report = pack(paths, output, opts, overwrite=overwrite, progress=progress)
+    _echo_report(report, output, opts.seq_len)
+
+
+def _progress() -> tuple[Any, Callable[[str, int, int | None], None]]:
+    """A transient rich bar per stage on stderr (hidden when stderr is not a terminal)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sftdata.pack import PackOptions, pack
-
-    opts = PackOptions(
-        seq_len=seq_len,
-        tokenizer=tokenizer,
-        template=template,
-        train_on=train_on,
-        overflow=overflow,
-        pack=not no_pack,
-        val_fraction=val_fraction,
-        val_count=val_count,
-        seed=seed,
-        shard_size=shard_size,
-        num_proc=num_proc,
-        template_date=template_date,
-        strict=strict,
-        skip_invalid=skip_invalid,
-        allow_long=allow_long,
-    )
     console = Console(stderr=True)
     bar = Progress(
         TextColumn("{task.description:<8}"),
@@ -162,10 +140,10 @@ def command(
             tasks[stage] = bar.add_task(stage, total=total)
         bar.update(tasks[stage], completed=done, total=total)
 
-    from sftdata.inputs import readable
+    return bar, progress
 
-    with readable([str(p) for p in inputs]) as paths, bar:  # '-', pipes and FIFOs read once
-        report = pack(paths, output, opts, overwrite=overwrite, progress=progress)
+
+def _echo_report(report: Any, output: Path, seq_len: int) -> None:
     if report.noop:
         click.echo(
             f"{output}: already up to date (same inputs, tokenizer, template and options); "

@@ -80,38 +80,8 @@ def template_messages(
     for i, m in enumerate(conv.messages):
         d: dict[str, Any] = {"role": m.role, "content": m.content}
         if m.role == "assistant":
-            pending_calls, results = [], 0
-            if m.reasoning:
-                if caps.reasoning:
-                    d["reasoning_content"] = d["thinking"] = m.reasoning
-                else:
-                    d["content"] = f"<think>\n{m.reasoning}\n</think>\n\n{m.content}"
-                    folds.append("reasoning_into_content")
-            if m.tool_calls:
-                calls = [
-                    {**c, "id": c.get("id") or _call_id(conv.id, i, k)}
-                    for k, c in enumerate(m.tool_calls)
-                ]
-                pending_calls = calls
-                if caps.tool_calls:
-                    if caps.args_as_string:
-                        calls = [
-                            {
-                                **c,
-                                "function": {
-                                    "name": c["function"]["name"],
-                                    "arguments": json.dumps(
-                                        c["function"]["arguments"], ensure_ascii=False
-                                    ),
-                                },
-                            }
-                            for c in calls
-                        ]
-                    d["tool_calls"] = calls
-                else:
-                    lines = [_plain_tool_call(c) for c in calls]
-                    d["content"] = "\n".join(([d["content"]] if d["content"] else []) + lines)
-                    folds.append("tool_calls_into_content")
+            d, pending_calls = _assistant_message(m, i, conv.id, caps, folds)
+            results = 0
         elif m.role == "tool":
             paired = _paired_call(m.tool_call_id, pending_calls, results)
             results += 1
@@ -138,24 +108,71 @@ def template_messages(
         origin.append(i)
     tools = conv.tools or None
     if tools and not caps.tools:
-        block = "Available tools:\n" + json.dumps(tools, ensure_ascii=False)
-        if msgs and msgs[0]["role"] == "system":
-            sep = "\n\n" if msgs[0]["content"] else ""
-            msgs[0] = {**msgs[0], "content": msgs[0]["content"] + sep + block}
-        else:
-            msgs.insert(0, {"role": "system", "content": block})
-            origin.insert(0, None)
+        _tools_into_system(msgs, origin, tools)
         tools = None
         folds.append("tools_into_system")
     if msgs and msgs[0]["role"] == "system" and not caps.system:
-        system = msgs.pop(0)["content"]
-        origin.pop(0)
-        if msgs and msgs[0]["role"] == "user":
-            msgs[0] = {**msgs[0], "content": f"{system}\n\n{msgs[0]['content']}"}
-        else:
-            msgs.insert(0, {"role": "user", "content": system})
-            origin.insert(0, None)
+        _system_into_user(msgs, origin)
         folds.append("system_into_user")
     if parts:
         msgs = [as_parts(m) for m in msgs]
     return msgs, tools, origin, list(dict.fromkeys(folds))
+
+
+def _assistant_message(
+    m: Any, i: int, conv_id: str, caps: Caps, folds: list[str]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Assistant message ``i`` as the template sees it (reasoning and tool calls native or folded
+    in, calls given ids), and its calls with their ids (tool results pair with them)."""
+    d: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.reasoning:
+        if caps.reasoning:
+            d["reasoning_content"] = d["thinking"] = m.reasoning
+        else:
+            d["content"] = f"<think>\n{m.reasoning}\n</think>\n\n{m.content}"
+            folds.append("reasoning_into_content")
+    if not m.tool_calls:
+        return d, []
+    calls = [
+        {**c, "id": c.get("id") or _call_id(conv_id, i, k)} for k, c in enumerate(m.tool_calls)
+    ]
+    if not caps.tool_calls:
+        lines = [_plain_tool_call(c) for c in calls]
+        d["content"] = "\n".join(([d["content"]] if d["content"] else []) + lines)
+        folds.append("tool_calls_into_content")
+    elif caps.args_as_string:
+        d["tool_calls"] = [
+            {
+                **c,
+                "function": {
+                    "name": c["function"]["name"],
+                    "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False),
+                },
+            }
+            for c in calls
+        ]
+    else:
+        d["tool_calls"] = calls
+    return d, calls
+
+
+def _tools_into_system(msgs: list[dict[str, Any]], origin: list[int | None], tools: Any) -> None:
+    """Tool schemas after "Available tools:" in the system message (made when there is none)."""
+    block = "Available tools:\n" + json.dumps(tools, ensure_ascii=False)
+    if msgs and msgs[0]["role"] == "system":
+        sep = "\n\n" if msgs[0]["content"] else ""
+        msgs[0] = {**msgs[0], "content": msgs[0]["content"] + sep + block}
+    else:
+        msgs.insert(0, {"role": "system", "content": block})
+        origin.insert(0, None)
+
+
+def _system_into_user(msgs: list[dict[str, Any]], origin: list[int | None]) -> None:
+    """The system message merged into the first user turn (or made the first user turn)."""
+    system = msgs.pop(0)["content"]
+    origin.pop(0)
+    if msgs and msgs[0]["role"] == "user":
+        msgs[0] = {**msgs[0], "content": f"{system}\n\n{msgs[0]['content']}"}
+    else:
+        msgs.insert(0, {"role": "user", "content": system})
+        origin.insert(0, None)

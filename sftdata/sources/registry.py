@@ -125,41 +125,8 @@ def resolve_entry(info_path: str | Path, name: str) -> RegistryEntry:
         raise ConversionError(
             f"{where}: formatting {formatting!r} is not alpaca, sharegpt or openai"
         )
-    columns = entry.get("columns") or {}
-    tags = entry.get("tags") or {}
-    if not isinstance(columns, dict) or not all(isinstance(v, str) for v in columns.values()):
-        raise ConversionError(f"{where}: 'columns' must map column roles to column names")
-    if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
-        raise ConversionError(f"{where}: 'tags' must map tag names to strings")
-    refused = [c for c in _REFUSED_COLUMNS if c in columns]
-    if refused:
-        raise ConversionError(
-            f"{where}: column {refused[0]!r} is not supported (text-only supervised fine-tuning)"
-        )
-    allowed = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
-    # LLaMA-Factory reads "system"/"tools" for every formatting but only these for alpaca/sharegpt.
-    allowed = {**allowed, "system": "system", "tools": "tools"}
-    mapping: dict[str, str] = {}
-    for role, column in columns.items():
-        if role not in allowed:
-            raise ConversionError(
-                f"{where}: column role {role!r} is not one of {', '.join(allowed)} for {formatting}"
-            )
-        if formatting == "alpaca" and role == "tools":
-            raise ConversionError(f"{where}: tools need formatting: sharegpt")
-        if column != allowed[role]:
-            mapping[column] = allowed[role]
-    role_tags: dict[str, str] | None = None
-    if formatting in ("sharegpt", "openai"):
-        unknown = [t for t in tags if t not in TAG_KEYS]
-        if unknown:
-            raise ConversionError(
-                f"{where}: tag {unknown[0]!r} is not one of {', '.join(TAG_KEYS)}"
-            )
-        base = OPENAI_TAGS if formatting == "openai" else {}
-        role_tags = {**base, **tags} or None
-    elif tags:
-        raise ConversionError(f"{where}: 'tags' only apply to formatting: sharegpt")
+    mapping = _column_mapping(entry.get("columns") or {}, formatting, where)
+    role_tags = _role_tags(entry.get("tags") or {}, formatting, where)
     num_samples = entry.get("num_samples")
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
         raise ConversionError(f"{where}: num_samples must be a positive integer")
@@ -187,6 +154,46 @@ def resolve_entry(info_path: str | Path, name: str) -> RegistryEntry:
         role_tags=role_tags,
         notes=notes,
     )
+
+
+def _column_mapping(columns: Any, formatting: str, where: str) -> dict[str, str]:
+    """An entry's ``columns`` as a ``--map`` (raw column -> canonical field)."""
+    if not isinstance(columns, dict) or not all(isinstance(v, str) for v in columns.values()):
+        raise ConversionError(f"{where}: 'columns' must map column roles to column names")
+    refused = [c for c in _REFUSED_COLUMNS if c in columns]
+    if refused:
+        raise ConversionError(
+            f"{where}: column {refused[0]!r} is not supported (text-only supervised fine-tuning)"
+        )
+    allowed = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
+    # LLaMA-Factory reads "system"/"tools" for every formatting but only these for alpaca/sharegpt.
+    allowed = {**allowed, "system": "system", "tools": "tools"}
+    mapping: dict[str, str] = {}
+    for role, column in columns.items():
+        if role not in allowed:
+            raise ConversionError(
+                f"{where}: column role {role!r} is not one of {', '.join(allowed)} for {formatting}"
+            )
+        if formatting == "alpaca" and role == "tools":
+            raise ConversionError(f"{where}: tools need formatting: sharegpt")
+        if column != allowed[role]:
+            mapping[column] = allowed[role]
+    return mapping
+
+
+def _role_tags(tags: Any, formatting: str, where: str) -> dict[str, str] | None:
+    """An entry's ``tags`` (ShareGPT role and key names), over OpenAI's for ``openai``."""
+    if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
+        raise ConversionError(f"{where}: 'tags' must map tag names to strings")
+    if formatting not in ("sharegpt", "openai"):
+        if tags:
+            raise ConversionError(f"{where}: 'tags' only apply to formatting: sharegpt")
+        return None
+    unknown = [t for t in tags if t not in TAG_KEYS]
+    if unknown:
+        raise ConversionError(f"{where}: tag {unknown[0]!r} is not one of {', '.join(TAG_KEYS)}")
+    base = OPENAI_TAGS if formatting == "openai" else {}
+    return {**base, **tags} or None
 
 
 def _file_format(entry: RegistryEntry, path: Path) -> str:
