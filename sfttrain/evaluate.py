@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -38,4 +39,24 @@ def evaluate(
     return (loss_sum / tokens if tokens else float("nan")), tokens
 
 
-__all__ = ["evaluate"]
+def perplexity(loss: float) -> float:
+    """exp(loss), capped where a float overflows (NaN stays NaN: no trained tokens)."""
+    return math.exp(min(loss, 700.0))
+
+
+def eval_row(
+    loss_model: torch.nn.Module, reader: Any, *, step: int, epoch: float, batch_size: int,
+    dist: Dist, autocast: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """The ``metrics.jsonl`` row of an evaluation during training."""
+    loss, tokens = evaluate(loss_model, reader, batch_size=batch_size, dist=dist, autocast=autocast)
+    return {
+        "step": step,
+        "epoch": epoch,
+        "eval_loss": loss,
+        "eval_perplexity": perplexity(loss),
+        "eval_tokens": tokens,
+    }
+
+
+__all__ = ["eval_row", "evaluate", "perplexity"]

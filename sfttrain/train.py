@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,7 @@ from sfttrain.data import (
     trained_tokens,
 )
 from sfttrain.distributed import Dist, StopRequest
-from sfttrain.evaluate import evaluate
+from sfttrain.evaluate import eval_row
 from sfttrain.loss import LossModel, isolation_for, liger_loss
 from sfttrain.metrics import (
     LogWindow,
@@ -229,7 +228,7 @@ def _train(
                 show_progress(bar, row)
                 window.reset()
             if data.eval_reader is not None and _eval_due(config, step, total_steps):
-                _log_eval(loss_model, data.eval_reader, config, dist, t, metrics, step)
+                metrics.write(_eval_row(loss_model, data.eval_reader, config, dist, t, step))
                 window.restart_clock()
             if bar is not None:
                 bar.update(0, advance=1)
@@ -249,7 +248,7 @@ def _train(
     final_dir = None
     if not stopped:
         if data.eval_reader is not None:
-            _log_eval(loss_model, data.eval_reader, config, dist, t, metrics, state.step)
+            metrics.write(_eval_row(loss_model, data.eval_reader, config, dist, t, state.step))
         final_dir = save_final(run_dir, model, tokenizer, config=config, dist=dist)
     dist.barrier()  # final/ exists before any rank returns
     if dist.is_main:
@@ -417,25 +416,11 @@ def _restore(t: _Training, resumed: _Resume, state: RunState) -> RunState:
 # ----------------------------------------------------------------------------- loop pieces
 
 
-def _log_eval(
-    loss_model, reader, config: TrainConfig, dist: Dist, t: _Training, metrics, step: int
-) -> None:
-    loss, tokens = evaluate(
-        loss_model,
-        reader,
-        batch_size=config.per_device_eval_batch_size,
-        dist=dist,
-        autocast=t.autocast,
-    )
-    metrics.write(
-        {
-            "step": step,
-            "epoch": round(step / t.sampler.steps_per_epoch, 4),
-            "eval_loss": loss,
-            "eval_perplexity": math.exp(min(loss, 700.0)),
-            "eval_tokens": tokens,
-        }
-    )
+def _eval_row(loss_model, reader, config: TrainConfig, dist: Dist, t: _Training, step: int):
+    return eval_row(
+        loss_model, reader, step=step, epoch=round(step / t.sampler.steps_per_epoch, 4),
+        batch_size=config.per_device_eval_batch_size, dist=dist, autocast=t.autocast,
+    )  # fmt: skip
 
 
 def _eval_due(config: TrainConfig, step: int, total_steps: int) -> bool:

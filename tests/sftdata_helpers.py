@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from click.testing import CliRunner
+
+from sftdata.cli import main
+
 LONG = " ".join(f"word{i}" for i in range(400))
 
 
@@ -55,3 +59,17 @@ def fixture_records() -> list[dict]:
 def write_jsonl(path: Path, recs: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
     return path
+
+
+def run_cli(*args: object):
+    """``sftdata ARGS`` through click's CliRunner (output piped)."""
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def pack_fixture(tmp_path: Path) -> tuple[Path, Path]:
+    """The fixture records as JSONL and packed with the tiny tokenizer at seq_len 256."""
+    data = write_jsonl(tmp_path / "data.jsonl", fixture_records())
+    out = tmp_path / "shards"
+    r = run_cli("pack", data, "-o", out, "--tokenizer", "tiny", "--seq-len", 256)
+    assert r.exit_code == 0, r.output
+    return data, out

@@ -41,7 +41,6 @@ def command(
 ) -> None:
     """Mean loss per trained token (and perplexity) of MODEL on SHARDS; packed or not, the same records give the same loss."""
     import json
-    import math
 
     from sfttrain.commands import quiet_libraries
 
@@ -49,7 +48,7 @@ def command(
     from sfttrain.config import build_config
     from sfttrain.data import check_compatible, has_split, open_split
     from sfttrain.distributed import Dist
-    from sfttrain.evaluate import evaluate
+    from sfttrain.evaluate import evaluate, perplexity
     from sfttrain.loss import LossModel, isolation_for
     from sfttrain.model import load_for_inference
 
@@ -70,7 +69,7 @@ def command(
     loss, tokens = evaluate(
         loss_model, reader, batch_size=batch_size, dist=dist, autocast=contextlib.nullcontext
     )
-    ppl = math.exp(min(loss, 700.0)) if tokens else float("nan")
+    ppl = perplexity(loss) if tokens else float("nan")
     if as_json:
         click.echo(json.dumps({"loss": loss, "perplexity": ppl, "tokens": tokens, "split": split}))
     else:

@@ -1,4 +1,5 @@
-"""`sftdata inspect` and `sftdata stats` CLI output (CliRunner output is piped: text markers)."""
+"""`sftdata inspect` (``sftdata.rowview``): trained and masked text apart (CliRunner output is
+piped: text markers)."""
 
 from __future__ import annotations
 
@@ -13,21 +14,12 @@ from sftdata.cli import main
 from sftdata.conversation import read_jsonl
 from sftdata.rowview import classify, plain_text, runs
 from sftdata.shards import ShardReader
-from sftdata.stats import packing_estimate
-from tests.sftdata_helpers import fixture_records, write_jsonl
-
-
-def run(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args])
+from tests.sftdata_helpers import fixture_records, pack_fixture, run_cli, write_jsonl
 
 
 @pytest.fixture
 def packed(tmp_path: Path) -> tuple[Path, Path]:
-    data = write_jsonl(tmp_path / "data.jsonl", fixture_records())
-    out = tmp_path / "shards"
-    r = run("pack", data, "-o", out, "--tokenizer", "tiny", "--seq-len", 256)
-    assert r.exit_code == 0, r.output
-    return data, out
+    return pack_fixture(tmp_path)
 
 
 def test_inspect_row_marks_trained_text_and_record_boundaries(packed: tuple[Path, Path]) -> None:
@@ -35,7 +27,7 @@ def test_inspect_row_marks_trained_text_and_record_boundaries(packed: tuple[Path
     convs = {c.id: c for c in read_jsonl(data)}
     reader = ShardReader(out)
     row = reader[1]
-    r = run("inspect", out, "--row", 1)
+    r = run_cli("inspect", out, "--row", 1)
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
     assert lines[0].startswith(
@@ -62,15 +54,15 @@ def test_inspect_row_marks_trained_text_and_record_boundaries(packed: tuple[Path
 
 def test_inspect_record_and_errors(packed: tuple[Path, Path]) -> None:
     _, out = packed
-    r = run("inspect", out, "--record", "r4")
+    r = run_cli("inspect", out, "--record", "r4")
     assert r.exit_code == 0, r.output
     assert r.output.count("--- record ") == 1 and "--- record r4 (" in r.output
     assert "It is 8." in r.output and "[[16.]][[stop: <|im_end|>]]" in r.output
-    r = run("inspect", out, "--row", 10_000)
+    r = run_cli("inspect", out, "--row", 10_000)
     assert r.exit_code == 1 and "--row 10000" in r.output and "Traceback" not in r.output
-    r = run("inspect", out, "--record", "missing")
+    r = run_cli("inspect", out, "--record", "missing")
     assert r.exit_code == 1 and "no record 'missing'" in r.output
-    r = run("inspect", out.parent / "data.jsonl")
+    r = run_cli("inspect", out.parent / "data.jsonl")
     assert r.exit_code == 1 and "not a folder" in r.output
 
 
@@ -78,7 +70,6 @@ def test_runs_pieces_join_to_the_whole_decode() -> None:
     from sftdata.tokenizer import load_tokenizer
 
     tok = load_tokenizer("tiny")
-    import numpy as np
 
     ids = np.asarray(tok.encode("Hello there, general Kenobi.", add_special_tokens=False))
     trained = np.zeros(len(ids), bool)
@@ -125,42 +116,13 @@ def test_inspect_shows_reasoning_and_stop_token_distinctly(tmp_path: Path) -> No
     }
     data = write_jsonl(tmp_path / "data.jsonl", [rec])
     out = tmp_path / "shards"
-    r = run("pack", data, "-o", out, "--tokenizer", "tiny", "--seq-len", 128, "--no-pack")
+    r = run_cli("pack", data, "-o", out, "--tokenizer", "tiny", "--seq-len", 128, "--no-pack")
     assert r.exit_code == 0, r.output
-    r = run("inspect", out)
+    r = run_cli("inspect", out)
     assert r.exit_code == 0, r.output
     assert "; stop tokens " in r.output.splitlines()[0]
     assert "[[reasoning: <think>\nAdd two and two.\n</think>]]" in r.output
     assert re.search(r"\[\[\n*4\]\]\[\[stop: <\|im_end\|>\]\]", r.output), r.output
-
-
-def test_stats_on_shards_and_plot(packed: tuple[Path, Path], tmp_path: Path) -> None:
-    _, out = packed
-    png = tmp_path / "hist.png"
-    r = run("stats", out, "--plot", png)
-    assert r.exit_code == 0, r.output
-    assert "records 30;" in r.output
-    m = re.search(
-        r"tokens per record: min (\d+), median (\d+), p90 (\d+), p99 (\d+), max (\d+)", r.output
-    )
-    assert m and int(m[1]) <= int(m[2]) <= int(m[3]) <= int(m[4]) <= int(m[5]) <= 256
-    assert re.search(r"trained ratio \d+\.\d%", r.output)
-    assert "packing efficiency" in r.output
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(tmp_path.glob(".hist.png.*"))
-
-
-def test_stats_on_jsonl_counts_and_estimates_packing(
-    packed: tuple[Path, Path], tmp_path: Path
-) -> None:
-    data, _ = packed
-    r = run("stats", data, "--tokenizer", "tiny", "--seq-len", 256, "--plot", tmp_path / "j.png")
-    assert r.exit_code == 0, r.output
-    assert "records 32;" in r.output  # JSONL stats see every record, even ones pack drops
-    assert "1 records longer than seq_len left out" in r.output
-    assert (tmp_path / "j.png").is_file()
-    r = run("stats", data)
-    assert r.exit_code == 1 and "--tokenizer is needed" in r.output
 
 
 def test_inspect_colour_on_a_terminal_has_no_markers(packed: tuple[Path, Path]) -> None:
@@ -180,22 +142,15 @@ def test_inspect_record_searches_every_split(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "data.jsonl", fixture_records())
     out = tmp_path / "s"
     assert (
-        run(
+        run_cli(
             "pack", data, "-o", out, "--tokenizer", "tiny", "--seq-len", 256, "--val-count", 3
         ).exit_code
         == 0
     )
     val = ShardReader(out, split="validation")
     rid = val[0]["record_ids"][0]
-    r = run("inspect", out, "--record", rid)
+    r = run_cli("inspect", out, "--record", rid)
     assert r.exit_code == 0, r.output
     assert "(split validation," in r.output and f"--- record {rid} (" in r.output
-    r = run("inspect", out, "--record", rid, "--split", "train")
+    r = run_cli("inspect", out, "--record", rid, "--split", "train")
     assert r.exit_code == 1 and f"no record {rid!r} in split 'train'" in r.output
-
-
-def test_packing_estimate_leaves_out_what_does_not_fit() -> None:
-    # 9 > seq_len is left out; 5 | 3+3 fill two rows of 6 with 11 tokens.
-    eff, rows, left_out = packing_estimate(np.array([3, 3, 5, 9]), 6)
-    assert (rows, left_out) == (2, 1)
-    assert eff == pytest.approx(11 / 12)

@@ -1,0 +1,55 @@
+"""`sftdata stats` on shards and on JSONL, and the packing estimate it prints."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sftdata.stats import packing_estimate
+from tests.sftdata_helpers import pack_fixture, run_cli
+
+
+@pytest.fixture
+def packed(tmp_path: Path) -> tuple[Path, Path]:
+    return pack_fixture(tmp_path)
+
+
+def test_stats_on_shards_and_plot(packed: tuple[Path, Path], tmp_path: Path) -> None:
+    _, out = packed
+    png = tmp_path / "hist.png"
+    r = run_cli("stats", out, "--plot", png)
+    assert r.exit_code == 0, r.output
+    assert "records 30;" in r.output
+    m = re.search(
+        r"tokens per record: min (\d+), median (\d+), p90 (\d+), p99 (\d+), max (\d+)", r.output
+    )
+    assert m and int(m[1]) <= int(m[2]) <= int(m[3]) <= int(m[4]) <= int(m[5]) <= 256
+    assert re.search(r"trained ratio \d+\.\d%", r.output)
+    assert "packing efficiency" in r.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".hist.png.*"))
+
+
+def test_stats_on_jsonl_counts_and_estimates_packing(
+    packed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, _ = packed
+    r = run_cli(
+        "stats", data, "--tokenizer", "tiny", "--seq-len", 256, "--plot", tmp_path / "j.png"
+    )
+    assert r.exit_code == 0, r.output
+    assert "records 32;" in r.output  # JSONL stats see every record, even ones pack drops
+    assert "1 records longer than seq_len left out" in r.output
+    assert (tmp_path / "j.png").is_file()
+    r = run_cli("stats", data)
+    assert r.exit_code == 1 and "--tokenizer is needed" in r.output
+
+
+def test_packing_estimate_leaves_out_what_does_not_fit() -> None:
+    # 9 > seq_len is left out; 5 | 3+3 fill two rows of 6 with 11 tokens.
+    eff, rows, left_out = packing_estimate(np.array([3, 3, 5, 9]), 6)
+    assert (rows, left_out) == (2, 1)
+    assert eff == pytest.approx(11 / 12)
