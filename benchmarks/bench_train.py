@@ -143,7 +143,7 @@ def loss_gap(bare: dict, ours: dict) -> float:
     gap, prev = 0.0, 0
     for step_s, loss in sorted(ours["losses_logged"].items(), key=lambda kv: int(kv[0])):
         step = int(step_s)
-        toks = bare["step_tokens"][prev:step]
+        toks = bare["step_trained_tokens"][prev:step]
         ref = sum(lo * n for lo, n in zip(bare["losses"][prev:step], toks, strict=True)) / sum(toks)
         gap, prev = max(gap, abs(loss - ref)), step
     return gap

@@ -104,7 +104,7 @@ def main() -> None:
         "mode": a.mode,
         "threads": torch.get_num_threads(),
         "trainable_parameters": sum(p.numel() for p in params),
-        "step_tokens": [n for _, n in steps],
+        "step_trained_tokens": [n for _, n in steps],
         "losses": [float(x) for x in losses],
         "peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         **summarise(times, [n for _, n in steps], warmup=a.warmup),

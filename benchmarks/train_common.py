@@ -83,10 +83,10 @@ def trained_in(labels) -> int:
     return int((labels[..., 1:] != -100).sum())
 
 
-def summarise(step_times: list[float], step_tokens: list[int], *, warmup: int) -> dict:
+def summarise(step_times: list[float], step_trained_tokens: list[int], *, warmup: int) -> dict:
     """Trained tokens/s over optimizer steps ``warmup+1 .. len(step_times)``.
 
-    ``step_times[i]`` is the clock when step ``i+1`` finished and ``step_tokens[i]`` the trained
+    ``step_times[i]`` is the clock when step ``i+1`` finished and ``step_trained_tokens[i]`` the trained
     tokens that step processed; the window starts when the last warm-up step finished.
     """
     if len(step_times) <= warmup:
@@ -94,7 +94,7 @@ def summarise(step_times: list[float], step_tokens: list[int], *, warmup: int) -
     seconds = step_times[-1] - step_times[warmup - 1] if warmup else None
     if seconds is None:
         raise SystemExit("need at least one warm-up step to start the clock")
-    tokens = sum(step_tokens[warmup:])
+    tokens = sum(step_trained_tokens[warmup:])
     return {
         "measured_steps": len(step_times) - warmup,
         "measured_seconds": seconds,

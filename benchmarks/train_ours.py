@@ -102,9 +102,9 @@ def main() -> None:
     sampler = StepSampler(
         len(reader), micro_batch=a.batch_size, accumulation=a.accumulation, seed=SEED
     )
-    step_tokens, cursor = [], sampler.cursor_at(0)
+    step_trained_tokens, cursor = [], sampler.cursor_at(0)
     for _ in range(total):
-        step_tokens.append(
+        step_trained_tokens.append(
             sum(trained_in(reader.get_batch(r)["labels"]) for r in sampler.micro_batches(cursor))
         )
         cursor = sampler.advance(cursor)
@@ -115,15 +115,15 @@ def main() -> None:
         if ln.strip()
     ]
     logged = [m for m in metrics if "loss" in m]
-    if logged[-1]["trained_tokens"] != sum(step_tokens):
+    if logged[-1]["trained_tokens"] != sum(step_trained_tokens):
         raise SystemExit(
-            f"metrics.jsonl counts {logged[-1]['trained_tokens']} trained tokens, we count {sum(step_tokens)}"
+            f"metrics.jsonl counts {logged[-1]['trained_tokens']} trained tokens, we count {sum(step_trained_tokens)}"
         )
     # The run's own figure: logging windows that lie wholly inside the measured steps.
     toks, secs, prev = 0, 0.0, 0
     for m in logged:  # each row covers the steps since the previous logged one
         if prev >= a.warmup:
-            n = sum(step_tokens[prev : m["step"]])
+            n = sum(step_trained_tokens[prev : m["step"]])
             toks, secs = toks + n, secs + n / m["tokens_per_s"]
         prev = m["step"]
     metrics_tps = toks / secs if secs else None
@@ -132,12 +132,12 @@ def main() -> None:
         "tool": "sfttrain run",
         "mode": a.mode,
         "steps_timed": len(times),
-        "step_tokens": step_tokens,
+        "step_trained_tokens": step_trained_tokens,
         "losses_logged": {m["step"]: m["loss"] for m in logged},
         "metrics_tokens_per_s": metrics_tps,
         "checkpoints": checkpoints,
         "peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        **summarise(times, step_tokens, warmup=a.warmup),
+        **summarise(times, step_trained_tokens, warmup=a.warmup),
     }
     print(json.dumps(result))
 

@@ -93,13 +93,13 @@ def main() -> None:
         peft_config = LoraConfig(task_type="CAUSAL_LM", **LORA)
 
     times: list[float] = []
-    step_tokens: list[int] = []
+    step_trained_tokens: list[int] = []
     pending = [0]
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             times.append(time.perf_counter())
-            step_tokens.append(pending[0])
+            step_trained_tokens.append(pending[0])
             pending[0] = 0
 
     class CountingSFTTrainer(SFTTrainer):
@@ -149,10 +149,10 @@ def main() -> None:
         "mode": a.mode,
         "trainable_parameters": trainable,
         "rows": len(trainer.train_dataset),
-        "step_tokens": step_tokens,
+        "step_trained_tokens": step_trained_tokens,
         "losses_logged": {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h},
         "peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        **summarise(times, step_tokens, warmup=a.warmup),
+        **summarise(times, step_trained_tokens, warmup=a.warmup),
     }
     print(json.dumps(result))
 

@@ -21,11 +21,6 @@ from sftdata.errors import ConfigError
 from sftdata.yamlfile import load_yaml
 from sfttrain.lf_config import is_llamafactory_config, translate_for_load
 
-FINETUNING_TYPES = ("lora", "full")
-SCHEDULERS = ("cosine", "linear", "constant")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-ISOLATIONS = ("auto", "position_ids", "block_mask")
-
 
 @dataclass
 class TrainConfig:
@@ -378,12 +373,8 @@ def config_from_dict(d: dict[str, Any], *, where: str = "") -> TrainConfig:
 
 
 __all__ = [
-    "ATTN_IMPLEMENTATIONS",
-    "FINETUNING_TYPES",
-    "ISOLATIONS",
     "NON_TRAJECTORY_KEYS",
     "PER_DEVICE_BATCH_KEYS",
-    "SCHEDULERS",
     "TrainConfig",
     "build_config",
     "config_from_dict",

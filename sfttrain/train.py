@@ -6,7 +6,7 @@
     4. the loop: per optimizer step
          a. this rank's micro-batches of the step (host arrays from the memory-mapped reader)
          b. trained tokens of the WHOLE step, summed over micro-batches and ranks (C3)
-         c. forward/backward per micro-batch: loss_sum × world_size / step_tokens
+         c. forward/backward per micro-batch: loss_sum × world_size / step_trained_tokens
          d. clip, optimizer and scheduler step
          e. log / evaluate / checkpoint / stop on SIGTERM
     5. final checkpoint, final/ weights, loss.png
@@ -187,10 +187,12 @@ def _train(
             batches, n_real = sampler.padded_micro_batches(state.cursor)
             host = [reader.get_batch(rows) for rows in batches]
             # b. the normaliser: trained tokens of the whole step, every micro-batch and rank (C3)
-            step_tokens = int(
+            step_trained_tokens = int(
                 dist.all_reduce_sum(sum(trained_tokens(b["labels"]) for b in host[:n_real]))
             )
-            scale = dist.world_size / max(step_tokens, 1)  # DDP/FSDP average gradients over ranks
+            scale = dist.world_size / max(
+                step_trained_tokens, 1
+            )  # DDP/FSDP average gradients over ranks
             # c. forward/backward per micro-batch
             for i, b in enumerate(host):
                 weight = 1.0 if i < n_real else 0.0  # a padding micro-batch adds exactly 0
@@ -211,8 +213,8 @@ def _train(
             t.optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.cursor = sampler.advance(state.cursor)
-            state.trained_tokens += step_tokens
-            window.trained_tokens += step_tokens
+            state.trained_tokens += step_trained_tokens
+            window.trained_tokens += step_trained_tokens
             # e. log / evaluate / checkpoint / stop
             step = state.step
             if step % config.logging_steps == 0 or step == total_steps:

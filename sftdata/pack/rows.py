@@ -140,8 +140,3 @@ def build_row(
     position_ids[used:] = np.arange(num_pad, dtype=np.int32)
     seq_lens = np.asarray(lens + ([num_pad] if num_pad else []), dtype=np.int32)
     return Row(input_ids, labels, position_ids, seq_lens, num_pad)
-
-
-def trained_count(mask: np.ndarray) -> int:
-    """Tokens a record actually trains once packed (its first token's label is always ignored)."""
-    return int(np.count_nonzero(mask[1:]))

@@ -30,7 +30,6 @@ from sftdata.sources.base import (
 from sftdata.sources.jsonstream import first_value, iter_json
 
 FORMATS = ("alpaca", "sharegpt", "openai", "lf_v1", "csv", "tsv", "xlsx", "parquet", "hf")
-JSON_FORMATS = ("alpaca", "sharegpt", "openai", "lf_v1")
 
 _EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".xlsx": "xlsx", ".xlsm": "xlsx"}
 # Order matters: v1 and ShareGPT-with-"messages" are special cases of a "messages" record.

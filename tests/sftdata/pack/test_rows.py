@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sftdata import IGNORE_INDEX
-from sftdata.pack.rows import build_row, efficiency, next_fit, pack_rows, trained_count
+from sftdata.pack.rows import build_row, efficiency, next_fit, pack_rows
 
 
 def _alpaca_like(n: int, seed: int = 0) -> np.ndarray:
@@ -92,8 +92,3 @@ def test_build_row_full_row_has_no_pad_segment() -> None:
 def test_build_row_refuses_overfull() -> None:
     with pytest.raises(ValueError, match="more than seq_len"):
         build_row([(np.ones(6, np.int32), np.ones(6, bool))] * 2, seq_len=10, pad_id=0)
-
-
-def test_trained_count_ignores_first_token() -> None:
-    assert trained_count(np.array([True, False, True])) == 1
-    assert trained_count(np.array([True])) == 0
