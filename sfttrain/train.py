@@ -283,7 +283,7 @@ class _Data:
 
 def _setup_data(config: TrainConfig, folder: Path) -> _Data:
     # verify="full": every shard's sha256 is checked now, so a corrupt folder is refused before
-    # anything is written (hashing runs at ~1 GB/s; the lazy mode would fail mid-run instead).
+    # anything is written (hashing is cheap next to training; the lazy mode would fail mid-run).
     reader = open_split(folder, "train", verify="full")
     has_eval = has_split(folder, config.eval_split)
     eval_reader = open_split(folder, config.eval_split, verify="full") if has_eval else None

@@ -72,7 +72,7 @@ def init_worker(opts: PackOptions) -> None:
     get_renderer(opts)
     # A chunk's records are thousands of small acyclic dicts and lists: with the default
     # threshold the cyclic collector runs every 700 allocations and rescans them each time
-    # (profiled: ~10% of a worker's Python time). Collect every 50,000 instead; what the worker
+    # (profiled: a tenth of a worker's Python time). Collect every 50,000 instead; what the worker
     # inherited or loaded is frozen out of the scans.
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
@@ -102,7 +102,7 @@ def encode_chunk(
             np.empty(0, np.int32), np.empty(0, bool), np.empty(0, np.int32), [],
             np.empty(0, np.int64), len(records), 0, 0, 0, stats,
         )  # fmt: skip
-    # Vectorised over the chunk (a per-record Python loop was ~4% of a pack, measured).
+    # Vectorised over the chunk (a per-record Python loop showed in the pack profile).
     lens = np.fromiter((len(e.input_ids) for e in encoded), dtype=np.int64, count=n)
     ids = np.concatenate([e.input_ids for e in encoded]).astype(np.int32, copy=False)
     mask = np.concatenate([e.train_mask for e in encoded]).astype(bool, copy=False)
@@ -218,7 +218,7 @@ class RawChunk:
 
 def read_raw_chunks(inputs: Sequence[Path], size: int) -> Iterator[RawChunk]:
     """Raw line blocks of ``inputs`` in order: the main process only splits lines, so JSON
-    parsing happens in the workers (measured: parsing is ~10% of a single-process pack)."""
+    parsing happens in the workers (it is a noticeable share of a single-process pack)."""
     for path in inputs:
         try:
             f = path.open("rb")

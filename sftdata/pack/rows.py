@@ -25,11 +25,9 @@ def pack_rows(lengths: Sequence[int] | np.ndarray, *, seq_len: int) -> list[list
     fits it. Open rows are kept in buckets keyed by remaining capacity, with a sorted list of
     the non-empty capacities searched by ``bisect``: O(n log seq_len) overall.
 
-    Measured (``sftdata pack`` of alpaca_en_demo.json x 50 = 49,950 records, Llama-2 tokenizer,
-    llama2 template, 9.99M tokens, seq_len 4096): 2,439 rows where the floor ceil(total/seq_len)
-    is 2,438, i.e. 99.95% fill, against 98.9% for TRL's and LLaMA-Factory's per-1,000-record
-    packing; the many short records fill the gaps the long ones leave. Packing itself takes
-    ~0.1 s there.
+    On the pack benchmark it comes within a row of the floor ceil(total/seq_len), above TRL's
+    and LLaMA-Factory's per-1,000-record packing (figures in benchmarks/README.md): the many
+    short records fill the gaps the long ones leave.
 
     Args:
         lengths: token count of each record; every one must be in ``1..seq_len``.

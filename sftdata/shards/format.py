@@ -54,7 +54,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 # Arrays are built from buffers: pa.array() on numpy arrays or Python lists imports pandas on
-# first use (measured: 0.24 s in every pack worker's first shard, a third of the write stage).
+# first use, a cost every pack worker would pay on its first shard (profiled).
 
 
 def validate_index(index: Any, *, where: str) -> None:

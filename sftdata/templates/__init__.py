@@ -101,8 +101,8 @@ class JinjaTemplate:
         except jinja2.TemplateSyntaxError as e:
             raise TemplateError(f"{where}:{e.lineno}: template syntax error: {e.message}") from None
         # Globals and special tokens merged once: Template.render re-merges its ChainMap of
-        # globals into every record's context, ~45% of render time (measured: 0.72 s vs 0.40 s
-        # for the llama2 template on 49,950 Alpaca records), for the same output.
+        # globals into every record's context, a large share of render time (profiled on the
+        # pack benchmark), for the same output.
         # The date is pinned (and recorded in the shard index) so renders are reproducible.
         day = parse_template_date(date)
         # Only our own files' blocks are trusted for masks (see render_blocks).
