@@ -8,6 +8,7 @@ as ``sftdata validate``, so the output always validates clean.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -63,6 +64,16 @@ class ConvertReport:
     def records_out(self) -> int:
         """Canonical records written over all inputs."""
         return sum(i.records_out for i in self.inputs)
+
+    def to_dict(self) -> dict:
+        """The report as JSON-able values (``sftdata convert --json``)."""
+        return {
+            "output": self.output,
+            "records_in": self.records_in,
+            "records_out": self.records_out,
+            "dropped": dict(self.dropped),
+            "inputs": [dataclasses.asdict(i) for i in self.inputs],
+        }
 
     def summary_lines(self) -> list[str]:
         """Human summary, one line each (the CLI prints these on stderr)."""

@@ -23,7 +23,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -349,15 +349,45 @@ def check_resumable(
     return state
 
 
+@dataclass
+class Resume:
+    """The checkpoint a run continues from (step 1c), read and verified before anything is written."""
+
+    folder: Path | None = None
+    """The checkpoint folder, or None for a fresh run (also: ``--resume auto`` found none)."""
+    state: dict[str, Any] = field(default_factory=dict)
+    """Its ``trainer_state.json``, checked against this run's config, shards, model and ranks."""
+    notes: list[str] = field(default_factory=list)
+    """Damaged checkpoints ``--resume auto`` passed over, and which one it used instead."""
+
+
+def find_resume(
+    resume: str | None, run_dir: Path, *, config: TrainConfig, shards: dict[str, Any],
+    model_spec: str, world_size: int,
+) -> Resume:  # fmt: skip
+    """``--resume auto|PATH`` -> the checkpoint to continue from, verified (or none)."""
+    if resume is None:
+        return Resume()
+    folder, notes = resolve_resume(resume, run_dir)
+    if folder is None:
+        return Resume(notes=notes)
+    state = check_resumable(
+        folder, config=config, shards=shards, model_spec=model_spec, world_size=world_size
+    )
+    return Resume(folder, state, notes)
+
+
 __all__ = [
     "CHECKPOINTS",
     "FORMAT_VERSION",
     "MARKER",
     "CheckpointError",
+    "Resume",
     "RunState",
     "check_resumable",
     "checkpoint_dir",
     "complete_checkpoints",
+    "find_resume",
     "latest_checkpoint",
     "read_state",
     "remove_stale_temps",

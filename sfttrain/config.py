@@ -82,6 +82,8 @@ class TrainConfig:
     """Keep at most this many checkpoints (oldest removed first); None keeps all."""
     eval_steps: int | None = None
     """Evaluate on the validation split every this many steps; None evaluates only at the end."""
+    eval_strategy: Literal["steps", "epoch", "no"] = "steps"
+    """``steps``: every eval_steps and at the end; ``epoch``: at the end of every epoch; ``no``: never (as HF's TrainingArguments)."""
     eval_split: str = "validation"
     """Shard split used for evaluation when the shard folder has it."""
     dataloader_drop_last: bool = False
@@ -90,6 +92,8 @@ class TrainConfig:
     """Seeds model initialisation (tiny), LoRA initialisation, data order and dropout."""
     output_dir: str | None = None
     """Run folder (``-o`` overrides it): metrics.jsonl, loss.png, checkpoints/, final/."""
+    overwrite_output_dir: bool = False
+    """Start afresh in a run folder that holds an earlier run (its checkpoints, final/ and metrics are removed first; other files still refuse)."""
     save_merged: bool = False
     """LoRA: also write ``final_merged/``, base + adapter merged into plain weights (fp32) that transformers loads as is."""
     report_to: Literal["auto", "tensorboard", "none"] = "auto"
@@ -125,6 +129,8 @@ NON_TRAJECTORY_KEYS = frozenset(
         "save_steps",
         "save_total_limit",
         "eval_steps",
+        "eval_strategy",
+        "overwrite_output_dir",
         "per_device_eval_batch_size",
         "eval_split",
         "output_dir",
@@ -334,6 +340,14 @@ def _closest(key: str) -> str | None:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (optional), apply ``key=value`` overrides, validate. Errors name the key."""
+    return load_run_config(path, overrides)[0]
+
+
+def load_run_config(
+    path: str | Path | None, overrides: list[str] | None = None
+) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """:func:`load_config` and the config's ``data:`` section (a LLaMA-Factory YAML's data keys
+    become one), unparsed: ``sftdata.recipe.parse_data_section`` reads it."""
     values: dict[str, Any] = {}
     where = ""
     if path is not None:
@@ -354,11 +368,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             ours = frozenset(f.name for f in dataclasses.fields(TrainConfig))
             loaded = translate_for_load(loaded, ours, where=where)
         values.update(loaded)
+    data = values.pop("data", None)
     over = parse_overrides(list(overrides or []))
     values.update(over)
     # Name --set in errors about a key that came from the command line.
     try:
-        return build_config(values, where=where)
+        return build_config(values, where=where), data
     except ConfigError as e:
         msg = str(e)
         for key in over:
@@ -381,6 +396,7 @@ __all__ = [
     "field_docs",
     "global_batch_rows",
     "load_config",
+    "load_run_config",
     "lora_target_modules",
     "parse_overrides",
     "trajectory_hash",

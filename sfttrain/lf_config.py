@@ -2,9 +2,11 @@
 
 :func:`translate_llamafactory_config` keeps the keys our ``TrainConfig`` shares with
 LLaMA-Factory (same names, same meaning: ``lora_alpha`` defaults to 2 x ``lora_rank``,
-``lora_target: all`` is every linear layer), lists the keys that ``sftdata`` handles instead
-(dataset, template, cutoff_len...) or that have no effect here, and rejects keys LLaMA-Factory
-itself would not know. It is given our field names and imports nothing of the trainer.
+``lora_target: all`` is every linear layer), turns its data keys (``dataset``, ``dataset_dir``,
+``template``, ``cutoff_len``, ``val_size``, ``max_samples``, ``preprocessing_num_workers``...)
+into a ``data:`` section that ``sfttrain run`` converts and packs, lists the keys that have no
+effect here, and rejects keys LLaMA-Factory itself would not know. It is given our field names
+and imports nothing of the trainer.
 """
 
 from __future__ import annotations
@@ -19,6 +21,18 @@ logger = logging.getLogger("sftpipe")
 
 # Keys that mark a LLaMA-Factory YAML (none of them is one of ours).
 LF_MARKERS = frozenset({"stage", "do_train", "dataset", "template", "cutoff_len", "dataset_dir"})
+
+# Data keys that become the run's data section (see data_section); the others of LF_DATA_KEYS
+# have no equivalent here and are listed in the warning.
+LF_DATA_SECTION_KEYS = frozenset(
+    {
+        "dataset", "dataset_dir", "template", "cutoff_len", "val_size", "max_samples",
+        "preprocessing_num_workers", "train_on_prompt", "mask_history",
+        # packing with isolated rows trains what unpacked samples train (C1), and pack checks
+        # its fingerprint on every run: these two ask for nothing more
+        "packing", "neat_packing", "overwrite_cache",
+    }
+)  # fmt: skip
 
 # Data preparation: what `sftdata convert` / `sftdata pack` do before training here.
 LF_DATA_KEYS = frozenset(
@@ -78,7 +92,7 @@ LF_OTHER_KEYS = frozenset(
         "compute_dtype", "device_map", "kt_optimize_rule", "use_kt",
         "cpu_infer", "chunk_size", "mode", "fp8", "fp8_backend", "fp8_enable_fsdp_float8_all_gather",
         # HF TrainingArguments keys that transformers 5 dropped but LF YAMLs still carry
-        "overwrite_output_dir", "evaluation_strategy", "logging_dir", "group_by_length",
+        "evaluation_strategy", "logging_dir", "group_by_length",
         "no_cuda", "use_mps_device", "fp16_backend", "push_to_hub_token", "push_to_hub_model_id",
         "push_to_hub_organization", "mp_parameters", "ray_scope", "use_legacy_prediction_loop",
         # generation / evaluation
@@ -108,7 +122,8 @@ def is_llamafactory_config(d: dict[str, Any]) -> bool:
 def translate_llamafactory_config(
     d: dict[str, Any], ours: frozenset[str]
 ) -> tuple[dict[str, Any], list[str]]:
-    """LLaMA-Factory SFT YAML mapping -> (our TrainConfig keys, LF keys that have no effect here).
+    """LLaMA-Factory SFT YAML mapping -> (our TrainConfig keys, LF keys that have no effect here;
+    the data keys of :data:`LF_DATA_SECTION_KEYS` are :func:`data_section`'s).
 
     ``ours`` is the set of TrainConfig field names.
 
@@ -133,6 +148,8 @@ def translate_llamafactory_config(
             raise ConfigError(f"do_train: {value!r}; sfttrain run trains (do_train: true)")
         if key in ("stage", "do_train") or (key in ALWAYS_DONE and value in ALWAYS_DONE[key]):
             continue
+        if key in LF_DATA_SECTION_KEYS:
+            continue
         if key in ours:
             out[key] = value
         elif key in LF_DATA_KEYS or key in LF_OTHER_KEYS or key in hf:
@@ -143,18 +160,44 @@ def translate_llamafactory_config(
     return out, unsupported
 
 
-def prep_command(d: dict[str, Any]) -> str:
-    """The ``sftdata`` commands equivalent to an LF YAML's data keys (for the warning)."""
-    dataset = d.get("dataset") or "NAME"
-    if isinstance(dataset, list):
-        dataset = ",".join(map(str, dataset))
-    dataset_dir = d.get("dataset_dir") or "data"
-    model = d.get("model_name_or_path") or "MODEL"
-    seq = d.get("cutoff_len") or 2048
-    return (
-        f"sftdata convert --dataset-info {dataset_dir}/dataset_info.json --dataset {dataset} "
-        f"-o data.jsonl && sftdata pack data.jsonl --tokenizer {model} --seq-len {seq} -o shards"
-    )
+def data_section(d: dict[str, Any], *, where: str = "") -> dict[str, Any] | None:
+    """The ``data:`` section an LF YAML's data keys mean, or None without ``dataset``.
+
+    ``dataset`` (comma-separated) names entries of ``dataset_dir/dataset_info.json`` (``data``
+    by default, relative to the working folder as in LLaMA-Factory); ``cutoff_len`` (default
+    2048) is the row length and longer records are truncated there, not dropped; ``val_size``
+    below 1 is a share of the records, from 1 a count; ``train_on_prompt`` trains every token,
+    ``mask_history`` only the last reply.
+    """
+    names = d.get("dataset")
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{where}dataset: give dataset_info.json names (comma-separated)")
+    section: dict[str, Any] = {
+        "inputs": [{"dataset": n, "max_samples": d.get("max_samples")} for n in names],
+        "dataset_info": d.get("dataset_dir") or "data",
+        "seq_len": d.get("cutoff_len") or 2048,
+        "overflow": "truncate",
+    }
+    if d.get("template"):
+        section["template"] = d["template"]
+    val = d.get("val_size")
+    if val:
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:
+            raise ConfigError(f"{where}val_size: must be a share below 1 or a record count")
+        section["val_fraction" if val < 1 else "val_count"] = val if val < 1 else int(val)
+    if d.get("preprocessing_num_workers"):
+        section["num_proc"] = d["preprocessing_num_workers"]
+    if d.get("seed") is not None:
+        section["seed"] = d["seed"]
+    if d.get("train_on_prompt"):
+        section["train_on"] = "everything"
+    elif d.get("mask_history"):
+        section["train_on"] = "last-assistant"
+    return section
 
 
 def translate_for_load(
@@ -170,13 +213,12 @@ def translate_for_load(
     except ConfigError as e:
         raise ConfigError(f"{where}{e}") from None
     if unsupported:
-        data = [k for k in unsupported if k in LF_DATA_KEYS]
-        hint = f" (prepare the data with: {prep_command(d)})" if data else ""
         logger.warning(
-            "Warning: %sLLaMA-Factory keys not used by sfttrain (data preparation is done by "
-            "sftdata; the rest is not supported): %s%s",
+            "Warning: %sLLaMA-Factory keys not supported by sfttrain (ignored): %s",
             where,
             ", ".join(unsupported),
-            hint,
         )
+    data = data_section(d, where=where)
+    if data is not None:
+        out["data"] = data
     return out

@@ -2,11 +2,15 @@
 checkpoints — ``base_model/`` (the seeded tiny base an adapter needs) and ``final/``.
 
 A run writes into an empty or new folder, or continues its own; it never mixes its files with a
-user's, replaces a finished run or writes into (or around) the shard folder it reads.
+user's, replaces a finished run (unless ``overwrite_output_dir``) or writes into (or around) the
+shard folder it reads. The files of ``final/`` are also linked from the run folder itself, where a
+LLaMA-Factory inference config expects the adapter or model.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +38,19 @@ RUN_ENTRIES = frozenset(
 """What a run writes into its folder; anything else there is someone else's."""
 
 
-def check_run_dir(run_dir: Path, *, shards: Path, resume: str | None) -> None:
+def _is_final_link(p: Path) -> bool:
+    """One of the links ``link_final`` makes (``NAME -> final/NAME``)."""
+    return p.is_symlink() and os.readlink(p) == f"final/{p.name}"
+
+
+def _ours(p: Path) -> bool:
+    # dot names: temp files of a killed write (atomic_file/written) and the user's own hidden ones
+    return p.name in RUN_ENTRIES or p.name[0] == "." or _is_final_link(p)
+
+
+def check_run_dir(
+    run_dir: Path, *, shards: Path, resume: str | None, overwrite: bool = False
+) -> None:
     """A run writes into an empty or new folder, or continues its own (``--resume``); it never
     replaces a finished run's ``final/``, mixes its files with a user's or writes into (or
     around) the shard folder it reads."""
@@ -43,20 +59,46 @@ def check_run_dir(run_dir: Path, *, shards: Path, resume: str | None) -> None:
         return
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: exists and is not a folder; -o names the run's folder")
-    # dot names: temp files of a killed write (atomic_file/written) and the user's own hidden ones
-    foreign = sorted(
-        p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES and p.name[0] != "."
-    )
+    foreign = sorted(p.name for p in run_dir.iterdir() if not _ours(p))
     if foreign:
         raise ConfigError(
             f"{run_dir}: holds files that are not a sfttrain run's ({', '.join(foreign[:3])}); "
             "give an empty or new -o folder"
         )
-    if resume is None and (latest_checkpoint(run_dir) is not None or (run_dir / "final").exists()):
+    if overwrite or resume is not None:
+        return
+    if latest_checkpoint(run_dir) is not None or (run_dir / "final").exists():
         raise ConfigError(
             f"{run_dir}: already holds a run (checkpoints or final/); continue it with "
-            "--resume auto, or give another -o folder"
+            "--resume auto, start afresh with overwrite_output_dir: true, or give another -o folder"
         )
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove an earlier run from ``run_dir`` (``overwrite_output_dir``): only what a run writes."""
+    if not run_dir.is_dir():
+        return
+    for p in run_dir.iterdir():
+        if p.is_symlink() and _is_final_link(p):
+            p.unlink()
+        elif p.name in RUN_ENTRIES:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def link_final(run_dir: Path) -> list[str]:
+    """``run_dir/NAME -> final/NAME`` for every file of ``final/``: the weights where a
+    LLaMA-Factory user's inference config looks for them (``adapter_name_or_path: OUTPUT_DIR``,
+    or ``model_name_or_path`` after full fine-tuning). Names a run writes itself are skipped."""
+    made = []
+    for f in sorted((run_dir / "final").iterdir()):
+        link = run_dir / f.name
+        if f.name in RUN_ENTRIES or not f.is_file():
+            continue
+        if link.is_symlink() or not link.exists():
+            link.unlink(missing_ok=True)
+            link.symlink_to(f"final/{f.name}")
+            made.append(f.name)
+    return made
 
 
 def base_model_dir(
@@ -90,6 +132,7 @@ def save_final(
         save_weights(model, tmp, finetuning_type=config.finetuning_type, state_dict=final_state)
         tokenizer.save_pretrained(str(tmp))
     final_dir = run_dir / "final"
+    link_final(run_dir)
     if config.save_merged and config.finetuning_type == "lora":
         from sfttrain.export import export_checkpoint
 
@@ -115,4 +158,12 @@ def save_run_checkpoint(
     return path
 
 
-__all__ = ["RUN_ENTRIES", "base_model_dir", "check_run_dir", "save_final", "save_run_checkpoint"]
+__all__ = [
+    "RUN_ENTRIES",
+    "base_model_dir",
+    "check_run_dir",
+    "clear_run_dir",
+    "link_final",
+    "save_final",
+    "save_run_checkpoint",
+]

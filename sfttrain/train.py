@@ -33,11 +33,11 @@ import torch
 from sftdata.atomic import exclusive
 from sftdata.errors import ConfigError
 from sfttrain.checkpoint import (
+    Resume,
     RunState,
-    check_resumable,
+    find_resume,
     latest_checkpoint,
     remove_stale_temps,
-    resolve_resume,
     shards_identity,
 )
 from sfttrain.config import TrainConfig
@@ -69,7 +69,13 @@ from sfttrain.model import (
 )
 from sfttrain.optim import lr_schedule, param_groups
 from sfttrain.perf import check_platform, device_peak_tflops, model_flops_per_token
-from sfttrain.rundir import base_model_dir, check_run_dir, save_final, save_run_checkpoint
+from sfttrain.rundir import (
+    base_model_dir,
+    check_run_dir,
+    clear_run_dir,
+    save_final,
+    save_run_checkpoint,
+)
 from sfttrain.weights import load_optimizer, load_rng, load_weights
 
 
@@ -98,11 +104,14 @@ def train(
     dist: Dist | None = None,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    on_log: Callable[[dict[str, Any], int], None] | None = None,
 ) -> TrainResult:
     """Fine-tune ``model_spec`` ("tiny" or a local HF folder) on a shard folder; see the module doc.
 
     Rank 0 holds an exclusive lock on ``output_dir`` for the whole run: a second run into the same
     folder fails at once (torchrun then stops its other ranks) instead of interleaving checkpoints.
+    ``on_step(step)`` is called after every optimizer step; ``on_log(row, total_steps)`` on rank 0
+    with every ``metrics.jsonl`` row (training and evaluation), for a command to print.
     """
     dist = dist or Dist()
     lock = (
@@ -111,7 +120,7 @@ def train(
     with lock:
         return _train(
             config, shards=shards, output_dir=output_dir, model_spec=model_spec, resume=resume,
-            dist=dist, progress=progress, on_step=on_step,
+            dist=dist, progress=progress, on_step=on_step, on_log=on_log,
         )  # fmt: skip
 
 
@@ -125,6 +134,7 @@ def _train(
     dist: Dist,
     progress: bool,
     on_step: Callable[[int], None] | None,
+    on_log: Callable[[dict[str, Any], int], None] | None,
 ) -> TrainResult:
     device = dist.device
     run_dir = Path(output_dir)
@@ -133,9 +143,14 @@ def _train(
     # ---- 1. data, model, the checkpoint to resume: all checked before anything is written ------
     data = _setup_data(config, Path(shards))
     base, tokenizer = _setup_model(config, data, model_spec, device)
-    check_run_dir(run_dir, shards=data.folder, resume=resume)
-    resumed = _setup_resume(config, resume, run_dir, data, model_spec, dist)
+    check_run_dir(run_dir, shards=data.folder, resume=resume, overwrite=config.overwrite_output_dir)
+    resumed = find_resume(
+        resume, run_dir, config=config, shards=data.identity, model_spec=model_spec,
+        world_size=dist.world_size,
+    )  # fmt: skip
     if dist.is_main:
+        if config.overwrite_output_dir and resume is None:
+            clear_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(run_dir)
     base_dir = base_model_dir(
@@ -158,6 +173,12 @@ def _train(
         report_to=config.report_to,
         enabled=dist.is_main,
     )
+
+    def log(row: dict[str, Any]) -> None:
+        """A metrics.jsonl row, also to ``on_log`` (rank 0: what the command prints)."""
+        metrics.write(row)
+        if on_log is not None and dist.is_main:
+            on_log(row, t.total_steps)
 
     def save() -> Path | None:
         return save_run_checkpoint(
@@ -226,11 +247,11 @@ def _train(
                     loss=state.last_loss, lr=t.scheduler.get_last_lr()[0], grad_norm=grad_norm,
                     trained_tokens=state.trained_tokens,
                 )  # fmt: skip
-                metrics.write(row)
+                log(row)
                 show_progress(bar, row)
                 window.reset()
-            if data.eval_reader is not None and _eval_due(config, step, total_steps):
-                metrics.write(_eval_row(loss_model, data.eval_reader, config, dist, t, step))
+            if data.eval_reader is not None and _eval_due(config, step, total_steps, sampler):
+                log(_eval_row(loss_model, data.eval_reader, config, dist, t, step))
                 window.restart_clock()
             if bar is not None:
                 bar.update(0, advance=1)
@@ -249,8 +270,8 @@ def _train(
         checkpoint = save()
     final_dir = None
     if not stopped:
-        if data.eval_reader is not None:
-            metrics.write(_eval_row(loss_model, data.eval_reader, config, dist, t, state.step))
+        if data.eval_reader is not None and config.eval_strategy != "no":
+            log(_eval_row(loss_model, data.eval_reader, config, dist, t, state.step))
         final_dir = save_final(run_dir, model, tokenizer, config=config, dist=dist)
     dist.barrier()  # final/ exists before any rank returns
     if dist.is_main:
@@ -309,33 +330,6 @@ def _setup_model(config: TrainConfig, data: _Data, model_spec: str, device: torc
 
 
 @dataclass
-class _Resume:
-    """The checkpoint a run continues from (step 1c), read and verified before anything is written."""
-
-    folder: Path | None = None
-    """The checkpoint folder, or None for a fresh run (also: ``--resume auto`` found none)."""
-    state: dict[str, Any] = field(default_factory=dict)
-    """Its ``trainer_state.json``, checked against this run's config, shards, model and ranks."""
-    notes: list[str] = field(default_factory=list)
-    """Damaged checkpoints ``--resume auto`` passed over, and which one it used instead."""
-
-
-def _setup_resume(
-    config: TrainConfig, resume: str | None, run_dir: Path, data: _Data, model_spec: str, dist: Dist
-) -> _Resume:
-    if resume is None:
-        return _Resume()
-    folder, notes = resolve_resume(resume, run_dir)
-    if folder is None:
-        return _Resume(notes=notes)
-    state = check_resumable(
-        folder, config=config, shards=data.identity, model_spec=model_spec,
-        world_size=dist.world_size,
-    )  # fmt: skip
-    return _Resume(folder, state, notes)
-
-
-@dataclass
 class _Training:
     """What the loop steps (step 2): the wrapped model, optimizer, schedule and sampler."""
 
@@ -357,7 +351,7 @@ def _setup_training(
     data: _Data,
     dist: Dist,
     *,
-    resumed: _Resume,
+    resumed: Resume,
 ) -> _Training:
     device = dist.device
     model = apply_finetuning(base, config)
@@ -399,7 +393,7 @@ def _setup_training(
     )  # fmt: skip
 
 
-def _restore(t: _Training, resumed: _Resume, state: RunState) -> RunState:
+def _restore(t: _Training, resumed: Resume, state: RunState) -> RunState:
     """Step 3: optimizer, scheduler and where the run stood, from the checkpoint; RNG last
     (building the model drew from it)."""
     folder, saved = resumed.folder, resumed.state
@@ -425,9 +419,13 @@ def _eval_row(loss_model, reader, config: TrainConfig, dist: Dist, t: _Training,
     )  # fmt: skip
 
 
-def _eval_due(config: TrainConfig, step: int, total_steps: int) -> bool:
-    """Evaluate every ``eval_steps`` (the last step's evaluation runs after the loop, once)."""
-    return bool(config.eval_steps) and step % config.eval_steps == 0 and step < total_steps
+def _eval_due(config: TrainConfig, step: int, total_steps: int, sampler: StepSampler) -> bool:
+    """Evaluate now? (the last step's evaluation runs after the loop, once)."""
+    if config.eval_strategy == "no" or step >= total_steps:
+        return False
+    if config.eval_strategy == "epoch":
+        return step % sampler.steps_per_epoch == 0
+    return bool(config.eval_steps) and step % config.eval_steps == 0
 
 
 def _save_due(config: TrainConfig, step: int) -> bool:

@@ -96,9 +96,18 @@ TRAINER_MAY_USE = {
 }  # fmt: skip
 
 
+# `sfttrain run -c` with a data section wires convert and pack, through this one module.
+RUN_COMMAND_MAY_ALSO_USE = {"sftdata.recipe"}
+
+
 def test_the_trainer_reads_data_only_as_shards() -> None:
-    used = {b for a, deps in GRAPH.items() if a.startswith("sfttrain") for b in deps}
-    assert {b for b in used if b.startswith("sftdata")} <= TRAINER_MAY_USE
+    def used(cli: bool) -> set[str]:
+        return {b for a, deps in GRAPH.items() if a.startswith("sfttrain") and _is_cli(a) == cli
+                for b in deps if b.startswith("sftdata")}  # fmt: skip
+
+    assert used(cli=False) <= TRAINER_MAY_USE
+    assert used(cli=True) <= TRAINER_MAY_USE | RUN_COMMAND_MAY_ALSO_USE
+    assert GRAPH["sfttrain.commands.run"] >= RUN_COMMAND_MAY_ALSO_USE
 
 
 def _is_cli(name: str) -> bool:

@@ -46,6 +46,7 @@ FORMAT_CHOICES = (
     metavar="NAME[,NAME...]",
     help="Registry entries to convert (with --dataset-info; comma-separated or repeated).",
 )
+@click.option("--json", "as_json", is_flag=True, help="Also print the report as one JSON object.")
 def command(
     inputs: tuple[str, ...],
     output: str,
@@ -58,9 +59,17 @@ def command(
     skip_invalid: bool,
     dataset_info: str | None,
     datasets: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Convert Alpaca, ShareGPT, OpenAI, LLaMA-Factory v1, CSV/TSV and Excel files into one
-    canonical conversations JSONL (several inputs are concatenated)."""
+    canonical conversations JSONL (several inputs are concatenated).
+
+    \b
+    Examples:
+      sftdata convert alpaca_en_demo.json -o data.jsonl
+      sftdata convert qa.csv --map question=instruction,answer=output -o data.jsonl
+      sftdata convert --dataset-info data/dataset_info.json --dataset identity,alpaca_en_demo -o data.jsonl
+    """
     from sftdata.convert import convert
     from sftdata.inputs import readable, unspool_message
     from sftdata.sources import parse_mapping
@@ -96,3 +105,7 @@ def command(
         log(f"... and {skipped - shown} more skipped records")
     for line in report.summary_lines():
         log(line)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(report.to_dict()))

@@ -64,7 +64,13 @@ def command(
     pad_token_id: int | None,
     boundaries: bool | None,
 ) -> None:
-    """Write data for other training stacks: MindSpore (MindRecord), FastChat, LLaMA-Factory, TRL."""
+    """Write data for other training stacks: MindSpore (MindRecord), FastChat, LLaMA-Factory, TRL.
+
+    \b
+    Examples:
+      sftdata export data.jsonl --format sharegpt -o data_sharegpt.json
+      sftdata export shards/ --format mindrecord -o train.mindrecord
+    """
     from sftdata.inputs import readable
 
     if fmt == "mindrecord":

@@ -45,7 +45,13 @@ def command(
     tokenizer: str | None,
     plain: bool,
 ) -> None:
-    """Show what the model learns from a row: trained text [[like this]], masked text plain."""
+    """Show what the model learns from a row: trained text [[like this]], masked text plain.
+
+    \b
+    Examples:
+      sftdata inspect shards/ --row 3
+      sftdata inspect shards/ --record ID --plain   # ID as in data.jsonl
+    """
     from rich.console import Console
     from rich.text import Text
 

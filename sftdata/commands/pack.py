@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,13 @@ from sftdata.templates import DEFAULT_TEMPLATE_DATE
     help="Skip records the template cannot render (listed and counted) instead of stopping.",
 )
 @click.option(
+    "--max-samples",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Pack only the first N records of the inputs (LLaMA-Factory's max_samples).",
+)
+@click.option(
     "--allow-long",
     is_flag=True,
     help="Allow a --seq-len past the tokenizer's model_max_length / the model's "
@@ -100,13 +108,25 @@ from sftdata.templates import DEFAULT_TEMPLATE_DATE
 @click.option(
     "--overwrite", is_flag=True, help="Replace an output folder that holds something else."
 )
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def command(
-    inputs: tuple[Path, ...], output: Path, no_pack: bool, overwrite: bool, **options: Any
+    inputs: tuple[Path, ...],
+    output: Path,
+    no_pack: bool,
+    overwrite: bool,
+    as_json: bool,
+    **options: Any,
 ) -> None:
     """Render, mask, pack and shard canonical JSONL files (from `sftdata convert`).
 
     Writes OUTPUT/index.json (last, atomically) and OUTPUT/<split>-NNNNN.arrow. Running it again
     with the same inputs and options does nothing; changing any of them rebuilds.
+
+    \b
+    Examples:
+      sftdata pack data.jsonl -o shards/ --tokenizer tiny --seq-len 1024
+      sftdata pack data.jsonl -o shards/ --tokenizer /models/qwen2.5 --template qwen2.5 --seq-len 4096 --val-fraction 0.05 --num-proc 4
+      sftdata pack data.jsonl -o shards/ --tokenizer tiny --seq-len 512 --overflow truncate --max-samples 1000
     """
     from sftdata.inputs import readable
     from sftdata.pack import PackOptions, pack
@@ -115,7 +135,12 @@ def command(
     bar, progress = _progress()
     with readable([str(p) for p in inputs]) as paths, bar:  # '-', pipes and FIFOs read once
         report = pack(paths, output, opts, overwrite=overwrite, progress=progress)
-    _echo_report(report, output, opts.seq_len)
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+        for line in report.warnings():
+            click.echo(line, err=True)
+        return
+    _echo_report(report)
 
 
 def _progress() -> tuple[Any, Callable[[str, int, int | None], None]]:
@@ -143,40 +168,8 @@ def _progress() -> tuple[Any, Callable[[str, int, int | None], None]]:
     return bar, progress
 
 
-def _echo_report(report: Any, output: Path, seq_len: int) -> None:
-    if report.noop:
-        click.echo(
-            f"{output}: already up to date (same inputs, tokenizer, template and options); "
-            f"nothing to do ({report.rows:,} rows, {report.records:,} records)"
-        )
-        return
-    split_txt = ", ".join(f"{k} {v:,}" for k, v in report.splits.items())
-    d = report.dropped
-    ratio = report.trained_tokens / report.tokens if report.tokens else 0.0
-    tps = report.tokens / report.seconds if report.seconds else 0.0
-    click.echo(
-        f"packed {report.records:,} records into {report.rows:,} rows of {seq_len} ({split_txt}) in {output}"
-    )
-    click.echo(
-        f"  records in {report.records_in:,}; dropped {d.get('zero_trained', 0):,} with zero trained "
-        f"tokens, {d.get('overflow', 0):,} longer than --seq-len; truncated {report.truncated:,}"
-    )
-    click.echo(
-        f"  tokens {report.tokens:,}; trained {report.trained_tokens:,} ({ratio:.1%}); "
-        f"packing efficiency {report.packing_efficiency:.2%}"
-    )
-    if report.fold_ins:
-        kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(report.fold_ins.items()))
-        click.echo(f"  fold-ins (records): {kinds}")
-    if report.split_turns or report.fallback or report.no_stop:
-        click.echo(
-            f"  turns trained as their own sample {report.split_turns:,}; records whose prompt "
-            f"is not a prefix of their render {report.fallback:,}; turns with no stop token "
-            f"{report.no_stop:,}"
-        )
-    if report.refused:
-        kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(report.refused.items()))
-        click.echo(f"  refused {sum(report.refused.values()):,} records ({kinds}):", err=True)
-        for line in report.refusal_examples:
-            click.echo(f"    {line}", err=True)
-    click.echo(f"  {report.seconds:.1f} s ({tps / 1e6:.2f}M tokens/s)")
+def _echo_report(report: Any) -> None:
+    for line in report.summary_lines():
+        click.echo(line)
+    for line in report.warnings():
+        click.echo(line, err=True)

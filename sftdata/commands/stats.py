@@ -43,6 +43,7 @@ from sftdata.render import TRAIN_ON
     default=None,
     help="For JSONL input: estimate packing efficiency at this length.",
 )
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 def command(
     inputs: tuple[Path, ...],
     plot: Path | None,
@@ -50,8 +51,15 @@ def command(
     template: str,
     train_on: str,
     seq_len: int | None,
+    as_json: bool,
 ) -> None:
-    """Token-length distribution, trained ratio and packing efficiency of a shard folder or JSONL files."""
+    """Token-length distribution, trained ratio and packing efficiency of a shard folder or JSONL files.
+
+    \b
+    Examples:
+      sftdata stats shards/
+      sftdata stats data.jsonl --tokenizer tiny --seq-len 1024 --plot lengths.png
+    """
     from sftdata.errors import ConfigError
     from sftdata.inputs import readable, refuse_overwriting
     from sftdata.stats import (
@@ -69,6 +77,7 @@ def command(
         lens, trained, index = shard_lengths(inputs[0])
         c = index["counts"]
         seq = int(index["seq_len"])
+        packing = {"packing_efficiency": c["packing_efficiency"], "rows": c["rows"]}
         eff_line = (
             f"packing efficiency {c['packing_efficiency']:.2%} ({c['rows']:,} rows of {seq}; "
             f"{'packed' if index['packed'] else 'not packed'})"
@@ -86,8 +95,10 @@ def command(
             )
         seq = seq_len
         eff_line = None
+        packing = {}
         if seq_len:
             eff, rows, left_out = packing_estimate(lens, seq_len)
+            packing = {"packing_efficiency": eff, "rows": rows, "left_out": left_out}
             eff_line = (
                 f"packing efficiency {eff:.2%} at seq_len {seq_len} ({rows:,} rows; "
                 f"{left_out:,} records longer than seq_len left out)"
@@ -108,4 +119,9 @@ def command(
     if plot is not None:
         write_histogram(lens, plot, title=title, seq_len=seq)
         lines.append(f"histogram written to {plot}")
+    if as_json:
+        import json
+
+        click.echo(json.dumps({**s, **packing, "seq_len": seq}))
+        return
     click.echo("\n".join(lines))

@@ -19,7 +19,13 @@ import click
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
 def command(files: tuple[str, ...], fmt: str, as_json: bool) -> None:
-    """Check canonical conversation JSONL files; exit 0 only when every file is clean."""
+    """Check canonical conversation JSONL files; exit 0 only when every file is clean.
+
+    \b
+    Examples:
+      sftdata validate data.jsonl
+      sftdata validate data.jsonl --json > report.json
+    """
     from sftdata.inputs import readable, unspool_message
     from sftdata.validate import github_annotation, validate_file
 

@@ -8,6 +8,7 @@ One stage per module, in data-flow order:
   (worker side), zero-trained and overflow policies applied;
 - ``rows``: the pure packer (best-fit decreasing) and the layout of one row (labels, positions);
 - ``workers``: the worker processes and the shard-writing tasks they run;
+- ``report``: :class:`PackReport`, what a pack did, in numbers and in words;
 - ``pipeline``: :func:`pack` itself — inputs hashed, spill, validation split, rows, shards,
   ``index.json`` last, the work folder moved into place.
 """
@@ -17,7 +18,8 @@ from __future__ import annotations
 from sftdata.pack.encode import encode_chunk, read_chunks, render_stats
 from sftdata.pack.options import OVERFLOW, PackOptions
 from sftdata.pack.output import fingerprint
-from sftdata.pack.pipeline import PackReport, pack
+from sftdata.pack.pipeline import pack
+from sftdata.pack.report import PackReport
 from sftdata.pack.rows import build_row, efficiency, pack_rows
 
 __all__ = [

@@ -31,6 +31,12 @@ class Chunk:
     overflow: int
     truncated: int
     stats: dict[str, Any] = field(default_factory=dict)
+    overflow_tokens: int = 0
+    """Tokens of the samples dropped as longer than seq_len."""
+    truncated_tokens: int = 0
+    """Tokens cut from truncated samples."""
+    full_lengths: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
+    """Length of every sample with a trained token, before any cut (the length percentiles)."""
 
 
 def _renderer_key(opts: PackOptions) -> tuple[Any, ...]:
@@ -129,9 +135,11 @@ def encode_chunk(
         cut_zero = over & (trained(np.minimum(lens, seq_len)) == 0)
         keep = ~zero & ~cut_zero
         n_zero, n_over, n_trunc = int(zero.sum() + cut_zero.sum()), 0, int((over & keep).sum())
+        over_tokens, cut_tokens = 0, int((lens - seq_len)[over & keep].sum())
     else:
         keep = ~zero & ~over
         n_zero, n_over, n_trunc = int(zero.sum()), int(over.sum()), 0
+        over_tokens, cut_tokens = int(lens[over].sum()), 0
     if keep.all() and not over.any():  # the usual chunk: every token is kept
         kept_ids, kept_mask = ids, mask
     else:
@@ -150,6 +158,9 @@ def encode_chunk(
         overflow=n_over,
         truncated=n_trunc,
         stats=stats,
+        overflow_tokens=over_tokens,
+        truncated_tokens=cut_tokens,
+        full_lengths=lens[~zero].astype(np.int32),
     )
 
 
@@ -216,9 +227,13 @@ class RawChunk:
     data: bytes
 
 
-def read_raw_chunks(inputs: Sequence[Path], size: int) -> Iterator[RawChunk]:
-    """Raw line blocks of ``inputs`` in order: the main process only splits lines, so JSON
-    parsing happens in the workers (it is a noticeable share of a single-process pack)."""
+def read_raw_chunks(
+    inputs: Sequence[Path], size: int, *, limit: int | None = None
+) -> Iterator[RawChunk]:
+    """Raw line blocks of ``inputs`` in order, at most ``limit`` records in all (``--max-samples``,
+    blank lines not counted): the main process only splits lines, so JSON parsing happens in the
+    workers (it is a noticeable share of a single-process pack)."""
+    taken = 0
     for path in inputs:
         try:
             f = path.open("rb")
@@ -227,12 +242,18 @@ def read_raw_chunks(inputs: Sequence[Path], size: int) -> Iterator[RawChunk]:
         with f:
             first, lines = 1, []
             for lineno, line in enumerate(f, start=1):
+                if limit is not None and line.strip():
+                    if taken == limit:
+                        break
+                    taken += 1
                 lines.append(line)
                 if len(lines) == size:
                     yield RawChunk(str(path), first, b"".join(lines))
                     first, lines = lineno + 1, []
             if lines:
                 yield RawChunk(str(path), first, b"".join(lines))
+        if limit is not None and taken == limit:
+            return
 
 
 def parse_chunk(chunk: RawChunk) -> list[Conversation]:

@@ -60,6 +60,8 @@ class PackOptions:
     """Skip and count records the template cannot render (else the first one stops the pack)."""
     allow_long: bool = False
     """Allow a seq_len past the tokenizer's ``model_max_length`` / the model's positions."""
+    max_samples: int | None = None
+    """Pack only the first N records of the inputs (LLaMA-Factory's ``max_samples``)."""
 
     def resolved_shard_size(self) -> int:
         """Rows per shard file after applying the automatic default."""
@@ -80,6 +82,8 @@ class PackOptions:
             "template_date": self.template_date,
             "strict": self.strict,
             "skip_invalid": self.skip_invalid,
+            # recorded only when set, so packs without it keep their fingerprints
+            **({} if self.max_samples is None else {"max_samples": self.max_samples}),
         }
 
 
@@ -109,6 +113,8 @@ def check_options(opts: PackOptions, inputs: Sequence[Path]) -> None:
         raise ConfigError(f"--shard-size {opts.shard_size}: must be at least 1")
     if opts.num_proc < 1:
         raise ConfigError(f"--num-proc {opts.num_proc}: must be at least 1")
+    if opts.max_samples is not None and opts.max_samples < 1:
+        raise ConfigError(f"--max-samples {opts.max_samples}: must be at least 1")
 
 
 ROW_BUFFERS = 6

@@ -46,6 +46,7 @@ from sftdata.pack.output import (
     fingerprint,
     hash_inputs,
 )
+from sftdata.pack.report import PackReport
 from sftdata.pack.rows import efficiency, pack_rows
 from sftdata.pack.workers import (
     SPILL_IDS,
@@ -56,58 +57,6 @@ from sftdata.pack.workers import (
     write_shard,
 )
 from sftdata.shards import KIND, ShardReader, write_index
-
-
-@dataclass
-class PackReport:
-    """What a pack did (or found already done)."""
-
-    output: Path
-    noop: bool
-    records_in: int = 0
-    dropped: dict[str, int] = field(default_factory=lambda: {"zero_trained": 0, "overflow": 0})
-    truncated: int = 0
-    records: int = 0
-    rows: int = 0
-    tokens: int = 0
-    trained_tokens: int = 0
-    packing_efficiency: float = 0.0
-    splits: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-    fold_ins: dict[str, int] = field(default_factory=dict)
-    refused: dict[str, int] = field(default_factory=dict)
-    refusal_examples: list[str] = field(default_factory=list)
-    split_turns: int = 0
-    fallback: int = 0
-    no_stop: int = 0
-
-    @classmethod
-    def from_index(
-        cls, output: Path, index: dict[str, Any], *, noop: bool, seconds: float
-    ) -> PackReport:
-        """The report of a pack whose ``index.json`` is ``index`` (a fresh or a no-op run)."""
-        c = index["counts"]
-        return cls(
-            output=output,
-            noop=noop,
-            records_in=c["records_in"],
-            dropped=dict(c["dropped"]),
-            truncated=c["truncated"],
-            records=c["records"],
-            rows=c["rows"],
-            tokens=c["tokens"],
-            trained_tokens=c["trained_tokens"],
-            packing_efficiency=c["packing_efficiency"],
-            splits={k: v["rows"] for k, v in index["splits"].items()},
-            seconds=seconds,
-            fold_ins=dict(c.get("fold_ins", {})),
-            refused=dict(c.get("refused", {})),
-            refusal_examples=list(index.get("refusal_examples", [])),
-            split_turns=c.get("split_turns", 0),
-            fallback=c.get("fallback", 0),
-            no_stop=c.get("no_stop", 0),
-        )
-
 
 # ------------------------------------------------------------------ the pipeline
 
@@ -249,6 +198,9 @@ def _build(
             "split_turns": stats["split_turns"],
             "fallback": stats["fallback"],
             "no_stop": stats["no_stop"],
+            "dropped_tokens": {"overflow": spill.over_tokens},
+            "truncated_tokens": spill.cut_tokens,
+            "lengths": _percentiles(spill.full_lengths),
         },
         "refusal_examples": stats["examples"],
         "splits": splits,
@@ -273,6 +225,17 @@ class _Spilled:
     over: int
     trunc: int
     stats: dict[str, Any]
+    over_tokens: int = 0
+    cut_tokens: int = 0
+    full_lengths: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
+
+
+def _percentiles(lengths: np.ndarray) -> dict[str, int]:
+    """Sample lengths before any cut: what ``--seq-len`` would keep how many records whole."""
+    if not len(lengths):
+        return {}
+    p50, p90, p99 = np.percentile(lengths, [50, 90, 99], method="higher").tolist()
+    return {"p50": int(p50), "p90": int(p90), "p99": int(p99), "max": int(lengths.max())}
 
 
 def _spill(
@@ -288,7 +251,8 @@ def _spill(
     lengths_parts: list[np.ndarray] = []
     owner_parts: list[np.ndarray] = []
     record_ids: list[str] = []
-    n_in = zero = over = trunc = 0
+    n_in = zero = over = trunc = over_tokens = cut_tokens = 0
+    full_parts: list[np.ndarray] = []
     stats: dict[str, Any] = render_stats([])
     with (work / SPILL_IDS).open("wb") as fi, (work / SPILL_MASK).open("wb") as fm:
         for chunk in encoded_chunks(inputs, opts, workers):
@@ -301,6 +265,9 @@ def _spill(
             zero += chunk.zero_trained
             over += chunk.overflow
             trunc += chunk.truncated
+            over_tokens += chunk.overflow_tokens
+            cut_tokens += chunk.truncated_tokens
+            full_parts.append(chunk.full_lengths)
             merge_stats(stats, chunk.stats)
             if progress:
                 progress("encode", n_in, max(approx_records, n_in))
@@ -315,7 +282,11 @@ def _spill(
     starts = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
     owners = np.concatenate(owner_parts)
-    return _Spilled(lengths, starts, owners, record_ids, n_in, zero, over, trunc, stats)
+    full = np.concatenate(full_parts) if full_parts else np.empty(0, np.int32)
+    return _Spilled(
+        lengths, starts, owners, record_ids, n_in, zero, over, trunc, stats, over_tokens,
+        cut_tokens, full,
+    )  # fmt: skip
 
 
 def _plan_rows(spill: _Spilled, opts: PackOptions) -> dict[str, list[list[int]]]:

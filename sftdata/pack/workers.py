@@ -118,7 +118,7 @@ def write_shard(task: ShardTask) -> tuple[dict[str, Any], int, int]:
 
 def encoded_chunks(inputs: Sequence[Path], opts: PackOptions, workers: Workers) -> Iterator[Chunk]:
     """Encoded chunks in input order."""
-    chunks = read_raw_chunks(inputs, opts.chunk_size)
+    chunks = read_raw_chunks(inputs, opts.chunk_size, limit=opts.max_samples)
     return workers.ordered(encode_raw, ((raw, opts) for raw in chunks))
 
 

@@ -246,6 +246,18 @@ class FastChatTemplate:
         return self._bos + conv.get_prompt()
 
 
+def template_problem(spec: str) -> str | None:
+    """Why ``spec`` names no template, checked without a tokenizer (``auto`` is then the
+    tokenizer's business), or None; the words :func:`load_template` would raise."""
+    if spec == "auto" or spec in BUILTIN_TEMPLATES or spec in LLAMAFACTORY_NAMES:
+        return None
+    if spec.startswith("fastchat:"):
+        return None
+    if spec.endswith(".jinja") or Path(spec).is_file():
+        return None if Path(spec).is_file() else f"{spec}: template file does not exist"
+    return f"template {spec!r} is not known; choose one of {OPTIONS}"
+
+
 def load_template(
     spec: str, tokenizer: Any, *, specials: dict[str, str], date: str = DEFAULT_TEMPLATE_DATE
 ) -> tuple[str, str, JinjaTemplate | FastChatTemplate]:

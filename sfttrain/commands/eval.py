@@ -39,7 +39,13 @@ def command(
     attn_implementation: str,
     as_json: bool,
 ) -> None:
-    """Mean loss per trained token (and perplexity) of MODEL on SHARDS; packed or not, the same records give the same loss."""
+    """Mean loss per trained token (and perplexity) of MODEL on SHARDS; packed or not, the same records give the same loss.
+
+    \b
+    Examples:
+      sfttrain eval shards/ --model runs/r1/final
+      sfttrain eval shards/ --model runs/r1/checkpoints/step-0000500 --split validation --json
+    """
     import json
 
     from sfttrain.commands import quiet_libraries

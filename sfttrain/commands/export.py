@@ -20,7 +20,12 @@ import click
     "--overwrite", is_flag=True, help="Replace an OUTPUT folder that already holds files."
 )
 def command(checkpoint: str, output: str, merge: bool, dtype: str, overwrite: bool) -> None:
-    """Write CHECKPOINT (checkpoints/step-N or final/) as a folder AutoModelForCausalLM.from_pretrained loads."""
+    """Write CHECKPOINT (checkpoints/step-N or final/) as a folder AutoModelForCausalLM.from_pretrained loads.
+
+    \b
+    Examples:
+      sfttrain export runs/r1/final -o merged/ --merge --dtype bf16
+    """
     from sfttrain.commands import quiet_libraries
 
     quiet_libraries()

@@ -48,7 +48,12 @@ def command(
     top_p: float,
     seed: int,
 ) -> None:
-    """Print MODEL's reply to each PROMPT, rendered with the same chat template as training."""
+    """Print MODEL's reply to each PROMPT, rendered with the same chat template as training.
+
+    \b
+    Examples:
+      sfttrain generate --model runs/r1/final --prompt "What is the capital of France?"
+    """
     from sfttrain.commands import quiet_libraries
 
     quiet_libraries()

@@ -1,12 +1,22 @@
-"""`sfttrain run`: fine-tune a model on a shard folder."""
+"""`sfttrain run`: fine-tune a model on a shard folder, or on the data section of its config
+(converted and packed first, cached)."""
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
 import click
+
+PREPARED_SHARDS = "SFTPIPE_PREPARED_SHARDS"
+"""Environment variable through which ``--nproc`` hands its ranks the shards it packed from the
+config's data section (so they train on them instead of packing again)."""
 
 
 @click.command("run")
-@click.argument("shards", type=click.Path(file_okay=False, path_type=str))
+@click.argument("shards", required=False, type=click.Path(file_okay=False, path_type=str))
 @click.option(
     "-o",
     "--output",
@@ -50,6 +60,7 @@ import click
     help="Train on N processes of this node: runs `torchrun --standalone --nproc_per_node N "
     "-m sfttrain run ...` with the other arguments (multi-node: call torchrun yourself).",
 )
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option(
     "--help-config",
     is_flag=True,
@@ -59,7 +70,7 @@ import click
     help="List every config key with its default and meaning, then exit.",
 )
 def command(
-    shards: str,
+    shards: str | None,
     output_dir: str | None,
     config_path: str | None,
     overrides: tuple[str, ...],
@@ -67,36 +78,50 @@ def command(
     resume: str | None,
     no_progress: bool,
     nproc: int | None,
+    as_json: bool,
 ) -> None:
-    """Fine-tune MODEL on the packed shards in SHARDS (LoRA or full; resumable; SIGTERM-safe).
+    """Fine-tune MODEL on the packed shards in SHARDS, or on the config's data section
+    (LoRA or full; resumable; SIGTERM-safe).
 
-    Writes OUTPUT/metrics.jsonl, loss.png, checkpoints/step-N/ and final/. A SIGTERM or Ctrl-C
-    finishes the current step, saves a checkpoint and exits 0; `--resume auto` continues exactly.
+    Writes OUTPUT/metrics.jsonl, loss.png, checkpoints/step-N/ and final/ (its files also linked
+    from OUTPUT). A SIGTERM or Ctrl-C finishes the current step, saves a checkpoint and exits 0;
+    `--resume auto` continues exactly. Without SHARDS the config's `data:` section (or a
+    LLaMA-Factory YAML's dataset/template/cutoff_len...) is converted and packed first, into a
+    cache a second run reuses.
+
+    \b
+    Examples:
+      sfttrain run shards/ --model tiny -o out/
+      sfttrain run -c qwen_lora_sft.yaml --set model_name_or_path=/models/qwen2.5-0.5b
+      sfttrain run shards/ -c train.yaml --nproc 2 --resume auto
     """
-    import dataclasses
-
-    from sftdata.errors import ConfigError
-    from sfttrain.config import load_config
-
-    config = load_config(config_path, list(overrides))
-    model_spec = model_spec or config.model_name_or_path
-    output_dir = output_dir or config.output_dir
-    if not model_spec:
-        raise ConfigError(
-            "--model: give 'tiny' or a local model folder (or model_name_or_path in the config)"
-        )
-    if not output_dir:
-        raise ConfigError("-o/--output: give a run folder (or output_dir in the config)")
-    config = dataclasses.replace(config, model_name_or_path=model_spec, output_dir=output_dir)
+    config, data = _config(config_path, overrides, model_spec=model_spec, output_dir=output_dir)
+    model_spec, output_dir = config.model_name_or_path, config.output_dir
+    prepared_here = os.environ.get(PREPARED_SHARDS)  # set by `--nproc` for its ranks
+    if prepared_here and shards is None:
+        shards, data = prepared_here, None
+    section = _data_section(data, shards, config_path)
 
     from sfttrain.distributed import dist_from_env, under_torchrun
 
-    if nproc is not None and nproc > 1 and not under_torchrun():
-        raise SystemExit(_run_torchrun(nproc, config))
+    launching = nproc is not None and nproc > 1 and not under_torchrun()
+    if section is not None and (launching or not under_torchrun()):
+        shards = str(_prepare(section, model_spec))  # once, before any rank starts
+    if launching:
+        raise SystemExit(_run_torchrun(nproc, config, shards=shards if section else None))
     from sfttrain.commands import quiet_libraries
 
     quiet_libraries()
     dist = dist_from_env(config)
+    if section is not None and under_torchrun():  # torchrun started by the user: rank 0 packs
+        if dist.is_main:
+            shards = str(_prepare(section, model_spec))
+        dist.barrier()
+        from sftdata.recipe import work_dir
+
+        shards = str(work_dir(section, model_spec) / "shards")
+    assert shards is not None
+    lines = _LogLines() if not no_progress and not sys.stderr.isatty() else None
 
     from sftdata.errors import CheckpointError
     from sfttrain.train import train
@@ -108,8 +133,9 @@ def command(
             output_dir=output_dir,
             model_spec=model_spec,
             resume=resume,
-            progress=not no_progress,
+            progress=not no_progress and lines is None,
             dist=dist,
+            on_log=lines or _eval_lines,
         )
     except OSError as e:
         # Checkpoints handle their own failures (the previous one stays valid); this is any other
@@ -118,22 +144,157 @@ def command(
         raise CheckpointError(f"{where}: cannot write ({e.strerror or e})") from None
     finally:
         dist.close()
-    if not dist.is_main:
-        return  # rank 0 reports for the group
+    if dist.is_main:  # rank 0 reports for the group
+        _echo_result(result, as_json=as_json)
+
+
+def _config(
+    config_path: str | None, overrides: tuple[str, ...], *, model_spec: str | None,
+    output_dir: str | None,
+) -> tuple[Any, Any]:  # fmt: skip
+    """The run's config with --model/-o applied (both required somewhere), and its data section."""
+    import dataclasses
+
+    from sftdata.errors import ConfigError
+    from sfttrain.config import load_run_config
+
+    config, data = load_run_config(config_path, list(overrides))
+    model_spec_given = model_spec is not None
+    model_spec = model_spec or config.model_name_or_path
+    output_dir = output_dir or config.output_dir
+    if not model_spec:
+        raise ConfigError(
+            "--model: give 'tiny' or a local model folder (or model_name_or_path in the config)"
+        )
+    if not output_dir:
+        raise ConfigError("-o/--output: give a run folder (or output_dir in the config)")
+    if model_spec != "tiny" and not Path(model_spec).expanduser().exists():
+        key = "--model" if model_spec_given else "model_name_or_path"
+        raise ConfigError(
+            f"{key}: {model_spec} does not exist; it must be a local model folder (sftpipe never "
+            "downloads: point it at a downloaded copy, or give 'tiny')"
+        )
+    return dataclasses.replace(config, model_name_or_path=model_spec, output_dir=output_dir), data
+
+
+def _echo_result(result: Any, *, as_json: bool) -> None:
     for note in result.resume_notes:
         click.echo(note, err=True)
+    if as_json:
+        import json
+
+        keys = ("step", "total_steps", "stopped", "last_loss", "trained_tokens")
+        d = {k: getattr(result, k) for k in keys}
+        d |= {"checkpoint": str(result.checkpoint) if result.checkpoint else None,
+              "final": str(result.final_dir) if result.final_dir else None}  # fmt: skip
+        click.echo(json.dumps(d))
+        return
     loss = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
     if result.stopped:
         click.echo(
-            f"stopped at step {result.step}/{result.total_steps}; checkpoint {result.checkpoint} (resume with --resume auto)"
+            f"stopped at step {result.step}/{result.total_steps}; checkpoint {result.checkpoint} "
+            "(resume with --resume auto)"
         )
     else:
         click.echo(
-            f"trained {result.step} steps, {result.trained_tokens:,} trained tokens, last loss {loss}; final weights in {result.final_dir}"
+            f"trained {result.step} steps, {result.trained_tokens:,} trained tokens, last loss "
+            f"{loss}; final weights in {result.final_dir}"
         )
 
 
-def _run_torchrun(nproc: int, config) -> int:
+def _data_section(data: Any, shards: str | None, config_path: str | None) -> Any:
+    """The config's data section, parsed (errors name the file and key), when it is used."""
+    from sftdata.errors import ConfigError
+
+    if data is None:
+        if shards is None:
+            raise click.UsageError("give SHARDS, or a config (-c) with a data: section")
+        return None
+    if shards is not None:  # the two-step path: shards packed beforehand win
+        click.echo(
+            f"note: {config_path}: its data section (or LLaMA-Factory data keys) is not used: "
+            f"training on {shards}",
+            err=True,
+        )
+        return None
+    from sftdata.recipe import parse_data_section
+
+    try:
+        return parse_data_section(data)
+    except ConfigError as e:
+        raise ConfigError(f"{config_path}: {e}") from None
+
+
+def _prepare(section: Any, model_spec: str) -> Any:
+    """Convert and pack the data section (a no-op when the cache is current); say what it did
+    (on stderr: stdout is the run's result)."""
+    from sftdata.recipe import prepare
+
+    prepared = prepare(section, model_spec=model_spec, log=lambda m: click.echo(m, err=True))
+    for inp, conv, taken in zip(section.inputs, prepared.converted, prepared.mixed, strict=True):
+        click.echo(
+            f"data: {inp.path or inp.dataset}: {_n(conv.records_out, 'record')}, "
+            f"{taken:,} into the mix",
+            err=True,
+        )
+    if prepared.repacked:
+        click.echo(
+            f"data: the data or options changed since {prepared.shards} was packed: repacked"
+        )
+    report = prepared.pack
+    for line in report.summary_lines():
+        click.echo(f"data: {line.strip()}", err=True)
+    for line in report.warnings():
+        click.echo(line, err=True)
+    return prepared.shards
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+class _LogLines:
+    """Without a terminal (a log file, a cluster job, CI): one plain, complete line per logging
+    step and per evaluation on stderr, flushed, instead of a progress bar."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self._start: tuple[float, int] | None = None
+
+    def __call__(self, row: dict[str, Any], total_steps: int) -> None:
+        step = row["step"]
+        if "eval_loss" in row:
+            _eval_lines(row, total_steps)
+            return
+        now = self._clock()
+        if self._start is None:
+            self._start = (now, step)
+        t0, s0 = self._start
+        eta = "-"
+        if step > s0:
+            left = (now - t0) / (step - s0) * (total_steps - step)
+            eta = f"{int(left) // 3600}:{int(left) % 3600 // 60:02d}:{int(left) % 60:02d}"
+        mfu = f", MFU {100 * row['mfu']:.1f}%" if row.get("mfu") is not None else ""
+        click.echo(
+            f"step {step}/{total_steps}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, "
+            f"{row['tokens_per_s']:,.0f} trained tokens/s{mfu}, ETA {eta}",
+            err=True,
+        )
+
+
+def _eval_lines(row: dict[str, Any], total_steps: int) -> None:
+    """Evaluation results reach the console (in a terminal, above the progress bar)."""
+    if "eval_loss" in row:
+        click.echo(
+            f"eval at step {row['step']}/{total_steps}: loss {row['eval_loss']:.4f}, "
+            f"perplexity {row['eval_perplexity']:.2f} over {row['eval_tokens']:,} trained tokens",
+            err=True,
+        )
+
+
+def _run_torchrun(nproc: int, config, *, shards: str | None = None) -> int:
     """Run torchrun (``sfttrain run`` with the same arguments on ``nproc`` ranks); its exit code.
 
     What can be refused before any process starts is refused here, in one line (a bad config
@@ -146,16 +307,16 @@ def _run_torchrun(nproc: int, config) -> int:
     """
     import signal
     import subprocess
-    import sys
 
     from sfttrain.distributed import default_device, strip_nproc, torchrun_argv
     from sfttrain.perf import check_platform
 
     check_platform(config, default_device())
     argv = torchrun_argv(nproc, strip_nproc(_run_args(sys.argv)))
+    env = {**os.environ, PREPARED_SHARDS: shards} if shards else None  # packed here, once
     sys.stdout.flush()
     sys.stderr.flush()
-    proc = subprocess.Popen(argv, start_new_session=True)
+    proc = subprocess.Popen(argv, start_new_session=True, env=env)
 
     def forward(signum: int, _frame) -> None:
         _signal_workers(proc.pid, signum)

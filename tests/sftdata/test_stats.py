@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sftdata.stats import packing_estimate
-from tests.sftdata_helpers import pack_fixture, run_cli
+from tests.sftdata_helpers import fixture_records, pack_fixture, run_cli, write_jsonl
 
 
 @pytest.fixture
@@ -53,3 +53,14 @@ def test_packing_estimate_leaves_out_what_does_not_fit() -> None:
     eff, rows, left_out = packing_estimate(np.array([3, 3, 5, 9]), 6)
     assert (rows, left_out) == (2, 1)
     assert eff == pytest.approx(11 / 12)
+
+
+def test_stats_json_on_jsonl(tmp_path: Path) -> None:
+    import json
+
+    data = write_jsonl(tmp_path / "d.jsonl", fixture_records())
+    r = run_cli("stats", data, "--tokenizer", "tiny", "--seq-len", 256, "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["records"] == 32 and d["seq_len"] == 256 and d["left_out"] >= 1
+    assert 0 < d["packing_efficiency"] <= 1 and d["min"] <= d["median"] <= d["max"]

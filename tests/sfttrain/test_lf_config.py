@@ -51,22 +51,49 @@ def test_llamafactory_yaml_loads_with_one_warning(caplog) -> None:
     warnings = [r.getMessage() for r in caplog.records if r.name == "sftpipe"]
     assert len(warnings) == 1
     (w,) = warnings
-    for key in (
-        "dataset",
-        "template",
-        "cutoff_len",
-        "max_samples",
-        "trust_remote_code",
-        "ddp_timeout",
-    ):
+    for key in ("trust_remote_code", "ddp_timeout", "save_only_model"):
         assert key in w
+    # the data keys mean what they mean in LLaMA-Factory (a data section): not warned about
+    for key in ("dataset", "template", "cutoff_len", "max_samples", "overwrite_output_dir"):
+        assert key not in w.split("(ignored): ")[1].split(", ")
     assert "resume_from_checkpoint" not in w  # null: nothing to warn about
     assert "plot_loss" not in w  # sfttrain always writes loss.png
-    assert (
-        "sftdata convert --dataset-info data/dataset_info.json --dataset identity,alpaca_en_demo"
-        in w
-    )
-    assert "--seq-len 2048" in w
+
+
+def test_llamafactory_data_keys_become_a_data_section() -> None:
+    from sfttrain.config import load_run_config
+
+    cfg, data = load_run_config(LF_YAML, ["model_name_or_path=tiny"])
+    assert cfg.overwrite_output_dir is True
+    assert data == {
+        "inputs": [
+            {"dataset": "identity", "max_samples": 1000},
+            {"dataset": "alpaca_en_demo", "max_samples": 1000},
+        ],
+        "dataset_info": "data",
+        "seq_len": 2048,
+        "overflow": "truncate",  # cutoff_len truncates as in LLaMA-Factory, never drops
+        "template": "qwen",
+        "num_proc": 16,
+    }
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "value"),
+    [
+        ({"val_size": 0.1}, "val_fraction", 0.1),
+        ({"val_size": 50}, "val_count", 50),
+        ({"train_on_prompt": True}, "train_on", "everything"),
+        ({"mask_history": True}, "train_on", "last-assistant"),
+        ({"seed": 7}, "seed", 7),
+    ],
+)
+def test_llamafactory_data_options_map_onto_ours(extra: dict, key: str, value: object) -> None:
+    from sfttrain.lf_config import data_section
+
+    d = data_section({"dataset": "a, b", **extra})
+    assert d is not None and d[key] == value
+    assert [i["dataset"] for i in d["inputs"]] == ["a", "b"]
 
 
 def test_lora_alpha_default_follows_llamafactory() -> None:
@@ -75,7 +102,7 @@ def test_lora_alpha_default_follows_llamafactory() -> None:
     out, unsupported = translate_llamafactory_config(
         {"stage": "sft", "lora_rank": 4, "dataset": "x"}, OURS
     )
-    assert out == {"lora_rank": 4} and unsupported == ["dataset"]
+    assert out == {"lora_rank": 4} and unsupported == []  # dataset: a data-section key
     assert build_config(out).effective_lora_alpha == 8.0  # LLaMA-Factory: 2 x lora_rank
 
 
