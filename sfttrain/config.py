@@ -1,4 +1,5 @@
-"""Training configuration: one typed dataclass, a YAML file, ``--set key=value`` overrides.
+"""Training configuration: one typed dataclass, its validation (``build_config``) and the
+trajectory hash a resume checks; reading it from a file is ``config_file``.
 
 Key names follow Hugging Face ``TrainingArguments`` / LLaMA-Factory where one exists, so a user's
 existing YAML mostly just works. Every error names the key (and the file) that is wrong.
@@ -14,12 +15,9 @@ import re
 import types
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from sftdata.errors import ConfigError
-from sftdata.yamlfile import load_yaml
-from sfttrain.lf_config import is_llamafactory_config, translate_for_load
 
 
 @dataclass
@@ -301,21 +299,6 @@ def lora_target_modules(target: str) -> str | list[str]:
     return [t.strip() for t in target.split(",") if t.strip()]
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["key=value", ...]`` -> dict with YAML-typed values (``--set bf16=true``, ``--set lora_rank=16``)."""
-    out: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        try:
-            out[key] = load_yaml(raw, where=f"--set {key}") if raw.strip() else ""
-        except ConfigError:
-            out[key] = raw  # not YAML: the text itself (``--set template=x:{y``)
-    return out
-
-
 def build_config(values: dict[str, Any], *, where: str = "") -> TrainConfig:
     """Validate a plain dict into a TrainConfig. ``where`` prefixes errors (e.g. ``"cfg.yaml: "``)."""
     kwargs: dict[str, Any] = {}
@@ -338,50 +321,6 @@ def _closest(key: str) -> str | None:
     return m[0] if m else None
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config (optional), apply ``key=value`` overrides, validate. Errors name the key."""
-    return load_run_config(path, overrides)[0]
-
-
-def load_run_config(
-    path: str | Path | None, overrides: list[str] | None = None
-) -> tuple[TrainConfig, dict[str, Any] | None]:
-    """:func:`load_config` and the config's ``data:`` section (a LLaMA-Factory YAML's data keys
-    become one), unparsed: ``sftdata.recipe.parse_data_section`` reads it."""
-    values: dict[str, Any] = {}
-    where = ""
-    if path is not None:
-        p = Path(path)
-        where = f"{p}: "
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"{p}: cannot read config ({e.strerror or e})") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
-        loaded = load_yaml(text, where=str(p))
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of key: value at the top level")
-        if is_llamafactory_config(loaded):  # a LLaMA-Factory SFT YAML (stage:, dataset:, ...)
-            ours = frozenset(f.name for f in dataclasses.fields(TrainConfig))
-            loaded = translate_for_load(loaded, ours, where=where)
-        values.update(loaded)
-    data = values.pop("data", None)
-    over = parse_overrides(list(overrides or []))
-    values.update(over)
-    # Name --set in errors about a key that came from the command line.
-    try:
-        return build_config(values, where=where), data
-    except ConfigError as e:
-        msg = str(e)
-        for key in over:
-            if msg.startswith(f"{where}{key}:"):
-                raise ConfigError(f"--set {msg[len(where) :]}") from None
-        raise
-
-
 def config_from_dict(d: dict[str, Any], *, where: str = "") -> TrainConfig:
     """Rebuild a saved resolved config (from a checkpoint) with the same validation."""
     return build_config(d, where=where)
@@ -395,9 +334,6 @@ __all__ = [
     "config_from_dict",
     "field_docs",
     "global_batch_rows",
-    "load_config",
-    "load_run_config",
     "lora_target_modules",
-    "parse_overrides",
     "trajectory_hash",
 ]

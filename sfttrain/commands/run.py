@@ -156,7 +156,7 @@ def _config(
     import dataclasses
 
     from sftdata.errors import ConfigError
-    from sfttrain.config import load_run_config
+    from sfttrain.config_file import load_run_config
 
     config, data = load_run_config(config_path, list(overrides))
     model_spec_given = model_spec is not None

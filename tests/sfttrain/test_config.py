@@ -12,10 +12,10 @@ from sfttrain.config import (
     TrainConfig,
     build_config,
     field_docs,
-    load_config,
     lora_target_modules,
     trajectory_hash,
 )
+from sfttrain.config_file import load_config
 
 
 def test_yaml_and_overrides_are_typed(tmp_path) -> None:

@@ -28,7 +28,7 @@ def _convert(*args: str):
 
 
 def test_llamafactory_yaml_loads_with_one_warning(caplog) -> None:
-    from sfttrain.config import load_config
+    from sfttrain.config_file import load_config
 
     with caplog.at_level(logging.WARNING, logger="sftpipe"):
         cfg = load_config(LF_YAML, ["model_name_or_path=tiny"])
@@ -61,7 +61,7 @@ def test_llamafactory_yaml_loads_with_one_warning(caplog) -> None:
 
 
 def test_llamafactory_data_keys_become_a_data_section() -> None:
-    from sfttrain.config import load_run_config
+    from sfttrain.config_file import load_run_config
 
     cfg, data = load_run_config(LF_YAML, ["model_name_or_path=tiny"])
     assert cfg.overwrite_output_dir is True
@@ -117,7 +117,7 @@ def test_lora_alpha_default_follows_llamafactory() -> None:
 def test_llamafactory_yaml_refusals_name_the_key(tmp_path: Path, extra: dict, message: str) -> None:
     import yaml
 
-    from sfttrain.config import load_config
+    from sfttrain.config_file import load_config
 
     d = yaml.safe_load(LF_YAML.read_text(encoding="utf-8"))
     d.update(extra)
