@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin
 
 from sftdata.errors import ConfigError
+from sfttrain.trackers import REPORT_TO
 
 
 @dataclass
@@ -94,8 +95,8 @@ class TrainConfig:
     """Start afresh in a run folder that holds an earlier run (its checkpoints, final/ and metrics are removed first; other files still refuse)."""
     save_merged: bool = False
     """LoRA: also write ``final_merged/``, base + adapter merged into plain weights (fp32) that transformers loads as is."""
-    report_to: Literal["auto", "tensorboard", "none"] = "auto"
-    """``auto`` writes TensorBoard events when tensorboard is installed."""
+    report_to: str | list[str] = "auto"
+    """``auto`` (TensorBoard when installed), ``none``, ``all`` (every installed tracker), or ``tensorboard``, ``wandb``, ``mlflow``: one, comma-separated or a list; wandb/MLflow read their usual environment (WANDB_MODE, WANDB_PROJECT, MLFLOW_TRACKING_URI)."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: ``ddp`` (a full replica per rank) or ``fsdp`` (FSDP2 fully_shard per decoder layer, for models that do not fit)."""
     fsdp_cpu_offload: bool = False
@@ -222,6 +223,11 @@ def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
         if not math.isfinite(out):
             raise ConfigError(f"{where}{key}: expected a finite number, got {value!r}")
         return out
+    if origin is list:
+        (item,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}{key}: expected a list, got {value!r}")
+        return [_coerce(key, v, item, where) for v in value]
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}{key}: expected a string, got {value!r}")
@@ -234,6 +240,11 @@ def _check_values(c: TrainConfig, where: str) -> None:
 
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"{where}{key}: {getattr(c, key)!r} {why}")
+
+    names = c.report_to if isinstance(c.report_to, list) else c.report_to.split(",")
+    for n in (x.strip() for x in names):
+        if n and n not in REPORT_TO:
+            raise ConfigError(f"{where}report_to: {n!r} is not one of {', '.join(REPORT_TO)}")
 
     positive = (
         "learning_rate",

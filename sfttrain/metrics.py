@@ -13,21 +13,24 @@ from typing import Any
 import torch
 
 from sftdata.atomic import atomic_file
-from sftdata.errors import ConfigError
 from sfttrain.perf import mfu
+from sfttrain.trackers import Trackers, resolve_report_to
 
 METRICS_VERSION = 1
 
 
 class Metrics:
-    """``metrics.jsonl`` (one JSON line per log/eval, flushed at once) and optional TensorBoard."""
+    """``metrics.jsonl`` (one JSON line per log/eval, flushed at once) and the ``report_to``
+    trackers (``sfttrain.trackers``: TensorBoard, wandb, MLflow with HF's tag names)."""
 
     def __init__(
-        self, run_dir: Path, *, resume_step: int | None, report_to: str, enabled: bool
-    ) -> None:
+        self, run_dir: Path, *, resume_step: int | None, report_to: str | list[str],
+        enabled: bool, config: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
-        self.tb = None
+        self.trackers: Trackers | None = None
+        names = resolve_report_to(report_to)  # every rank refuses a missing package alike
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
@@ -38,34 +41,24 @@ class Metrics:
         elif resume_step is None:
             self.path.unlink(missing_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        if report_to != "none":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                if report_to == "tensorboard":
-                    raise ConfigError(
-                        "report_to: tensorboard is not installed (pip install tensorboard)"
-                    ) from None
+        if names:
+            self.trackers = Trackers(
+                names, run_dir, config=config or {}, resume=resume_step is not None
+            )
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self._f.write(json.dumps({"format_version": METRICS_VERSION, **row}) + "\n")
         self._f.flush()
-        if self.tb is not None:
-            for k, v in row.items():
-                if k not in ("step", "epoch") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(
-                        f"{'eval' if k.startswith('eval') else 'train'}/{k}", v, row["step"]
-                    )
+        if self.trackers is not None:
+            self.trackers.log(row)
 
     def close(self) -> None:
         if self.enabled:
             self._f.close()
-            if self.tb is not None:
-                self.tb.close()
+            if self.trackers is not None:
+                self.trackers.close()
 
     def rows(self) -> list[dict[str, Any]]:
         return read_metrics(self.path)

@@ -33,6 +33,8 @@ RUN_ENTRIES = frozenset(
         "metrics.jsonl",
         "loss.png",
         "tensorboard",
+        "wandb",
+        "mlruns",
     }
 )
 """What a run writes into its folder; anything else there is someone else's."""

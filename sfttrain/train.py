@@ -76,6 +76,7 @@ from sfttrain.rundir import (
     save_final,
     save_run_checkpoint,
 )
+from sfttrain.trackers import resolve_report_to
 from sfttrain.weights import load_optimizer, load_rng, load_weights
 
 
@@ -139,6 +140,7 @@ def _train(
     device = dist.device
     run_dir = Path(output_dir)
     check_platform(config, device)  # QLoRA/Liger/flash attention/bf16 this machine cannot run
+    resolve_report_to(config.report_to)  # a tracker whose package is missing: before any write
 
     # ---- 1. data, model, the checkpoint to resume: all checked before anything is written ------
     data = _setup_data(config, Path(shards))
@@ -172,6 +174,7 @@ def _train(
         resume_step=state.step if resumed.folder else None,
         report_to=config.report_to,
         enabled=dist.is_main,
+        config=config.to_dict(),
     )
 
     def log(row: dict[str, Any]) -> None:
