@@ -83,6 +83,10 @@ class TrainConfig:
     """Evaluate on the validation split every this many steps; None evaluates only at the end."""
     eval_strategy: Literal["steps", "epoch", "no"] = "steps"
     """``steps``: every eval_steps and at the end; ``epoch``: at the end of every epoch; ``no``: never (as HF's TrainingArguments)."""
+    eval_generate: bool = False
+    """At each evaluation also generate every validation record's last reply and score it (BLEU-4, ROUGE-1/2/L; predictions in predictions/step-N/); one process only."""
+    max_new_tokens: int = 128
+    """Longest reply eval_generate generates."""
     eval_split: str = "validation"
     """Shard split used for evaluation when the shard folder has it."""
     dataloader_drop_last: bool = False
@@ -129,6 +133,8 @@ NON_TRAJECTORY_KEYS = frozenset(
         "save_total_limit",
         "eval_steps",
         "eval_strategy",
+        "eval_generate",
+        "max_new_tokens",
         "overwrite_output_dir",
         "per_device_eval_batch_size",
         "eval_split",

@@ -59,4 +59,13 @@ def eval_row(
     }
 
 
-__all__ = ["eval_row", "evaluate", "perplexity"]
+def eval_due(config: Any, step: int, total_steps: int, steps_per_epoch: int) -> bool:
+    """Evaluate now? (the last step's evaluation runs after the loop, once)."""
+    if config.eval_strategy == "no" or step >= total_steps:
+        return False
+    if config.eval_strategy == "epoch":
+        return step % steps_per_epoch == 0
+    return bool(config.eval_steps) and step % config.eval_steps == 0
+
+
+__all__ = ["eval_due", "eval_row", "evaluate", "perplexity"]

@@ -35,6 +35,7 @@ RUN_ENTRIES = frozenset(
         "tensorboard",
         "wandb",
         "mlruns",
+        "predictions",
     }
 )
 """What a run writes into its folder; anything else there is someone else's."""

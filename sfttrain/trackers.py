@@ -69,7 +69,7 @@ def resolve_report_to(report_to: str | list[str]) -> list[str]:
 def hf_metrics(row: dict[str, Any]) -> dict[str, float]:
     """A metrics.jsonl row as HF-named scalars (``step`` and missing values left out)."""
     return {
-        HF_TAGS.get(k, f"train/{k}"): float(v)
+        HF_TAGS.get(k) or (f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"): float(v)
         for k, v in row.items()
         if k not in ("step", "format_version") and isinstance(v, (int, float))
         and not isinstance(v, bool)

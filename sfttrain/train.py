@@ -51,7 +51,7 @@ from sfttrain.data import (
     trained_tokens,
 )
 from sfttrain.distributed import Dist, StopRequest
-from sfttrain.evaluate import eval_row
+from sfttrain.evaluate import eval_due, eval_row
 from sfttrain.loss import LossModel, isolation_for, liger_loss
 from sfttrain.metrics import (
     LogWindow,
@@ -69,6 +69,7 @@ from sfttrain.model import (
 )
 from sfttrain.optim import lr_schedule, param_groups
 from sfttrain.perf import check_platform, device_peak_tflops, model_flops_per_token
+from sfttrain.predict import check_installed, generation_metrics
 from sfttrain.rundir import (
     base_model_dir,
     check_run_dir,
@@ -141,6 +142,13 @@ def _train(
     run_dir = Path(output_dir)
     check_platform(config, device)  # QLoRA/Liger/flash attention/bf16 this machine cannot run
     resolve_report_to(config.report_to)  # a tracker whose package is missing: before any write
+    if config.eval_generate:
+        check_installed("eval_generate")
+    if config.eval_generate and dist.world_size > 1:
+        raise ConfigError(
+            "eval_generate: runs on one process only; train on several and score the final "
+            "model with `sfttrain eval SHARDS --generate`"
+        )
 
     # ---- 1. data, model, the checkpoint to resume: all checked before anything is written ------
     data = _setup_data(config, Path(shards))
@@ -161,6 +169,7 @@ def _train(
 
     # ---- 2. fine-tuning, wrap, optimizer, schedule, sampler; 3. resume their state -------------
     t = _setup_training(config, base, data, dist, resumed=resumed)
+    t.tokenizer, t.run_dir = tokenizer, run_dir
     state = RunState(
         step=0, cursor=Cursor(), trained_tokens=0, total_steps=t.total_steps,
         world_size=dist.world_size, model=model_spec, base_model=base_dir, shards=data.identity,
@@ -253,7 +262,9 @@ def _train(
                 log(row)
                 show_progress(bar, row)
                 window.reset()
-            if data.eval_reader is not None and _eval_due(config, step, total_steps, sampler):
+            if data.eval_reader is not None and eval_due(
+                config, step, total_steps, sampler.steps_per_epoch
+            ):
                 log(_eval_row(loss_model, data.eval_reader, config, dist, t, step))
                 window.restart_clock()
             if bar is not None:
@@ -346,6 +357,9 @@ class _Training:
     autocast: Callable[[], Any]
     flops_per_token: float
     peak_tflops: float | None
+    tokenizer: Any = None
+    """For ``eval_generate`` (set after the set-up, with ``run_dir``)."""
+    run_dir: Path = Path()
 
 
 def _setup_training(
@@ -416,19 +430,17 @@ def _restore(t: _Training, resumed: Resume, state: RunState) -> RunState:
 
 
 def _eval_row(loss_model, reader, config: TrainConfig, dist: Dist, t: _Training, step: int):
-    return eval_row(
+    row = eval_row(
         loss_model, reader, step=step, epoch=round(step / t.sampler.steps_per_epoch, 4),
         batch_size=config.per_device_eval_batch_size, dist=dist, autocast=t.autocast,
     )  # fmt: skip
-
-
-def _eval_due(config: TrainConfig, step: int, total_steps: int, sampler: StepSampler) -> bool:
-    """Evaluate now? (the last step's evaluation runs after the loop, once)."""
-    if config.eval_strategy == "no" or step >= total_steps:
-        return False
-    if config.eval_strategy == "epoch":
-        return step % sampler.steps_per_epoch == 0
-    return bool(config.eval_steps) and step % config.eval_steps == 0
+    if config.eval_generate:
+        row |= generation_metrics(
+            t.model, t.tokenizer, reader, folder=t.run_dir / "predictions" / f"step-{step:07d}",
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.per_device_eval_batch_size,
+        )  # fmt: skip
+    return row
 
 
 def _save_due(config: TrainConfig, step: int) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 
@@ -30,6 +32,17 @@ import click
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object: loss, perplexity, tokens."
 )
+@click.option(
+    "--generate",
+    is_flag=True,
+    help="Also generate each record's last reply from the turns before it and score it "
+    "(BLEU-4, ROUGE-1/2/L); writes OUTPUT/predictions.jsonl and OUTPUT/generate_metrics.json.",
+)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Folder for --generate's predictions and metrics.")  # fmt: skip
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--max-samples", type=click.IntRange(min=1), default=None, metavar="N",
+              help="--generate: only the first N records of the split.")  # fmt: skip
 def command(
     shards: str,
     model_spec: str,
@@ -38,6 +51,10 @@ def command(
     batch_size: int,
     attn_implementation: str,
     as_json: bool,
+    generate: bool,
+    output: Path | None,
+    max_new_tokens: int,
+    max_samples: int | None,
 ) -> None:
     """Mean loss per trained token (and perplexity) of MODEL on SHARDS; packed or not, the same records give the same loss.
 
@@ -45,6 +62,7 @@ def command(
     Examples:
       sfttrain eval shards/ --model runs/r1/final
       sfttrain eval shards/ --model runs/r1/checkpoints/step-0000500 --split validation --json
+      sfttrain eval shards/ --model runs/r1/final --generate -o runs/r1/predict
     """
     import json
 
@@ -58,6 +76,12 @@ def command(
     from sfttrain.loss import LossModel, isolation_for
     from sfttrain.model import load_for_inference
 
+    if generate and output is None:
+        raise click.UsageError("--generate needs -o/--output FOLDER for its predictions")
+    if generate:
+        from sfttrain.predict import check_installed
+
+        check_installed("--generate")
     if split is None:
         split = "validation" if has_split(shards, "validation") else "train"
     reader = open_split(shards, split, verify="full")
@@ -76,7 +100,24 @@ def command(
         loss_model, reader, batch_size=batch_size, dist=dist, autocast=contextlib.nullcontext
     )
     ppl = perplexity(loss) if tokens else float("nan")
+    result: dict = {"loss": loss, "perplexity": ppl, "tokens": tokens, "split": split}
+    if generate:
+        from sfttrain.predict import predict, scores, write_predictions
+
+        rows = predict(
+            model, tokenizer, reader, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            limit=max_samples, device=dist.device,
+        )  # fmt: skip
+        result |= scores([r["prediction"] for r in rows], [r["reference"] for r in rows])
+        result["predicted"] = len(rows)
+        write_predictions(rows, result, output)
     if as_json:
-        click.echo(json.dumps({"loss": loss, "perplexity": ppl, "tokens": tokens, "split": split}))
-    else:
-        click.echo(f"{split}: loss {loss:.4f}, perplexity {ppl:.2f} over {tokens:,} trained tokens")
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{split}: loss {loss:.4f}, perplexity {ppl:.2f} over {tokens:,} trained tokens")
+    if generate:
+        click.echo(
+            f"{split}: {result['predicted']:,} replies generated: BLEU-4 {result['bleu-4']:.2f}, "
+            f"ROUGE-1 {result['rouge-1']:.2f}, ROUGE-2 {result['rouge-2']:.2f}, "
+            f"ROUGE-L {result['rouge-l']:.2f}; predictions in {output}/predictions.jsonl"
+        )
