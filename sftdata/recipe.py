@@ -103,11 +103,7 @@ def parse_data_section(d: Any, *, where: str = "data") -> DataSection:
     """
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: must be a mapping (inputs:, template:, seq_len: ...)")
-    unknown = sorted(set(d) - _SECTION_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(_SECTION_KEYS))})"
-        )
+    _refuse_unknown(d, _SECTION_KEYS, where)
     raw_inputs = d.get("inputs")
     if isinstance(raw_inputs, (str, dict)):
         raw_inputs = [raw_inputs]
@@ -131,16 +127,18 @@ def _typed(key: str, value: Any, where: str) -> Any:
     return value
 
 
+def _refuse_unknown(d: dict[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+
+
 def _parse_input(x: Any, where: str) -> DataInput:
     if isinstance(x, str):
         x = {"path": x}
     if not isinstance(x, dict):
         raise ConfigError(f"{where}: must be a path or a mapping (path: or dataset:)")
-    unknown = sorted(set(x) - _INPUT_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(_INPUT_KEYS))})"
-        )
+    _refuse_unknown(x, _INPUT_KEYS, where)
     if (x.get("path") is None) == (x.get("dataset") is None):
         raise ConfigError(f"{where}: give exactly one of path: and dataset:")
     for key in ("path", "dataset", "from", "sheet"):
