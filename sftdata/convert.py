@@ -22,6 +22,7 @@ from sftdata.inputs import refuse_overwriting
 from sftdata.sources import IdAllocator, detect_format, iter_records
 from sftdata.sources.base import set_system
 from sftdata.sources.registry import RegistryEntry
+from sftdata.text import counted
 from sftdata.validate import structure_problems
 
 #: At most this many skipped-record messages are kept in the report (the counts are complete).
@@ -78,13 +79,13 @@ class ConvertReport:
     def summary_lines(self) -> list[str]:
         """Human summary, one line each (the CLI prints these on stderr)."""
         lines = [
-            f"{i.path}: {i.records_in} records in, {i.records_out} out ({i.format})"
+            f"{i.path}: {counted(i.records_in, 'record')} in, {i.records_out:,} out ({i.format})"
             for i in self.inputs
         ]
         dropped = sum(self.dropped.values())
         by_reason = ", ".join(f"{n} {r}" for r, n in sorted(self.dropped.items()))
         lines.append(
-            f"wrote {self.records_out} records to {self.output} "
+            f"wrote {counted(self.records_out, 'record')} to {self.output} "
             f"({self.records_in} in, {dropped} dropped{': ' + by_reason if dropped else ''})"
         )
         return lines

@@ -92,7 +92,7 @@ def test_the_data_package_never_imports_the_trainer() -> None:
 TRAINER_MAY_USE = {
     "sftdata", "sftdata.atomic", "sftdata.clickutil", "sftdata.conversation", "sftdata.errors",
     "sftdata.inputs", "sftdata.jsonfile", "sftdata.shards", "sftdata.templates",
-    "sftdata.tokenizer", "sftdata.yamlfile",
+    "sftdata.text", "sftdata.tokenizer", "sftdata.yamlfile",
 }  # fmt: skip
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
 from sftdata.errors import ConfigError
+from sftdata.text import counted
 
 FORMATS = ("mindrecord", "sharegpt", "alpaca", "openai")
 
@@ -55,6 +57,7 @@ FORMATS = ("mindrecord", "sharegpt", "alpaca", "openai")
     help="[mindrecord] Write the actual_seq_len column of packed record boundaries "
     "(default: when rows hold several records).",
 )
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def command(
     input_path: Path,
     fmt: str,
@@ -63,6 +66,7 @@ def command(
     layout: str,
     pad_token_id: int | None,
     boundaries: bool | None,
+    as_json: bool,
 ) -> None:
     """Write data for other training stacks: MindSpore (MindRecord), FastChat, LLaMA-Factory, TRL.
 
@@ -84,8 +88,13 @@ def command(
             pad_token_id=pad_token_id,
             boundaries=boundaries,
         )
+        if as_json:
+            click.echo(json.dumps({"format": fmt, "output": str(rep.output), "rows": rep.rows,
+                                   "row_len": rep.row_len, "columns": list(rep.columns),
+                                   "layout": rep.layout}))  # fmt: skip
+            return
         click.echo(
-            f"wrote {rep.rows} rows of {rep.row_len} tokens ({', '.join(rep.columns)}; "
+            f"wrote {counted(rep.rows, 'row')} of {rep.row_len} tokens ({', '.join(rep.columns)}; "
             f"{rep.layout} layout) to {rep.output} and {rep.output}.db"
         )
         return
@@ -97,4 +106,8 @@ def command(
 
     with readable([str(input_path)]) as (path,):
         report = export_conversations(Path(path), output, fmt=fmt)
-    click.echo(f"wrote {report.records_out} records to {report.output} ({fmt})")
+    if as_json:
+        out = {"format": fmt, "output": str(report.output), "records": report.records_out}
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"wrote {counted(report.records_out, 'record')} to {report.output} ({fmt})")

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from sftdata.render import TRAIN_ON
+from sftdata.text import counted
 
 
 @click.command("stats")
@@ -101,7 +102,7 @@ def command(
             packing = {"packing_efficiency": eff, "rows": rows, "left_out": left_out}
             eff_line = (
                 f"packing efficiency {eff:.2%} at seq_len {seq_len} ({rows:,} rows; "
-                f"{left_out:,} records longer than seq_len left out)"
+                f"{counted(left_out, 'record')} longer than seq_len left out)"
             )
         title = f"{', '.join(p.name for p in inputs)}: {len(lens):,} records"
     s = summarize(lens, trained)

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from sftdata.text import counted
+
 
 @click.command("validate")
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
@@ -44,6 +46,8 @@ def command(files: tuple[str, ...], fmt: str, as_json: bool) -> None:
         for p in problems:
             click.echo(unspool_message(github_annotation(p) if fmt == "github" else str(p)))
         for r in reports:
-            status = "ok" if r.ok else f"{len(r.problems)} problems"
-            click.echo(unspool_message(f"{r.file}: {r.records} records, {status}"), err=True)
+            status = "ok" if r.ok else counted(len(r.problems), "problem")
+            click.echo(
+                unspool_message(f"{r.file}: {counted(r.records, 'record')}, {status}"), err=True
+            )
     click.get_current_context().exit(0 if not problems else 1)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sftdata.text import counted
+
 OVERFLOW_WARN_SHARE = 0.01
 """Above this share of records dropped as longer than the row, the summary warns."""
 
@@ -89,7 +91,7 @@ class PackReport:
         ratio = self.trained_tokens / self.tokens if self.tokens else 0.0
         tps = self.tokens / self.seconds if self.seconds else 0.0
         lines = [
-            f"packed {_n(self.records, 'record')} into {_n(self.rows, 'row')} of {self.seq_len} "
+            f"packed {counted(self.records, 'record')} into {counted(self.rows, 'row')} of {self.seq_len} "
             f"({split_txt}) in {self.output}",
             f"  records in {self.records_in:,}; dropped {d.get('zero_trained', 0):,} with zero "
             f"trained tokens, {d.get('overflow', 0):,} longer than --seq-len"
@@ -125,13 +127,13 @@ class PackReport:
             fit = self.lengths.get("p99")
             hint = f", or --seq-len {fit:,} (the p99 length) to fit 99% of records" if fit else ""
             out.append(
-                f"Warning: {over / self.records_in:.1%} of the records ({_n(over, 'record')}) are "
+                f"Warning: {over / self.records_in:.1%} of the records ({counted(over, 'record')}) are "
                 f"longer than --seq-len {self.seq_len:,} and were dropped: use --overflow truncate "
                 f"to keep them cut at {self.seq_len:,} tokens{hint}"
             )
         if self.refused:
             kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(self.refused.items()))
-            out.append(f"  refused {_n(sum(self.refused.values()), 'record')} ({kinds}):")
+            out.append(f"  refused {counted(sum(self.refused.values()), 'record')} ({kinds}):")
             out.extend(f"    {line}" for line in self.refusal_examples)
         return out
 
@@ -143,11 +145,6 @@ class PackReport:
         return (
             f" ({records / self.records_in:.1%} of records, {tokens / max(seen, 1):.1%} of {what})"
         )
-
-
-def _n(count: int, noun: str) -> str:
-    """``1 record``, ``2 records`` (with thousands separators)."""
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 __all__ = ["OVERFLOW_WARN_SHARE", "PackReport"]

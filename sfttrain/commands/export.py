@@ -19,7 +19,10 @@ import click
 @click.option(
     "--overwrite", is_flag=True, help="Replace an OUTPUT folder that already holds files."
 )
-def command(checkpoint: str, output: str, merge: bool, dtype: str, overwrite: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def command(
+    checkpoint: str, output: str, merge: bool, dtype: str, overwrite: bool, as_json: bool
+) -> None:
     """Write CHECKPOINT (checkpoints/step-N or final/) as a folder AutoModelForCausalLM.from_pretrained loads.
 
     \b
@@ -32,4 +35,9 @@ def command(checkpoint: str, output: str, merge: bool, dtype: str, overwrite: bo
     from sfttrain.export import export_checkpoint
 
     what = export_checkpoint(checkpoint, output, merge=merge, dtype=dtype, overwrite=overwrite)
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"wrote": what, "output": output, "merged": merge, "dtype": dtype}))
+        return
     click.echo(f"wrote {what} to {output}")

@@ -229,11 +229,12 @@ def _prepare(section: Any, model_spec: str) -> Any:
     """Convert and pack the data section (a no-op when the cache is current); say what it did
     (on stderr: stdout is the run's result)."""
     from sftdata.recipe import prepare
+    from sftdata.text import counted
 
     prepared = prepare(section, model_spec=model_spec, log=lambda m: click.echo(m, err=True))
     for inp, conv, taken in zip(section.inputs, prepared.converted, prepared.mixed, strict=True):
         click.echo(
-            f"data: {inp.path or inp.dataset}: {_n(conv.records_out, 'record')}, "
+            f"data: {inp.path or inp.dataset}: {counted(conv.records_out, 'record')}, "
             f"{taken:,} into the mix",
             err=True,
         )
@@ -247,10 +248,6 @@ def _prepare(section: Any, model_spec: str) -> Any:
     for line in report.warnings():
         click.echo(line, err=True)
     return prepared.shards
-
-
-def _n(count: int, noun: str) -> str:
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 class _LogLines:

@@ -453,3 +453,13 @@ def test_sheet_applies_to_workbooks_among_other_inputs(tmp_path):
     assert r.exit_code == 1 and "none of the inputs is an .xlsx workbook" in r.stderr
     r = run(str(RAW / "qa.csv"), "-o", str(out), "--system", " ")
     assert r.exit_code == 1 and "--system: the system prompt is empty" in r.stderr
+
+
+def test_convert_json_report(tmp_path) -> None:
+    src = tmp_path / "a.json"
+    src.write_text(json.dumps([{"instruction": "Hi?", "output": "Hello."}] * 2), encoding="utf-8")
+    r = run(str(src), "-o", str(tmp_path / "o.jsonl"), "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert (d["records_in"], d["records_out"]) == (2, 2) and d["inputs"][0]["format"] == "alpaca"
+    assert "wrote 2 records" in r.stderr

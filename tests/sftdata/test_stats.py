@@ -42,7 +42,7 @@ def test_stats_on_jsonl_counts_and_estimates_packing(
     )
     assert r.exit_code == 0, r.output
     assert "records 32;" in r.output  # JSONL stats see every record, even ones pack drops
-    assert "1 records longer than seq_len left out" in r.output
+    assert "1 record longer than seq_len left out" in r.output
     assert (tmp_path / "j.png").is_file()
     r = run_cli("stats", data)
     assert r.exit_code == 1 and "--tokenizer is needed" in r.output

@@ -139,7 +139,7 @@ def test_cli_text_exit_codes_and_summary(tmp_path):
     good = write(tmp_path / "good.jsonl", [rec([u(), a()])])
     bad = write(tmp_path / "bad.jsonl", [rec([u(), a()]), rec([a()], id="x")])
     r = validate(str(good))
-    assert r.exit_code == 0 and r.stdout == "" and "1 records, ok" in r.stderr
+    assert r.exit_code == 0 and r.stdout == "" and "1 record, ok" in r.stderr
     r = validate(str(good), str(bad))
     assert r.exit_code == 1
     assert r.stdout.splitlines() == [

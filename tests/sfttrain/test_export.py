@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -99,3 +101,18 @@ def test_export_refusals(runs, tmp_path) -> None:
     )
     assert r.exit_code == 1 and "--merge" in r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_export_json_and_the_run_folder_links(runs, tmp_path) -> None:
+    root, _ = runs
+    r = CliRunner().invoke(main, ["export", str(root / "lora" / "final"), "-o",
+                                  str(tmp_path / "a"), "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["output"] == str(tmp_path / "a") and d["merged"] is False and d["wrote"]
+    # the run folder itself loads as the adapter (its links to final/), as LLaMA-Factory expects
+    run = root / "lora"
+    assert (run / "adapter_config.json").is_symlink()
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(str(run)).peft_type.value == "LORA"

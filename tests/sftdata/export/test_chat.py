@@ -383,3 +383,15 @@ def test_sharegpt_export_keeps_reasoning_as_think_and_refuses_reordered_results(
         to_sharegpt(Conversation("v2", swapped, V2.source))
     alp = to_alpaca(Conversation("a", [msgs[0], msgs[4]], V2.source))
     assert alp["output"].startswith("<think>\nRead both results.\n</think>\n\n")
+
+
+def test_export_json_summary(shared_data: Path, tmp_path: Path) -> None:
+    import json
+
+    src = tmp_path / "c.jsonl"
+    convs = _canonical(shared_data / "identity.json", src)
+    res = CliRunner().invoke(main, ["export", str(src), "--format", "sharegpt", "-o",
+                                    str(tmp_path / "o.json"), "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) == {"format": "sharegpt", "output": str(tmp_path / "o.json"),
+                                      "records": len(convs)}  # fmt: skip
