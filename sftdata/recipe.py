@@ -29,8 +29,8 @@ from sftdata.atomic import atomic_file, exclusive
 from sftdata.convert import ConvertReport, convert
 from sftdata.errors import ConfigError
 from sftdata.pack import OVERFLOW, PackOptions, PackReport, pack
+from sftdata.pack.output import existing_index
 from sftdata.render import TRAIN_ON
-from sftdata.shards import read_index
 from sftdata.sources import FORMATS
 from sftdata.sources.base import parse_mapping
 from sftdata.sources.registry import RegistryEntry, registry_inputs
@@ -264,7 +264,7 @@ def prepare(
         out.mixed = mix(
             parts, section.inputs, data, default_max=section.max_samples, seed=section.seed
         )
-        old = _fingerprint(out.shards)
+        old = existing_index(out.shards)
         opts = PackOptions(
             seq_len=section.seq_len, tokenizer=tokenizer, template=section.template,
             train_on=section.train_on, overflow=section.overflow, val_fraction=section.val_fraction,
@@ -273,13 +273,6 @@ def prepare(
         out.pack = pack([data], out.shards, opts)
         out.repacked = old is not None and not out.pack.noop
     return out
-
-
-def _fingerprint(shards: Path) -> str | None:
-    try:
-        return read_index(shards).get("fingerprint")
-    except Exception:  # absent or damaged: pack decides what to do with it
-        return None
 
 
 def _convert_input(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin
 
 from sftdata.errors import ConfigError
-from sfttrain.trackers import REPORT_TO
+from sfttrain.trackers import report_to_names
 
 
 @dataclass
@@ -247,10 +247,7 @@ def _check_values(c: TrainConfig, where: str) -> None:
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"{where}{key}: {getattr(c, key)!r} {why}")
 
-    names = c.report_to if isinstance(c.report_to, list) else c.report_to.split(",")
-    for n in (x.strip() for x in names):
-        if n and n not in REPORT_TO:
-            raise ConfigError(f"{where}report_to: {n!r} is not one of {', '.join(REPORT_TO)}")
+    report_to_names(c.report_to, where=where)
 
     positive = (
         "learning_rate",

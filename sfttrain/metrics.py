@@ -14,7 +14,7 @@ import torch
 
 from sftdata.atomic import atomic_file
 from sfttrain.perf import mfu
-from sfttrain.trackers import Trackers, resolve_report_to
+from sfttrain.trackers import Trackers
 
 METRICS_VERSION = 1
 
@@ -24,13 +24,12 @@ class Metrics:
     trackers (``sfttrain.trackers``: TensorBoard, wandb, MLflow with HF's tag names)."""
 
     def __init__(
-        self, run_dir: Path, *, resume_step: int | None, report_to: str | list[str],
+        self, run_dir: Path, *, resume_step: int | None, trackers: list[str],
         enabled: bool, config: dict[str, Any] | None = None,
     ) -> None:  # fmt: skip
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self.trackers: Trackers | None = None
-        names = resolve_report_to(report_to)  # every rank refuses a missing package alike
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
@@ -41,9 +40,9 @@ class Metrics:
         elif resume_step is None:
             self.path.unlink(missing_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        if names:
+        if trackers:
             self.trackers = Trackers(
-                names, run_dir, config=config or {}, resume=resume_step is not None
+                trackers, run_dir, config=config or {}, resume=resume_step is not None
             )
 
     def write(self, row: dict[str, Any]) -> None:

@@ -82,10 +82,12 @@ def clear_run_dir(run_dir: Path) -> None:
     if not run_dir.is_dir():
         return
     for p in run_dir.iterdir():
-        if p.is_symlink() and _is_final_link(p):
+        if _is_final_link(p):
             p.unlink()
+        elif p.name in RUN_ENTRIES and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
         elif p.name in RUN_ENTRIES:
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            p.unlink()
 
 
 def link_final(run_dir: Path) -> list[str]:

@@ -37,6 +37,20 @@ HF_TAGS = {
 }
 
 
+def report_to_names(report_to: str | list[str], *, where: str = "") -> list[str]:
+    """The names ``report_to`` gives (a list, or comma-separated), each one of :data:`REPORT_TO`.
+
+    Raises:
+        ConfigError: ``{where}report_to: 'x' is not one of ...``.
+    """
+    names = report_to if isinstance(report_to, list) else report_to.split(",")
+    names = [n.strip() for n in names if n.strip()]
+    for n in names:
+        if n not in REPORT_TO:
+            raise ConfigError(f"{where}report_to: {n!r} is not one of {', '.join(REPORT_TO)}")
+    return names
+
+
 def resolve_report_to(report_to: str | list[str]) -> list[str]:
     """``report_to`` -> the trackers to open: ``auto`` is TensorBoard when installed, ``all``
     every installed one, ``none`` none; named ones must be installed.
@@ -45,11 +59,7 @@ def resolve_report_to(report_to: str | list[str]) -> list[str]:
         ConfigError: an unknown name, or a named tracker whose package is missing (which extra
             to install).
     """
-    names = report_to if isinstance(report_to, list) else report_to.split(",")
-    names = [n.strip() for n in names if n.strip()]
-    for n in names:
-        if n not in REPORT_TO:
-            raise ConfigError(f"report_to: {n!r} is not one of {', '.join(REPORT_TO)}")
+    names = report_to_names(report_to)
     if "none" in names:
         return []
     installed = [t for t in TRACKERS if importlib.util.find_spec(_PACKAGES[t]) is not None]
@@ -136,4 +146,12 @@ def _start_mlflow(run_dir: Path, config: dict[str, Any]) -> Any:
     return run
 
 
-__all__ = ["HF_TAGS", "REPORT_TO", "TRACKERS", "Trackers", "hf_metrics", "resolve_report_to"]
+__all__ = [
+    "HF_TAGS",
+    "REPORT_TO",
+    "TRACKERS",
+    "Trackers",
+    "hf_metrics",
+    "report_to_names",
+    "resolve_report_to",
+]

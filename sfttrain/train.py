@@ -141,7 +141,7 @@ def _train(
     device = dist.device
     run_dir = Path(output_dir)
     check_platform(config, device)  # QLoRA/Liger/flash attention/bf16 this machine cannot run
-    resolve_report_to(config.report_to)  # a tracker whose package is missing: before any write
+    trackers = resolve_report_to(config.report_to)  # a missing package: before any write
     if config.eval_generate:
         check_installed("eval_generate")
     if config.eval_generate and dist.world_size > 1:
@@ -181,7 +181,7 @@ def _train(
     metrics = Metrics(
         run_dir,
         resume_step=state.step if resumed.folder else None,
-        report_to=config.report_to,
+        trackers=trackers,
         enabled=dist.is_main,
         config=config.to_dict(),
     )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 from pathlib import Path
@@ -272,7 +273,7 @@ class _LogLines:
         eta = "-"
         if step > s0:
             left = (now - t0) / (step - s0) * (total_steps - step)
-            eta = f"{int(left) // 3600}:{int(left) % 3600 // 60:02d}:{int(left) % 60:02d}"
+            eta = str(datetime.timedelta(seconds=int(left)))
         mfu = f", MFU {100 * row['mfu']:.1f}%" if row.get("mfu") is not None else ""
         click.echo(
             f"step {step}/{total_steps}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, "
