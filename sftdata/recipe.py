@@ -75,7 +75,7 @@ class DataSection:
     train_on: str = "all-assistant"
     """Which messages are trained (``--train-on``)."""
     overflow: str = "drop"
-    """Records longer than ``seq_len``: drop, truncate or error (``--overflow``)."""
+    """Records longer than ``seq_len``: drop, truncate, cutoff or error (``--overflow``)."""
     val_fraction: float | None = None
     """Share of records held out as the validation split."""
     val_count: int | None = None

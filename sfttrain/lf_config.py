@@ -165,9 +165,9 @@ def data_section(d: dict[str, Any], *, where: str = "") -> dict[str, Any] | None
 
     ``dataset`` (comma-separated) names entries of ``dataset_dir/dataset_info.json`` (``data``
     by default, relative to the working folder as in LLaMA-Factory); ``cutoff_len`` (default
-    2048) is the row length and longer records are truncated there, not dropped; ``val_size``
-    below 1 is a share of the records, from 1 a count; ``train_on_prompt`` trains every token,
-    ``mask_history`` only the last reply.
+    2048) is the row length and longer records are cut there as LLaMA-Factory cuts them
+    (``overflow: cutoff``), not dropped; ``val_size`` below 1 is a share of the records, from 1 a
+    count; ``train_on_prompt`` trains every token, ``mask_history`` only the last reply.
     """
     names = d.get("dataset")
     if names is None:
@@ -180,7 +180,7 @@ def data_section(d: dict[str, Any], *, where: str = "") -> dict[str, Any] | None
         "inputs": [{"dataset": n, "max_samples": d.get("max_samples")} for n in names],
         "dataset_info": d.get("dataset_dir") or "data",
         "seq_len": d.get("cutoff_len") or 2048,
-        "overflow": "truncate",
+        "overflow": "cutoff",
     }
     if d.get("template"):
         section["template"] = d["template"]

@@ -43,7 +43,10 @@ from sftdata.templates import DEFAULT_TEMPLATE_DATE
     default="drop",
     show_default=True,
     type=click.Choice(OVERFLOW),
-    help="Records longer than --seq-len: drop and count, keep the first seq-len tokens, or stop.",
+    help=(
+        "Records longer than --seq-len: drop and count, keep the first seq-len tokens, cut each "
+        "prompt/answer pair in proportion as LLaMA-Factory's cutoff_len does, or stop."
+    ),
 )
 @click.option("--no-pack", is_flag=True, help="One record per row, padded (no packing).")
 @click.option(

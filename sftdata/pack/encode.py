@@ -14,6 +14,7 @@ import numpy as np
 
 from sftdata.conversation import Conversation, parse_jsonl_line, read_jsonl
 from sftdata.errors import ConversionError, ValidationError
+from sftdata.pack.cutoff import cutoff_keep
 from sftdata.pack.options import PackOptions
 
 
@@ -129,13 +130,22 @@ def encode_chunk(
         i = int(np.flatnonzero(over)[0])
         raise ValidationError(
             f"{convs[i].source}: record {convs[i].id!r} has {int(lens[i])} tokens, more than "
-            f"--seq-len {seq_len} (--overflow error; use drop or truncate)"
+            f"--seq-len {seq_len} (--overflow error; use drop, truncate or cutoff)"
         )
-    if opts.overflow == "truncate":
-        cut_zero = over & (trained(np.minimum(lens, seq_len)) == 0)
+    new_lens = np.minimum(lens, seq_len)
+    cuts: dict[int, np.ndarray] = {}
+    if opts.overflow == "cutoff":
+        for i in np.flatnonzero(over).tolist():
+            cuts[i] = cutoff_keep(mask[starts[i] : starts[i] + lens[i]], seq_len)
+            new_lens[i] = int(cuts[i].sum())
+    if opts.overflow in ("truncate", "cutoff"):
+        kept_trained = trained(new_lens)
+        for i, k in cuts.items():
+            kept_trained[i] = int(mask[starts[i] : starts[i] + lens[i]][k][1:].sum())
+        cut_zero = over & (kept_trained == 0)
         keep = ~zero & ~cut_zero
         n_zero, n_over, n_trunc = int(zero.sum() + cut_zero.sum()), 0, int((over & keep).sum())
-        over_tokens, cut_tokens = 0, int((lens - seq_len)[over & keep].sum())
+        over_tokens, cut_tokens = 0, int((lens - new_lens)[over & keep].sum())
     else:
         keep = ~zero & ~over
         n_zero, n_over, n_trunc = int(zero.sum()), int(over.sum()), 0
@@ -146,11 +156,13 @@ def encode_chunk(
         rec_of_token = np.repeat(np.arange(n), lens)
         pos = np.arange(len(ids), dtype=np.int64) - starts[rec_of_token]
         tok_keep = keep[rec_of_token] & (pos < seq_len)
+        for i, k in cuts.items():
+            tok_keep[starts[i] : starts[i] + lens[i]] = k & keep[i]
         kept_ids, kept_mask = ids[tok_keep], mask[tok_keep]
     return Chunk(
         ids=kept_ids,
         mask=kept_mask,
-        lengths=np.minimum(lens, seq_len)[keep].astype(np.int32),
+        lengths=new_lens[keep].astype(np.int32),
         record_ids=[c for c, k in zip(sample_ids, keep.tolist(), strict=True) if k],
         owners=owner_at[keep],
         n_in=len(records),

@@ -13,7 +13,7 @@ from sftdata.errors import ConfigError
 from sftdata.render import TRAIN_ON
 from sftdata.templates import DEFAULT_TEMPLATE_DATE
 
-OVERFLOW = ("drop", "truncate", "error")
+OVERFLOW = ("drop", "truncate", "cutoff", "error")
 
 
 SHARD_BYTES = 64 << 20
@@ -37,7 +37,7 @@ class PackOptions:
     train_on: str = "all-assistant"
     """Which turns are trained when a message carries no ``train`` flag."""
     overflow: str = "drop"
-    """Records longer than seq_len: drop (counted), truncate (keep the first seq_len), error."""
+    """Records longer than seq_len: drop (counted), truncate (keep the first seq_len), cutoff (cut each prompt/answer pair as LLaMA-Factory does), error."""
     pack: bool = True
     """False: one record per row, padded (``--no-pack``)."""
     val_fraction: float | None = None

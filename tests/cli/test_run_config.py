@@ -66,8 +66,8 @@ def test_the_tutorial_llamafactory_yaml_trains_evaluates_and_plots(
     index = json.loads(
         next((Path(os.environ["SFTPIPE_CACHE"]) / "data").glob("*/shards/index.json")).read_text()
     )
-    # cutoff_len is the row length; longer records are truncated (LLaMA-Factory keeps them)
-    assert index["seq_len"] == 1024 and index["options"]["overflow"] == "truncate"
+    # cutoff_len is the row length; longer records are cut as LLaMA-Factory cuts them, kept
+    assert index["seq_len"] == 1024 and index["options"]["overflow"] == "cutoff"
     assert index["splits"]["validation"]["records"] == 20  # val_size 0.1 of max_samples 200
     # a second run reuses the shards; overwrite_output_dir: true starts the run afresh
     again = _run("run", "-c", "qwen-sft.yaml", cwd=tmp_path)

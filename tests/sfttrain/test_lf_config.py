@@ -72,7 +72,7 @@ def test_llamafactory_data_keys_become_a_data_section() -> None:
         ],
         "dataset_info": "data",
         "seq_len": 2048,
-        "overflow": "truncate",  # cutoff_len truncates as in LLaMA-Factory, never drops
+        "overflow": "cutoff",  # cutoff_len cuts as in LLaMA-Factory, never drops
         "template": "qwen",
         "num_proc": 16,
     }
