@@ -6,9 +6,26 @@ import click
 
 from sftdata.errors import SftError
 
+TYPE_METAVARS = {
+    "integer": "N",
+    "integer range": "N",
+    "float": "X",
+    "float range": "X",
+    "path": "PATH",
+}
+"""The metavar of an option that names none, by click type: the same word on every --help page
+(click's own INTEGER RANGE / FLOAT / TEXT mix read differently from command to command)."""
+
 
 class SftGroup(click.Group):
-    """A click group that turns every SftError into one clean line and a non-zero exit."""
+    """A click group that turns every SftError into one clean line and a non-zero exit, and
+    gives every option without a metavar the one its type has in :data:`TYPE_METAVARS`."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.metavar is None and not p.is_flag:
+                p.metavar = TYPE_METAVARS.get(p.type.name, p.metavar)
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context):
         _exit_on_sigterm()

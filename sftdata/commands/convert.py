@@ -11,9 +11,7 @@ FORMAT_CHOICES = (
 
 @click.command("convert")
 @click.argument("inputs", nargs=-1, required=False, metavar="INPUT...")  # '-': standard input
-@click.option(
-    "-o", "--output", required=True, metavar="OUT.jsonl", help="Canonical JSONL to write."
-)
+@click.option("-o", "--output", required=True, metavar="PATH", help="Canonical JSONL to write.")
 @click.option(
     "--from",
     "fmt",

@@ -32,6 +32,7 @@ FORMATS = ("mindrecord", "sharegpt", "alpaca", "openai")
 )
 @click.option(
     "--split",
+    metavar="NAME",
     default="train",
     show_default=True,
     help="[mindrecord] Which split of the shards to export.",

@@ -26,13 +26,21 @@ STYLES = {
 @click.argument("shards", type=click.Path(path_type=Path))
 @click.option("--row", "row_i", type=int, default=None, help="Row to show [default: 0].")
 @click.option(
-    "--record", "record_id", default=None, help="Show the record with this id (and where it is)."
+    "--record",
+    "record_id",
+    metavar="ID",
+    default=None,
+    help="Show the record with this id (and where it is).",
 )
 @click.option(
-    "--split", default=None, help="Split to read [default: train; with --record: every split]."
+    "--split",
+    metavar="NAME",
+    default=None,
+    help="Split to read [default: train; with --record: every split].",
 )
 @click.option(
     "--tokenizer",
+    metavar="PATH",
     default=None,
     help="Tokenizer to decode with [default: the one recorded at pack time].",
 )

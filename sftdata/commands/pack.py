@@ -21,12 +21,14 @@ from sftdata.templates import DEFAULT_TEMPLATE_DATE
 )
 @click.option(
     "--tokenizer",
+    metavar="PATH",
     required=True,
     help="'tiny', a local HF tokenizer folder or a SentencePiece .model file.",
 )
 @click.option("--seq-len", required=True, type=int, help="Row length in tokens.")
 @click.option(
     "--template",
+    metavar="NAME",
     default="auto",
     show_default=True,
     help="auto (the tokenizer's chat_template), a built-in (chatml, llama2, alpaca, qwen2.5, qwen3, llama3, mistral, gemma, gemma3, phi3, phi4, deepseek3, glm4, gpt-oss, cohere), a LLaMA-Factory template name, fastchat:NAME or FILE.jinja.",
@@ -80,6 +82,7 @@ from sftdata.templates import DEFAULT_TEMPLATE_DATE
 )
 @click.option(
     "--template-date",
+    metavar="DATE",
     default=DEFAULT_TEMPLATE_DATE,
     show_default=True,
     help="The date templates print (strftime_now, date_string), fixed so packs reproduce.",

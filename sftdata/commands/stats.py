@@ -25,11 +25,16 @@ from sftdata.text import counted
 )
 @click.option(
     "--tokenizer",
+    metavar="PATH",
     default=None,
     help="For JSONL input: 'tiny', an HF tokenizer folder or a .model file.",
 )
 @click.option(
-    "--template", default="auto", show_default=True, help="For JSONL input: the chat template."
+    "--template",
+    metavar="NAME",
+    default="auto",
+    show_default=True,
+    help="For JSONL input: the chat template.",
 )
 @click.option(
     "--train-on",

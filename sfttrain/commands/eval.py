@@ -12,12 +12,21 @@ import click
 @click.option(
     "--model",
     "model_spec",
+    metavar="PATH",
     required=True,
     help="'tiny', a local HF model folder, or a checkpoint/adapter folder.",
 )
-@click.option("--adapter", default=None, help="LoRA adapter folder to apply on top of --model.")
 @click.option(
-    "--split", default=None, help="Shard split (default: validation if present, else train)."
+    "--adapter",
+    metavar="PATH",
+    default=None,
+    help="LoRA adapter folder to apply on top of --model.",
+)
+@click.option(
+    "--split",
+    metavar="NAME",
+    default=None,
+    help="Shard split (default: validation if present, else train).",
 )
 @click.option(
     "--batch-size",

@@ -7,7 +7,7 @@ import click
 
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=str))
-@click.option("-o", "--output", required=True, help="Folder to write (atomically).")
+@click.option("-o", "--output", metavar="PATH", required=True, help="Folder to write (atomically).")
 @click.option("--merge", is_flag=True, help="Merge a LoRA adapter into its base model's weights.")
 @click.option(
     "--dtype",

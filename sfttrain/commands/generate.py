@@ -9,10 +9,16 @@ import click
 @click.option(
     "--model",
     "model_spec",
+    metavar="PATH",
     required=True,
     help="'tiny', a local HF model folder, or a checkpoint/adapter folder.",
 )
-@click.option("--adapter", default=None, help="LoRA adapter folder to apply on top of --model.")
+@click.option(
+    "--adapter",
+    metavar="PATH",
+    default=None,
+    help="LoRA adapter folder to apply on top of --model.",
+)
 @click.option(
     "--prompt",
     "prompts",
@@ -23,6 +29,7 @@ import click
 @click.option("--system", default=None, help="Optional system message.")
 @click.option(
     "--template",
+    metavar="NAME",
     default="auto",
     show_default=True,
     help="auto (the tokenizer's chat_template), a built-in name (chatml, qwen2.5, llama3, ...), a LLaMA-Factory name, fastchat:NAME or FILE.jinja — use the one you packed with.",

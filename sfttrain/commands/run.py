@@ -22,6 +22,7 @@ config's data section (so they train on them instead of packing again)."""
     "-o",
     "--output",
     "output_dir",
+    metavar="PATH",
     default=None,
     help="Run folder (default: output_dir from the config).",
 )
@@ -29,6 +30,7 @@ config's data section (so they train on them instead of packing again)."""
     "-c",
     "--config",
     "config_path",
+    metavar="PATH",
     default=None,
     help="YAML config (HF TrainingArguments / LLaMA-Factory key names).",
 )
@@ -42,6 +44,7 @@ config's data section (so they train on them instead of packing again)."""
 @click.option(
     "--model",
     "model_spec",
+    metavar="PATH",
     default=None,
     help="'tiny' (built-in) or a local Hugging Face model folder.",
 )
