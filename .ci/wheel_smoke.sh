@@ -26,6 +26,7 @@ grep -q '\[\[stop: <|im_end|>\]\]' inspect.txt
   --set save_steps=2 --set logging_steps=1
 "$BIN/sfttrain" eval shards --model train/final
 "$BIN/sfttrain" export train/final -o exported
+"$BIN/sfttrain" export train/final --format gguf --quant q8_0 -o model-q8_0.gguf
 "$BIN/sftdata" export qa.jsonl --format openai -o qa_openai.jsonl
 "$BIN/python" - <<'PY'
 import sftdata

@@ -85,6 +85,29 @@ def atomic_file(
 
 
 @contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temp file path beside ``path`` for a writer that opens files itself (the ``gguf``
+    writer); renamed onto ``path`` only if the block succeeds, removed otherwise."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot write here ({e.strerror})") from None
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        follow_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
 def _into_special(path: str | os.PathLike[str], *, mode: str, encoding: str | None) -> Iterator[IO]:
     """A private temp file, copied into standard output (``-``) or the device at the end."""
     import sys

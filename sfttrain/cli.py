@@ -6,7 +6,7 @@ import click
 
 from sftdata import __version__
 from sftdata.clickutil import SftGroup
-from sfttrain.commands import eval, export, generate, run
+from sfttrain.commands import chat, eval, export, generate, run
 
 
 @click.group(cls=SftGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,5 +16,5 @@ def main() -> None:
 
 
 # Every command (--help lists them by name); each module only wires library calls together.
-for _module in (run, eval, generate, export):
+for _module in (run, eval, generate, chat, export):
     main.add_command(_module.command)

@@ -53,8 +53,8 @@ def small_model_dir(folder: Path, *, seed: int = 0, max_positions: int = 512, **
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     tok = load_tokenizer("tiny")
+    overrides.setdefault("vocab_size", len(tok))
     cfg = LlamaConfig(
-        vocab_size=len(tok),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,

@@ -39,3 +39,6 @@ def test_demo_script_runs_and_the_loss_falls(tmp_path) -> None:
     train = [x["loss"] for x in rows if "loss" in x]
     assert train[-1] < train[0] / 2
     assert (run / "final" / "model.safetensors").is_file() and (run / "loss.png").is_file()
+    # steps 6-7: the GGUF export and one chat turn with it in llama.cpp
+    assert (tmp_path / "demo" / "model-q8_0.gguf").read_bytes()[:4] == b"GGUF"
+    assert "Chatting with" in r.stdout and ">>> " in r.stdout

@@ -34,3 +34,19 @@ def test_atomic_file_failure_leaves_nothing_and_bad_folder_is_one_line(tmp_path:
     msg = r"f\.txt/g\.txt: cannot write here \(Not a directory\)"
     with pytest.raises(ConfigError, match=msg), atomic_file(out / "g.txt"):
         pass
+
+
+def test_atomic_path_appears_whole_or_not_at_all(tmp_path) -> None:
+    from sftdata.atomic import atomic_path
+
+    out = tmp_path / "model.gguf"
+    with atomic_path(out) as tmp:
+        assert tmp.parent == tmp_path and tmp != out
+        tmp.write_bytes(b"GGUF" + b"\0" * 8)
+        assert not out.exists()
+    assert out.read_bytes()[:4] == b"GGUF"
+    with pytest.raises(RuntimeError), atomic_path(out) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer failed")
+    assert out.read_bytes()[:4] == b"GGUF"  # the old file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]

@@ -1,0 +1,117 @@
+"""``sfttrain export --format gguf``: a checkpoint or model as one GGUF file llama.cpp runs.
+
+Written with the ``gguf`` package (llama.cpp's own Python writer): architecture keys
+(``arch``), the tokenizer (``vocab``) and every tensor under llama.cpp's name in the chosen type
+(``quant``). A LoRA checkpoint is merged into its full-precision base first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sftdata.errors import ConfigError
+from sfttrain.gguf_export.quant import QUANTS, check_quant, writable
+
+
+@dataclass
+class GGUFReport:
+    """What one GGUF export wrote."""
+
+    output: str
+    """The file written."""
+    quant: str
+    """The ``--quant`` type of its matrices."""
+    architecture: str
+    """llama.cpp's architecture name."""
+    tensors: int
+    """Tensors written."""
+    bytes: int
+    """Size of the file."""
+    merged: bool
+    """A LoRA adapter was merged into its base first."""
+    f16_fallback: list[str] = field(default_factory=list)
+    """Matrices written f16 because their rows are not whole quantisation blocks."""
+
+
+def check_output_file(out: Path, *, overwrite: bool) -> None:
+    """One line for an output that is a folder, or a file that exists without ``overwrite``."""
+    if out.is_dir():
+        raise ConfigError(f"{out}: is a folder; -o names the .gguf file to write")
+    if out.exists() and not overwrite:
+        raise ConfigError(
+            f"{out}: already exists; pass --overwrite to replace it, or give another -o"
+        )
+
+
+def export_gguf(
+    model: str | Path, output: str | Path, *, quant: str = "f16", overwrite: bool = False
+) -> GGUFReport:
+    """Write ``model`` (``tiny``, an HF folder, a full or LoRA checkpoint) to the file ``output``."""
+    from sftdata.atomic import exclusive
+
+    quant = check_quant(quant)
+    out = Path(output)
+    check_output_file(out, overwrite=overwrite)
+    with exclusive(out, writer="sfttrain export"):
+        return _export(model, out, quant)
+
+
+def _export(spec: str | Path, out: Path, quant: str) -> GGUFReport:
+    import gguf
+
+    from sftdata.atomic import atomic_path
+    from sfttrain.export import check_mergeable_base
+    from sfttrain.gguf_export.arch import arch_for, gguf_tensors, write_hparams
+    from sfttrain.gguf_export.quant import encode, file_type
+    from sfttrain.gguf_export.vocab import vocab_entries, write_vocab
+    from sfttrain.model import TINY, adapter_base, is_adapter_dir, load_for_inference
+
+    where = str(spec)
+    merged = str(spec) != TINY and is_adapter_dir(spec)
+    if merged:
+        check_mergeable_base(adapter_base(spec))
+    lm, tokenizer = load_for_inference(spec)
+    if merged:
+        lm = lm.merge_and_unload()
+    lm = lm.float()
+    arch = arch_for(lm.config, where=where)
+    entries = vocab_entries(tokenizer, lm.config.vocab_size, where=where)
+    tensors = gguf_tensors(lm, arch)
+    config = lm.config
+    del lm  # the arrays above are copies; the torch weights are no longer needed
+    fallback: list[str] = []
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch.gguf_arch)
+        write_hparams(writer, config, name=_name(spec), file_type=file_type(quant))
+        write_vocab(writer, entries)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for name, data in tensors:
+            payload, qtype, fell_back = encode(data, quant)
+            if fell_back:
+                fallback.append(name)
+            writer.add_tensor(name, payload, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return GGUFReport(
+        output=str(out),
+        quant=quant,
+        architecture=arch.gguf_arch,
+        tensors=len(tensors),
+        bytes=out.stat().st_size,
+        merged=merged,
+        f16_fallback=fallback,
+    )
+
+
+def _name(spec: str | Path) -> str:
+    """``general.name``: the model folder's name (a checkpoint's run folder for ``final/``)."""
+    path = Path(str(spec)).resolve() if str(spec) != "tiny" else Path("tiny")
+    if path.name in ("final",) or path.name.startswith("step-"):
+        return path.parent.parent.name if path.parent.name == "checkpoints" else path.parent.name
+    return path.name
+
+
+__all__ = ["QUANTS", "GGUFReport", "check_output_file", "export_gguf", "writable"]
