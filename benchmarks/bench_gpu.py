@@ -33,10 +33,20 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SHARED = ROOT.parent / "shared"
+# ../shared beside the clone; on the GPU machine a carried copy (benchmarks/gpu_session.sh)
+SHARED = Path(os.environ.get("SFTPIPE_SHARED", ROOT.parent / "shared"))
 TOKENIZER = SHARED / "tokenizers" / "llama2"
 DATA = SHARED / "data" / "alpaca_en_demo.json"
 BIN = Path(sys.executable).parent
+
+
+def cli(name: str) -> list[str]:
+    """A console script, or ``python -m`` where the project is only on PYTHONPATH (the GPU
+    machine runs the tree as sent, not installed)."""
+    script = BIN / name
+    return [str(script)] if script.exists() else [sys.executable, "-m", name]
+
+
 SEED = 42
 
 QWEN25_05B = {
@@ -74,7 +84,16 @@ VARIANTS: dict[str, dict] = {
         "use_liger_kernel": True,
         "torch_compile": True,
     },
+    # flex attention: PyTorch's block-sparse kernel with a per-record BlockMask, no flash-attn
+    "full-flex": {"finetuning_type": "full", "attn_implementation": "flex_attention"},
+    "full-flex-liger-compile": {
+        "finetuning_type": "full",
+        "attn_implementation": "flex_attention",
+        "use_liger_kernel": True,
+        "torch_compile": True,
+    },
     "lora-sdpa": {"finetuning_type": "lora", **LORA},
+    "lora-flex": {"finetuning_type": "lora", **LORA, "attn_implementation": "flex_attention"},
     "lora-flash": {
         "finetuning_type": "lora",
         **LORA,
@@ -116,7 +135,7 @@ def make_model(out: Path, shape: dict) -> int:
 def prepare(work: Path, *, seq_len: int, shape: dict, records: int | None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     conv, shards, model = work / "alpaca.jsonl", work / "shards", work / "model"
-    sh([str(BIN / "sftdata"), "convert", str(DATA), "-o", str(conv)])
+    sh([*cli("sftdata"), "convert", str(DATA), "-o", str(conv)])
     if records is not None:
         lines = conv.read_text(encoding="utf-8").splitlines()[:records]
         conv.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -125,7 +144,7 @@ def prepare(work: Path, *, seq_len: int, shape: dict, records: int | None) -> di
     shutil.rmtree(shards, ignore_errors=True)
     sh(
         [
-            str(BIN / "sftdata"),
+            *cli("sftdata"),
             "pack",
             str(conv),
             "-o",
@@ -164,7 +183,7 @@ def run_ours(name: str, overrides: dict, prep: dict, a: argparse.Namespace, work
         for k, v in values.items()
         for x in ("--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}")
     ]
-    cmd = [str(BIN / "sfttrain"), "run", str(prep["shards"]), "-o", str(out)]
+    cmd = [*cli("sfttrain"), "run", str(prep["shards"]), "-o", str(out)]
     cmd += ["--model", str(prep["model"]), "--no-progress", *sets]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)

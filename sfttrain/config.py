@@ -69,8 +69,10 @@ class TrainConfig:
     """Run forward/backward under bfloat16 autocast (weights stay fp32)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (works with LoRA)."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel passed to transformers; packed rows are isolated for each of them."""
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to transformers; packed rows are isolated for each of them (flex_attention: PyTorch's block-sparse kernel, the fast path without flash-attn)."""
+    deterministic: bool = False
+    """Deterministic kernels only (torch.use_deterministic_algorithms): bit-exact repeats and resumes on CUDA, slower."""
     attn_isolation: Literal["auto", "position_ids", "block_mask"] = "auto"
     """How packed records are kept apart: ``auto`` picks the tested mechanism for attn_implementation."""
     logging_steps: int = 10

@@ -15,7 +15,12 @@ So the trainer always passes ``use_cache=False`` and, per implementation, either
 position-id restarts (``position_ids``, the default for every implementation: no L×L mask is built
 by us) or passes an additive float block mask (``block_mask``). ``flash_attention_2`` turns
 position-id restarts into varlen ``cu_seqlens`` inside transformers, but only for a batch of ONE
-sequence, so ``LossModel`` flattens [B, L] rows to [1, B·L] under it (see ``LossModel``). ``tests/invariants/test_c1_isolation.py`` checks C1 for every implementation the trainer may pick on CPU.
+sequence, so ``LossModel`` flattens [B, L] rows to [1, B·L] under it (see ``LossModel``).
+``flex_attention`` (PyTorch's block-sparse kernel, no extra package) gets its mask from
+transformers' masking utilities, which turn the same position-id restarts into a per-record
+document ``BlockMask``: blocks across records are skipped, not computed and discarded, so a long
+packed row costs what its records cost. It takes no 4-D float mask, so ``block_mask`` is refused
+for it. ``tests/invariants/test_c1_isolation.py`` checks C1 for every implementation the trainer may pick on CPU.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from sfttrain.model import unwrap
 AUTO_ISOLATION = {
     "sdpa": "position_ids",
     "eager": "position_ids",
+    "flex_attention": "position_ids",
     "flash_attention_2": "position_ids",
 }
 
@@ -45,6 +51,11 @@ _PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3
 
 def isolation_for(config: TrainConfig) -> str:
     """The isolation mechanism for the configured attention implementation."""
+    if config.attn_isolation == "block_mask" and config.attn_implementation == "flex_attention":
+        raise ConfigError(
+            "attn_isolation: block_mask is a dense float mask, which flex_attention does not take; "
+            "use auto (position_ids: a per-record BlockMask)"
+        )
     if config.attn_isolation != "auto":
         return config.attn_isolation
     return AUTO_ISOLATION[config.attn_implementation]

@@ -16,7 +16,7 @@ from sftdata.jsonfile import read_json_object
 from sfttrain.config import TrainConfig, lora_target_modules
 
 # Implementations that run on CPU, i.e. that C1 is tested for in the CPU test suite.
-CPU_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+CPU_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
 
 TINY = "tiny"

@@ -139,15 +139,36 @@ def check_platform(config: Any, device: torch.device) -> None:
             raise ConfigError(
                 "attn_implementation: flash_attention_2 computes in bf16/fp16 only; set bf16: true"
             )
+    if config.attn_implementation == "flex_attention" and not cuda:
+        # torch 2.13: "FlexAttention does not support backward on CPU" (forward-only there, so
+        # eval and generate may use it; training may not)
+        raise ConfigError(
+            "attn_implementation: flex_attention trains on a CUDA GPU only (PyTorch has no CPU "
+            "backward for it); use sdpa on CPU"
+        )
     if config.bf16 and cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError(
             f"bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; set bf16: false"
         )
 
 
+def deterministic_kernels(on: bool) -> None:
+    """``deterministic: true``: the same inputs give the same bits on CUDA (a resumed run then
+    repeats an uninterrupted one exactly). cuBLAS needs a fixed workspace for that, set before
+    its first call; kernels with no deterministic version raise instead of running."""
+    if not on:
+        return
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 __all__ = [
     "PEAK_BF16_TFLOPS",
     "check_platform",
+    "deterministic_kernels",
     "device_peak_tflops",
     "mfu",
     "model_flops_per_token",

@@ -46,6 +46,18 @@ def check_installed(what: str) -> None:
         )
 
 
+def check_eval_generate(config: Any, world_size: int) -> None:
+    """``eval_generate`` needs the scoring libraries and one process (before any work)."""
+    if not config.eval_generate:
+        return
+    check_installed("eval_generate")
+    if world_size > 1:
+        raise ConfigError(
+            "eval_generate: runs on one process only; train on several and score the final "
+            "model with `sfttrain eval SHARDS --generate`"
+        )
+
+
 @dataclass(frozen=True)
 class Example:
     """One record's prompt and reference, taken from a packed row."""

@@ -68,8 +68,13 @@ from sfttrain.model import (
     load_base_model,
 )
 from sfttrain.optim import lr_schedule, param_groups
-from sfttrain.perf import check_platform, device_peak_tflops, model_flops_per_token
-from sfttrain.predict import check_installed, generation_metrics
+from sfttrain.perf import (
+    check_platform,
+    deterministic_kernels,
+    device_peak_tflops,
+    model_flops_per_token,
+)
+from sfttrain.predict import check_eval_generate, generation_metrics
 from sfttrain.rundir import (
     base_model_dir,
     check_run_dir,
@@ -141,14 +146,9 @@ def _train(
     device = dist.device
     run_dir = Path(output_dir)
     check_platform(config, device)  # QLoRA/Liger/flash attention/bf16 this machine cannot run
+    deterministic_kernels(config.deterministic)
     trackers = resolve_report_to(config.report_to)  # a missing package: before any write
-    if config.eval_generate:
-        check_installed("eval_generate")
-    if config.eval_generate and dist.world_size > 1:
-        raise ConfigError(
-            "eval_generate: runs on one process only; train on several and score the final "
-            "model with `sfttrain eval SHARDS --generate`"
-        )
+    check_eval_generate(config, dist.world_size)
 
     # ---- 1. data, model, the checkpoint to resume: all checked before anything is written ------
     data = _setup_data(config, Path(shards))

@@ -11,7 +11,13 @@ from sfttrain.loss import AUTO_ISOLATION, LossModel, forward_kwargs, isolation_f
 from sfttrain.model import CPU_ATTN_IMPLEMENTATIONS
 from tests.sfttrain_helpers import packed_row, small_model
 
-CASES = [(impl, iso) for impl in CPU_ATTN_IMPLEMENTATIONS for iso in ("position_ids", "block_mask")]
+# flex_attention takes its document mask from position ids only (isolation_for refuses block_mask)
+CASES = [
+    (impl, iso)
+    for impl in CPU_ATTN_IMPLEMENTATIONS
+    for iso in ("position_ids", "block_mask")
+    if not (impl == "flex_attention" and iso == "block_mask")
+]
 
 
 @pytest.mark.parametrize(("impl", "isolation"), CASES)
@@ -43,6 +49,14 @@ def test_auto_isolation_is_a_tested_mechanism(impl: str) -> None:
     cfg = build_config({"attn_implementation": impl})
     assert isolation_for(cfg) in ("position_ids", "block_mask")
     assert isolation_for(build_config({"attn_isolation": "block_mask"})) == "block_mask"
+
+
+def test_flex_attention_refuses_a_dense_mask() -> None:
+    from sftdata.errors import ConfigError
+
+    cfg = build_config({"attn_implementation": "flex_attention", "attn_isolation": "block_mask"})
+    with pytest.raises(ConfigError, match="flex_attention"):
+        isolation_for(cfg)
     assert set(CPU_ATTN_IMPLEMENTATIONS) <= set(AUTO_ISOLATION)
 
 

@@ -406,6 +406,7 @@ def test_fsdp_full_finetuning_matches_one_rank_and_its_checkpoint_resumes_on_one
     [
         ("quantization_bit=4", "quantization_bit: 4-bit QLoRA needs a CUDA GPU"),
         ("attn_implementation=flash_attention_2", "flash_attention_2 needs a CUDA GPU"),
+        ("attn_implementation=flex_attention", "flex_attention trains on a CUDA GPU only"),
     ],
 )
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusals")
@@ -474,3 +475,18 @@ def test_metrics_report_mfu_only_with_a_peak_on_cpu(shards, lora_ref, tmp_path) 
     in_process(shards, tmp_path / "b", {**values, "peak_tflops": 0.001, "eval_steps": None})
     rows = [r for r in metrics(tmp_path / "b") if "loss" in r]
     assert rows and all(r["mfu"] > 0 and r["peak_mem_mb"] > 0 for r in rows)
+
+
+def test_deterministic_kernels_are_switched_on_for_the_process() -> None:
+    """In a child process: the switch is process-wide and would leak into other tests here."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch; from sfttrain.perf import deterministic_kernels; "
+        "deterministic_kernels(False); a = torch.are_deterministic_algorithms_enabled(); "
+        "deterministic_kernels(True); "
+        "print(a, torch.are_deterministic_algorithms_enabled(), os.environ['CUBLAS_WORKSPACE_CONFIG'])"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["False", "True", ":4096:8"], r.stderr

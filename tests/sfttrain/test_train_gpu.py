@@ -80,12 +80,16 @@ def test_quantising_the_tiny_model_is_refused() -> None:
 
 @pytest.mark.gpu
 @needs_cuda
-def test_c1_under_flash_attention(shards, tmp_path) -> None:
-    pytest.importorskip("flash_attn", reason="flash-attn is not installed on this GPU machine")
+@pytest.mark.parametrize("impl", ["flex_attention", "flash_attention_2"])
+def test_c1_under_the_fast_paths_in_bf16(impl, shards, tmp_path) -> None:
+    """Packed rows under flex attention (a per-record BlockMask from position ids) and flash
+    varlen equal sdpa's block-diagonal mask and the records run alone, in bf16 (rel 2e-2)."""
+    if impl == "flash_attention_2":
+        pytest.importorskip("flash_attn", reason="flash-attn is not installed on this GPU machine")
     folder = small_model_dir(tmp_path / "m", seed=1)
     host = _packed_rows(shards, 2)
     batch = to_tensors(host, "cuda")
-    flash, _ = load_base_model(folder, attn_implementation="flash_attention_2")
+    flash, _ = load_base_model(folder, attn_implementation=impl)
     sdpa, _ = load_base_model(folder, attn_implementation="sdpa")
     flash, sdpa = flash.cuda().eval(), sdpa.cuda().eval()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -102,7 +106,7 @@ def test_c1_under_flash_attention(shards, tmp_path) -> None:
     assert got.item() == pytest.approx(want.item(), rel=2e-2)
     assert got.item() == pytest.approx(alone, rel=2e-2)
     kw = forward_kwargs(batch["input_ids"], batch["position_ids"], isolation="position_ids")
-    assert "attention_mask" not in kw  # no L×L mask is built for flash
+    assert "attention_mask" not in kw  # no L×L mask is built by us for either
 
 
 @pytest.mark.gpu
@@ -149,3 +153,63 @@ def test_bf16_loss_is_within_tolerance_of_fp32(shards, tmp_path) -> None:
     a, b = train_losses(tmp_path / "fp32"), train_losses(tmp_path / "bf16")
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=2e-2), (step, a[step], b[step])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_flex_attention_trains_like_sdpa(shards, tmp_path) -> None:
+    from sfttrain.train import train
+
+    base = {"max_steps": 4, "logging_steps": 1, "learning_rate": 1e-3, "report_to": "none",
+            "bf16": torch.cuda.is_bf16_supported(), "per_device_train_batch_size": 2}  # fmt: skip
+    for impl in ("sdpa", "flex_attention"):
+        cfg = build_config({**base, "attn_implementation": impl})
+        train(cfg, shards=shards, output_dir=tmp_path / impl, model_spec="tiny")
+    a, b = train_losses(tmp_path / "sdpa"), train_losses(tmp_path / "flex_attention")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=2e-2), (step, a[step], b[step])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_sigkill_and_resume_is_exact_on_cuda(shards, tmp_path) -> None:
+    """C4 on the GPU: deterministic kernels make the resumed losses and weights bit-equal."""
+    import signal
+    import subprocess
+    import time
+
+    from safetensors.torch import load_file
+
+    from tests.sfttrain_helpers import ROOT, metrics, sfttrain_cmd, subprocess_env
+
+    settings = ["--set", "max_steps=12", "--set", "save_steps=2", "--set", "logging_steps=1",
+                "--set", "deterministic=true", "--set", "learning_rate=1e-3",
+                "--set", "report_to=none", "--no-progress"]  # fmt: skip
+
+    def cmd(out, *extra):
+        return sfttrain_cmd(
+            "run", str(shards), "-o", str(out), "--model", "tiny", *settings, *extra
+        )
+
+    env = subprocess_env()
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    assert subprocess.run(cmd(ref), env=env, cwd=ROOT, capture_output=True).returncode == 0
+    proc = subprocess.Popen(
+        cmd(killed), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    while not any(r.get("step", 0) >= 7 for r in metrics(killed)):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before step 7"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (killed / "final").exists()
+    r = subprocess.run(
+        cmd(killed, "--resume", "auto"), env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert train_losses(killed) == train_losses(ref)
+    want = load_file(str(ref / "final" / "adapter_model.safetensors"))
+    got = load_file(str(killed / "final" / "adapter_model.safetensors"))
+    assert all(torch.equal(want[k], got[k]) for k in want)
