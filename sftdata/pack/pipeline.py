@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,10 +49,13 @@ from sftdata.pack.output import (
     hash_inputs,
 )
 from sftdata.pack.report import PackReport
-from sftdata.pack.rows import efficiency, pack_rows
+from sftdata.pack.rows import efficiency, pack_rows_windowed
 from sftdata.pack.workers import (
+    SAMPLE,
     SPILL_IDS,
     SPILL_MASK,
+    SPILL_RIDS,
+    SPILL_SAMPLES,
     ShardTask,
     Workers,
     encoded_chunks,
@@ -167,9 +172,9 @@ def _build(
         plans, spill, work, opts, workers, pad_id=0 if pad_id is None else int(pad_id),
         progress=progress,
     )  # fmt: skip
-    (work / SPILL_IDS).unlink()
-    (work / SPILL_MASK).unlink()
-    total_rows = sum(len(rows) for rows in plans.values())
+    for name in (SPILL_IDS, SPILL_MASK, SPILL_RIDS, SPILL_SAMPLES):
+        (work / name).unlink()
+    total_rows = sum(len(plan.row_starts) - 1 for plan in plans.values())
     tokens = sum(s["tokens"] for s in splits.values())
     stats = spill.stats
     index = {
@@ -200,7 +205,7 @@ def _build(
             "no_stop": stats["no_stop"],
             "dropped_tokens": {"overflow": spill.over_tokens},
             "truncated_tokens": spill.cut_tokens,
-            "lengths": _percentiles(spill.full_lengths),
+            "lengths": _percentiles(spill.length_counts),
         },
         "refusal_examples": stats["examples"],
         "splits": splits,
@@ -211,15 +216,13 @@ def _build(
 
 @dataclass
 class _Spilled:
-    """What stays in memory of the encoded records (their tokens are in the spill files)."""
+    """What stays in memory of the encoded records: 8 bytes each (their tokens, masks, spill
+    offsets and record ids are in the spill files, read back by the shard writers)."""
 
     lengths: np.ndarray
-    """Tokens of each kept sample, in input order."""
-    starts: np.ndarray
-    """Offset of each sample in the spill (one more entry: the total)."""
+    """Tokens of each kept sample (int32), in input order."""
     owners: np.ndarray
-    """The input record each sample came from."""
-    record_ids: list[str]
+    """The input record each sample came from (int32)."""
     n_in: int
     zero: int
     over: int
@@ -227,15 +230,23 @@ class _Spilled:
     stats: dict[str, Any]
     over_tokens: int = 0
     cut_tokens: int = 0
-    full_lengths: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
+    length_counts: Counter = field(default_factory=Counter)
+    """How many samples had each length before any cut (the length percentiles)."""
 
 
-def _percentiles(lengths: np.ndarray) -> dict[str, int]:
-    """Sample lengths before any cut: what ``--seq-len`` would keep how many records whole."""
-    if not len(lengths):
+def _percentiles(counts: Counter) -> dict[str, int]:
+    """Sample lengths before any cut: what ``--seq-len`` would keep how many records whole.
+
+    The value at sorted position ceil(q·(n-1)) (numpy's ``method="higher"``), read off the
+    length histogram, so no per-record array is kept for it."""
+    n = sum(counts.values())
+    if not n:
         return {}
-    p50, p90, p99 = np.percentile(lengths, [50, 90, 99], method="higher").tolist()
-    return {"p50": int(p50), "p90": int(p90), "p99": int(p99), "max": int(lengths.max())}
+    values = sorted(counts)
+    cum = np.cumsum([counts[v] for v in values])
+    at = {q: values[int(np.searchsorted(cum, math.ceil(q / 100 * (n - 1)), side="right"))]
+          for q in (50, 90, 99)}  # fmt: skip
+    return {"p50": at[50], "p90": at[90], "p99": at[99], "max": values[-1]}
 
 
 def _spill(
@@ -247,27 +258,42 @@ def _spill(
     approx_records: int,
     progress: Progress | None,
 ) -> _Spilled:
-    """Stages 2-3: encode every chunk (in the workers) and spill its tokens and masks."""
+    """Stages 2-3: encode every chunk (in the workers) and spill its tokens, masks, and each
+    sample's spill offset and record id."""
     lengths_parts: list[np.ndarray] = []
     owner_parts: list[np.ndarray] = []
-    record_ids: list[str] = []
     n_in = zero = over = trunc = over_tokens = cut_tokens = 0
-    full_parts: list[np.ndarray] = []
+    token_end = rid_end = 0
+    counts: Counter = Counter()
     stats: dict[str, Any] = render_stats([])
-    with (work / SPILL_IDS).open("wb") as fi, (work / SPILL_MASK).open("wb") as fm:
+    with (
+        (work / SPILL_IDS).open("wb") as fi,
+        (work / SPILL_MASK).open("wb") as fm,
+        (work / SPILL_RIDS).open("wb") as fr,
+        (work / SPILL_SAMPLES).open("wb") as fs,
+    ):
         for chunk in encoded_chunks(inputs, opts, workers):
             chunk.ids.tofile(fi)
             chunk.mask.tofile(fm)  # bool: one byte per token
-            lengths_parts.append(chunk.lengths)
-            owner_parts.append(chunk.owners + n_in)
-            record_ids.extend(chunk.record_ids)
+            rids = [r.encode("utf-8") for r in chunk.record_ids]
+            fr.write(b"".join(rids))
+            samples = np.zeros(len(rids), dtype=SAMPLE)
+            samples["start"] = token_end + np.concatenate([[0], np.cumsum(chunk.lengths)[:-1]])
+            rid_lens = np.fromiter(map(len, rids), dtype=np.int64, count=len(rids))
+            samples["rid"] = rid_end + np.concatenate([[0], np.cumsum(rid_lens)[:-1]])
+            samples["rid_len"] = rid_lens
+            samples.tofile(fs)
+            token_end += int(chunk.lengths.sum())
+            rid_end += int(rid_lens.sum())
+            lengths_parts.append(chunk.lengths.astype(np.int32, copy=False))
+            owner_parts.append((chunk.owners + n_in).astype(np.int32))
             n_in += chunk.n_in
             zero += chunk.zero_trained
             over += chunk.overflow
             trunc += chunk.truncated
             over_tokens += chunk.overflow_tokens
             cut_tokens += chunk.truncated_tokens
-            full_parts.append(chunk.full_lengths)
+            counts.update(chunk.full_lengths.tolist())
             merge_stats(stats, chunk.stats)
             if progress:
                 progress("encode", n_in, max(approx_records, n_in))
@@ -279,23 +305,37 @@ def _spill(
             f"trained tokens, {over} longer than --seq-len {opts.seq_len}, {refused} refused by "
             "the template)"
         )
-    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=starts[1:])
     owners = np.concatenate(owner_parts)
-    full = np.concatenate(full_parts) if full_parts else np.empty(0, np.int32)
     return _Spilled(
-        lengths, starts, owners, record_ids, n_in, zero, over, trunc, stats, over_tokens,
-        cut_tokens, full,
+        lengths, owners, n_in, zero, over, trunc, stats, over_tokens, cut_tokens, counts,
     )  # fmt: skip
 
 
-def _plan_rows(spill: _Spilled, opts: PackOptions) -> dict[str, list[list[int]]]:
+@dataclass
+class _Plan:
+    """One split's rows, compactly: sample indices row after row, and where each row starts."""
+
+    samples: np.ndarray
+    """Sample indices (int32), row after row in output order."""
+    row_starts: np.ndarray
+    """Offset of each row in ``samples`` (one more entry: the total)."""
+
+    def rows(self, first: int, last: int) -> list[np.ndarray]:
+        return [
+            self.samples[self.row_starts[r] : self.row_starts[r + 1]] for r in range(first, last)
+        ]
+
+
+def _plan_rows(spill: _Spilled, opts: PackOptions) -> dict[str, _Plan]:
     """Stage 4: the validation split, then each split's rows (sample indices), shuffled."""
     # The split is drawn over input records, so the samples one record gives (a turn the
     # template re-renders differently, README "Templates and masks") stay on one side of it.
     # Where every record gives one sample, groups are the samples and the draw is unchanged.
-    _, group = np.unique(spill.owners, return_inverse=True)
-    n_groups = int(group.max()) + 1
+    # Samples come in input order, so a new group starts wherever the owner changes.
+    owners = spill.owners
+    group = np.zeros(len(owners), dtype=np.int32)
+    np.cumsum(owners[1:] != owners[:-1], out=group[1:])
+    n_groups = int(group[-1]) + 1
     val_n = _val_size(opts, n_groups)
     if val_n >= n_groups:
         raise ConfigError(
@@ -303,25 +343,32 @@ def _plan_rows(spill: _Spilled, opts: PackOptions) -> dict[str, list[list[int]]]
         )
     pick = np.random.default_rng([opts.seed, 0]).permutation(n_groups)[:val_n]
     is_val = np.isin(group, pick)
-    members = {"train": np.flatnonzero(~is_val)}
+    del group, pick
+    members = {"train": np.flatnonzero(~is_val).astype(np.int32)}
     if val_n:
-        members["validation"] = np.flatnonzero(is_val)
+        members["validation"] = np.flatnonzero(is_val).astype(np.int32)
     plans = {}
     for k, (name, idx) in enumerate(members.items()):
         if opts.pack:
-            rows = [
-                idx[r].tolist()
-                for r in map(np.asarray, pack_rows(spill.lengths[idx], seq_len=opts.seq_len))
-            ]
+            samples, row_starts = pack_rows_windowed(spill.lengths[idx], seq_len=opts.seq_len)
+            samples = idx[samples]  # int32, like idx
         else:
-            rows = [[int(i)] for i in idx]
-        order = np.random.default_rng([opts.seed, 1, k]).permutation(len(rows))
-        plans[name] = [rows[j] for j in order]
+            samples, row_starts = idx, np.arange(len(idx) + 1, dtype=np.int64)
+        n_rows = len(row_starts) - 1
+        order = np.random.default_rng([opts.seed, 1, k]).permutation(n_rows)
+        sizes = np.diff(row_starts)[order]
+        starts = np.zeros(n_rows + 1, dtype=np.int64)
+        np.cumsum(sizes, out=starts[1:])
+        # gather rows in the shuffled order without a Python list per row
+        take = np.repeat((row_starts[:-1][order] - starts[:-1]).astype(np.int32), sizes)
+        take += np.arange(len(samples), dtype=np.int32)
+        plans[name] = _Plan(samples[take], starts)
+        del take, samples
     return plans
 
 
 def _write_shards(
-    plans: dict[str, list[list[int]]],
+    plans: dict[str, _Plan],
     spill: _Spilled,
     work: Path,
     opts: PackOptions,
@@ -331,39 +378,42 @@ def _write_shards(
     progress: Progress | None,
 ) -> dict[str, Any]:
     """Stage 4, writing: the shard files of every split (in the workers: shards are
-    independent files); returns each split's index entry."""
+    independent files); returns each split's index entry. Tasks are made as the workers take
+    them, so only the shards in flight exist in memory."""
     shard_size = opts.resolved_shard_size()
-    starts, lengths, record_ids = spill.starts, spill.lengths, spill.record_ids
-    shard_tasks = [
-        ShardTask(
-            folder=str(work), split=name, number=number, seq_len=opts.seq_len, pad_id=pad_id,
-            rows=[[(int(starts[i]), int(lengths[i])) for i in row] for row in part],
-            record_ids=[[record_ids[i] for i in row] for row in part],
-        )
-        for name, rows in plans.items()
-        for number, part in enumerate(
-            rows[first : first + shard_size] for first in range(0, len(rows), shard_size)
-        )
-    ]  # fmt: skip
+    lengths = spill.lengths
+
+    def tasks():
+        for name, plan in plans.items():
+            n_rows = len(plan.row_starts) - 1
+            for number, first in enumerate(range(0, n_rows, shard_size)):
+                last = min(first + shard_size, n_rows)
+                a, b = plan.row_starts[first], plan.row_starts[last]
+                yield ShardTask(
+                    folder=str(work), split=name, number=number, seq_len=opts.seq_len,
+                    pad_id=pad_id, samples=plan.samples[a:b],
+                    lengths=lengths[plan.samples[a:b]],
+                    row_starts=(plan.row_starts[first : last + 1] - a).astype(np.int64),
+                )  # fmt: skip
+
     splits: dict[str, Any] = {
         name: {
-            "rows": len(rows),
-            "records": int(sum(len(r) for r in rows)),
+            "rows": len(plan.row_starts) - 1,
+            "records": len(plan.samples),
             "tokens": 0,
             "trained_tokens": 0,
             "shards": [],
         }
-        for name, rows in plans.items()
+        for name, plan in plans.items()
     }
-    total_rows = sum(len(rows) for rows in plans.values())
+    total_rows = sum(s["rows"] for s in splits.values())
     written = 0
-    results = workers.ordered(write_shard, ((t,) for t in shard_tasks))
-    for task, (entry, tokens, trained) in zip(shard_tasks, results, strict=True):
-        split = splits[task.split]
+    for name, rows, entry, tokens, trained in workers.ordered(write_shard, ((t,) for t in tasks())):
+        split = splits[name]
         split["shards"].append(entry)
         split["tokens"] += tokens
         split["trained_tokens"] += trained
-        written += len(task.rows)
+        written += rows
         if progress:
             progress("write", written, total_rows)
     return splits

@@ -9,6 +9,7 @@ not trained and at every record's first token, so no record learns from its neig
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,40 +37,81 @@ def pack_rows(lengths: Sequence[int] | np.ndarray, *, seq_len: int) -> list[list
     Returns:
         Rows as lists of record indices (ascending within a row), in order of creation.
     """
+    samples, starts = assign_rows(lengths, seq_len=seq_len)
+    return [samples[a:b].tolist() for a, b in itertools.pairwise(starts.tolist())]
+
+
+def assign_rows(
+    lengths: Sequence[int] | np.ndarray, *, seq_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``pack_rows``' rows as flat arrays: record indices row after row (ascending within a
+    row, rows in order of creation) and each row's offset (one more entry: the total).
+
+    Each record's row is kept in an array, not in per-row Python lists, so the packer holds a few
+    bytes per record; only the open rows' numbers live in Python objects.
+    """
     lens = np.asarray(lengths, dtype=np.int64)
     if lens.size and (lens.min() < 1 or lens.max() > seq_len):
         bad = int(np.flatnonzero((lens < 1) | (lens > seq_len))[0])
         raise ValueError(f"record {bad} has length {int(lens[bad])}, not in 1..{seq_len}")
     order = np.argsort(-lens, kind="stable")
-    rows: list[list[int]] = []
+    row_of = np.empty(len(lens), dtype=np.int64)
+    n_rows = 0
     by_room: dict[int, list[int]] = {}  # remaining capacity -> open rows with exactly that room
     rooms: list[int] = []  # sorted distinct capacities that have at least one open row
-    for i in order.tolist():
-        n = int(lens[i])
-        k = bisect.bisect_left(rooms, n)
-        if k == len(rooms):
-            r = len(rows)
-            rows.append([i])
-            room = seq_len - n
-        else:
-            room_before = rooms[k]
-            bucket = by_room[room_before]
-            r = bucket.pop()
-            if not bucket:
-                del by_room[room_before]
-                rooms.pop(k)
-            rows[r].append(i)
-            room = room_before - n
-        if room > 0:
-            bucket = by_room.get(room)
-            if bucket is None:
-                by_room[room] = [r]
-                bisect.insort(rooms, room)
+    for lo in range(0, len(order), 8192):  # Python ints for one block at a time
+        block = order[lo : lo + 8192]
+        for i, n in zip(block.tolist(), lens[block].tolist(), strict=True):
+            k = bisect.bisect_left(rooms, n)
+            if k == len(rooms):
+                r = n_rows
+                n_rows += 1
+                room = seq_len - n
             else:
-                bucket.append(r)
-    for row in rows:
-        row.sort()
-    return rows
+                room_before = rooms[k]
+                bucket = by_room[room_before]
+                r = bucket.pop()
+                if not bucket:
+                    del by_room[room_before]
+                    rooms.pop(k)
+                room = room_before - n
+            row_of[i] = r
+            if room > 0:
+                bucket = by_room.get(room)
+                if bucket is None:
+                    by_room[room] = [r]
+                    bisect.insort(rooms, room)
+                else:
+                    bucket.append(r)
+    samples = np.argsort(row_of, kind="stable")  # by row, then by index within a row
+    starts = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row_of, minlength=n_rows), out=starts[1:])
+    return samples, starts
+
+
+PACK_WINDOW = 100_000
+"""Records packed together by ``pack_rows_windowed``: best-fit over a window this size already
+comes within a row or two of the floor per window (benchmarks/README.md), and the packer's Python
+lists then stay bounded however large the split is."""
+
+
+def pack_rows_windowed(
+    lengths: np.ndarray, *, seq_len: int, window: int = PACK_WINDOW
+) -> tuple[np.ndarray, np.ndarray]:
+    """``pack_rows`` over consecutive windows of ``window`` records, as flat arrays: the record
+    indices row after row (int32) and each row's offset in them (one more entry: the total).
+    A split of at most ``window`` records is packed whole, exactly as ``pack_rows`` packs it."""
+    samples: list[np.ndarray] = []
+    sizes: list[np.ndarray] = []
+    for first in range(0, len(lengths), window):
+        flat, starts = assign_rows(lengths[first : first + window], seq_len=seq_len)
+        samples.append((flat + first).astype(np.int32))  # 4 bytes a record, not 8
+        sizes.append(np.diff(starts))
+    if not samples:
+        return np.empty(0, np.int32), np.zeros(1, np.int64)
+    starts = np.zeros(sum(len(x) for x in sizes) + 1, dtype=np.int64)
+    np.cumsum(np.concatenate(sizes), out=starts[1:])
+    return np.concatenate(samples), starts
 
 
 def next_fit(lengths: Sequence[int] | np.ndarray, *, seq_len: int) -> list[list[int]]:

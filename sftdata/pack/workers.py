@@ -19,6 +19,10 @@ from sftdata.shards import ShardWriter
 
 SPILL_IDS, SPILL_MASK = ".spill-ids.bin", ".spill-mask.bin"
 """Tokens and masks of every kept record, spilled in input order inside the work folder."""
+SPILL_RIDS, SPILL_SAMPLES = ".spill-record-ids.bin", ".spill-samples.bin"
+"""Every kept record's id (UTF-8, back to back), and per sample where its tokens and id are."""
+SAMPLE = np.dtype([("start", "<i8"), ("rid", "<i8"), ("rid_len", "<i8")])
+"""One entry of ``SPILL_SAMPLES``: token offset, id byte offset, id byte length."""
 
 
 class Workers:
@@ -75,45 +79,60 @@ class Workers:
 
 @dataclass(frozen=True)
 class ShardTask:
-    """One shard file to write: its rows as (offset, length) of each record in the spill."""
+    """One shard file to write: the samples of its rows (their tokens, masks and ids are read
+    from the spill files)."""
 
     folder: str
     split: str
     number: int
     seq_len: int
     pad_id: int
-    rows: list[list[tuple[int, int]]]
-    record_ids: list[list[str]]
+    samples: np.ndarray
+    """Sample indices, row after row."""
+    lengths: np.ndarray
+    """Their lengths in tokens."""
+    row_starts: np.ndarray
+    """Offset of each row in ``samples`` (one more entry: the total)."""
 
 
-def write_shard(task: ShardTask) -> tuple[dict[str, Any], int, int]:
-    """Gather, lay out and write one shard; return its index entry, tokens and trained tokens."""
+def write_shard(task: ShardTask) -> tuple[str, int, dict[str, Any], int, int]:
+    """Gather, lay out and write one shard; return its split, rows, index entry, tokens and
+    trained tokens."""
     folder = Path(task.folder)
     # Records are read back with pread, not a memory map: mapped pages count towards RSS, which
     # would then grow with the dataset (5 bytes per token) instead of staying flat.
-    fd_ids = os.open(folder / SPILL_IDS, os.O_RDONLY)
-    fd_mask = os.open(folder / SPILL_MASK, os.O_RDONLY)
+    fds = {
+        n: os.open(folder / n, os.O_RDONLY)
+        for n in (SPILL_IDS, SPILL_MASK, SPILL_RIDS, SPILL_SAMPLES)
+    }
+    n_rows = len(task.row_starts) - 1
     try:
         writer = ShardWriter(
-            folder, split=task.split, seq_len=task.seq_len, shard_size=len(task.rows),
+            folder, split=task.split, seq_len=task.seq_len, shard_size=n_rows,
             first_shard=task.number,
         )  # fmt: skip
         tokens = trained = 0
-        for row, ids_of_row in zip(task.rows, task.record_ids, strict=True):
-            segs = []
-            for a, n in row:
-                ids = np.frombuffer(os.pread(fd_ids, 4 * n, 4 * a), dtype=np.int32)
-                mask = np.frombuffer(os.pread(fd_mask, n, a), dtype=np.bool_)
+        size = SAMPLE.itemsize
+        for r in range(n_rows):
+            segs, rids = [], []
+            for j in range(task.row_starts[r], task.row_starts[r + 1]):
+                i, n = int(task.samples[j]), int(task.lengths[j])
+                (where,) = np.frombuffer(os.pread(fds[SPILL_SAMPLES], size, size * i), dtype=SAMPLE)
+                a = int(where["start"])
+                ids = np.frombuffer(os.pread(fds[SPILL_IDS], 4 * n, 4 * a), dtype=np.int32)
+                mask = np.frombuffer(os.pread(fds[SPILL_MASK], n, a), dtype=np.bool_)
+                rid = os.pread(fds[SPILL_RIDS], int(where["rid_len"]), int(where["rid"]))
                 tokens += n
                 trained += int(np.count_nonzero(mask[1:]))
                 segs.append((ids, mask))
+                rids.append(rid.decode("utf-8"))
             # The last add fills the writer (shard_size = rows), which writes the file.
-            writer.add(build_row(segs, seq_len=task.seq_len, pad_id=task.pad_id), ids_of_row)
+            writer.add(build_row(segs, seq_len=task.seq_len, pad_id=task.pad_id), rids)
     finally:
-        os.close(fd_ids)
-        os.close(fd_mask)
+        for fd in fds.values():
+            os.close(fd)
     (entry,) = writer.shards
-    return entry, tokens, trained
+    return task.split, n_rows, entry, tokens, trained
 
 
 def encoded_chunks(inputs: Sequence[Path], opts: PackOptions, workers: Workers) -> Iterator[Chunk]:
