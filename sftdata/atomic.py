@@ -59,6 +59,33 @@ def atomic_file(
         with _into_special(path, mode=mode, encoding=encoding) as f:
             yield f
         return
+    with _temp_beside(path) as (fd, _):
+        if "b" in mode:
+            f = os.fdopen(fd, mode)
+        else:
+            f = os.fdopen(fd, mode, encoding=encoding, newline="")
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temp file path beside ``path`` for a writer that opens files itself (the ``gguf``
+    writer); renamed onto ``path`` only if the block succeeds, removed otherwise."""
+    with _temp_beside(path) as (fd, tmp):
+        os.close(fd)
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def _temp_beside(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
+    """(open descriptor, name) of a new temp file in ``path``'s folder (so the final
+    ``os.replace`` is atomic: same filesystem); once the block succeeds it gets the umask's mode
+    and replaces ``path``, on any exception it is removed. The block closes the descriptor."""
     path = Path(path)
     if path.is_symlink():
         path = path.resolve()  # write the file the link names; the link stays a link
@@ -68,37 +95,7 @@ def atomic_file(
     except OSError as e:
         raise ConfigError(f"{path}: cannot write here ({e.strerror})") from None
     try:
-        if "b" in mode:
-            f = os.fdopen(fd, mode)
-        else:
-            f = os.fdopen(fd, mode, encoding=encoding, newline="")
-        with f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        follow_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """A temp file path beside ``path`` for a writer that opens files itself (the ``gguf``
-    writer); renamed onto ``path`` only if the block succeeds, removed otherwise."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot write here ({e.strerror})") from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        yield fd, tmp
         follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -320,11 +320,6 @@ class _Plan:
     row_starts: np.ndarray
     """Offset of each row in ``samples`` (one more entry: the total)."""
 
-    def rows(self, first: int, last: int) -> list[np.ndarray]:
-        return [
-            self.samples[self.row_starts[r] : self.row_starts[r + 1]] for r in range(first, last)
-        ]
-
 
 def _plan_rows(spill: _Spilled, opts: PackOptions) -> dict[str, _Plan]:
     """Stage 4: the validation split, then each split's rows (sample indices), shuffled."""

@@ -2,6 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+
+def sampling_options(*, max_new_tokens: int) -> Callable[[Any], Any]:
+    """``--max-new-tokens``, ``--temperature``, ``--top-p`` and ``--seed``, as ``generate`` and
+    ``chat`` both take them (``sfttrain.chat.Sampling`` holds the same four)."""
+    options = [
+        click.option("--max-new-tokens", default=max_new_tokens, show_default=True, type=click.IntRange(min=1)),
+        click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
+                     help="0 = greedy (deterministic)."),
+        click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0.0, max=1.0)),
+        click.option("--seed", default=0, show_default=True, help="Seed for sampling (temperature > 0)."),
+    ]  # fmt: skip
+
+    def apply(command: Any) -> Any:
+        for option in reversed(options):  # decorators apply bottom-up: keep the listed order
+            command = option(command)
+        return command
+
+    return apply
+
 
 def quiet_libraries() -> None:
     """transformers/peft chatter (save progress bars, advisory warnings) would bury the progress bar."""

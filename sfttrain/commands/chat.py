@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from sfttrain.commands import sampling_options
+
 HELP = "/reset forgets the conversation, /system TEXT sets the system message, /exit leaves; Ctrl-C stops a reply."
 
 
@@ -38,16 +40,7 @@ HELP = "/reset forgets the conversation, /system TEXT sets the system message, /
     show_default=True,
     help="Chat template for --model (as in generate); a .gguf file carries its own.",
 )
-@click.option("--max-new-tokens", default=512, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--temperature",
-    default=0.0,
-    show_default=True,
-    type=click.FloatRange(min=0.0),
-    help="0 = greedy (deterministic).",
-)
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0.0, max=1.0))
-@click.option("--seed", default=0, show_default=True, help="Seed for sampling (temperature > 0).")
+@sampling_options(max_new_tokens=512)
 def command(
     model_spec: str | None,
     adapter: str | None,

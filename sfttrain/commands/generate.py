@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from sfttrain.commands import sampling_options
+
 
 @click.command("generate")
 @click.option(
@@ -34,16 +36,7 @@ import click
     show_default=True,
     help="auto (the tokenizer's chat_template), a built-in name (chatml, qwen2.5, llama3, ...), a LLaMA-Factory name, fastchat:NAME or FILE.jinja — use the one you packed with.",
 )
-@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--temperature",
-    default=0.0,
-    show_default=True,
-    type=click.FloatRange(min=0.0),
-    help="0 = greedy (deterministic).",
-)
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0.0, max=1.0))
-@click.option("--seed", default=0, show_default=True, help="Seed for sampling (temperature > 0).")
+@sampling_options(max_new_tokens=64)
 def command(
     model_spec: str,
     adapter: str | None,

@@ -108,8 +108,10 @@ def _export(spec: str | Path, out: Path, quant: str) -> GGUFReport:
 
 def _name(spec: str | Path) -> str:
     """``general.name``: the model folder's name (a checkpoint's run folder for ``final/``)."""
-    path = Path(str(spec)).resolve() if str(spec) != "tiny" else Path("tiny")
-    if path.name in ("final",) or path.name.startswith("step-"):
+    if str(spec) == "tiny":
+        return "tiny"
+    path = Path(spec).resolve()
+    if path.name == "final" or path.name.startswith("step-"):
         return path.parent.parent.name if path.parent.name == "checkpoints" else path.parent.name
     return path.name
 

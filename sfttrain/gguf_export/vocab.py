@@ -30,8 +30,6 @@ SPLIT_RULES = {
     _LETTERS + r"\p{N}|" + _REST: "qwen2",
 }
 
-CONTROL, USER_DEFINED, NORMAL, UNKNOWN, UNUSED, BYTE = 3, 4, 1, 2, 5, 6  # gguf.TokenType
-
 
 def _kind(backend: dict[str, Any], *, where: str) -> str:
     model = backend.get("model") or {}
@@ -83,6 +81,8 @@ def vocab_entries(tok: Any, rows: int, *, where: str) -> dict[str, Any]:
 
     Keys: model, pre, tokens, types, scores (spm) or merges (bpe), and the special ids.
     """
+    from gguf import TokenType
+
     backend = json.loads(tok.backend_tokenizer.to_str())
     kind = _kind(backend, where=where)
     size = len(tok)
@@ -90,7 +90,7 @@ def vocab_entries(tok: Any, rows: int, *, where: str) -> dict[str, Any]:
         raise ModelError(
             f"{where}: the tokenizer has {size} tokens but the model only {rows} embedding rows"
         )
-    added = {i: t for i, t in tok.added_tokens_decoder.items()}
+    added = tok.added_tokens_decoder
     engine = tok.backend_tokenizer
     tokens: list[str] = []
     types: list[int] = []
@@ -98,16 +98,16 @@ def vocab_entries(tok: Any, rows: int, *, where: str) -> dict[str, Any]:
         text = engine.id_to_token(i) if i < size else None
         if text is None:
             tokens.append(f"[PAD{i}]")
-            types.append(UNUSED)
+            types.append(TokenType.UNUSED)
         elif i in added:
             tokens.append(text)
-            types.append(CONTROL if added[i].special else USER_DEFINED)
+            types.append(TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
         elif kind == "spm" and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
             tokens.append(text)
-            types.append(BYTE)
+            types.append(TokenType.BYTE)
         else:
             tokens.append(text)
-            types.append(NORMAL)
+            types.append(TokenType.NORMAL)
     out: dict[str, Any] = {"tokens": tokens, "types": types}
     merges = _merges(backend)
     if kind == "bpe":
@@ -115,7 +115,7 @@ def vocab_entries(tok: Any, rows: int, *, where: str) -> dict[str, Any]:
     else:
         out.update(model="llama", pre="default", scores=_scores(tokens, merges))
         if tok.unk_token_id is not None:
-            types[tok.unk_token_id] = UNKNOWN
+            types[tok.unk_token_id] = TokenType.UNKNOWN
     out.update(_special_ids(tok))
     return out
 

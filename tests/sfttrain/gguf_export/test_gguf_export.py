@@ -17,7 +17,7 @@ from sfttrain.model import build_tiny
 from tests.sfttrain_helpers import run_cli, small_model_dir
 
 
-def _fields(path: Path) -> dict:
+def _fields(path: Path) -> tuple[gguf.GGUFReader, dict]:
     reader = gguf.GGUFReader(str(path))
     return reader, {k: f.contents() for k, f in reader.fields.items()}
 
