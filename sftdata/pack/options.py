@@ -51,7 +51,7 @@ class PackOptions:
     num_proc: int = 1
     """Encoding worker processes (does not change the output)."""
     chunk_size: int = 2000
-    """Records per encode_batch call (does not change the output)."""
+    """Most records per encode task and tokenizer call (does not change the output)."""
     template_date: str = DEFAULT_TEMPLATE_DATE
     """The date templates see (``strftime_now``, ``date_string``), pinned for reproducibility."""
     strict: bool = False

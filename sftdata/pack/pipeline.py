@@ -272,7 +272,7 @@ def _spill(
         (work / SPILL_RIDS).open("wb") as fr,
         (work / SPILL_SAMPLES).open("wb") as fs,
     ):
-        for chunk in encoded_chunks(inputs, opts, workers):
+        for chunk in encoded_chunks(inputs, opts, workers, approx_records=approx_records):
             chunk.ids.tofile(fi)
             chunk.mask.tofile(fm)  # bool: one byte per token
             rids = [r.encode("utf-8") for r in chunk.record_ids]

@@ -20,7 +20,8 @@ MEASURE = """
 import json, sys
 from sftdata.pack import PackOptions, pack
 warm, src, out = sys.argv[1:4]
-opts = PackOptions(seq_len=1024, tokenizer="tiny", num_proc=2)
+# chunk_size below both sizes' automatic task size, so both run the same tasks
+opts = PackOptions(seq_len=1024, tokenizer="tiny", num_proc=2, chunk_size=500)
 pack([warm], out + ".warm", opts)
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
