@@ -49,23 +49,24 @@ def demo_shards(
 
 
 def small_model_dir(folder: Path, *, seed: int = 0, max_positions: int = 512, **overrides) -> Path:
-    """A hidden-64, 2-layer Llama with the tiny tokenizer, saved as a local HF folder."""
+    """A hidden-64, 2-layer Llama with the tiny tokenizer (``overrides`` change any config
+    field), saved as a local HF folder."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     tok = load_tokenizer("tiny")
-    overrides.setdefault("vocab_size", len(tok))
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-        **overrides,
-    )
+    fields = {
+        "vocab_size": len(tok),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": max_positions,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": None,
+    }
+    cfg = LlamaConfig(**{**fields, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).float()
     folder.mkdir(parents=True, exist_ok=True)

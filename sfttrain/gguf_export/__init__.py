@@ -63,7 +63,7 @@ def _export(spec: str | Path, out: Path, quant: str) -> GGUFReport:
     from sftdata.atomic import atomic_path
     from sfttrain.export import check_mergeable_base
     from sfttrain.gguf_export.arch import arch_for, gguf_tensors, write_hparams
-    from sfttrain.gguf_export.quant import encode, file_type
+    from sfttrain.gguf_export.quant import encode, file_type, header_entry, tensor_type
     from sfttrain.gguf_export.vocab import vocab_entries, write_vocab
     from sfttrain.model import TINY, adapter_base, is_adapter_dir, load_for_inference
 
@@ -74,26 +74,25 @@ def _export(spec: str | Path, out: Path, quant: str) -> GGUFReport:
     lm, tokenizer = load_for_inference(spec)
     if merged:
         lm = lm.merge_and_unload()
-    lm = lm.float()
     arch = arch_for(lm.config, where=where)
     entries = vocab_entries(tokenizer, lm.config.vocab_size, where=where)
     tensors = gguf_tensors(lm, arch)
-    config = lm.config
-    del lm  # the arrays above are copies; the torch weights are no longer needed
-    fallback: list[str] = []
+    types = [tensor_type(t.shape, quant) for t in tensors]
+    fallback = [t.name for t, (_, fell_back) in zip(tensors, types, strict=True) if fell_back]
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch.gguf_arch)
-        write_hparams(writer, config, name=_name(spec), file_type=file_type(quant))
+        write_hparams(writer, lm.config, name=_name(spec), file_type=file_type(quant))
         write_vocab(writer, entries)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for name, data in tensors:
-            payload, qtype, fell_back = encode(data, quant)
-            if fell_back:
-                fallback.append(name)
-            writer.add_tensor(name, payload, raw_dtype=qtype)
+        # Every tensor's header entry first (from shapes alone), then the tensors one by one:
+        # the model plus one tensor's converted copy in memory, not a copy of every tensor.
+        for t, (qtype, _) in zip(tensors, types, strict=True):
+            writer.add_tensor_info(t.name, *header_entry(t.shape, qtype), raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for t, (qtype, _) in zip(tensors, types, strict=True):
+            writer.write_tensor_data(encode(t.array(), qtype))
         writer.close()
     return GGUFReport(
         output=str(out),

@@ -105,8 +105,31 @@ def pairwise_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(model: Any, arch: Arch) -> list[tuple[str, np.ndarray]]:
-    """(llama.cpp name, float32 array) for every weight of ``model``, in the model's order.
+@dataclass(frozen=True)
+class TensorOut:
+    """One weight as it will be written: its llama.cpp name and shape, converted on demand."""
+
+    name: str
+    """llama.cpp's tensor name."""
+    shape: tuple[int, ...]
+    """Its shape (row re-ordering keeps it)."""
+    source: Any
+    """The model's own tensor (not a copy)."""
+    pairwise_heads: int = 0
+    """Re-order rows half-split -> adjacent pairs for this many heads (0: as is)."""
+
+    def array(self) -> np.ndarray:
+        """The weight as a contiguous float32 array (the model's own memory where no conversion
+        or re-ordering is needed, else a copy freed once written)."""
+        data = self.source.detach().to("cpu").float().numpy()
+        if self.pairwise_heads:
+            data = pairwise_rows(data, self.pairwise_heads)
+        return np.ascontiguousarray(data)
+
+
+def gguf_tensors(model: Any, arch: Arch) -> list[TensorOut]:
+    """Every weight of ``model`` to write, in the model's order, none converted yet (the export
+    converts and writes one at a time, so it holds one tensor's copy beside the model, not all).
 
     A tied output head is left out (llama.cpp reuses ``token_embd`` when ``output`` is absent);
     a weight the name table does not know is refused, since llama.cpp would not load it.
@@ -120,7 +143,7 @@ def gguf_tensors(model: Any, arch: Arch) -> list[tuple[str, np.ndarray]]:
     tied = bool(getattr(config, "tie_word_embeddings", False))
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    out: list[tuple[str, np.ndarray]] = []
+    out: list[TensorOut] = []
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue
@@ -131,18 +154,19 @@ def gguf_tensors(model: Any, arch: Arch) -> list[tuple[str, np.ndarray]]:
             raise ModelError(
                 f"{hf_name}: no llama.cpp tensor name for this {arch.gguf_arch} weight"
             )
-        data = tensor.detach().to("cpu").float().numpy()
+        pairwise = 0
         if arch.pairwise_rope and ".self_attn.q_proj." in hf_name:
-            data = pairwise_rows(data, heads)
+            pairwise = heads
         elif arch.pairwise_rope and ".self_attn.k_proj." in hf_name:
-            data = pairwise_rows(data, kv_heads)
-        out.append((name, np.ascontiguousarray(data)))
+            pairwise = kv_heads
+        out.append(TensorOut(name, tuple(tensor.shape), tensor, pairwise))
     return out
 
 
 __all__ = [
     "ARCHS",
     "Arch",
+    "TensorOut",
     "arch_for",
     "gguf_tensors",
     "head_dim",

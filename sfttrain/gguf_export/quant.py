@@ -69,20 +69,56 @@ def file_type(name: str) -> int:
     return int(gguf.LlamaFileType[_FILE_TYPES[name]])
 
 
-def encode(data: np.ndarray, name: str) -> tuple[np.ndarray, Any, bool]:
-    """(bytes or array to write, its GGML type, whether it fell back to f16) for one tensor."""
+def tensor_type(shape: tuple[int, ...], name: str) -> tuple[Any, bool]:
+    """(GGML type, whether it fell back to f16) a tensor of ``shape`` is written in for ``--quant
+    name``: decided from the shape alone, so every tensor's header entry can be written before
+    any tensor is converted."""
     import gguf
 
     types = gguf.GGMLQuantizationType
-    if data.ndim < 2 or name == "f32":
-        return data.astype(np.float32), types.F32, False
+    if len(shape) < 2 or name == "f32":
+        return types.F32, False
     if name == "f16":
-        return data.astype(np.float16), types.F16, False
+        return types.F16, False
     qtype = types[name.upper()]
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if data.shape[-1] % block:
-        return data.astype(np.float16), types.F16, True
-    return gguf.quants.quantize(data.astype(np.float32), qtype), qtype, False
+    if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return types.F16, True
+    return qtype, False
 
 
-__all__ = ["QUANTS", "check_quant", "encode", "file_type", "writable"]
+def header_entry(shape: tuple[int, ...], qtype: Any) -> tuple[tuple[int, ...], Any, int]:
+    """(shape, numpy dtype, bytes) of the payload :func:`encode` gives, as
+    ``GGUFWriter.add_tensor_info`` takes them."""
+    import gguf
+
+    types = gguf.GGMLQuantizationType
+    count = int(np.prod(shape, dtype=np.int64))
+    if qtype == types.F32:
+        return shape, np.dtype(np.float32), 4 * count
+    if qtype == types.F16:
+        return shape, np.dtype(np.float16), 2 * count
+    byte_shape = tuple(gguf.quant_shape_to_byte_shape(shape, qtype))
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape, dtype=np.int64))
+
+
+def encode(data: np.ndarray, qtype: Any) -> np.ndarray:
+    """The payload of one float32 tensor in GGML type ``qtype`` (from :func:`tensor_type`)."""
+    import gguf
+
+    types = gguf.GGMLQuantizationType
+    if qtype == types.F32:
+        return data.astype(np.float32, copy=False)
+    if qtype == types.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data.astype(np.float32, copy=False), qtype)
+
+
+__all__ = [
+    "QUANTS",
+    "check_quant",
+    "encode",
+    "file_type",
+    "header_entry",
+    "tensor_type",
+    "writable",
+]

@@ -109,6 +109,32 @@ def test_padded_embedding_rows_and_tied_heads(tmp_path) -> None:
     assert "output.weight" not in {t.name for t in reader.tensors}
 
 
+def test_tensors_are_converted_one_at_a_time(tmp_path) -> None:
+    """The export holds one tensor's converted copy at a time, not one of every tensor: numpy's
+    allocations (tracemalloc sees them; torch's weights it does not) peak near the largest
+    converted tensor, far below the model, in every type."""
+    import tracemalloc
+
+    folder = small_model_dir(
+        tmp_path / "m", hidden_size=128, intermediate_size=512, num_hidden_layers=24
+    )
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    total = sum(w.nbytes for w in weights.values())
+    largest = max(w.nbytes for w in weights.values())
+    assert largest < total / 10  # the model is many tensors, so the two figures are apart
+    for quant in ("f32", "q8_0"):
+        tracemalloc.start()
+        try:
+            export_gguf(folder, tmp_path / f"m-{quant}.gguf", quant=quant)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        # a quantiser's temporaries are a few times its input; all tensors would be >= total
+        assert peak < total / 3, (quant, peak, largest, total)
+
+
 def test_a_lora_checkpoint_is_merged_first(tmp_path) -> None:
     from tests.sfttrain_helpers import demo_shards
 
