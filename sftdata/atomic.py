@@ -163,6 +163,10 @@ def replace_dir(src: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+LOCK_ATTEMPTS = 100
+"""Times :func:`exclusive` re-opens a lock file that was removed under it before giving up."""
+
+
 @contextlib.contextmanager
 def exclusive(output: str | os.PathLike[str], *, writer: str) -> Iterator[None]:
     """Hold an exclusive lock beside the folder ``output`` while ``writer`` (a command, for the
@@ -179,19 +183,39 @@ def exclusive(output: str | os.PathLike[str], *, writer: str) -> Iterator[None]:
     lock = out.with_name(f".{out.name}.lock")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
     except OSError as e:
         raise ConfigError(
             f"{e.filename or out}: cannot create the output ({e.strerror or e})"
         ) from None
-    try:
+    # The holder unlinks the lock file as it finishes, so a file opened just before that unlink
+    # can be locked afterwards while a third writer locks a new file under the same name: a lock
+    # counts only while the name still points at the locked file (else open it again).
+    for _ in range(LOCK_ATTEMPTS):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
+        except OSError as e:
+            raise ConfigError(
+                f"{e.filename or out}: cannot create the output ({e.strerror or e})"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise ConfigError(
                 f"{out}: another {writer} is writing this folder (lock {lock}); wait for it or "
                 "write elsewhere"
             ) from None
+        try:
+            current = os.stat(lock)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(fd)
+        if current is not None and (current.st_ino, current.st_dev) == (held.st_ino, held.st_dev):
+            break
+        os.close(fd)  # a stale file: its holder had finished and removed it
+    else:
+        raise ConfigError(f"{out}: the lock {lock} keeps changing hands; try again")
+    try:
         try:
             yield
         finally:

@@ -50,3 +50,36 @@ def test_atomic_path_appears_whole_or_not_at_all(tmp_path) -> None:
         raise RuntimeError("writer failed")
     assert out.read_bytes()[:4] == b"GGUF"  # the old file is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+
+
+def test_a_lock_file_removed_under_a_writer_is_not_a_lock(tmp_path, monkeypatch) -> None:
+    """A writer that opened the lock file just before its holder finished (and removed it) must
+    not count the stale file as held while a third writer holds the new one."""
+    import os
+
+    from sftdata import atomic
+
+    out = tmp_path / "shards"
+    lock = tmp_path / ".shards.lock"
+    lock.write_text("")
+    stale = os.open(lock, os.O_RDWR)  # opened while the first writer still held it
+    lock.unlink()  # ... which then finished
+    real_open, calls = os.open, []
+
+    def open_stale_first(path, flags, mode=0o777):
+        calls.append(path)
+        return os.dup(stale) if len(calls) == 1 else real_open(path, flags, mode)
+
+    with atomic.exclusive(out, writer="test"):  # the third writer, on a new lock file
+        monkeypatch.setattr(atomic.os, "open", open_stale_first)
+        with (
+            pytest.raises(ConfigError, match="another second is writing"),
+            atomic.exclusive(out, writer="second"),
+        ):
+            pass
+        monkeypatch.setattr(atomic.os, "open", real_open)
+    os.close(stale)
+    assert len(calls) == 2  # the stale file was let go and the lock opened again
+    with atomic.exclusive(out, writer="test"):  # free again once the holder is done
+        assert lock.exists()
+    assert not lock.exists()
