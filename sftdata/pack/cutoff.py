@@ -8,6 +8,11 @@ to the two lengths, keeps the head of each part, and stops at the first pair tha
 a run of untrained tokens followed by the run of trained tokens after it, which is what a
 (source, target) pair of LLaMA-Factory's template is once rendered; a record trained everywhere
 (``train_on: everything``) is one pair with no prompt, so it is cut at its end.
+
+With ``mask_history`` (``train_on: last-assistant``) LLaMA-Factory walks the pairs from the last
+one back ("high priority for last turns"), so the trained reply keeps its room and the oldest
+turns are the ones cut; the pairs are then those of every assistant reply, trained or not
+(:func:`history_keep`).
 """
 
 from __future__ import annotations
@@ -55,4 +60,20 @@ def cutoff_keep(mask: np.ndarray, seq_len: int) -> np.ndarray:
     return keep
 
 
-__all__ = ["cutoff_keep", "pairs", "split_room"]
+def history_keep(replies: np.ndarray, seq_len: int) -> np.ndarray:
+    """:func:`cutoff_keep` under ``mask_history``: the pairs of ``replies`` (the tokens of every
+    assistant reply flagged, as ``train_on: all-assistant`` marks them) walked from the last,
+    each keeping its head."""
+    keep = np.zeros(len(replies), dtype=bool)
+    used = 0
+    for start, mid, end in reversed(pairs(replies)):
+        if used >= seq_len:
+            break
+        n_prompt, n_answer = split_room(mid - start, end - mid, seq_len - used)
+        keep[start : start + n_prompt] = True
+        keep[mid : mid + n_answer] = True
+        used += n_prompt + n_answer
+    return keep
+
+
+__all__ = ["cutoff_keep", "history_keep", "pairs", "split_room"]

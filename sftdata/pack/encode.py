@@ -14,7 +14,7 @@ import numpy as np
 
 from sftdata.conversation import Conversation, parse_jsonl_line, read_jsonl
 from sftdata.errors import ConversionError, ValidationError
-from sftdata.pack.cutoff import cutoff_keep
+from sftdata.pack.cutoff import cutoff_keep, history_keep
 from sftdata.pack.options import PackOptions
 
 
@@ -136,7 +136,8 @@ def encode_chunk(
     cuts: dict[int, np.ndarray] = {}
     if opts.overflow == "cutoff":
         for i in np.flatnonzero(over).tolist():
-            cuts[i] = cutoff_keep(mask[starts[i] : starts[i] + lens[i]], seq_len)
+            own = slice(starts[i], starts[i] + lens[i])
+            cuts[i] = _cutoff(renderer, convs[i], ids[own], mask[own], opts)
             new_lens[i] = int(cuts[i].sum())
     if opts.overflow in ("truncate", "cutoff"):
         kept_trained = trained(new_lens)
@@ -174,6 +175,22 @@ def encode_chunk(
         truncated_tokens=cut_tokens,
         full_lengths=lens[~zero].astype(np.int32),
     )
+
+
+def _cutoff(
+    renderer: Any, conv: Conversation, ids: np.ndarray, mask: np.ndarray, opts: PackOptions
+) -> np.ndarray:
+    """Which tokens of one over-long sample ``--overflow cutoff`` keeps. Under
+    ``last-assistant`` (LLaMA-Factory's ``mask_history``) the pairs are those of every reply,
+    read off the same record rendered with every reply trained (the same text, so the same
+    ids); a sample that render does not give as is (a re-rendered history turn) is cut by the
+    forward rule."""
+    if opts.train_on == "last-assistant":
+        every = renderer.with_train_on("all-assistant").encode(conv)
+        for sample in every.samples:
+            if len(sample.input_ids) == len(ids) and np.array_equal(sample.input_ids, ids):
+                return history_keep(sample.train_mask, opts.seq_len)
+    return cutoff_keep(mask, opts.seq_len)
 
 
 REFUSAL_EXAMPLES = 20

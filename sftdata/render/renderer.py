@@ -151,6 +151,16 @@ class Renderer:
         self.fixed_overhead: int = len(self._backend_tok.encode(text, add_special_tokens=False))
         """Tokens the template adds around a minimal one-turn record (empty user and reply)."""
 
+    def with_train_on(self, train_on: str) -> Renderer:
+        """The same template and tokenizer, training ``train_on`` instead (nothing re-probed)."""
+        import copy
+
+        if train_on not in TRAIN_ON:
+            raise ConfigError(f"train_on {train_on!r} is not one of {', '.join(TRAIN_ON)}")
+        other = copy.copy(self)
+        other.train_on = train_on
+        return other
+
     # -- template capabilities ----------------------------------------------------------------
 
     def _try(

@@ -9,7 +9,7 @@ import pytest
 
 from sftdata import IGNORE_INDEX
 from sftdata.pack import PackOptions, pack
-from sftdata.pack.cutoff import cutoff_keep, pairs, split_room
+from sftdata.pack.cutoff import cutoff_keep, history_keep, pairs, split_room
 from sftdata.shards import ShardReader, read_index
 
 
@@ -43,8 +43,12 @@ def test_pairs_and_keep_on_a_two_turn_mask() -> None:
     assert cutoff_keep(np.ones(50, bool), 30).tolist() == [True] * 30 + [False] * 20
 
 
-def lf_cut(ids: list[int], trained: list[bool], cutoff_len: int) -> tuple[list[int], list[bool]]:
-    """LLaMA-Factory's supervised loop restated on the (prompt, answer) token lists of a record."""
+def lf_cut(
+    ids: list[int], trained: list[bool], cutoff_len: int, *, mask_history: bool = False
+) -> tuple[list[int], list[bool]]:
+    """LLaMA-Factory's supervised loop restated on the (prompt, answer) token lists of a record
+    (``trained``: every answer's tokens). With ``mask_history`` the pairs are walked from the
+    last, prepended, and only the last answer is trained."""
     turns, i = [], 0
     while i < len(ids):
         j = i
@@ -58,7 +62,11 @@ def lf_cut(ids: list[int], trained: list[bool], cutoff_len: int) -> tuple[list[i
     out_ids: list[int] = []
     out_trained: list[bool] = []
     total = 0
-    for source, target in turns:
+    last_answer = max((k for k, (_, target) in enumerate(turns) if target), default=-1)
+    order = list(enumerate(turns))
+    if mask_history:
+        order = order[::-1]
+    for turn, (source, target) in order:
         if total >= cutoff_len:
             break
         room = cutoff_len - total
@@ -70,19 +78,43 @@ def lf_cut(ids: list[int], trained: list[bool], cutoff_len: int) -> tuple[list[i
             max_target = int(room * (len(target) / (len(source) + len(target))))
         t = min(max_target, len(target))
         s = min(max(room - t, 0), len(source))
-        out_ids += source[:s] + target[:t]
-        out_trained += [False] * s + [True] * t
+        labels = [False] * s + [not mask_history or turn == last_answer] * t
+        if mask_history:
+            out_ids, out_trained = source[:s] + target[:t] + out_ids, labels + out_trained
+        else:
+            out_ids, out_trained = out_ids + source[:s] + target[:t], out_trained + labels
         total += s + t
     return out_ids, out_trained
 
 
+def test_history_keep_gives_the_last_pair_its_room_first() -> None:
+    replies = np.array([0] * 10 + [1] * 5 + [0] * 8 + [1] * 20, dtype=bool)
+    keep = history_keep(replies, 30)
+    # the last pair first: 2*20 >= 30 and 2*8 < 30, so the answer gets 30 - 8 = 22 (all 20) and
+    # the prompt its 8; the first pair gets the 2 left: int(2*5/15) = 0 answer, 2 prompt tokens
+    want = np.zeros(43, bool)
+    want[:2] = True
+    want[15:43] = True
+    assert keep.tolist() == want.tolist() and keep.sum() == 30
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "seq_len"),
-    [("sharegpt_dummy_conversation.json", 96), ("glaive_toolcall_en_demo.json", 384)],
+    ("name", "seq_len", "mask_history"),
+    [
+        ("sharegpt_dummy_conversation.json", 96, False),
+        ("glaive_toolcall_en_demo.json", 384, False),
+        ("sharegpt_dummy_conversation.json", 96, True),
+        ("glaive_toolcall_en_demo.json", 384, True),
+    ],
 )
 def test_cutoff_pack_of_real_multi_turn_data_equals_llamafactory_cut(
-    tmp_path: Path, shared_data: Path, llama2_tokenizer_dir: Path, name: str, seq_len: int
+    tmp_path: Path,
+    shared_data: Path,
+    llama2_tokenizer_dir: Path,
+    name: str,
+    seq_len: int,
+    mask_history: bool,
 ) -> None:
     from sftdata.conversation import read_jsonl
     from sftdata.convert import convert
@@ -91,18 +123,32 @@ def test_cutoff_pack_of_real_multi_turn_data_equals_llamafactory_cut(
 
     src = tmp_path / "c.jsonl"
     convert([shared_data / name], src)
+    # LLaMA-Factory's mask_history is train_on last-assistant (sfttrain.lf_config)
+    train_on = "last-assistant" if mask_history else "all-assistant"
     opts = PackOptions(
-        seq_len=seq_len, tokenizer=str(llama2_tokenizer_dir), template="chatml", overflow="cutoff"
+        seq_len=seq_len,
+        tokenizer=str(llama2_tokenizer_dir),
+        template="chatml",
+        overflow="cutoff",
+        train_on=train_on,
     )
     report = pack([src], tmp_path / "s", opts)
+    # every reply's tokens: the (prompt, answer) pairs LLaMA-Factory's template would give
     renderer = Renderer(load_tokenizer(str(llama2_tokenizer_dir)), template="chatml")
+    last = Renderer(
+        load_tokenizer(str(llama2_tokenizer_dir)), template="chatml", train_on="last-assistant"
+    )
     reader = ShardReader(tmp_path / "s")
     cut = kept = 0
     for conv in read_jsonl(src):
         sample = renderer.encode(conv).samples[0]
         ids, trained = sample.input_ids.tolist(), sample.train_mask.tolist()
+        # the trained tokens of the uncut record
+        whole = last.encode(conv).samples[0].train_mask.tolist() if mask_history else trained
         want_ids, want_trained = (
-            (ids, trained) if len(ids) <= seq_len else lf_cut(ids, trained, seq_len)
+            (ids, whole)
+            if len(ids) <= seq_len
+            else lf_cut(ids, trained, seq_len, mask_history=mask_history)
         )
         if not any(want_trained[1:]):
             continue  # nothing left to train: counted as zero-trained, not written
