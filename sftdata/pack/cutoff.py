@@ -48,25 +48,21 @@ def pairs(mask: np.ndarray) -> list[tuple[int, int, int]]:
 def cutoff_keep(mask: np.ndarray, seq_len: int) -> np.ndarray:
     """Which tokens of a record (``mask``: trained flags) LLaMA-Factory's cut keeps in
     ``seq_len``."""
-    keep = np.zeros(len(mask), dtype=bool)
-    used = 0
-    for start, mid, end in pairs(mask):
-        if used >= seq_len:
-            break
-        n_prompt, n_answer = split_room(mid - start, end - mid, seq_len - used)
-        keep[start : start + n_prompt] = True
-        keep[mid : mid + n_answer] = True
-        used += n_prompt + n_answer
-    return keep
+    return _keep(pairs(mask), len(mask), seq_len)
 
 
 def history_keep(replies: np.ndarray, seq_len: int) -> np.ndarray:
     """:func:`cutoff_keep` under ``mask_history``: the pairs of ``replies`` (the tokens of every
     assistant reply flagged, as ``train_on: all-assistant`` marks them) walked from the last,
     each keeping its head."""
-    keep = np.zeros(len(replies), dtype=bool)
+    return _keep(pairs(replies)[::-1], len(replies), seq_len)
+
+
+def _keep(walk: list[tuple[int, int, int]], n: int, seq_len: int) -> np.ndarray:
+    """The tokens kept of ``n`` when the (start, mid, end) pairs get the room in ``walk`` order."""
+    keep = np.zeros(n, dtype=bool)
     used = 0
-    for start, mid, end in reversed(pairs(replies)):
+    for start, mid, end in walk:
         if used >= seq_len:
             break
         n_prompt, n_answer = split_room(mid - start, end - mid, seq_len - used)
