@@ -205,13 +205,9 @@ def exclusive(output: str | os.PathLike[str], *, writer: str) -> Iterator[None]:
                 f"{out}: another {writer} is writing this folder (lock {lock}); wait for it or "
                 "write elsewhere"
             ) from None
-        try:
-            current = os.stat(lock)
-        except FileNotFoundError:
-            current = None
-        held = os.fstat(fd)
-        if current is not None and (current.st_ino, current.st_dev) == (held.st_ino, held.st_dev):
-            break
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.stat(lock), os.fstat(fd)):
+                break
         os.close(fd)  # a stale file: its holder had finished and removed it
     else:
         raise ConfigError(f"{out}: the lock {lock} keeps changing hands; try again")

@@ -87,16 +87,10 @@ def tensor_type(shape: tuple[int, ...], name: str) -> tuple[Any, bool]:
 
 
 def header_entry(shape: tuple[int, ...], qtype: Any) -> tuple[tuple[int, ...], Any, int]:
-    """(shape, numpy dtype, bytes) of the payload :func:`encode` gives, as
-    ``GGUFWriter.add_tensor_info`` takes them."""
+    """(byte shape, uint8, bytes) of the payload :func:`encode` gives, as
+    ``GGUFWriter.add_tensor_info`` takes them (it reads the element shape back from the type)."""
     import gguf
 
-    types = gguf.GGMLQuantizationType
-    count = int(np.prod(shape, dtype=np.int64))
-    if qtype == types.F32:
-        return shape, np.dtype(np.float32), 4 * count
-    if qtype == types.F16:
-        return shape, np.dtype(np.float16), 2 * count
     byte_shape = tuple(gguf.quant_shape_to_byte_shape(shape, qtype))
     return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape, dtype=np.int64))
 

@@ -19,6 +19,10 @@ from sfttrain.model import build_tiny, load_base_model
 from tests.sfttrain_helpers import demo_shards, small_model_dir, train_losses
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_bf16 = pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+    reason="needs a CUDA device with bf16",
+)
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +140,10 @@ def test_qlora_step_trains_and_merges_into_the_original_weights(shards, tmp_path
 
 
 @pytest.mark.gpu
-@needs_cuda
+@needs_bf16
 def test_bf16_loss_is_within_tolerance_of_fp32(shards, tmp_path) -> None:
     from sfttrain.train import train
 
-    if not torch.cuda.is_bf16_supported():
-        pytest.skip("this GPU has no bf16")
     base = {"max_steps": 4, "logging_steps": 1, "learning_rate": 1e-3, "report_to": "none"}
     train(build_config(base), shards=shards, output_dir=tmp_path / "fp32", model_spec="tiny")
     train(

@@ -112,7 +112,7 @@ def test_padded_embedding_rows_and_tied_heads(tmp_path) -> None:
 def test_tensors_are_converted_one_at_a_time(tmp_path) -> None:
     """The export holds one tensor's converted copy at a time, not one of every tensor: numpy's
     allocations (tracemalloc sees them; torch's weights it does not) peak near the largest
-    converted tensor, far below the model, in every type."""
+    converted tensor, far below the model, in f32 and in a block type."""
     import tracemalloc
 
     folder = small_model_dir(
