@@ -1,11 +1,14 @@
 """Benchmark `sftdata pack` end to end against the raw tokenizer and TRL, in one run.
 
 Data: ~50k Alpaca records made from ../shared/data/alpaca_en_demo.json (its unique records
-repeated), the real Llama-2 tokenizer, the `llama2` template; and the Glaive tool-call file
-repeated the same way with the `qwen2.5` template (tool schemas, calls and results rendered
-natively) on the Llama-2 tokenizer plus Qwen's ChatML special tokens. Every step runs in its own process
-so its wall time and peak RSS are its own. Prints a Markdown table for benchmarks/README.md and
-writes the raw figures to bench_out/pack_results.json.
+repeated), the real Llama-2 tokenizer, the `llama2` template; the same records on the real
+Llama 3 vocabulary with the `llama3` template; and the Glaive tool-call file repeated the same
+way on the real Qwen2 vocabulary with the `qwen2.5` template (tool schemas, calls and results
+rendered natively) and with the folder's own template (`--template auto`). Every step runs in its
+own process so its wall time and peak RSS are its own; each real-vocabulary pack has its own
+raw-tokenizer reference on the same texts, measured before and after it. The control-token check
+(C8) is also timed alone over the same records. Prints a Markdown table for
+benchmarks/README.md and writes the raw figures to bench_out/pack_results.json.
 
     .venv/bin/python benchmarks/bench_pack.py [--copies 50] [--skip-trl]
 """
@@ -49,16 +52,19 @@ print(time.perf_counter() - t0)
 """
 
 
-QWEN_TOKENIZER = """
-import sys
-from transformers import AutoTokenizer
-tok = AutoTokenizer.from_pretrained(sys.argv[1])
-tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]})
-tok.eos_token = tok.pad_token = "<|im_end|>"
-tok.save_pretrained(sys.argv[2])
+CONTROL_CHECK = """
+import json, sys, time
+from sftdata.conversation import read_jsonl
+from sftdata.render import ControlTokens, find_control
+from sftdata.tokenizer_cache import load_snapshot
+convs = list(read_jsonl(sys.argv[1]))
+control = ControlTokens.of(load_snapshot(sys.argv[2]).backend_tokenizer)
+t0 = time.perf_counter()
+found = sum(find_control(c, control) is not None for c in convs)
+print(json.dumps({"records": len(convs), "seconds": time.perf_counter() - t0, "found": found}))
 """
-"""The Llama-2 tokenizer with Qwen2.5's special tokens and end of turn (no Qwen vocabulary ships
-in ../shared): the qwen2.5 template's turn markers and stop token are single tokens, as there."""
+"""The control-token check alone (what ``--special-text refuse`` adds to rendering), in one
+process over every record, to compare with a one-process pack of the same records."""
 
 
 def pack(
@@ -214,9 +220,8 @@ def main() -> None:
     raw_tps = max(raw_first["tokens_per_s"], raw_last["tokens_per_s"])
     raw_rps = max(x["records"] / x["seconds"] for x in (raw_first, raw_last))
 
-    # Tool calls with the qwen2.5 template: its own reference, before and after its pack.
-    qwen_tok = OUT / "llama2_qwen_specials"
-    run_child([str(BIN / "python"), "-c", QWEN_TOKENIZER, str(TOKENIZER), str(qwen_tok)])
+    # Real vocabularies: each pack with its own reference on the same texts, before and after.
+    qwen2, llama3 = SHARED / "tokenizers" / "qwen2", SHARED / "tokenizers" / "llama3"
     glaive = OUT / f"glaive_x{a.copies}.jsonl"
     run_child(
         [
@@ -227,33 +232,48 @@ def main() -> None:
             str(glaive),
         ]
     )
-    # warm: its first pack converts the new tokenizer folder (what "first use" shows above)
-    pack(glaive, 4096, 2, "glaive_cold", tokenizer=qwen_tok, template="qwen2.5", repeats=1)
-    tool_steps: list[dict] = []
-    raw_tokenizer("Glaive, qwen2.5, before", glaive, qwen_tok, "qwen2.5", tool_steps)
-    tool_steps.append(
-        pack(
-            glaive,
-            4096,
-            2,
-            "glaive",
-            note=", Glaive, qwen2.5",
-            tokenizer=qwen_tok,
-            template="qwen2.5",
+    groups: list[list[dict]] = []
+    for data, tok, template, note in (
+        (glaive, qwen2, "qwen2.5", "Glaive, Qwen2 vocabulary, qwen2.5"),
+        (glaive, qwen2, "auto", "Glaive, Qwen2 vocabulary, its own template (auto)"),
+        (conv, llama3, "llama3", "Alpaca, Llama 3 vocabulary, llama3"),
+    ):
+        tag = f"{tok.name}_{template}"
+        # warm: its first pack converts the tokenizer folder (what "first use" shows above)
+        pack(data, 4096, 2, f"{tag}_cold", tokenizer=tok, template=template, repeats=1)
+        steps: list[dict] = []
+        raw_tokenizer(f"{note}, before", data, tok, template, steps)
+        steps.append(pack(data, 4096, 2, tag, note=f", {note}", tokenizer=tok, template=template))
+        raw_tokenizer(f"{note}, after", data, tok, template, steps)
+        groups.append(steps)
+
+    # The control-token check alone against a one-process pack of the same records.
+    control_rows = []
+    for data, tok, template, note in (
+        (conv, llama3, "llama3", "Alpaca, Llama 3 vocabulary"),
+        (glaive, qwen2, "qwen2.5", "Glaive, Qwen2 vocabulary"),
+    ):
+        one = pack(data, 4096, 1, f"{tok.name}_1", tokenizer=tok, template=template)
+        r = run_child([str(BIN / "python"), "-c", CONTROL_CHECK, str(data), str(tok)])
+        check = last_json_line(r["stdout"])
+        control_rows.append(
+            f"control-token check alone, {note}: {check['seconds']:.2f} s over "
+            f"{check['records']:,} records ({check['found']} holding one), "
+            f"{check['seconds'] / one['seconds']:.1%} of a one-process pack ({one['seconds']:.2f} s)"
         )
-    )
-    raw_tokenizer("Glaive, qwen2.5, after", glaive, qwen_tok, "qwen2.5", tool_steps)
-    tool_tps = max(tool_steps[0]["tokens_per_s"], tool_steps[2]["tokens_per_s"])
-    tool_rps = max(x["records"] / x["seconds"] for x in (tool_steps[0], tool_steps[2]))
 
     print(
         "| step | records | tokens | seconds | records/s | tokens/s | vs raw tokenizer | rows (floor) | "
         "efficiency | peak RSS MB, largest process | peak RSS MB, all processes |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for x in results + tool_steps:
-        ref = tool_tps if x in tool_steps else raw_tps
-        ref_rps = tool_rps if x in tool_steps else raw_rps
+    refs = {id(x): (raw_tps, raw_rps) for x in results}
+    for steps in groups:
+        tps = max(steps[0]["tokens_per_s"], steps[2]["tokens_per_s"])
+        rps = max(x["records"] / x["seconds"] for x in (steps[0], steps[2]))
+        refs.update({id(x): (tps, rps) for x in steps})
+    for x in results + [x for steps in groups for x in steps]:
+        ref, ref_rps = refs[id(x)]
         tokens = x.get("tokens")
         tps = tokens / x["seconds"] if tokens else None
         rows = f"{x['rows']} ({x.get('floor_rows', '')})" if "rows" in x else ""
@@ -275,10 +295,15 @@ def main() -> None:
     print(
         f"\ntime to first batch (open + verify + 8 rows, imports included): {first_batch_s:.2f} s"
     )
+    for line in control_rows:
+        print(line)
     results.append(
         {"step": "time to first batch", "seconds": first_batch_s, "peak_rss_mb": r["peak_rss_mb"]}
     )
-    (OUT / "pack_results.json").write_text(json.dumps(results + tool_steps, indent=2))
+    every = results + [x for steps in groups for x in steps]
+    (OUT / "pack_results.json").write_text(
+        json.dumps([*every, {"control": control_rows}], indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from sftdata.convert import ConvertReport, convert
 from sftdata.errors import ConfigError
 from sftdata.pack import OVERFLOW, PackOptions, PackReport, pack
 from sftdata.pack.output import existing_index
-from sftdata.render import TRAIN_ON
+from sftdata.render import MISSING_STOP, SPECIAL_TEXT, TRAIN_ON
 from sftdata.sources import FORMATS
 from sftdata.sources.base import parse_mapping
 from sftdata.sources.registry import RegistryEntry, registry_inputs
@@ -76,6 +76,10 @@ class DataSection:
     """Which messages are trained (``--train-on``)."""
     overflow: str = "drop"
     """Records longer than ``seq_len``: drop, truncate, cutoff or error (``--overflow``)."""
+    special_text: str = "refuse"
+    """Control tokens inside a record's text: refuse, split or keep (``--special-text``)."""
+    missing_stop: str = "append"
+    """A reply the template ends with no stop token: append, error or allow (``--missing-stop``)."""
     val_fraction: float | None = None
     """Share of records held out as the validation split."""
     val_count: int | None = None
@@ -180,10 +184,15 @@ def _check_section(s: DataSection, where: str) -> None:
     problem = template_problem(s.template)
     if problem:
         raise ConfigError(f"{where}.template: {problem}")
-    if s.train_on not in TRAIN_ON:
-        raise ConfigError(f"{where}.train_on: {s.train_on!r} is not one of {', '.join(TRAIN_ON)}")
-    if s.overflow not in OVERFLOW:
-        raise ConfigError(f"{where}.overflow: {s.overflow!r} is not one of {', '.join(OVERFLOW)}")
+    for key, choices in (
+        ("train_on", TRAIN_ON),
+        ("overflow", OVERFLOW),
+        ("special_text", SPECIAL_TEXT),
+        ("missing_stop", MISSING_STOP),
+    ):
+        value = getattr(s, key)
+        if value not in choices:
+            raise ConfigError(f"{where}.{key}: {value!r} is not one of {', '.join(choices)}")
     if s.seq_len < 2:
         raise ConfigError(f"{where}.seq_len: must be at least 2")
     if s.num_proc < 1:
@@ -268,6 +277,7 @@ def prepare(
         opts = PackOptions(
             seq_len=section.seq_len, tokenizer=tokenizer, template=section.template,
             train_on=section.train_on, overflow=section.overflow, val_fraction=section.val_fraction,
+            special_text=section.special_text, missing_stop=section.missing_stop,
             val_count=section.val_count, seed=section.seed, num_proc=section.num_proc,
         )  # fmt: skip
         out.pack = pack([data], out.shards, opts)

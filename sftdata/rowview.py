@@ -13,6 +13,7 @@ import numpy as np
 from sftdata import IGNORE_INDEX
 from sftdata.errors import ConfigError, ShardError
 from sftdata.shards import ShardReader
+from sftdata.text import stop_line
 
 TRAIN_OPEN, TRAIN_CLOSE = "[[", "]]"
 KIND_PREFIX = {"reply": "", "reasoning": "reasoning: ", "stop": "stop: "}
@@ -188,7 +189,11 @@ def row_header(view: RowView, *, markers: bool) -> str:
         f"{len(recs)} records, lengths {[len(s['ids']) for s in recs]}, "
         f"padding {view.row['num_pad']}, trained {trained} of {seq_len} tokens"
     )
-    if view.stop_tokens:
+    template = view.reader.index.get("template", {})
+    if template.get("stops"):
+        appended = view.reader.index.get("counts", {}).get("appended_stops", 0)
+        header += f"; {stop_line(template['stops'], template.get('appended_stop'), appended)}"
+    elif view.stop_tokens:  # packed before the stop set was recorded with its sources
         header += f"; stop tokens {', '.join(view.stop_tokens)}"
     if markers:
         header += (

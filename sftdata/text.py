@@ -1,11 +1,24 @@
-"""Counts in words for summaries: ``1 record``, ``2,048 records``."""
+"""Summaries in words: counts (``1 record``, ``2,048 records``) and the stop set."""
 
 from __future__ import annotations
 
-
-def counted(count: int, noun: str) -> str:
-    """``count`` with thousands separators and ``noun``, plural unless it is 1 (``s`` added)."""
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+from typing import Any
 
 
-__all__ = ["counted"]
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """``count`` with thousands separators and ``noun``, plural unless it is 1 (``plural``, or
+    ``s`` added)."""
+    return f"{count:,} {noun if count == 1 else plural or noun + 's'}"
+
+
+def stop_line(stops: list[dict[str, Any]], appended: str | None, count: int) -> str:
+    """``stop tokens <|im_end|> (template), <|endoftext|> (eos); appended after 12 replies:
+    <|endoftext|>`` from an index's ``template.stops`` (pack summary, ``inspect``)."""
+    listed = ", ".join(f"{s['token']} ({', '.join(s['from'])})" for s in stops)
+    text = f"stop tokens {listed or 'none'}"
+    if count:
+        text += f"; appended after {counted(count, 'reply', 'replies')}: {appended}"
+    return text
+
+
+__all__ = ["counted", "stop_line"]

@@ -192,9 +192,7 @@ def tokenizer_identity(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
     added tokens), the special-token map and the chat template, so the same tokenizer loaded from
     two places hashes the same and any change that alters encodings changes it.
     """
-    where = Path(str(getattr(tok, "name_or_path", "") or ""))
-    # "llama2/tokenizer.model" and "llama2/" both name the tokenizer "llama2".
-    name = where.parent.name if where.stem == "tokenizer" else where.name
+    name = _folder_name(tok)
     if isinstance(tok, TokenizerSnapshot):
         return {"name": name or tok.identity["class"], **tok.identity}
     backend = json.loads(tok.backend_tokenizer.to_str())
@@ -216,17 +214,35 @@ def tokenizer_identity(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
     }
 
 
-def stop_tokens(tok: Any) -> tuple[str, ...]:
-    """The token strings that end a generation: the tokenizer's EOS plus every
-    ``eos_token_id`` of the model folder's ``generation_config.json`` (a list for Llama 3, Qwen,
-    GLM, Phi-3, gpt-oss...), in that order, without repeats.
+def _folder_name(tok: Any) -> str:
+    where = Path(str(getattr(tok, "name_or_path", "") or ""))
+    # "llama2/tokenizer.model" and "llama2/" both name the tokenizer "llama2".
+    return where.parent.name if where.stem == "tokenizer" else where.name
+
+
+def tokenizer_name(tok: Any) -> str:
+    """How messages name a tokenizer: its folder's (or file's) name."""
+    return _folder_name(tok) or "the tokenizer"
+
+
+STOP_SOURCES = ("eos", "generation_config", "template")
+"""Where a stop token comes from: the tokenizer's EOS, an ``eos_token_id`` of the model folder's
+``generation_config.json``, or the template's own end of turn (``sftdata.render``)."""
+
+
+def stop_sources(tok: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The token strings that end a generation, each with where it comes from: the tokenizer's
+    EOS (``eos``) and every ``eos_token_id`` of the model folder's ``generation_config.json``
+    (``generation_config``; a list for Llama 3, Qwen, GLM, Phi-3, gpt-oss...), EOS first.
 
     A snapshot answers from what it stored; an unreadable or malformed generation config adds
     nothing (the tokenizer's EOS still stops).
     """
     if isinstance(tok, TokenizerSnapshot):
-        return tok.stop_tokens
-    out = [tok.eos_token] if tok.eos_token else []
+        return tok.stop_sources
+    found: dict[str, list[str]] = {}
+    if tok.eos_token:
+        found[tok.eos_token] = ["eos"]
     where = Path(str(getattr(tok, "name_or_path", "") or ""))
     config = where / "generation_config.json"
     ids: Any = None
@@ -236,10 +252,16 @@ def stop_tokens(tok: Any) -> tuple[str, ...]:
     if isinstance(ids, int) and not isinstance(ids, bool):
         ids = [ids]
     for i in ids if isinstance(ids, list) else []:
-        text = tok.backend_tokenizer.id_to_token(i) if isinstance(i, int) else None
-        if text and text not in out:
-            out.append(text)
-    return tuple(out)
+        ok = isinstance(i, int) and not isinstance(i, bool)
+        text = tok.backend_tokenizer.id_to_token(i) if ok else None
+        if text and "generation_config" not in found.setdefault(text, []):
+            found[text].append("generation_config")
+    return tuple((t, tuple(s)) for t, s in found.items())
+
+
+def stop_tokens(tok: Any) -> tuple[str, ...]:
+    """The token strings of :func:`stop_sources`: EOS plus the generation config's EOS ids."""
+    return tuple(t for t, _ in stop_sources(tok))
 
 
 _SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -279,8 +301,8 @@ class TokenizerSnapshot:
     """The tokenizer's own chat template, if any."""
     identity: dict[str, Any]
     """``tokenizer_identity`` of the full tokenizer, less its path-dependent ``name``."""
-    stop_tokens: tuple[str, ...] = ()
-    """:func:`stop_tokens` of the full tokenizer (EOS plus the generation config's EOS ids)."""
+    stop_sources: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """:func:`stop_sources` of the full tokenizer (EOS and the generation config's EOS ids)."""
     name_or_path: str = ""
     """Where it was loaded from this time (names the tokenizer in the identity)."""
     max_length: int | None = None
@@ -297,7 +319,7 @@ class TokenizerSnapshot:
             specials={k: getattr(tok, k) for k in _SPECIALS},
             chat_template=template,
             identity=ident,
-            stop_tokens=stop_tokens(tok),
+            stop_sources=stop_sources(tok),
             name_or_path=str(getattr(tok, "name_or_path", "") or ""),
             max_length=max_length(tok),
         )

@@ -25,7 +25,7 @@ from sftdata.tokenizer import (
     resolve_spec,
 )
 
-SNAPSHOT_VERSION = 3
+SNAPSHOT_VERSION = 4
 """Bump when loading changes what a snapshot holds (e.g. ``_restore_dummy_prefix``)."""
 
 
@@ -94,7 +94,7 @@ def _read_cached(path: Path, key: str) -> TokenizerSnapshot | None:
             specials=dict(d["specials"]),
             chat_template=d["chat_template"],
             identity=dict(d["identity"]),
-            stop_tokens=tuple(d["stop_tokens"]),
+            stop_sources=tuple((t, tuple(src)) for t, src in d["stop_sources"]),
             max_length=d["max_length"],
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
@@ -110,7 +110,7 @@ def _write_cached(path: Path, key: str, snap: TokenizerSnapshot) -> None:
         "specials": snap.specials,
         "chat_template": snap.chat_template,
         "identity": snap.identity,
-        "stop_tokens": list(snap.stop_tokens),
+        "stop_sources": [[t, list(src)] for t, src in snap.stop_sources],
         "max_length": snap.max_length,
     }
     # A cache: a read-only or full disk only costs the next run its load time.

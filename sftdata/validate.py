@@ -9,7 +9,8 @@ first other turn is the user's; an assistant turn follows a user or tool turn; a
 follows an assistant turn with ``tool_calls`` or another tool turn; a user turn follows the
 system prompt or an assistant turn; the record does not end on an unanswered user or tool turn;
 at least one trained assistant turn; no empty content (an assistant turn may be empty only when
-it calls tools); ids unique within the file.
+it calls tools); ids unique within the file. With a tokenizer (``--tokenizer``), no text of a
+record holds one of its control tokens (C8: ``pack`` refuses such a record by default).
 """
 
 from __future__ import annotations
@@ -269,8 +270,13 @@ def _source_text(record: Any) -> str | None:
     )
 
 
-def validate_file(path: str | Path) -> ValidationReport:
+def validate_file(
+    path: str | Path, *, control: Any = None, tokenizer: str = ""
+) -> ValidationReport:
     """Validate one canonical JSONL file, streaming it line by line.
+
+    ``control`` (a ``sftdata.render.ControlTokens`` of the tokenizer named ``tokenizer``) adds
+    the control-token check to every structurally valid record.
 
     Memory stays flat in file size except for one 8-byte hash per record (duplicate ids) and
     the problems found.
@@ -309,8 +315,13 @@ def validate_file(path: str | Path) -> ValidationReport:
                 problem(lineno, invalid_json(e))
                 continue
             source = _source_text(record)
-            for msg in record_problems(record):
+            found = record_problems(record)
+            for msg in found:
                 problem(lineno, msg, source)
+            if control is not None and not found:
+                bad = _control_problem(text, str(path), lineno, control, tokenizer)
+                if bad:
+                    problem(lineno, bad, source)
             rid = record.get("id") if isinstance(record, dict) else None
             if isinstance(rid, str):
                 key = hashlib.blake2b(rid.encode(), digest_size=8).digest()
@@ -321,6 +332,20 @@ def validate_file(path: str | Path) -> ValidationReport:
     if report.records == 0 and not report.problems:
         problem(0, "is empty (no records)")
     return report
+
+
+def _control_problem(text: str, path: str, lineno: int, control: Any, tokenizer: str) -> str | None:
+    from sftdata.conversation import parse_jsonl_line
+    from sftdata.render import find_control
+
+    found = find_control(parse_jsonl_line(text, path=path, lineno=lineno), control)
+    if found is None:
+        return None
+    where, token = found
+    return (
+        f"{where} holds {token!r}, a special token of {tokenizer} (sftdata pack refuses it; "
+        "--special-text split encodes it as plain text)"
+    )
 
 
 def github_annotation(p: Problem) -> str:

@@ -141,29 +141,83 @@ def _render(tok: Any, msgs: list[dict[str, Any]], tools: Any, gen: bool) -> str:
     )
 
 
-def stop_strings(tok: Any, folder: Path) -> list[str]:
-    """EOS, the generation config's EOS ids, and the special token after a probe reply."""
-    stops = [tok.eos_token]
-    cfg = json.loads((folder / "generation_config.json").read_text())
-    stops += [tok.convert_ids_to_tokens(i) for i in cfg["eos_token_id"]]
-    probe = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "xyzzy"}]
+MARKER = re.compile(
+    r"<\|[^<>|\s]+\|>|<｜[^<>｜\s]+｜>|<\|[^<>|\s]+>|<[^<>|\s]+\|>|</?[A-Za-z][\w▁.:-]*>"
+)
+
+
+def control_tokens(tok: Any) -> list[str]:
+    """The tokenizer's special added tokens and its added tokens written like markers, longest
+    first (what C8 says never comes from a record's text)."""
+    found = {
+        t.content
+        for t in tok.added_tokens_decoder.values()
+        if t.content and (t.special or MARKER.fullmatch(t.content))
+    }
+    return sorted(found, key=len, reverse=True)
+
+
+def _controls_after(text: str, at: int, controls: list[str]) -> list[str]:
+    """The control tokens written one after another at ``at`` (layout whitespace before)."""
+    j = len(text[:at]) + (len(text[at:]) - len(text[at:].lstrip()))
+    run = []
+    while True:
+        t = next((c for c in controls if text.startswith(c, j)), None)
+        if t is None:
+            return run
+        run.append(t)
+        j += len(t)
+
+
+def _probe_render(tok: Any, msgs: list[dict[str, Any]]) -> str:
     try:
-        text = _render(tok, probe, None, False)
+        text = _render(tok, msgs, None, False)
     except Exception:
         text = ""
     if "xyzzy" not in text:
         text = _render(
-            tok,
-            [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in probe],
-            None,
+            tok, [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in msgs], None,
             False,
-        )
-    rest = text[text.index("xyzzy") + 5 :].lstrip()
-    for t in sorted(tok.all_special_tokens, key=len, reverse=True):
-        if t and rest.startswith(t):
-            stops.append(t)
-            break
+        )  # fmt: skip
+    return text
+
+
+def stop_strings(tok: Any, folder: Path | None) -> list[str]:
+    """EOS, the generation config's EOS ids, and the template's end of turn: the last of the
+    control tokens it writes right after a probe reply."""
+    stops = [tok.eos_token]
+    cfg = folder / "generation_config.json" if folder is not None else None
+    if cfg is not None and cfg.is_file():
+        ids = json.loads(cfg.read_text())["eos_token_id"]
+        stops += [tok.convert_ids_to_tokens(i) for i in ([ids] if isinstance(ids, int) else ids)]
+    probe = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "xyzzy"}]
+    text = _probe_render(tok, probe)
+    run = _controls_after(text, text.index("xyzzy") + 5, control_tokens(tok))
+    if run:
+        stops.append(run[-1])
     return [s for s in dict.fromkeys(stops) if s]
+
+
+def appended_token(tok: Any, stops: list[str]) -> str | None:
+    """The stop token C2 appends after a reply the template ends with none: the stop token the
+    template writes next when a user turn follows, else EOS, else the first stop token."""
+    controls = control_tokens(tok)
+    usable = [s for s in stops if s in controls]
+    probe = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "xyzzy"},
+        {"role": "user", "content": "again"},
+    ]
+    try:
+        text = _probe_render(tok, probe)
+        nxt = _controls_after(text, text.index("xyzzy") + 5, controls)
+    except Exception:
+        nxt = []
+    if nxt and nxt[0] in usable:
+        return nxt[0]
+    if tok.eos_token in usable:
+        return tok.eos_token
+    return usable[0] if usable else None
 
 
 def _first_stop(text: str, start: int, end: int, stops: list[str]) -> int | None:
@@ -175,21 +229,52 @@ def _first_stop(text: str, start: int, end: int, stops: list[str]) -> int | None
     return None if best is None else best[0] + best[1]
 
 
+def _reply_end(turn: str, s: int, reply: str) -> int:
+    e = max(len(turn.rstrip()), s)
+    if reply[-1:].isspace() and turn.rfind(reply, s) >= 0:
+        e = max(e, turn.rfind(reply, s) + len(reply))
+    return e
+
+
+def _own_strings(m: dict[str, Any]) -> list[str]:
+    """A reply's own strings (content and every string of its tool calls), also JSON-escaped."""
+
+    def walk(x: Any) -> list[str]:
+        if isinstance(x, str):
+            return [x]
+        if isinstance(x, dict):
+            return [s for k, v in x.items() for s in (*walk(k), *walk(v))]
+        if isinstance(x, list):
+            return [s for v in x for s in walk(v)]
+        return []
+
+    found = [text_of(m), *walk(m.get("tool_calls"))]
+    return [f for s in found if s for f in {s, json.dumps(s, ensure_ascii=False)[1:-1]}]
+
+
 def expected_samples(
     tok: Any,
     msgs: list[dict[str, Any]],
     tools: Any,
     trained: list[bool],
     stops: list[str],
-) -> tuple[list[tuple[str, list[tuple[int, int]]]], bool]:
+    append: str | None = None,
+    *,
+    past_reply: bool = False,
+) -> tuple[list[tuple[str, list[tuple[int, int]]]], bool, int]:
     """(text, trained character spans) of each sample the record must give, whole record first,
-    and whether a turn's generation prompt is not a prefix of its own render (DeepSeek-R1's
+    whether a turn's generation prompt is not a prefix of its own render (DeepSeek-R1's
     prompt opens ``<think>`` that its render of the turn drops): such a turn is trained from where
-    its render departs from the prompt."""
+    its render departs from the prompt, and how many replies get the ``append`` stop token (a
+    reply after which the template writes no stop: it is inserted right after the reply).
+    ``past_reply``: stops are looked for after the reply's own text (which may hold a stop
+    token's text, encoded as plain text under ``--special-text split``)."""
     full = _render(tok, msgs, tools, False)
     spans: list[tuple[int, int]] = []
+    inserts: list[int] = []
     own: list[tuple[str, list[tuple[int, int]]]] = []
     located = False
+    appended = 0
     for i, m in enumerate(msgs):
         if m["role"] != "assistant" or not trained[i]:
             continue
@@ -200,19 +285,32 @@ def expected_samples(
             located = True  # trained from where the turn's render departs from its prompt
             pairs = zip(prompt, turn, strict=False)
             s = next((k for k, (x, y) in enumerate(pairs) if x != y), min(len(prompt), len(turn)))
-        e = _first_stop(turn, s, len(turn), stops)
+        after = s
+        for mine in _own_strings(m) if past_reply else []:
+            k = turn.find(mine, s)
+            after = max(after, k + len(mine) if k >= 0 else s)
+        e = _first_stop(turn, after, len(turn), stops)
         if e is None and full.startswith(turn):
             j = len(turn)
             while j < len(full) and full[j].isspace():
                 j += 1
             e = next((j + len(x) for x in stops if full.startswith(x, j)), None)
+        added = ""
         if e is None:
-            e = max(len(turn.rstrip()), s)
+            e = _reply_end(turn, s, text_of(m))
+            added = append or ""
+            appended += bool(added)
         if full.startswith(turn[:e]) and (not spans or s >= spans[-1][1]):
             spans.append((s, e))
+            if added:
+                inserts.append(e)
         else:
-            own.append((turn[:e], [(s, e)]))
-    return [(full, spans), *own], located
+            own.append((turn[:e] + added, [(s, e + len(added))]))
+    for p in reversed(inserts):
+        full = full[:p] + (append or "") + full[p:]
+        n = len(append or "")
+        spans = [(a + n * (a > p), b + n * (b >= p)) for a, b in spans]
+    return [(full, spans), *own], located, appended
 
 
 def text_of(m: dict[str, Any]) -> str:
@@ -404,8 +502,12 @@ def check_record(r: Renderer, hf: Any, stops: list[str], conv: Conversation, enc
     where = f"{r.name} {conv.source} {conv.id}"
     assert enc.render.refusal is None, enc.render.refusal
     msgs, tools, origin, _ = r.template_messages(conv)
-    want, located = expected_samples(hf, msgs, tools, _trained(r, conv, origin), stops)
+    append = appended_token(hf, stops)
+    want, located, appended = expected_samples(
+        hf, msgs, tools, _trained(r, conv, origin), stops, append
+    )
     assert enc.render.fallback == located, where
+    assert enc.render.appended == appended, (where, enc.render.appended, appended)
     assert len(enc.samples) == len(want), (where, len(enc.samples), len(want))
     for got, (text, spans) in zip(enc.samples, want, strict=True):
         ids, mask = token_mask(hf, text, spans)
@@ -463,8 +565,7 @@ def expected_runs(renderer: Renderer, tok: Any, conv: Conversation, template: st
             ([m.content] if m.content else []) + [_plain_call(c) for c in m.tool_calls or []]
         )
         if m.role == "assistant":
-            if not content and template.startswith("fastchat:"):
-                continue  # FastChat renders an empty reply as an open prompt: nothing to train
+            # (FastChat renders an empty reply as an open prompt: the appended stop is trained)
             runs.append(content + eot)
         elif content:
             runs.append(content)

@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,7 @@ FIXTURES = ROOT / "fixtures"
 SHARED = ROOT.parent / "shared"
 SHARED_DATA = SHARED / "data"
 LLAMA2_TOKENIZER = SHARED / "tokenizers" / "llama2"
+SHARED_TOKENIZERS = SHARED / "tokenizers"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -47,3 +49,26 @@ def llama2_tokenizer_dir() -> Path:
     if not (LLAMA2_TOKENIZER / "tokenizer.model").is_file():
         _absent("../shared/tokenizers/llama2")
     return LLAMA2_TOKENIZER
+
+
+@pytest.fixture
+def shared_tokenizers() -> Path:
+    """../shared/tokenizers with the real Qwen2, Llama 3 and Phi-3 vocabularies, or a clean skip
+    where the shared folder is absent."""
+    for name in ("qwen2", "llama3", "phi3"):
+        if not (SHARED_TOKENIZERS / name / "tokenizer.json").is_file():
+            _absent(f"../shared/tokenizers/{name}")
+    return SHARED_TOKENIZERS
+
+
+@pytest.fixture(autouse=True)
+def _c8_on_every_shard_folder(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """After each test, C8's stop rule on every shard folder it wrote under its tmp_path
+    (tests/c8.py); ``pytest.mark.trained_prompts`` marks tests whose records train messages that
+    are not replies."""
+    yield
+    if request.node.get_closest_marker("trained_prompts") is None:
+        from tests.c8 import check_stops, shard_folders
+
+        for folder in shard_folders(tmp_path):
+            check_stops(folder)

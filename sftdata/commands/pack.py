@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from sftdata.pack import OVERFLOW
-from sftdata.render import TRAIN_ON
+from sftdata.render import MISSING_STOP, SPECIAL_TEXT, TRAIN_ON
 from sftdata.templates import DEFAULT_TEMPLATE_DATE
 
 
@@ -48,6 +48,27 @@ from sftdata.templates import DEFAULT_TEMPLATE_DATE
     help=(
         "Records longer than --seq-len: drop and count, keep the first seq-len tokens, cut each "
         "prompt/answer pair in proportion as LLaMA-Factory's cutoff_len does, or stop."
+    ),
+)
+@click.option(
+    "--special-text",
+    default="refuse",
+    show_default=True,
+    type=click.Choice(SPECIAL_TEXT),
+    help=(
+        "A record whose own text (any role, reasoning, tool calls, results, schemas) holds a "
+        "special token of the tokenizer, e.g. '<|im_end|>': refuse it (file:line), split (encode "
+        "that text as plain text) or keep (encode the token: a forged turn if trained)."
+    ),
+)
+@click.option(
+    "--missing-stop",
+    default="append",
+    show_default=True,
+    type=click.Choice(MISSING_STOP),
+    help=(
+        "A trained reply after which the template writes no stop token (GLM-4's last reply): "
+        "append the model's stop token (trained), error, or allow (train replies without one)."
     ),
 )
 @click.option("--no-pack", is_flag=True, help="One record per row, padded (no packing).")
@@ -133,6 +154,7 @@ def command(
       sftdata pack data.jsonl -o shards/ --tokenizer tiny --seq-len 1024
       sftdata pack data.jsonl -o shards/ --tokenizer /models/qwen2.5 --template qwen2.5 --seq-len 4096 --val-fraction 0.05 --num-proc 4
       sftdata pack data.jsonl -o shards/ --tokenizer tiny --seq-len 512 --overflow truncate --max-samples 1000
+      sftdata pack data.jsonl -o shards/ --tokenizer tiny --seq-len 1024 --special-text split
     """
     from sftdata.inputs import readable
     from sftdata.pack import PackOptions, pack

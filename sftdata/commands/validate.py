@@ -19,20 +19,36 @@ from sftdata.text import counted
     show_default=True,
     help="text: file:line: problem; github: GitHub Actions ::error annotations.",
 )
+@click.option(
+    "--tokenizer",
+    metavar="PATH",
+    default=None,
+    help="Also check that no record's text holds a special token of this tokenizer "
+    "(what sftdata pack refuses).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
-def command(files: tuple[str, ...], fmt: str, as_json: bool) -> None:
+def command(files: tuple[str, ...], fmt: str, tokenizer: str | None, as_json: bool) -> None:
     """Check canonical conversation JSONL files; exit 0 only when every file is clean.
 
     \b
     Examples:
       sftdata validate data.jsonl
       sftdata validate data.jsonl --json > report.json
+      sftdata validate data.jsonl --tokenizer /models/qwen2.5
     """
     from sftdata.inputs import readable, unspool_message
     from sftdata.validate import github_annotation, validate_file
 
+    control, name = None, ""
+    if tokenizer is not None:
+        from sftdata.render import ControlTokens
+        from sftdata.tokenizer import tokenizer_name
+        from sftdata.tokenizer_cache import load_snapshot
+
+        snap = load_snapshot(tokenizer)
+        control, name = ControlTokens.of(snap.backend_tokenizer), tokenizer_name(snap)
     with readable(list(files)) as paths:  # '-', pipes and FIFOs read once
-        reports = [validate_file(f) for f in paths]
+        reports = [validate_file(f, control=control, tokenizer=name) for f in paths]
     problems = [p for r in reports for p in r.problems]
     if as_json:
         doc = {

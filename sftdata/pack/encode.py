@@ -41,7 +41,10 @@ class Chunk:
 
 
 def _renderer_key(opts: PackOptions) -> tuple[Any, ...]:
-    return (opts.tokenizer, opts.template, opts.train_on, opts.template_date, opts.strict)
+    return (
+        opts.tokenizer, opts.template, opts.train_on, opts.template_date, opts.strict,
+        opts.special_text, opts.missing_stop,
+    )  # fmt: skip
 
 
 _STATE: dict[str, Any] = {}  # per process: the renderer for a (tokenizer, template, train_on) key
@@ -61,6 +64,8 @@ def get_renderer(opts: PackOptions) -> Any:
             train_on=opts.train_on,
             template_date=opts.template_date,
             strict=opts.strict,
+            special_text=opts.special_text,
+            missing_stop=opts.missing_stop,
         )
         _STATE["key"] = key
     return _STATE["renderer"]
@@ -198,11 +203,12 @@ REFUSAL_EXAMPLES = 20
 
 
 def render_stats(records: Sequence[Any]) -> dict[str, Any]:
-    """Fold-ins, refusals, split turns, fallbacks and stop-less turns of encoded records."""
+    """Fold-ins, refusals, split turns, fallbacks, stop-less turns and appended stops of
+    encoded records."""
     folds: dict[str, int] = {}
     refused: dict[str, int] = {}
     examples: list[str] = []
-    split = fallback = no_stop = 0
+    split = fallback = no_stop = appended = 0
     for r in records:
         rr = r.render
         for kind in rr.fold_ins:
@@ -214,6 +220,7 @@ def render_stats(records: Sequence[Any]) -> dict[str, Any]:
         split += rr.split_turns
         fallback += int(rr.fallback)
         no_stop += rr.no_stop
+        appended += rr.appended
     return {
         "fold_ins": folds,
         "refused": refused,
@@ -221,6 +228,7 @@ def render_stats(records: Sequence[Any]) -> dict[str, Any]:
         "split_turns": split,
         "fallback": fallback,
         "no_stop": no_stop,
+        "appended_stops": appended,
     }
 
 
@@ -230,7 +238,7 @@ def merge_stats(total: dict[str, Any], part: dict[str, Any]) -> None:
             total[key][k] = total[key].get(k, 0) + v
     room = REFUSAL_EXAMPLES - len(total["examples"])
     total["examples"].extend(part.get("examples", [])[:room])
-    for key in ("split_turns", "fallback", "no_stop"):
+    for key in ("split_turns", "fallback", "no_stop", "appended_stops"):
         total[key] += part.get(key, 0)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sftdata.errors import ConfigError
-from sftdata.render import TRAIN_ON
+from sftdata.render import MISSING_STOP, SPECIAL_TEXT, TRAIN_ON
 from sftdata.templates import DEFAULT_TEMPLATE_DATE
 
 OVERFLOW = ("drop", "truncate", "cutoff", "error")
@@ -62,6 +62,10 @@ class PackOptions:
     """Allow a seq_len past the tokenizer's ``model_max_length`` / the model's positions."""
     max_samples: int | None = None
     """Pack only the first N records of the inputs (LLaMA-Factory's ``max_samples``)."""
+    special_text: str = "refuse"
+    """A record whose own text holds a control token of the tokenizer: refuse it, split (encode the text as plain text) or keep (encode the token)."""
+    missing_stop: str = "append"
+    """A trained reply after which the template writes no stop token: append the model's stop token, error, or allow (train it without one)."""
 
     def resolved_shard_size(self) -> int:
         """Rows per shard file after applying the automatic default."""
@@ -82,6 +86,8 @@ class PackOptions:
             "template_date": self.template_date,
             "strict": self.strict,
             "skip_invalid": self.skip_invalid,
+            "special_text": self.special_text,
+            "missing_stop": self.missing_stop,
             # recorded only when set, so packs without it keep their fingerprints
             **({} if self.max_samples is None else {"max_samples": self.max_samples}),
         }
@@ -101,8 +107,13 @@ def check_options(opts: PackOptions, inputs: Sequence[Path]) -> None:
         )
     if opts.overflow not in OVERFLOW:
         raise ConfigError(f"--overflow {opts.overflow!r}: must be one of {', '.join(OVERFLOW)}")
-    if opts.train_on not in TRAIN_ON:
-        raise ConfigError(f"--train-on {opts.train_on!r}: must be one of {', '.join(TRAIN_ON)}")
+    for flag, value, choices in (
+        ("--train-on", opts.train_on, TRAIN_ON),
+        ("--special-text", opts.special_text, SPECIAL_TEXT),
+        ("--missing-stop", opts.missing_stop, MISSING_STOP),
+    ):
+        if value not in choices:
+            raise ConfigError(f"{flag} {value!r}: must be one of {', '.join(choices)}")
     if opts.val_fraction is not None and opts.val_count is not None:
         raise ConfigError("--val-fraction and --val-count: give at most one")
     if opts.val_fraction is not None and not 0 <= opts.val_fraction < 1:

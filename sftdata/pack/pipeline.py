@@ -99,7 +99,7 @@ def pack(
         )
     tpl_sha = hashlib.sha256(renderer.template_text.encode("utf-8")).hexdigest()
     stops = "\0".join(renderer.stop_tokens)
-    tpl_key = f"{renderer.name}:{tpl_sha}:{stops}"
+    tpl_key = f"{renderer.name}:{tpl_sha}:{stops}:{renderer.append_stop or ''}"
     fp = fingerprint(in_meta, ident["sha256"], tpl_key, opts, opts.seq_len)
 
     old = existing_index(output)
@@ -130,6 +130,8 @@ def pack(
                     template={
                         "name": renderer.name, "sha256": tpl_sha, "date": opts.template_date,
                         "stop_tokens": list(renderer.stop_tokens),
+                        "stops": [x.to_dict() for x in renderer.stops],
+                        "appended_stop": renderer.append_stop,
                     },
                     in_meta=in_meta, fp=fp, approx_records=approx_records, progress=progress,
                 )  # fmt: skip
@@ -158,7 +160,7 @@ def _build(
     *,
     ident: dict[str, Any],
     tok_spec: str,
-    template: dict[str, str],
+    template: dict[str, Any],
     in_meta: list[dict[str, Any]],
     fp: str,
     approx_records: int,
@@ -203,6 +205,7 @@ def _build(
             "split_turns": stats["split_turns"],
             "fallback": stats["fallback"],
             "no_stop": stats["no_stop"],
+            "appended_stops": stats["appended_stops"],
             "dropped_tokens": {"overflow": spill.over_tokens},
             "truncated_tokens": spill.cut_tokens,
             "lengths": _percentiles(spill.length_counts),

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftdata.text import counted
+from sftdata.text import counted, stop_line
 
 OVERFLOW_WARN_SHARE = 0.01
 """Above this share of records dropped as longer than the row, the summary warns."""
@@ -36,6 +36,13 @@ class PackReport:
     split_turns: int = 0
     fallback: int = 0
     no_stop: int = 0
+    """Trained replies left without a stop token (``--missing-stop allow``)."""
+    appended_stops: int = 0
+    """Trained replies after which the appended stop token was inserted."""
+    stops: list[dict[str, Any]] = field(default_factory=list)
+    """The stop set: each token, its id and where it came from (eos, generation_config, template)."""
+    appended_stop: str | None = None
+    """The token appended after a reply the template ends with no stop."""
     seq_len: int = 0
     overflow_tokens: int = 0
     """Tokens of the records dropped as longer than ``seq_len``."""
@@ -69,6 +76,9 @@ class PackReport:
             split_turns=c.get("split_turns", 0),
             fallback=c.get("fallback", 0),
             no_stop=c.get("no_stop", 0),
+            appended_stops=c.get("appended_stops", 0),
+            stops=list(index["template"].get("stops", [])),
+            appended_stop=index["template"].get("appended_stop"),
             seq_len=int(index["seq_len"]),
             overflow_tokens=c.get("dropped_tokens", {}).get("overflow", 0),
             truncated_tokens=c.get("truncated_tokens", 0),
@@ -78,6 +88,10 @@ class PackReport:
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-able values (``sftdata pack --json``)."""
         return {**dataclasses.asdict(self), "output": str(self.output)}
+
+    def stop_line(self) -> str:
+        """The stop set with where each token came from, and the stops appended."""
+        return stop_line(self.stops, self.appended_stop, self.appended_stops)
 
     def summary_lines(self) -> list[str]:
         """The summary, one line each (stdout)."""
@@ -109,11 +123,13 @@ class PackReport:
         if self.fold_ins:
             kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(self.fold_ins.items()))
             lines.append(f"  fold-ins (records): {kinds}")
+        if self.stops:
+            lines.append(f"  {self.stop_line()}")
         if self.split_turns or self.fallback or self.no_stop:
             lines.append(
                 f"  turns trained as their own sample {self.split_turns:,}; records whose prompt "
-                f"is not a prefix of their render {self.fallback:,}; turns with no stop token "
-                f"{self.no_stop:,}"
+                f"is not a prefix of their render {self.fallback:,}; replies trained without a "
+                f"stop token {self.no_stop:,} (--missing-stop allow)"
             )
         lines.append(f"  {self.seconds:.1f} s ({tps / 1e6:.2f}M tokens/s)")
         return lines

@@ -10,11 +10,8 @@ inference: from the end of the generation prompt for the preceding messages
    ``{% generation %}`` blocks are rendered the same way: on trl's training templates the blocks
    also wrap layout after the stop token, e.g. the newline after ``<|im_end|>``, which the model
    never generates);
-2. the turn ends at the first stop token after its start: the tokenizer's EOS, the model folder's
-   ``generation_config.json`` EOS ids, or the template's own end-of-turn (the special token it
-   writes right after an assistant reply). When the template writes none inside the turn, a stop
-   token opening the next turn is trained (GLM stops on ``<|user|>``/``<|observation|>``) and
-   nothing else of it.
+2. the turn ends through the first token of the stop set after it, or through one that opens
+   the next turn, or the appended stop is inserted after it (``stops``; ``--missing-stop``).
 
 A template that renders earlier turns differently from the last (Qwen3 and DeepSeek-R1 drop the
 reasoning of earlier turns, gpt-oss ends them with ``<|end|>`` instead of ``<|return|>``) cannot
@@ -29,33 +26,46 @@ The whole text of a sample is tokenized once and a token is trained iff its char
 overlaps a trained span: no prompt prefix is tokenized separately, so BPE merges across a
 boundary cannot shift the mask.
 
-Nothing is dropped silently. The template's capabilities are probed once (system role, tool role,
-tool calls, tool schemas, reasoning); what it cannot render natively is folded in, in documented
-ways, and counted (``FOLD_INS``): a system message merged into the first user turn, tool results
-as a marked user turn, tool calls as JSON lines in the reply, tool schemas after "Available
-tools:" in the system message, reasoning as ``<think>…</think>`` before the reply. After
-rendering, every message's content and reasoning, every tool call's name and every tool schema's
-name must be in the text, or the record is refused with the reason. ``strict`` refuses instead of
-folding in.
+Nothing is dropped silently: the template's capabilities are probed once (``probe``), what it
+cannot render natively is folded in, documented and counted (``foldins``; ``strict`` refuses
+instead), and after rendering everything the record holds must be in the text (``coverage``).
+Control tokens come only from the template (``control``, C8).
 """
 
 from __future__ import annotations
 
-import re
+import os
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from sftdata.conversation import Conversation
 from sftdata.errors import ConfigError, TemplateError
-from sftdata.render.coverage import not_rendered
+from sftdata.render.control import (
+    SPECIAL_TEXT,
+    ControlTokens,
+    SplitEncoder,
+    check_markers,
+    restore,
+    screen,
+)
+from sftdata.render.coverage import find_text, not_rendered
+from sftdata.render.encoding import encode_renders
 from sftdata.render.foldins import as_parts, template_messages
-from sftdata.render.masks import mask_by_edges, mask_from_offsets, subtract
+from sftdata.render.masks import subtract
 from sftdata.render.probe import PROBE, probe_caps
-from sftdata.render.samples import Encoded, EncodedRecord, RecordRender, Rendered
+from sftdata.render.samples import EncodedRecord, RecordRender, Rendered
+from sftdata.render.stops import (
+    MISSING_STOP,
+    NoStop,
+    insert_stops,
+    no_stop_error,
+    probe_stops,
+    reply_end,
+    stop_end,
+    stop_pattern,
+)
 from sftdata.templates import DEFAULT_TEMPLATE_DATE, load_template
-from sftdata.tokenizer import stop_tokens
+from sftdata.tokenizer import tokenizer_name
 
 TRAIN_ON = ("all-assistant", "last-assistant", "everything")
 
@@ -79,11 +89,16 @@ class Renderer:
         train_on: one of :data:`TRAIN_ON`; per-message ``train`` flags always win.
         template_date: the date templates see (``strftime_now``, ``date_string``).
         strict: refuse a record that would need a fold-in instead of folding it in.
+        special_text: one of :data:`SPECIAL_TEXT`: a record whose own text holds a control
+            token is refused, encoded as plain text, or kept as the tokenizer parses it.
+        missing_stop: one of :data:`MISSING_STOP`: a trained reply after which the template
+            writes no stop gets the appended stop, fails the pack, or is trained without one.
 
     Raises:
         TemplateError: unknown template, Jinja syntax error (file:line), ``auto`` without a
-            chat_template, or a template that cannot render a plain user/assistant exchange.
-        ConfigError: ``train_on`` not one of :data:`TRAIN_ON`.
+            chat_template, a template that cannot render a plain user/assistant exchange, or
+            one whose markers are not control tokens of the tokenizer.
+        ConfigError: ``train_on``, ``special_text`` or ``missing_stop`` not one of its choices.
     """
 
     def __init__(
@@ -94,11 +109,21 @@ class Renderer:
         train_on: str = "all-assistant",
         template_date: str = DEFAULT_TEMPLATE_DATE,
         strict: bool = False,
+        special_text: str = "refuse",
+        missing_stop: str = "append",
     ):
-        if train_on not in TRAIN_ON:
-            raise ConfigError(f"train_on {train_on!r} is not one of {', '.join(TRAIN_ON)}")
+        for key, value, choices in (
+            ("train_on", train_on, TRAIN_ON),
+            ("special_text", special_text, SPECIAL_TEXT),
+            ("missing_stop", missing_stop, MISSING_STOP),
+        ):
+            if value not in choices:
+                raise ConfigError(f"{key} {value!r} is not one of {', '.join(choices)}")
         self.train_on = train_on
         self.strict = strict
+        self.special_text = special_text
+        self.missing_stop = missing_stop
+        self.tokenizer_name = tokenizer_name(tokenizer)
         self.template_date = template_date
         self._backend_tok = tokenizer.backend_tokenizer
         self._specials = {
@@ -110,9 +135,9 @@ class Renderer:
         self.name, self.template_text, self._backend = load_template(
             str(template), tokenizer, specials=self._specials, date=template_date
         )
-        added = self._backend_tok.get_added_tokens_decoder().values()
-        special = sorted({t.content for t in added if t.content}, key=len, reverse=True)
-        self._special_re = re.compile("|".join(map(re.escape, special))) if special else None
+        self.control = ControlTokens.of(self._backend_tok)
+        """The tokenizer's control tokens (``sftdata.render.control``)."""
+        self._split: SplitEncoder | None = None
         u, a = PROBE["user"], PROBE["assistant"]
         self._parts = False
         one = self._try([{"role": "user", "content": u}, {"role": "assistant", "content": a}])
@@ -136,15 +161,13 @@ class Renderer:
                 f"template {self.name}: does not render a plain user/assistant conversation with "
                 "the message contents verbatim, so label masks cannot be derived from it"
             )
-        eot = self._first_special(one, one.index(a) + len(a))
-        stops = [*stop_tokens(tokenizer), *([eot] if eot else [])]
-        self.stop_tokens: tuple[str, ...] = tuple(dict.fromkeys(s for s in stops if s))
-        """Strings that end a trained turn: EOS, generation-config EOS ids, template end-of-turn."""
-        self._stop_re = (
-            re.compile("|".join(map(re.escape, sorted(self.stop_tokens, key=len, reverse=True))))
-            if self.stop_tokens
-            else None
-        )
+        check_markers(self._try, one, self.control, f"template {self.name}", self.tokenizer_name)
+        self.stops, self.append_stop = probe_stops(self._try, one, tokenizer, self.control)
+        """The stop set (``sftdata.render.stops``: each token with its id and sources) and the
+        stop token inserted after a reply the template ends with none (None: none)."""
+        self.stop_tokens: tuple[str, ...] = tuple(x.token for x in self.stops)
+        """The stop set's strings: EOS, generation-config EOS ids, the template's end of turn."""
+        self._stop_re = stop_pattern(self.stops)
         self.caps = probe_caps(self._try)
         minimal = self._try([{"role": "user", "content": ""}, {"role": "assistant", "content": ""}])
         text = minimal if isinstance(minimal, str) else one.replace(u, "").replace(a, "")
@@ -172,16 +195,6 @@ class Renderer:
             return self._backend.render(msgs, tools, gen)
         except Exception as e:  # any template failure: the caller decides whether it matters
             return e
-
-    def _first_special(self, text: str, at: int) -> str | None:
-        """The special token right after ``at`` (layout whitespace allowed), or None."""
-        if self._special_re is None:
-            return None
-        j = at
-        while j < len(text) and text[j].isspace():
-            j += 1
-        m = self._special_re.match(text, j)
-        return m.group(0) if m else None
 
     # -- the messages a template sees ---------------------------------------------------------
 
@@ -213,13 +226,36 @@ class Renderer:
         out.refusal = f"{conv.source}: template {self.name}: record {conv.id!r}: {why}"
 
     def render_record(self, conv: Conversation) -> RecordRender:
-        """Render one record into its samples and trained spans, or say why it is refused."""
+        """Render one record into its samples and trained spans, or say why it is refused.
+
+        Raises:
+            TemplateError: a trained reply would end without a stop token (``missing_stop``
+                ``error``, or ``append`` with no token to append): the whole pack fails.
+        """
         out = RecordRender()
+        original = None
+        why, hidden = screen(conv, self.control, self.special_text, self.tokenizer_name)
+        if why is not None:
+            self._refuse(conv, out, "control_token", why)
+            return out
+        if hidden is not None:
+            original, conv = conv, hidden
+        try:
+            self._render_into(conv, out, original)
+        except NoStop as x:
+            raise TemplateError(f"{conv.source}: record {conv.id!r}: {x}") from None
+        if original is not None and out.refusal is None:
+            out.samples = [Rendered(restore(x.text), x.spans, hidden=x.text) for x in out.samples]
+        return out
+
+    def _render_into(
+        self, conv: Conversation, out: RecordRender, original: Conversation | None
+    ) -> None:
         msgs, tools, origin, folds = self.template_messages(conv)
         out.fold_ins = folds
         if folds and self.strict:
             self._refuse(conv, out, "strict", f"needs fold-in {', '.join(folds)} (--strict)")
-            return out
+            return
         blocks: list[tuple[int, int]] | None = None
         try:
             if self._backend.exact_blocks:
@@ -228,7 +264,14 @@ class Renderer:
                 text = self._backend.render(msgs, tools, False)
         except Exception as e:
             self._refuse(conv, out, "template_error", f"{type(e).__name__}: {_one_line(e)}")
-            return out
+            return
+        if original is not None and not self._same_text(original, text):
+            self._refuse(
+                conv, out, "control_token",
+                "the template changes the text around a special token inside it, so "
+                "--special-text split cannot encode it as plain text",
+            )  # fmt: skip
+            return
         # one block per assistant message (our templates' invariant; else derive by prefixes)
         block_of: dict[int, tuple[int, int]] = {}
         if blocks is not None:
@@ -239,6 +282,7 @@ class Renderer:
         everything = self.train_on == "everything"
         spans: list[tuple[int, int]] = []
         excluded: list[tuple[int, int]] = []
+        inserts: list[int] = []
         extra: list[Rendered] = []
         cursor = 0
         try:
@@ -246,19 +290,31 @@ class Renderer:
                 i = origin[j]
                 flag = flags[i] if i is not None else None
                 wanted = flag is True if not everything else flag is False
+                if everything and not wanted and d["role"] == "assistant" and flag is not False:
+                    # trained as part of everything: only its stop is looked after
+                    s, e, at, _ = self._assistant_turn(msgs, tools, j, text, cursor, out, i)
+                    if at is not None and s >= cursor:
+                        inserts.append(at)
+                    cursor = max(cursor, e)
+                    continue
                 if not wanted:
                     continue
                 block = block_of.get(j)
-                if block is not None and block[0] >= cursor:
+                if (
+                    block is not None
+                    and block[0] >= cursor
+                    and self._stop_re is not None
+                    and self._stop_re.search(text, *block)
+                ):
                     s, e = block
-                    if self._stop_re is None or not self._stop_re.search(text, s, e):
-                        out.no_stop += 1
                 elif d["role"] == "assistant":
-                    s, e, sample = self._assistant_turn(msgs, tools, j, text, cursor, out, _text(d))
+                    s, e, at, sample = self._assistant_turn(msgs, tools, j, text, cursor, out, i)
                     if sample is not None:
                         if not everything:
                             extra.append(sample)
                         continue
+                    if at is not None:
+                        inserts.append(at)
                 else:
                     s, e = self._locate_content(text, _text(d), cursor)
                     if s < 0:
@@ -267,15 +323,27 @@ class Renderer:
                 cursor = e
         except _Fallback as f:
             self._refuse(conv, out, "not_rendered", str(f))
-            return out
+            return
+        stop = self.append_stop or ""
+        text, moved = insert_stops(text, spans + excluded, inserts, stop)
+        spans, excluded = moved[: len(spans)], moved[len(spans) :]
+        out.appended += len(inserts)
         if everything:
             spans = subtract([(0, len(text))], excluded)
         out.samples = [Rendered(text, [(s, e) for s, e in spans if e > s]), *extra]
         out.split_turns = len(extra)
-        missing = not_rendered(conv, [s.text for s in out.samples])
+        missing = not_rendered(conv, [x.text for x in out.samples])
         if missing:
             self._refuse(conv, out, "not_rendered", f"the template did not render {missing}")
-        return out
+
+    def _same_text(self, original: Conversation, text: str) -> bool:
+        """Whether the render of the record with its control tokens hidden is, put back, the
+        render of the record itself (a template that transforms the text would break it)."""
+        msgs, tools, _, _ = self.template_messages(original)
+        try:
+            return self._backend.render(msgs, tools, False) == restore(text)
+        except Exception:
+            return False
 
     def _assistant_turn(
         self,
@@ -285,9 +353,10 @@ class Renderer:
         text: str,
         cursor: int,
         out: RecordRender,
-        original: str,
-    ) -> tuple[int, int, Rendered | None]:
-        """(start, end, None) of turn ``j`` inside ``text``, or (start, end, its own sample)."""
+        i: int | None,
+    ) -> tuple[int, int, int | None, Rendered | None]:
+        """(start, end, where the appended stop goes or None, None) of turn ``j`` inside
+        ``text``, or (start, end, None, its own sample); ``i`` is its message in the record."""
         last = j == len(msgs) - 1
         prompt = self._backend.render(msgs[:j], tools, True) if j else ""
         whole = text if last else self._backend.render(msgs[: j + 1], tools, False)
@@ -297,7 +366,7 @@ class Renderer:
             # Nemotron open "<think>" in the prompt that the rendered turn closes or drops): the
             # turn is trained from where its render departs from the prompt.
             out.fallback = True
-            s = _common_prefix(prompt, whole)
+            s = len(os.path.commonprefix([prompt, whole]))  # noqa: RUF071 - text, not paths
             if s < cursor:
                 raise _Fallback(
                     f"assistant message {j}: the template renders the conversation before it "
@@ -305,58 +374,33 @@ class Renderer:
                     "be derived"
                 )
         follow = text if text.startswith(whole) else None
+        original = _text(msgs[j])
         # A reply that itself holds a stop token's text ("... </s> ok") is searched past.
         after = s
         if self._stop_re is not None and self._stop_re.search(original):
             k = whole.find(original, s)
             after = k + len(original) if k >= 0 else s
-        e = self._stop_end(whole, s, len(whole), out, follow=follow, search_from=after)
+        e = stop_end(self._stop_re, whole, s, len(whole), follow=follow, search_from=after)
+        at = None
+        if e is None:
+            e = reply_end(whole, s, len(whole), original)
+            if self.missing_stop == "allow":
+                out.no_stop += 1
+            else:
+                no_stop_error(self.missing_stop, self.append_stop, j if i is None else i, self)
+                at = e
         if text.startswith(whole[:e]) and s >= cursor:
-            return s, e, None
-        return s, e, Rendered(whole[:e], [(s, e)])
-
-    def _stop_end(
-        self,
-        text: str,
-        start: int,
-        end: int,
-        out: RecordRender,
-        *,
-        search_from: int | None = None,
-        follow: str | None = None,
-    ) -> int:
-        """End of the turn rendered as ``text[start:end]``: through its first stop token; else
-        through a stop token that opens what follows it (in ``follow``, the whole record's text
-        of which ``text`` is a prefix, or in ``text``), after layout whitespace only; else the
-        turn's text without trailing layout (counted in ``no_stop``)."""
-        if self._stop_re is not None:
-            m = self._stop_re.search(text, start if search_from is None else search_from, end)
-            if m:
-                return m.end()
-            after = text if follow is None else follow
-            j = end
-            while j < len(after) and after[j].isspace():
-                j += 1
-            m = self._stop_re.match(after, j)
-            if m:
-                return m.end()
-        out.no_stop += 1
-        e = end
-        while e > start and text[e - 1].isspace():
-            e -= 1
-        return e
+            return s, e, at, None
+        if at is None:
+            return s, e, None, Rendered(whole[:e], [(s, e)])
+        out.appended += 1
+        stop = self.append_stop or ""
+        return s, e, None, Rendered(whole[:e] + stop, [(s, e + len(stop))])
 
     @staticmethod
     def _locate_content(text: str, content: str, cursor: int) -> tuple[int, int]:
-        """Where ``content`` (or its stripped text: templates may strip) is at/after ``cursor``."""
-        if not content:
-            return -1, -1
-        p = text.find(content, cursor)
-        if p >= 0:
-            return p, p + len(content)
-        stripped = content.strip()
-        p = text.find(stripped, cursor) if stripped else -1
-        return (p, p + len(stripped)) if p >= 0 else (-1, -1)
+        """Where ``content`` (as written, trimmed or JSON-escaped) is at/after ``cursor``."""
+        return find_text(text, content, cursor)
 
     def render(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
         """The whole record's text and trained spans (split turns are not included).
@@ -383,40 +427,16 @@ class Renderer:
         A refused record raises its TemplateError, or with ``skip_invalid`` comes back with no
         samples and its ``render.refusal`` set.
 
-        Token masks come from ``char_to_token`` at span edges (two lookups per span) rather than
-        converting every token's offsets to Python (converting offsets alone costs about a third
-        of the batch encode time).
+        Masks: ``sftdata.render.encoding.encode_renders``.
         """
         renders = [self.render_record(c) for c in convs]
         if not skip_invalid:
             for r in renders:
                 if r.refusal is not None:
                     raise TemplateError(r.refusal)
-        flat = [s for r in renders for s in r.samples]
-        encodings = self._backend_tok.encode_batch([s.text for s in flat], add_special_tokens=False)
-        it = iter(zip(flat, encodings, strict=True))
-        out = []
-        for r in renders:
-            samples = []
-            for _ in r.samples:
-                sample, enc = next(it)
-                ids = np.array(enc.ids, dtype=np.int32)
-                mask = mask_by_edges(enc, len(ids), len(sample.text), sample.spans)
-                if mask is None:
-                    mask = mask_from_offsets(
-                        np.array(enc.offsets, dtype=np.int64).reshape(-1, 2), sample.spans
-                    )
-                samples.append(Encoded(input_ids=ids, train_mask=mask))
-            out.append(EncodedRecord(samples=samples, render=r))
-        return out
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    lo = 0
-    while lo < n and a[lo] == b[lo]:
-        lo += 1
-    return lo
+        if self._split is None and any(x.hidden for r in renders for x in r.samples):
+            self._split = SplitEncoder(self._backend_tok, self.control)
+        return encode_renders(self._backend_tok, renders, self._split)
 
 
 def _text(m: dict[str, Any]) -> str:
@@ -428,6 +448,3 @@ def _text(m: dict[str, Any]) -> str:
 
 class _Fallback(Exception):
     """A turn that no derivation could place (the record is refused)."""
-
-
-# --------------------------------------------------------------------------------- span -> tokens

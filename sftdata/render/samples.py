@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-REFUSALS = ("template_error", "not_rendered", "strict")
+REFUSALS = ("template_error", "not_rendered", "strict", "control_token")
 """Reasons a record is refused (``sftdata pack --skip-invalid`` counts them)."""
 
 
@@ -27,6 +27,9 @@ class Rendered:
 
     text: str
     spans: list[tuple[int, int]]
+    hidden: str | None = None
+    """``--special-text split``: the text with the record's own control tokens hidden
+    (``sftdata.render.control``), which the split encoder tokenizes; None: ``text`` as it is."""
 
 
 @dataclass
@@ -42,7 +45,9 @@ class RecordRender:
     fallback: bool = False
     """A turn was located by its content (neither derivation applied)."""
     no_stop: int = 0
-    """Trained turns after which the template writes no stop token."""
+    """Trained turns left without a stop token (``--missing-stop allow``)."""
+    appended: int = 0
+    """Trained turns after which the appended stop token was inserted."""
     refusal: str | None = None
     """Why the record cannot be trained (one line naming the record), or None."""
     reason: str | None = None

@@ -402,7 +402,7 @@ def test_unknown_template_name_lists_the_choices() -> None:
 
 
 BLOCK_TEMPLATES = {  # built-ins whose {% generation %} blocks give the masks: their family
-    "chatml": None,
+    "chatml": "qwen2-vocabulary",
     "llama2": None,
     "qwen2.5": "qwen2_5",
     "llama3": "llama3",
@@ -424,12 +424,14 @@ def test_the_templates_with_blocks_are_the_listed_ones() -> None:
 
 @pytest.mark.parametrize("named", sorted(BLOCK_TEMPLATES))
 def test_generation_blocks_of_builtins_equal_the_prefix_derivation(
-    named: str, root: str, llama2_tokenizer_dir: Path, shared_data: Path
+    named: str, root: str, llama2_tokenizer_dir: Path, shared_data: Path, shared_tokenizers: Path
 ) -> None:
     """One render with blocks gives exactly what the prefix renders (C2's definition) give:
     samples, ids, masks and counts, on the edge cases and real data, every train-on mode."""
     family = BLOCK_TEMPLATES[named]
-    if family is None:
+    if family == "qwen2-vocabulary":  # the real Qwen2 vocabulary: ChatML's markers are its own
+        snap = load_snapshot(shared_tokenizers / "qwen2")
+    elif family is None:
         snap = _base(str(llama2_tokenizer_dir))
     elif isinstance(family, tuple):
         snap = load_snapshot(
@@ -449,9 +451,10 @@ def test_generation_blocks_of_builtins_equal_the_prefix_derivation(
             strict=True,
         ):
             ra, rb = a.render, b.render
-            assert (ra.refusal, ra.no_stop, ra.fallback, ra.split_turns) == (
+            assert (ra.refusal, ra.no_stop, ra.appended, ra.fallback, ra.split_turns) == (
                 rb.refusal,
                 rb.no_stop,
+                rb.appended,
                 rb.fallback,
                 rb.split_turns,
             )

@@ -28,6 +28,8 @@ from tests.sftdata_helpers import fixture_records, write_jsonl
         ({"inputs": [{"dataset": "alpaca_en_demo"}]}, "data.dataset_info"),
         ({"inputs": ["IN"], "seq_lenn": 512}, "data.seq_lenn"),
         ({"inputs": ["IN"], "overflow": "wrap"}, "data.overflow"),
+        ({"inputs": ["IN"], "special_text": "escape"}, "data.special_text"),
+        ({"inputs": ["IN"], "missing_stop": "eos"}, "data.missing_stop"),
         ({"inputs": ["IN"], "seq_len": "long"}, "data.seq_len"),
         ({"inputs": []}, "data.inputs"),
         ({"inputs": [{"path": "IN", "dataset": "x"}]}, "data.inputs[0]"),
@@ -49,8 +51,11 @@ def test_a_section_reads_paths_datasets_and_options(tmp_path: Path) -> None:
             "seq_len": 512,
             "overflow": "truncate",
             "val_fraction": 0.1,
+            "special_text": "split",
+            "missing_stop": "allow",
         }
     )
+    assert (s.special_text, s.missing_stop) == ("split", "allow")
     assert s.inputs[0] == DataInput(path=str(src))
     assert s.inputs[1].weight == 2.0 and s.inputs[1].map == {"q": "instruction"}
     assert (s.seq_len, s.overflow, s.val_fraction) == (512, "truncate", 0.1)

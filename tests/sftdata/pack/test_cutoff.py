@@ -102,16 +102,16 @@ def test_history_keep_gives_the_last_pair_its_room_first() -> None:
 @pytest.mark.parametrize(
     ("name", "seq_len", "mask_history"),
     [
-        ("sharegpt_dummy_conversation.json", 96, False),
+        ("sharegpt_dummy_conversation.json", 48, False),
         ("glaive_toolcall_en_demo.json", 384, False),
-        ("sharegpt_dummy_conversation.json", 96, True),
+        ("sharegpt_dummy_conversation.json", 48, True),
         ("glaive_toolcall_en_demo.json", 384, True),
     ],
 )
 def test_cutoff_pack_of_real_multi_turn_data_equals_llamafactory_cut(
     tmp_path: Path,
     shared_data: Path,
-    llama2_tokenizer_dir: Path,
+    shared_tokenizers: Path,
     name: str,
     seq_len: int,
     mask_history: bool,
@@ -125,19 +125,18 @@ def test_cutoff_pack_of_real_multi_turn_data_equals_llamafactory_cut(
     convert([shared_data / name], src)
     # LLaMA-Factory's mask_history is train_on last-assistant (sfttrain.lf_config)
     train_on = "last-assistant" if mask_history else "all-assistant"
+    qwen2 = str(shared_tokenizers / "qwen2")  # ChatML's markers are its control tokens
     opts = PackOptions(
         seq_len=seq_len,
-        tokenizer=str(llama2_tokenizer_dir),
+        tokenizer=qwen2,
         template="chatml",
         overflow="cutoff",
         train_on=train_on,
     )
     report = pack([src], tmp_path / "s", opts)
     # every reply's tokens: the (prompt, answer) pairs LLaMA-Factory's template would give
-    renderer = Renderer(load_tokenizer(str(llama2_tokenizer_dir)), template="chatml")
-    last = Renderer(
-        load_tokenizer(str(llama2_tokenizer_dir)), template="chatml", train_on="last-assistant"
-    )
+    renderer = Renderer(load_tokenizer(qwen2), template="chatml")
+    last = Renderer(load_tokenizer(qwen2), template="chatml", train_on="last-assistant")
     reader = ShardReader(tmp_path / "s")
     cut = kept = 0
     for conv in read_jsonl(src):

@@ -444,11 +444,21 @@ def test_killed_pack_leaves_no_index_and_rerun_completes(tmp_path: Path, data: P
 # ------------------------------------------------------------------ real tokenizer, real data
 
 
+def _real_tokenizer(template: str, llama2: Path, shared_tokenizers: Path) -> Path:
+    """The real vocabulary whose control tokens the template writes (ChatML: Qwen2's)."""
+    return shared_tokenizers / "qwen2" if template == "chatml" else llama2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("template", ["llama2", "chatml", "fastchat:vicuna_v1.1"])
-def test_c2_real_llama2_on_alpaca_slice(
-    tmp_path: Path, shared_data: Path, llama2_tokenizer_dir: Path, template: str
+def test_c2_real_tokenizer_on_alpaca_slice(
+    tmp_path: Path,
+    shared_data: Path,
+    llama2_tokenizer_dir: Path,
+    shared_tokenizers: Path,
+    template: str,
 ) -> None:
+    tokenizer = _real_tokenizer(template, llama2_tokenizer_dir, shared_tokenizers)
     raw = json.loads((shared_data / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:120]
     recs = []
     for i, r in enumerate(raw):
@@ -462,7 +472,7 @@ def test_c2_real_llama2_on_alpaca_slice(
         "-o",
         out,
         "--tokenizer",
-        llama2_tokenizer_dir,
+        tokenizer,
         "--seq-len",
         1024,
         "--template",
@@ -473,7 +483,7 @@ def test_c2_real_llama2_on_alpaca_slice(
     index = read_index(out)
     kept = index["counts"]["records"]
     assert kept + index["counts"]["dropped"]["overflow"] == 120 and kept > 100
-    assert check_c2(out, src, str(llama2_tokenizer_dir), template) == kept
+    assert check_c2(out, src, str(tokenizer), template) == kept
     assert index["counts"]["packing_efficiency"] > 0.95
 
 
@@ -483,11 +493,17 @@ def test_c2_real_llama2_on_alpaca_slice(
     "name",
     ["sharegpt_dummy_conversation.json", "glaive_toolcall_en_demo.json", "v1_sft_demo.jsonl"],
 )
-def test_c2_real_llama2_on_conversational_files(
-    tmp_path: Path, shared_data: Path, llama2_tokenizer_dir: Path, name: str, template: str
+def test_c2_real_tokenizer_on_conversational_files(
+    tmp_path: Path,
+    shared_data: Path,
+    llama2_tokenizer_dir: Path,
+    shared_tokenizers: Path,
+    name: str,
+    template: str,
 ) -> None:
     from sftdata.convert import convert
 
+    tokenizer = _real_tokenizer(template, llama2_tokenizer_dir, shared_tokenizers)
     full = tmp_path / "full.jsonl"
     convert([shared_data / name], full)
     src = tmp_path / "slice.jsonl"
@@ -500,7 +516,7 @@ def test_c2_real_llama2_on_conversational_files(
         "-o",
         out,
         "--tokenizer",
-        llama2_tokenizer_dir,
+        tokenizer,
         "--seq-len",
         2048,
         "--template",
@@ -508,7 +524,7 @@ def test_c2_real_llama2_on_conversational_files(
     )
     kept = read_index(out)["counts"]["records"]
     assert kept >= 140
-    assert check_c2(out, src, str(llama2_tokenizer_dir), template) == kept
+    assert check_c2(out, src, str(tokenizer), template) == kept
 
 
 @pytest.mark.parametrize("num_proc", [1, 2])
