@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # llama-cpp-python (a test extra) compiles llama.cpp: the library only, for any x86-64 CPU.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: install demo test wheel-smoke lint format clean
+.PHONY: install demo test wheel-smoke slim-smoke lint format clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,9 @@ demo: install
 
 wheel-smoke: install
 	bash .ci/wheel_smoke.sh
+
+slim-smoke: install
+	bash .ci/slim_smoke.sh
 
 test: install
 	$(BIN)/ruff check .

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The installed wheel works outside the source tree (issue 11): build it, install it into a fresh
-# virtual environment, and run the main job from a folder that is not the clone, so nothing can
-# be found through the source tree (schemas, templates and the tiny tokenizer/model are package
-# data). Usage: .ci/wheel_smoke.sh [WORKDIR]   (default: a new temporary folder)
+# The installed wheel works outside the source tree (issue 11): build it, install it with the
+# train extra into a fresh virtual environment, and run the main job from a folder that is not
+# the clone, so nothing can be found through the source tree (schemas, templates and the tiny
+# tokenizer/model are package data). Usage: .ci/wheel_smoke.sh [WORKDIR]   (default: a new temporary folder)
 set -euo pipefail
 SRC="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${1:-$(mktemp -d)}"
@@ -12,7 +12,8 @@ python3 -m venv venv
 venv/bin/pip install -q --upgrade pip
 venv/bin/pip install -q torch==2.13.0
 "$SRC/.venv/bin/pip" wheel -q --no-deps -w dist "$SRC"
-venv/bin/pip install -q dist/sftpipe-*.whl
+WHEEL=$(ls dist/sftpipe-*.whl)
+venv/bin/pip install -q "$WHEEL[train]"  # the trainer too (torch, pinned above, first)
 BIN="$WORK/venv/bin"
 mkdir -p run && cd run  # outside the clone: the clone's files are only read as input data
 cp "$SRC/fixtures/demo/qa.csv" qa.csv

@@ -107,10 +107,13 @@ def plain_text(pieces: list[tuple[str, str]]) -> str:
     )
 
 
-def load_decoder(index: dict[str, Any], tokenizer: str | None):
-    """A tokenizer matching the shard index (``--tokenizer`` or the path stored at pack time)."""
+def load_decoder(index: dict[str, Any], tokenizer: str | None) -> Any:
+    """The Rust tokenizer (``tokenizers.Tokenizer``, whose ``decode`` is what transformers'
+    fast tokenizers call) matching the shard index (``--tokenizer`` or the path stored at pack
+    time), from the snapshot cache: no transformers, no torch once a pack has cached it."""
     from sftdata.errors import ConfigError
-    from sftdata.tokenizer import load_tokenizer, tokenizer_identity
+    from sftdata.tokenizer import tokenizer_identity
+    from sftdata.tokenizer_cache import load_snapshot
 
     spec = tokenizer or index["tokenizer"].get("spec")
     if not spec:
@@ -119,12 +122,12 @@ def load_decoder(index: dict[str, Any], tokenizer: str | None):
         raise ConfigError(
             f"{spec}: the tokenizer these shards were packed with is gone: pass --tokenizer"
         )
-    tok = load_tokenizer(spec)
+    tok = load_snapshot(spec)
     if tokenizer_identity(tok)["sha256"] != index["tokenizer"]["sha256"]:
         raise ConfigError(
             f"{spec}: not the tokenizer these shards were packed with (content hash differs)"
         )
-    return tok
+    return tok.backend_tokenizer
 
 
 @dataclass

@@ -78,7 +78,14 @@ def jsonl_lengths(
 
 
 def write_histogram(lengths: np.ndarray, path: Path, *, title: str, seq_len: int | None) -> None:
-    """A record-length histogram PNG, written atomically."""
+    """A record-length histogram PNG, written atomically.
+
+    Raises:
+        ConfigError: matplotlib is not installed (the ``plot`` extra).
+    """
+    from sftdata.extras import require
+
+    require("plot", "--plot")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -72,8 +73,24 @@ def _conversion_error(shown: Path, e: Exception, *, tmp: Path | None = None) -> 
     )
 
 
+def _import_transformers() -> Any:
+    """``transformers.AutoTokenizer``, imported without its advisory that PyTorch is missing
+    (the data half never needs it: ``pip install sftpipe`` has no torch)."""
+    quiet = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+    before = os.environ.get(quiet)
+    os.environ[quiet] = "1"
+    try:
+        from transformers import AutoTokenizer
+    finally:
+        if before is None:
+            os.environ.pop(quiet, None)
+        else:
+            os.environ[quiet] = before
+    return AutoTokenizer
+
+
 def _load_folder(path: Path, *, shown: Path | None = None) -> Any:
-    from transformers import AutoTokenizer
+    AutoTokenizer = _import_transformers()
     from transformers.utils import logging as tf_logging
 
     shown = shown or path

@@ -72,3 +72,17 @@ def _c8_on_every_shard_folder(request: pytest.FixtureRequest, tmp_path: Path) ->
 
         for folder in shard_folders(tmp_path):
             check_stops(folder)
+
+
+def extra_or_skip(module: str, extra: str) -> Any:
+    """``module`` of an optional extra, or a clean skip where it is not installed; CI installs
+    the extras whose tests must run there (.ci/run), so there a missing one is a failure."""
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail(f"the {extra!r} extra is missing but CI=true: .ci/run installs it")
+        pytest.skip(
+            f"the {extra!r} extra is not installed (pip install 'sftpipe[{extra}]')",
+            allow_module_level=True,
+        )

@@ -69,7 +69,7 @@ def command(
     tok = load_decoder(view.reader.index, tokenizer)
 
     def decode(ids: list[int]) -> str:
-        return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return tok.decode(ids, skip_special_tokens=False)
 
     console = Console(highlight=False, soft_wrap=True, markup=False)
     colour = console.is_terminal and not plain

@@ -164,17 +164,18 @@ def export_mindrecord(
     """
     if layout not in LAYOUTS:
         raise ConfigError(f"--layout {layout!r} is not one of {LAYOUTS}")
+    output = Path(output)
+    if output.is_dir():
+        raise ConfigError(f"{output}: is a folder; -o names the MindRecord file to write")
+    # what holds without the extra is checked first, so it holds in every install
+    refuse_overwriting([shards_dir], output)
+    refuse_overwriting([shards_dir], f"{output}.db")
     try:
         from mindspore.mindrecord import FileWriter
     except ImportError:
         raise ConfigError(INSTALL_HINT) from None
     from sftdata.shards import ShardReader
 
-    output = Path(output)
-    if output.is_dir():
-        raise ConfigError(f"{output}: is a folder; -o names the MindRecord file to write")
-    refuse_overwriting([shards_dir], output)
-    refuse_overwriting([shards_dir], f"{output}.db")
     reader = ShardReader(shards_dir, split=split)
     if len(reader) == 0:
         raise ShardError(f"{shards_dir}: split {split!r} has no rows to export")

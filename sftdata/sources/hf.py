@@ -80,6 +80,9 @@ def check_saved_dataset(path: Path) -> None:
 
 
 def _saved_batches(path: Path, split: str | None) -> Iterator[list[dict[str, Any]]]:
+    from sftdata.extras import require
+
+    require("datasets", f"{path}: reading a datasets save_to_disk folder")
     import datasets
 
     check_saved_dataset(path)

@@ -202,12 +202,15 @@ class FastChatTemplate:
     """
 
     def __init__(self, name: str, *, bos: str) -> None:
-        try:
-            from fastchat.conversation import get_conv_template
-        except ImportError:
+        from sftdata.extras import missing
+
+        if missing("fastchat"):
             raise TemplateError(
-                f"fastchat:{name}: FastChat templates need the 'fschat' package (pip install fschat)"
-            ) from None
+                f"fastchat:{name}: FastChat templates need the 'fastchat' extra (fschat missing): "
+                "pip install 'sftpipe[fastchat]'"
+            )
+        from fastchat.conversation import get_conv_template
+
         try:
             self._base = get_conv_template(name)
         except KeyError:

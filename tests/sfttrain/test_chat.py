@@ -55,9 +55,31 @@ def test_a_multi_turn_chat_in_a_terminal() -> None:
     assert child.exitstatus == 0
 
 
-def test_ctrl_c_stops_a_reply_and_the_chat_goes_on() -> None:
-    # a random-init model with sampling rarely draws its stop token: the reply runs until stopped
-    child = _spawn("--model", "tiny", "--max-new-tokens", "100000", "--temperature", "1.0")
+def _endless_model(folder: Path) -> Path:
+    """A small model whose only stop token is one it cannot produce: its tokenizer's EOS is a
+    token past the model's output vocabulary (and the generation config names only it), so a
+    reply never ends by itself."""
+    import json
+
+    from sftdata.tokenizer import load_tokenizer
+    from tests.sfttrain_helpers import small_model_dir
+
+    small_model_dir(folder, max_positions=1 << 16)
+    tok = load_tokenizer(folder)
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    tok.add_special_tokens({"eos_token": "<|never|>"})
+    assert tok.eos_token_id >= vocab
+    tok.save_pretrained(folder)
+    config = folder / "generation_config.json"
+    config.write_text(
+        json.dumps({**json.loads(config.read_text()), "eos_token_id": tok.eos_token_id})
+    )
+    return folder
+
+
+def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(tmp_path: Path) -> None:
+    model = _endless_model(tmp_path / "endless")
+    child = _spawn("--model", str(model), "--max-new-tokens", "100000", "--temperature", "1.0")
     child.sendline("Tell me everything.")
     child.expect_exact("Tell me everything.")
     child.expect(r"\S{8}")  # some of the reply has streamed out

@@ -25,11 +25,9 @@ from sftdata import IGNORE_INDEX
 from sftdata.cli import main
 from sftdata.conversation import Conversation, Message, Source
 from sftdata.shards import ShardReader
-from tests.conftest import ROOT
+from tests.conftest import ROOT, extra_or_skip
 
-ms_dataset = pytest.importorskip(
-    "mindspore.dataset", reason="the mindrecord extra is not installed"
-)
+ms_dataset = extra_or_skip("mindspore.dataset", "mindrecord")
 
 
 def _run(*args: str) -> str:
