@@ -14,6 +14,7 @@ parsed and a leading ``<think>…</think>`` in an assistant reply becomes its ``
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -291,12 +292,52 @@ def check_escapes(text: str, value: Any) -> None:
             raise ValueError(problem)
 
 
-_STRICT = json.JSONDecoder(parse_constant=_not_json)
-"""One decoder for every line: ``json.loads`` with an option builds a new one per call."""
+INT_BITS = 64
+"""Integers in JSON input must fit in a signed 64-bit integer (what every consumer of the data,
+Arrow and MindRecord included, can hold); larger ones are refused, not silently widened."""
+_INT_LIMIT = 1 << (INT_BITS - 1)
+
+
+def _int64(text: str) -> int:
+    # the length test first: int() of a 5,000-digit string is itself an error (CPython's limit)
+    n = int(text) if len(text) <= 21 else None
+    if n is None or not -_INT_LIMIT <= n < _INT_LIMIT:
+        shown = text if len(text) <= 24 else f"{text[:20]}... ({len(text)} digits)"
+        raise ValueError(f"the integer {shown} does not fit in {INT_BITS} bits")
+    return n
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999 is valid JSON syntax but no finite number
+        raise ValueError(f"{text[:24]} is not a finite number")
+    return value
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # a second value for a key would silently win
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r} in an object")
+            seen.add(key)
+    return obj
+
+
+STRICT_DECODER = json.JSONDecoder(
+    parse_constant=_not_json, parse_float=_finite, parse_int=_int64, object_pairs_hook=_unique
+)
+"""The decoder of every JSON text a user hands us (canonical JSONL, raw JSON inputs, our own
+files): NaN/Infinity, non-finite numbers (``1e999``), integers past 64 bits and duplicate keys
+are errors (ValueError), not values. One instance: ``json.loads`` with options builds a decoder
+per call."""
+_STRICT = STRICT_DECODER
 
 
 def loads_strict(text: str) -> Any:
-    """``json.loads`` for canonical JSONL: NaN/Infinity (Python's extension, not JSON) refused.
+    """``json.loads`` for canonical JSONL, by :data:`STRICT_DECODER` (NaN/Infinity, non-finite
+    numbers, integers past 64 bits and duplicate keys refused).
 
     Raises:
         ValueError: the problem in words (json.JSONDecodeError, a ValueError, for bad syntax;
@@ -304,7 +345,7 @@ def loads_strict(text: str) -> Any:
     """
     try:
         if text.startswith("\ufeff"):  # json.loads's own message for a BOM
-            return json.loads(text, parse_constant=_not_json)
+            return json.loads(text)
         value = _STRICT.decode(text)
         check_escapes(text, value)
         return value

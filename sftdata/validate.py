@@ -16,7 +16,6 @@ record holds one of its control tokens (C8: ``pack`` refuses such a record by de
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,8 +209,8 @@ def structure_problems(messages: Any, version: int = READ_VERSIONS[-1]) -> list[
                     out.append(f"{here}: tool_calls[{k}].function.arguments must be a JSON string")
                 elif version == 1:
                     try:
-                        parsed = json.loads(fn.get("arguments") or "{}")
-                    except json.JSONDecodeError as e:
+                        parsed = loads_strict(fn.get("arguments") or "{}")
+                    except ValueError as e:
                         parsed = e
                     if not isinstance(parsed, dict):
                         out.append(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 CHECKPOINTS = "checkpoints"
 SCHEMA = "checkpoint.v1"
+MARKER_SCHEMA = "checkpoint_marker.v1"
 
 
 @dataclass
@@ -214,43 +216,64 @@ def _validate_schema(state: dict[str, Any], *, where: str) -> None:
         raise CheckpointError(f"{where}: {problem}")
 
 
-def _file_digests(folder: Path) -> dict[str, str]:
+def _file_digests(folder: Path, *, hash_files: bool = True) -> dict[str, str]:
+    """Every file of a checkpoint folder but its marker -> its sha256 (or "" unhashed)."""
     from sftdata.shards import sha256_file
 
     return {
-        p.relative_to(folder).as_posix(): sha256_file(p)
+        p.relative_to(folder).as_posix(): sha256_file(p) if hash_files else ""
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MARKER
+        if p.is_file() and p.relative_to(folder).as_posix() != MARKER
     }
 
 
-def verify_checkpoint(folder: Path) -> None:
-    """Every file the completion marker records has the sha256 it had when it was saved.
+LEGACY_MARKER = re.compile(r"step \d+\s*")
+"""The marker of checkpoints written before checksums were recorded: it verifies nothing."""
 
-    A marker written before checksums were recorded (``step N``) verifies nothing.
+
+def verify_checkpoint(folder: Path, *, allow_unverified: bool = False) -> None:
+    """The completion marker parses (``schemas/checkpoint_marker.v1.json``) and lists every
+    other file of the checkpoint with its sha256, and every file still has it.
+
+    A marker written before checksums were recorded (``step N``) verifies nothing: it is refused
+    unless ``allow_unverified`` (``--allow-unverified``).
 
     Raises:
-        CheckpointError: naming the checkpoint and the first missing or changed file.
+        CheckpointError: naming the checkpoint and what is wrong (the first missing, unlisted or
+            changed file; a marker that is not one).
     """
     from sftdata.conversation import loads_strict
     from sftdata.inputs import inside
     from sftdata.shards import sha256_file
 
+    where = folder / MARKER
     try:
-        marker = loads_strict((folder / MARKER).read_text(encoding="utf-8"))
+        text = where.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{folder / MARKER}: cannot read ({e})") from None
-    except ValueError:
-        return  # "step N": a checkpoint from before checksums
-    if not isinstance(marker, dict) or marker.get("format_version") != 1:
-        version = marker.get("format_version") if isinstance(marker, dict) else None
+        raise CheckpointError(f"{where}: cannot read ({e})") from None
+    if LEGACY_MARKER.fullmatch(text):
+        if allow_unverified:
+            return
         raise CheckpointError(
-            f"{folder / MARKER}: format_version {version!r} is not supported (this reader knows 1)"
+            f"{where}: an old-format marker that records no checksums, so nothing of this "
+            "checkpoint can be verified; pass --allow-unverified to use it anyway"
         )
-    recorded = marker.get("sha256")
-    if not isinstance(recorded, dict):
-        raise CheckpointError(f"{folder / MARKER}: no 'sha256' map of the checkpoint's files")
-    for name, digest in recorded.items():
+    try:
+        marker = loads_strict(text)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: not a checkpoint marker (invalid JSON: {e})") from None
+    problem = schema_problem(marker, MARKER_SCHEMA)
+    if problem is not None:
+        raise CheckpointError(f"{where}: not a checkpoint marker of this version ({problem})")
+    recorded: dict[str, str] = marker["sha256"]
+    present = set(_file_digests(folder, hash_files=False))
+    unlisted = sorted(present - set(recorded))
+    if not recorded or unlisted:
+        what = unlisted[0] if unlisted else "any file"
+        raise CheckpointError(
+            f"{where}: does not record the checksum of {what} (a damaged or edited checkpoint)"
+        )
+    for name, digest in sorted(recorded.items()):
         path = folder / name
         if not inside(folder, name) or not path.is_file():
             raise CheckpointError(f"{folder}: {name} is missing (a damaged checkpoint)")
@@ -261,7 +284,22 @@ def verify_checkpoint(folder: Path) -> None:
             )
 
 
-def resolve_resume(resume: str, run_dir: str | Path) -> tuple[Path | None, list[str]]:
+def verify_before_use(*folders: str | Path | None, allow_unverified: bool = False) -> None:
+    """Verify each of ``folders`` that is a checkpoint (holds a completion marker) before a
+    command reads it (``eval``, ``generate``, ``chat``, ``export``); other folders and ``tiny``
+    pass.
+
+    Raises:
+        CheckpointError: as :func:`verify_checkpoint`.
+    """
+    for folder in folders:
+        if folder is not None and str(folder) != "tiny" and (Path(folder) / MARKER).is_file():
+            verify_checkpoint(Path(folder), allow_unverified=allow_unverified)
+
+
+def resolve_resume(
+    resume: str, run_dir: str | Path, *, allow_unverified: bool = False
+) -> tuple[Path | None, list[str]]:
     """The checkpoint to resume from, and notes on damaged ones passed over.
 
     ``auto``: the newest complete checkpoint of ``run_dir`` whose files verify (None if there is
@@ -273,12 +311,12 @@ def resolve_resume(resume: str, run_dir: str | Path) -> tuple[Path | None, list[
     if resume != "auto":
         folder = Path(resume)
         if (folder / MARKER).is_file():
-            verify_checkpoint(folder)
+            verify_checkpoint(folder, allow_unverified=allow_unverified)
         return folder, []  # read_state names what else is wrong with it
     notes: list[str] = []
     for folder in reversed(complete_checkpoints(run_dir)):
         try:
-            verify_checkpoint(folder)
+            verify_checkpoint(folder, allow_unverified=allow_unverified)
         except CheckpointError as e:
             notes.append(f"{e}; skipped")
             continue
@@ -363,12 +401,12 @@ class Resume:
 
 def find_resume(
     resume: str | None, run_dir: Path, *, config: TrainConfig, shards: dict[str, Any],
-    model_spec: str, world_size: int,
+    model_spec: str, world_size: int, allow_unverified: bool = False,
 ) -> Resume:  # fmt: skip
     """``--resume auto|PATH`` -> the checkpoint to continue from, verified (or none)."""
     if resume is None:
         return Resume()
-    folder, notes = resolve_resume(resume, run_dir)
+    folder, notes = resolve_resume(resume, run_dir, allow_unverified=allow_unverified)
     if folder is None:
         return Resume(notes=notes)
     state = check_resumable(
@@ -395,5 +433,6 @@ __all__ = [
     "rotate",
     "save_checkpoint",
     "shards_identity",
+    "verify_before_use",
     "verify_checkpoint",
 ]

@@ -12,11 +12,10 @@
     5. final checkpoint, final/ weights, loss.png
 
 Distributed training plugs in through ``Dist``: ranks, the all-reduce of the trained-token count
-and of logged sums, the model wrapper (DDP/FSDP), ``no_sync`` for accumulation micro-batches, and
-agreeing on a stop request. ``sfttrain.distributed`` holds the single-process ``Dist`` and
-builds the torch.distributed one from torchrun's environment. Every rank runs the same number of
-micro-batches per step (zero-weight padding, ``StepSampler.padded_micro_batches``) because DDP and
-FSDP run collectives in every forward/backward.
+and of logged sums, the model wrapper (DDP/FSDP), ``no_sync`` for accumulation micro-batches, a
+stop request agreed on. ``sfttrain.distributed`` holds the single-process ``Dist`` and builds the
+torch.distributed one from torchrun's environment. Every rank runs as many micro-batches per step
+(zero-weight padding, ``StepSampler.padded_micro_batches``): DDP/FSDP collectives run in each.
 """
 
 from __future__ import annotations
@@ -108,6 +107,7 @@ def train(
     output_dir: str | Path,
     model_spec: str,
     resume: str | None = None,
+    allow_unverified: bool = False,
     dist: Dist | None = None,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
@@ -121,13 +121,11 @@ def train(
     with every ``metrics.jsonl`` row (training and evaluation), for a command to print.
     """
     dist = dist or Dist()
-    lock = (
-        exclusive(output_dir, writer="sfttrain run") if dist.is_main else contextlib.nullcontext()
-    )
-    with lock:
+    lock = exclusive(output_dir, writer="sfttrain run")  # entered on rank 0 only
+    with lock if dist.is_main else contextlib.nullcontext():
         return _train(
             config, shards=shards, output_dir=output_dir, model_spec=model_spec, resume=resume,
-            dist=dist, progress=progress, on_step=on_step, on_log=on_log,
+            allow_unverified=allow_unverified, dist=dist, progress=progress, on_step=on_step, on_log=on_log,
         )  # fmt: skip
 
 
@@ -138,6 +136,7 @@ def _train(
     output_dir: str | Path,
     model_spec: str,
     resume: str | None,
+    allow_unverified: bool,
     dist: Dist,
     progress: bool,
     on_step: Callable[[int], None] | None,
@@ -156,7 +155,7 @@ def _train(
     check_run_dir(run_dir, shards=data.folder, resume=resume, overwrite=config.overwrite_output_dir)
     resumed = find_resume(
         resume, run_dir, config=config, shards=data.identity, model_spec=model_spec,
-        world_size=dist.world_size,
+        world_size=dist.world_size, allow_unverified=allow_unverified,
     )  # fmt: skip
     if dist.is_main:
         if config.overwrite_output_dir and resume is None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sftdata.conversation import check_escapes
+from sftdata.conversation import STRICT_DECODER, check_escapes
 from sftdata.errors import ConversionError
 from sftdata.sources.base import (
     RecordError,
@@ -26,7 +26,7 @@ from sftdata.sources.base import (
 
 CHUNK_CHARS = 1 << 20
 _WS = " \t\n\r"
-_DECODER = json.JSONDecoder()
+_DECODER = STRICT_DECODER
 
 
 def json_kind(path: Path, head: bytes) -> str:
@@ -57,7 +57,7 @@ def _iter_lines(path: Path, encoding: str) -> Iterator[tuple[int, Any] | RecordE
         if not text.strip():
             continue
         try:
-            value = json.loads(text)
+            value = STRICT_DECODER.decode(text)
         except RecursionError:
             yield RecordError(
                 f"{path}:{lineno}: invalid JSON (nested too deeply)", reason="invalid JSON"
@@ -73,6 +73,9 @@ def _iter_lines(path: Path, encoding: str) -> Iterator[tuple[int, Any] | RecordE
                 f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}){hint}",
                 reason="invalid JSON",
             )
+            continue
+        except ValueError as e:  # STRICT_DECODER's own: NaN, 1e999, a huge integer, a duplicate key
+            yield RecordError(f"{path}:{lineno}: invalid JSON ({e})", reason="invalid JSON")
             continue
         try:
             check_escapes(text, value)
@@ -164,6 +167,10 @@ class _ArrayReader:
                         f"file ends inside the record that starts here, truncated? ({e.msg})"
                     ) from None
                 raise self.error(e.msg, e.pos) from None
+            except (
+                ValueError
+            ) as e:  # STRICT_DECODER's own (NaN, 1e999, huge integer, duplicate key)
+                raise self.error(str(e)) from None
             if end >= len(self.buf) and not self.eof and self.read_more():
                 continue  # a number or literal may go on in the next chunk
             start = self.line_at(self.pos)

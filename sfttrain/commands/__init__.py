@@ -27,6 +27,17 @@ def sampling_options(*, max_new_tokens: int) -> Callable[[Any], Any]:
     return apply
 
 
+def unverified_option(command: Any) -> Any:
+    """``--allow-unverified``: the one way to use a checkpoint whose completion marker records no
+    checksums (written before they were recorded); every other checkpoint is verified first."""
+    return click.option(
+        "--allow-unverified",
+        is_flag=True,
+        help="Use a checkpoint whose marker records no checksums (an old format); every other "
+        "checkpoint is verified before it is read.",
+    )(command)
+
+
 def quiet_libraries() -> None:
     """transformers/peft chatter (save progress bars, advisory warnings) would bury the progress bar."""
     import warnings

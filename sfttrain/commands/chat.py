@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from sfttrain.commands import sampling_options
+from sfttrain.commands import sampling_options, unverified_option
 
 HELP = "/reset forgets the conversation, /system TEXT sets the system message, /exit leaves; Ctrl-C stops a reply."
 
@@ -41,6 +41,7 @@ HELP = "/reset forgets the conversation, /system TEXT sets the system message, /
     help="Chat template for --model (as in generate); a .gguf file carries its own.",
 )
 @sampling_options(max_new_tokens=512)
+@unverified_option
 def command(
     model_spec: str | None,
     adapter: str | None,
@@ -51,6 +52,7 @@ def command(
     temperature: float,
     top_p: float,
     seed: int,
+    allow_unverified: bool,
 ) -> None:
     """Chat with a model over several turns; each reply sees the whole conversation.
 
@@ -73,7 +75,10 @@ def command(
         from sfttrain.commands import quiet_libraries
 
         quiet_libraries()
+        from sfttrain.checkpoint import verify_before_use
         from sfttrain.model import load_for_inference
+
+        verify_before_use(model_spec, adapter, allow_unverified=allow_unverified)
 
         lm, tokenizer = load_for_inference(model_spec, adapter=adapter)
         engine = HFEngine(lm, tokenizer, template=template)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from sfttrain.commands import unverified_option
+
 
 @click.command("eval")
 @click.argument("shards", type=click.Path(path_type=str))
@@ -52,6 +54,7 @@ import click
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--max-samples", type=click.IntRange(min=1), default=None, metavar="N",
               help="--generate: only the first N records of the split.")  # fmt: skip
+@unverified_option
 def command(
     shards: str,
     model_spec: str,
@@ -64,6 +67,7 @@ def command(
     output: Path | None,
     max_new_tokens: int,
     max_samples: int | None,
+    allow_unverified: bool,
 ) -> None:
     """Mean loss per trained token (and perplexity) of MODEL on SHARDS; packed or not, the same records give the same loss.
 
@@ -94,6 +98,9 @@ def command(
     if split is None:
         split = "validation" if has_split(shards, "validation") else "train"
     reader = open_split(shards, split, verify="full")
+    from sfttrain.checkpoint import verify_before_use
+
+    verify_before_use(model_spec, adapter, allow_unverified=allow_unverified)
     model, tokenizer = load_for_inference(
         model_spec, adapter=adapter, attn_implementation=attn_implementation
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from sfttrain.commands import unverified_option
+
 
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=str))
@@ -40,6 +42,7 @@ import click
 )
 @click.option("--overwrite", is_flag=True, help="Replace an OUTPUT that already exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@unverified_option
 def command(
     checkpoint: str,
     output: str,
@@ -49,6 +52,7 @@ def command(
     quant: str | None,
     overwrite: bool,
     as_json: bool,
+    allow_unverified: bool,
 ) -> None:
     """Write CHECKPOINT (checkpoints/step-N, final/, an HF folder or tiny) for loading elsewhere.
 
@@ -63,6 +67,9 @@ def command(
     from sfttrain.commands import quiet_libraries
 
     quiet_libraries()
+    from sfttrain.checkpoint import verify_before_use
+
+    verify_before_use(checkpoint, allow_unverified=allow_unverified)
     if fmt == "gguf":
         if dtype != "fp32" or merge:
             raise ConfigError(

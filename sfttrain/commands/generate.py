@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from sfttrain.commands import sampling_options
+from sfttrain.commands import sampling_options, unverified_option
 
 
 @click.command("generate")
@@ -37,6 +37,7 @@ from sfttrain.commands import sampling_options
     help="auto (the tokenizer's chat_template), a built-in name (chatml, qwen2.5, llama3, ...), a LLaMA-Factory name, fastchat:NAME or FILE.jinja — use the one you packed with.",
 )
 @sampling_options(max_new_tokens=64)
+@unverified_option
 def command(
     model_spec: str,
     adapter: str | None,
@@ -47,6 +48,7 @@ def command(
     temperature: float,
     top_p: float,
     seed: int,
+    allow_unverified: bool,
 ) -> None:
     """Print MODEL's reply to each PROMPT, rendered with the same chat template as training.
 
@@ -57,7 +59,10 @@ def command(
     from sfttrain.commands import quiet_libraries
 
     quiet_libraries()
+    from sfttrain.checkpoint import verify_before_use
     from sfttrain.generate import generate
+
+    verify_before_use(model_spec, adapter, allow_unverified=allow_unverified)
 
     replies = generate(
         model_spec,

@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from sfttrain.commands import unverified_option
+
 PREPARED_SHARDS = "SFTPIPE_PREPARED_SHARDS"
 """Environment variable through which ``--nproc`` hands its ranks the shards it packed from the
 config's data section (so they train on them instead of packing again)."""
@@ -54,6 +56,7 @@ config's data section (so they train on them instead of packing again)."""
     metavar="auto|PATH",
     help="Continue from the newest complete checkpoint in the run folder, or from PATH.",
 )
+@unverified_option
 @click.option(
     "--no-progress", is_flag=True, help="No progress bar (metrics.jsonl is still written)."
 )
@@ -80,6 +83,7 @@ def command(
     overrides: tuple[str, ...],
     model_spec: str | None,
     resume: str | None,
+    allow_unverified: bool,
     no_progress: bool,
     nproc: int | None,
     as_json: bool,
@@ -137,6 +141,7 @@ def command(
             output_dir=output_dir,
             model_spec=model_spec,
             resume=resume,
+            allow_unverified=allow_unverified,
             progress=not no_progress and lines is None,
             dist=dist,
             on_log=lines or _eval_lines,

@@ -401,6 +401,7 @@ def _deep_checkpoint_state(folder: Path) -> list[str]:
         "out",
         "--resume",
         "auto",
+        "--allow-unverified",  # the old marker verifies nothing: taken only when asked
         "--no-progress",
     ]
 

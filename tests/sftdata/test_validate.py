@@ -312,6 +312,6 @@ def test_convert_refuses_nan_it_cannot_write(tmp_path) -> None:
     out = tmp_path / "out.jsonl"
     r = CliRunner().invoke(main, ["convert", str(raw), "-o", str(out), "--from", "openai"])
     assert r.exit_code == 1, r.output
-    assert "raw.jsonl:1" in r.output and "NaN or Infinity" in r.output
+    assert "raw.jsonl:1: invalid JSON (NaN is not a JSON number)" in r.output
     assert "Traceback" not in r.output and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.jsonl"]

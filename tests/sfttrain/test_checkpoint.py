@@ -385,3 +385,69 @@ def test_unreadable_optimizer_or_rng_state_is_one_line(shards, model_dir, tmp_pa
         load_optimizer(folder, model=None, optimizer=None, scheduler=None)
     with pytest.raises(CheckpointError, match=r"rng\.pt: cannot load RNG state"):
         load_rng(folder)
+
+
+def test_a_marker_verifies_every_file_or_the_checkpoint_is_refused(
+    shards, model_dir, tmp_path
+) -> None:
+    """A marker that is not JSON, lists nothing, misses a file, or is the old ``step N`` (no
+    checksums) is refused, by --resume, eval, generate and export alike; ``--allow-unverified``
+    takes the old format only."""
+    from sfttrain.checkpoint import verify_checkpoint
+
+    run = tmp_path / "run"
+    r = run_cli(
+        "run", str(shards), "--model", str(model_dir), "-o", str(run), "--no-progress",
+        "--set", "max_steps=2", "--set", "save_steps=2", "--set", "report_to=none",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    good = complete_checkpoints(run)[-1]
+    marker = json.loads((good / MARKER).read_text())
+    cases = {
+        "not-json": ("{step: 2", r"COMPLETE: not a checkpoint marker \(invalid JSON"),
+        "empty-map": (
+            json.dumps({**marker, "sha256": {}}),
+            r"COMPLETE: does not record the checksum of README\.md",
+        ),
+        "one-missing": (
+            json.dumps({**marker, "sha256": {k: v for k, v in marker["sha256"].items() if k != "rng.pt"}}),
+            r"COMPLETE: does not record the checksum of rng\.pt",
+        ),
+        "old-format": ("step 2\n", r"COMPLETE: an old-format marker that records no checksums"),
+        "wrong-version": (
+            json.dumps({**marker, "format_version": 2}),
+            r"COMPLETE: not a checkpoint marker of this version \(format_version",
+        ),
+    }  # fmt: skip
+    for name, (text, expect) in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        (folder / MARKER).write_text(text, encoding="utf-8")
+        with pytest.raises(CheckpointError, match=expect):
+            verify_checkpoint(folder)
+    verify_checkpoint(tmp_path / "old-format", allow_unverified=True)  # explicit: accepted
+    # an unlisted file added after the save is refused too
+    shutil.copytree(good, tmp_path / "added")
+    (tmp_path / "added" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"does not record the checksum of notes\.txt"):
+        verify_checkpoint(tmp_path / "added")
+    # the readers verify before they load: one line each, nothing written
+    damaged = tmp_path / "not-json"
+    for args in (
+        ["eval", str(shards), "--model", str(damaged)],
+        ["generate", "--model", str(damaged), "--prompt", "hi"],
+        ["export", str(damaged), "-o", str(tmp_path / "exported")],
+    ):
+        r = run_cli(*args)
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert r.returncode != 0 and len(lines) == 1, r.stderr
+        assert "not a checkpoint marker" in lines[0] and "Traceback" not in r.stderr
+    assert not (tmp_path / "exported").exists()
+    old = tmp_path / "old-format"
+    r = run_cli("generate", "--model", str(old), "--prompt", "hi", "--max-new-tokens", "2")
+    assert r.returncode != 0 and "--allow-unverified" in r.stderr
+    r = run_cli(
+        "generate", "--model", str(old), "--prompt", "hi", "--max-new-tokens", "2",
+        "--allow-unverified",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
