@@ -109,6 +109,8 @@ def _into_special(path: str | os.PathLike[str], *, mode: str, encoding: str | No
     """A private temp file, copied into standard output (``-``) or the device at the end."""
     import sys
 
+    if os.fspath(path) == "-" and sys.stdout is None:
+        raise ConfigError("-: standard output is closed; give -o FILE")
     with tempfile.TemporaryFile("w+b") as raw:
         f = raw if "b" in mode else io.TextIOWrapper(raw, encoding=encoding, newline="")
         yield f
@@ -152,13 +154,16 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
 def replace_dir(src: Path, path: Path) -> None:
     """Move the finished folder ``src`` onto ``path``, replacing a folder already there.
 
-    The old folder is renamed aside first and removed only after ``src`` is in place, so
-    ``path`` is never half-written.
+    The old folder is moved aside first (into a temp folder this call creates) and removed
+    only after ``src`` is in place, so ``path`` is never half-written, and nothing but what the
+    call made itself is deleted.
     """
-    old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
+    if not path.exists():
+        os.replace(src, path)
+        return
+    # a fresh name of our own: a folder the user keeps beside the output is never touched
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    os.replace(path, old / path.name)
     os.replace(src, path)
     shutil.rmtree(old, ignore_errors=True)
 

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from sftdata.errors import ConfigError
+from sftdata.errors import ConfigError, SftError
 
 STDIN = "-"
 _SHOWN: dict[str, str] = {}
@@ -98,6 +98,8 @@ def readable(paths: Sequence[str]) -> Iterator[list[str]]:
             # keep a recognisable extension (format detection by name: data.csv via <(...))
             suffix = "".join(Path(p).suffixes[-2:]) if p != STDIN else ""
             tmp = os.path.join(folder, f"input-{k}{suffix}")
+            if p == STDIN and sys.stdin is None:
+                raise ConfigError("-: standard input is closed; nothing to read")
             try:
                 with contextlib.ExitStack() as stack:
                     src = sys.stdin.buffer if p == STDIN else stack.enter_context(open(p, "rb"))
@@ -112,25 +114,83 @@ def readable(paths: Sequence[str]) -> Iterator[list[str]]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+SMALL_FILE_BYTES = 64 << 20
+"""The most a file we read whole (a config, an index, a marker, a template) may hold: such files
+are kilobytes; ``-c /dev/zero`` or a huge file must not be read into memory."""
+
+
+def read_small(
+    path: str | os.PathLike[str],
+    *,
+    error: type[SftError],
+    what: str = "",
+    limit: int = SMALL_FILE_BYTES,
+) -> str:
+    """The UTF-8 text of a file that is read whole, at most ``limit`` bytes (a device or a pipe
+    too, read up to the limit).
+
+    Raises:
+        error: missing, unreadable, larger than ``limit``, or not UTF-8, naming the file.
+    """
+    label = f" ({what})" if what else ""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise error(f"{path}: no such file{label}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e}){label}") from None
+    if len(data) > limit:
+        raise error(f"{path}: larger than {limit >> 20} MB{label}; not a file of this kind")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start}){label}") from None
+
+
+def _identity(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """(device, inode) of what ``path`` names, links followed; None where nothing is there."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _ancestors(path: Path) -> list[tuple[int, int]]:
+    """Identities of the existing folders ``path`` lies in (links resolved), innermost first."""
+    out = []
+    for parent in Path(os.path.abspath(path)).resolve().parents:
+        ident = _identity(parent)
+        if ident is not None:
+            out.append(ident)
+    return out
+
+
 def refuse_overwriting(
     inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str]
 ) -> None:
-    """Refuse an output that is one of the inputs (also through links) or a folder holding one.
+    """Refuse an output that is one of the inputs, a folder holding one, or a path inside an
+    input folder, compared by what they are (device and inode, links and ``/proc/self/cwd``
+    alike followed), not by their names.
 
     Raises:
         ConfigError: naming the output and the input it would destroy.
     """
-    out = Path(output)
-    if is_special(output):
+    if os.fspath(output) == STDIN:
         return
-    target = out.resolve()
+    out = Path(output)
+    out_id = _identity(out)
+    out_in = _ancestors(out)
     for inp in inputs:
-        p = Path(inp)
-        if is_special(inp) or not p.exists():
+        if os.fspath(inp) == STDIN:
             continue
-        same = out.is_file() and os.path.samefile(p, out)
-        holds_input = out.is_dir() and p.resolve().is_relative_to(target)
-        inside_input = p.is_dir() and target.is_relative_to(p.resolve())  # into a shard folder
+        in_id = _identity(inp)
+        if in_id is None:
+            continue
+        same = out_id == in_id
+        holds_input = out_id is not None and out.is_dir() and out_id in _ancestors(Path(inp))
+        inside_input = Path(inp).is_dir() and in_id in out_in  # e.g. into a shard folder
         if same or holds_input or inside_input:
             raise ConfigError(
                 f"{output}: the output would overwrite the input {shown(inp)}; write it elsewhere"

@@ -31,16 +31,11 @@ def read_json(
         error: missing, unreadable, not UTF-8, invalid JSON or nested too deeply, naming the file
             (and the line for syntax errors).
     """
+    from sftdata.inputs import read_small
+
     path = Path(path)
     label = f" ({what})" if what else ""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise error(f"{path}: no such file{label}") from None
-    except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 text (byte {e.start}){label}") from None
-    except OSError as e:
-        raise error(f"{path}: cannot read ({e.strerror or e}){label}") from None
+    text = read_small(path, error=error, what=what)
     try:
         if strict:
             return loads_strict(text)

@@ -65,9 +65,20 @@ def runs(ids: np.ndarray, trained: np.ndarray, decode) -> list[tuple[bool, str]]
     for a, b in itertools.pairwise(bounds):
         upto = decode(ids[:b].tolist())
         piece = upto[len(prev) :] if upto.startswith(prev) else decode(ids[a:b].tolist())
-        pieces.append((bool(trained[a]), piece))
+        pieces.append((bool(trained[a]), visible(piece)))
         prev = upto
     return pieces
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+"""Control characters but newline and tab: ESC starts terminal escape sequences (colours, window
+titles, cursor moves, hyperlinks) that the data must not get to run on the user's terminal."""
+
+
+def visible(text: str) -> str:
+    """``text`` with control characters shown as escapes (``\x1b``), never sent raw to a
+    terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)
 
 
 def classify(pieces: list[tuple[bool, str]], stop_tokens: list[str]) -> list[tuple[str, str]]:

@@ -30,6 +30,7 @@ from typing import Any
 
 from sftdata import __version__
 from sftdata.errors import CheckpointError, ConfigError
+from sftdata.inputs import read_small
 from sftdata.jsonfile import read_json, schema_problem
 from sfttrain.config import TrainConfig, config_from_dict, trajectory_hash
 from sfttrain.data import Cursor
@@ -247,10 +248,7 @@ def verify_checkpoint(folder: Path, *, allow_unverified: bool = False) -> None:
     from sftdata.shards import sha256_file
 
     where = folder / MARKER
-    try:
-        text = where.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{where}: cannot read ({e})") from None
+    text = read_small(where, error=CheckpointError, what="checkpoint marker", limit=1 << 20)
     if LEGACY_MARKER.fullmatch(text):
         if allow_unverified:
             return

@@ -268,6 +268,8 @@ def _check_values(c: TrainConfig, where: str) -> None:
             raise bad(key, "must be >= 0")
     if c.lora_dropout >= 1:
         raise bad("lora_dropout", "must be < 1")
+    if not 0 <= c.seed < 1 << 32:  # numpy's and torch's generators take 32-bit seeds
+        raise bad("seed", "must be in [0, 2**32)")
     if not 0 <= c.warmup_ratio < 1:
         raise bad("warmup_ratio", "must be in [0, 1)")
     for key in ("adam_beta1", "adam_beta2"):

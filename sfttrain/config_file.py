@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sftdata.errors import ConfigError
+from sftdata.inputs import read_small
 from sftdata.yamlfile import load_yaml
 from sfttrain.config import TrainConfig, build_config
 from sfttrain.lf_config import is_llamafactory_config, translate_for_load
@@ -46,12 +47,7 @@ def load_run_config(
     if path is not None:
         p = Path(path)
         where = f"{p}: "
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"{p}: cannot read config ({e.strerror or e})") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
+        text = read_small(p, error=ConfigError, what="config")
         loaded = load_yaml(text, where=str(p))
         if loaded is None:
             loaded = {}

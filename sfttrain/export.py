@@ -58,20 +58,23 @@ def export_checkpoint(
     """Write ``checkpoint`` (a LoRA or full checkpoint, or ``final/``) to ``output``; returns what was written.
 
     An ``output`` folder that already holds files is replaced only with ``overwrite`` (a user's
-    folder is never emptied by mistake); one holding the checkpoint is refused.
+    folder is never emptied by mistake); one that is, holds or lies inside the checkpoint or the
+    adapter's base model is refused even then.
 
     LoRA without ``merge``: the PEFT adapter + tokenizer (transformers loads it through PEFT, base
     from ``base_model_name_or_path``). LoRA with ``merge``: base + adapter merged into plain weights
     in ``dtype``. Full fine-tuning: the weights in ``dtype``. Always with the tokenizer files.
     """
+    from sftdata.inputs import refuse_overwriting
+    from sfttrain.model import model_sources
+
     src = Path(checkpoint)
     if not src.is_dir():
         raise ConfigError(f"{src}: checkpoint folder does not exist")
     out = Path(output)
-    if out.exists() and out.resolve() == src.resolve():
-        raise ConfigError(f"{out}: output must differ from the checkpoint folder")
-    if out.exists() and src.resolve().is_relative_to(out.resolve()):
-        raise ConfigError(f"{out}: output holds the checkpoint {src}; write somewhere else")
+    # what the export reads (the checkpoint, an adapter's base) is never replaced, --overwrite
+    # or not
+    refuse_overwriting(model_sources(src), out)
     if out.is_file() or out.is_symlink():
         raise ConfigError(f"{out}: is a file; -o names the folder to write")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

@@ -102,6 +102,20 @@ def adapter_base(path: str | Path) -> str:
     return str(base)
 
 
+def model_sources(spec: str | Path, adapter: str | Path | None = None) -> list[str]:
+    """Every folder reading ``spec`` (and ``adapter``) reads: the model or checkpoint folder,
+    the adapter, and an adapter's base model (an export's output may be none of them, inside
+    none of them, and hold none of them)."""
+    found = [str(p) for p in (spec, adapter) if p is not None and str(p) != TINY]
+    for folder in list(found):
+        if Path(folder).is_dir() and is_adapter_dir(folder):
+            with contextlib.suppress(ModelError):
+                base = adapter_base(folder)
+                if base != TINY:
+                    found.append(base)
+    return found
+
+
 def load_tokenizer_for(spec: str | Path):
     """The tokenizer that belongs to a model spec (``tiny`` or a folder holding tokenizer files)."""
     from sftdata.tokenizer import load_tokenizer
@@ -222,6 +236,21 @@ def decoder_layers(module) -> list:
     decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
     return list(layers) if layers is not None else []
+
+
+def check_finetuning(model, config: TrainConfig) -> None:
+    """Refuse a LoRA rank past the model's width, before anything is allocated or written: it
+    adds nothing a full update would not, and rank x width per layer of a typo (a few zeros too
+    many) takes the machine's memory.
+
+    Raises:
+        ConfigError: naming ``lora_rank`` and the model's hidden size.
+    """
+    hidden = getattr(model.config, "hidden_size", None)
+    if config.finetuning_type == "lora" and isinstance(hidden, int) and config.lora_rank > hidden:
+        raise ConfigError(
+            f"lora_rank: {config.lora_rank} is larger than the model's hidden size {hidden}"
+        )
 
 
 def apply_finetuning(model, config: TrainConfig):
@@ -349,6 +378,7 @@ __all__ = [
     "autocast_for",
     "build_tiny",
     "check_attn_implementation",
+    "check_finetuning",
     "check_model_dir",
     "compile_layers",
     "decoder_layers",
@@ -357,6 +387,7 @@ __all__ = [
     "load_base_model",
     "load_for_inference",
     "load_tokenizer_for",
+    "model_sources",
     "quantization_kwargs",
     "tiny_dir",
     "unwrap",

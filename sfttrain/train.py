@@ -62,6 +62,7 @@ from sfttrain.metrics import (
 from sfttrain.model import (
     apply_finetuning,
     autocast_for,
+    check_finetuning,
     compile_layers,
     is_quantized,
     load_base_model,
@@ -330,15 +331,13 @@ def _setup_data(config: TrainConfig, folder: Path) -> _Data:
 def _setup_model(config: TrainConfig, data: _Data, model_spec: str, device: torch.device):
     """Step 1b: the base model and tokenizer, checked against the shards (same tokenizer, fits)."""
     base, tokenizer = load_base_model(
-        model_spec,
-        attn_implementation=config.attn_implementation,
-        seed=config.seed,
-        quantization_bit=config.quantization_bit,
-        device=device,
-    )
+        model_spec, attn_implementation=config.attn_implementation, seed=config.seed,
+        quantization_bit=config.quantization_bit, device=device,
+    )  # fmt: skip
     check_compatible(
         data.reader.index, tokenizer, base, shards_dir=data.folder, model_spec=model_spec
     )
+    check_finetuning(base, config)
     return base, tokenizer
 
 

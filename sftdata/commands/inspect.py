@@ -63,7 +63,15 @@ def command(
     from rich.console import Console
     from rich.text import Text
 
-    from sftdata.rowview import classify, load_decoder, locate_row, plain_text, row_header, runs
+    from sftdata.rowview import (
+        classify,
+        load_decoder,
+        locate_row,
+        plain_text,
+        row_header,
+        runs,
+        visible,
+    )
 
     view = locate_row(shards, row_i=row_i, record_id=record_id, split=split)
     tok = load_decoder(view.reader.index, tokenizer)
@@ -80,7 +88,7 @@ def command(
             out.append(f"--- padding ({n} tokens, not trained) ---")
             continue
         out.append(
-            f"--- record {s['record_id']} ({n} tokens, {int(s['trained'].sum())} trained) ---"
+            f"--- record {visible(s['record_id'])} ({n} tokens, {int(s['trained'].sum())} trained) ---"
         )
         pieces = classify(runs(s["ids"], s["trained"], decode), view.stop_tokens)
         if colour:

@@ -132,6 +132,17 @@ def screen(
     return None, hide_control(conv, control)
 
 
+def renders_as(backend: Any, template_messages: tuple[Any, ...], hidden: str) -> bool:
+    """Whether the record (its ``template_messages``) renders as ``hidden`` with the record's own
+    control tokens put back: a template that transforms the text (case, slicing, escaping)
+    would break the split encoding."""
+    msgs, tools, *_ = template_messages
+    try:
+        return bool(backend.render(msgs, tools, False) == restore(hidden))
+    except Exception:  # the template fails on the record itself: not the same render
+        return False
+
+
 def check_markers(
     render: Callable[..., str | Exception],
     one: str,
@@ -328,6 +339,7 @@ __all__ = [
     "hide_control",
     "marker_problem",
     "record_texts",
+    "renders_as",
     "restore",
     "screen",
     "uses_private_planes",

@@ -45,6 +45,7 @@ from sftdata.render.control import (
     ControlTokens,
     SplitEncoder,
     check_markers,
+    renders_as,
     restore,
     screen,
 )
@@ -265,19 +266,10 @@ class Renderer:
         except Exception as e:
             self._refuse(conv, out, "template_error", f"{type(e).__name__}: {_one_line(e)}")
             return
-        if original is not None and not self._same_text(original, text):
-            self._refuse(
-                conv, out, "control_token",
-                "the template changes the text around a special token inside it, so "
-                "--special-text split cannot encode it as plain text",
-            )  # fmt: skip
+        if original is not None and not renders_as(self._backend, self.template_messages(original), text):  # fmt: skip
+            self._refuse(conv, out, "control_token", "the template changes the text around a special token inside it, so --special-text split cannot encode it as plain text")  # fmt: skip
             return
-        # one block per assistant message (our templates' invariant; else derive by prefixes)
-        block_of: dict[int, tuple[int, int]] = {}
-        if blocks is not None:
-            assistants = [j for j, d in enumerate(msgs) if d["role"] == "assistant"]
-            if len(blocks) == len(assistants):
-                block_of = dict(zip(assistants, blocks, strict=True))
+        block_of = _blocks_of(msgs, blocks)
         flags = self._flags(conv)
         everything = self.train_on == "everything"
         spans: list[tuple[int, int]] = []
@@ -316,13 +308,18 @@ class Renderer:
                     if at is not None:
                         inserts.append(at)
                 else:
-                    s, e = self._locate_content(text, _text(d), cursor)
+                    s, e = find_text(text, _text(d), cursor)  # as written, trimmed, escaped
                     if s < 0:
                         continue  # checked as "not rendered" below
                 (excluded if everything else spans).append((s, e))
                 cursor = e
         except _Fallback as f:
             self._refuse(conv, out, "not_rendered", str(f))
+            return
+        except NoStop:
+            raise
+        except Exception as e:  # a prefix render it fails on (only with the generation prompt)
+            self._refuse(conv, out, "template_error", f"{type(e).__name__}: {_one_line(e)}")
             return
         stop = self.append_stop or ""
         text, moved = insert_stops(text, spans + excluded, inserts, stop)
@@ -335,15 +332,6 @@ class Renderer:
         missing = not_rendered(conv, [x.text for x in out.samples])
         if missing:
             self._refuse(conv, out, "not_rendered", f"the template did not render {missing}")
-
-    def _same_text(self, original: Conversation, text: str) -> bool:
-        """Whether the render of the record with its control tokens hidden is, put back, the
-        render of the record itself (a template that transforms the text would break it)."""
-        msgs, tools, _, _ = self.template_messages(original)
-        try:
-            return self._backend.render(msgs, tools, False) == restore(text)
-        except Exception:
-            return False
 
     def _assistant_turn(
         self,
@@ -397,11 +385,6 @@ class Renderer:
         stop = self.append_stop or ""
         return s, e, None, Rendered(whole[:e] + stop, [(s, e + len(stop))])
 
-    @staticmethod
-    def _locate_content(text: str, content: str, cursor: int) -> tuple[int, int]:
-        """Where ``content`` (as written, trimmed or JSON-escaped) is at/after ``cursor``."""
-        return find_text(text, content, cursor)
-
     def render(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
         """The whole record's text and trained spans (split turns are not included).
 
@@ -437,6 +420,17 @@ class Renderer:
         if self._split is None and any(x.hidden for r in renders for x in r.samples):
             self._split = SplitEncoder(self._backend_tok, self.control)
         return encode_renders(self._backend_tok, renders, self._split)
+
+
+def _blocks_of(
+    msgs: list[dict[str, Any]], blocks: list[tuple[int, int]] | None
+) -> dict[int, tuple[int, int]]:
+    """Message index -> its ``{% generation %}`` block: one block per assistant message (our
+    templates' invariant; else none, and the spans are derived by prefixes)."""
+    assistants = [j for j, d in enumerate(msgs) if d["role"] == "assistant"]
+    if blocks is None or len(blocks) != len(assistants):
+        return {}
+    return dict(zip(assistants, blocks, strict=True))
 
 
 def _text(m: dict[str, Any]) -> str:

@@ -87,6 +87,17 @@ def iter_table(
         except UnicodeDecodeError:
             raise locate_decode_error(path, enc) from None
         except csv.Error as e:
-            raise ConversionError(f"{path}:{reader.line_num}: malformed {what} ({e})") from None
+            # the record that broke starts on the line after the last good one (an unclosed
+            # quote runs on to the end of the file, where the reader notices)
+            start = last + 1
+            ran_on = reader.line_num > start
+            raise ConversionError(
+                f"{path}:{start}: malformed {what} ({e}"
+                + (
+                    f"; a quote opened in this record runs on to line {reader.line_num})"
+                    if ran_on
+                    else ")"
+                )
+            ) from None
         if columns is None:
             raise ConversionError(f"{path}: has no header row")

@@ -125,6 +125,11 @@ def _check_formulas(
             )
 
 
+EXCEL_MAX_ROWS = 1_048_576
+"""Excel's last row: openpyxl yields an empty row for every number skipped, so a 3 KB sheet
+whose one row is numbered 999,999,999 would be read for ever; past this it is refused."""
+
+
 def _rows(ws, where: str) -> Iterator[tuple[int, tuple]]:
     """``(Excel row, cells)``; what openpyxl raises while it parses lazily is one line."""
     rows = enumerate(ws.iter_rows(values_only=True), start=1)
@@ -133,8 +138,23 @@ def _rows(ws, where: str) -> Iterator[tuple[int, tuple]]:
             item = next(rows)
         except StopIteration:
             return
-        except (SyntaxError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
-            raise ConversionError(f"{where}: cannot read the sheet ({e})") from None
+        except (
+            SyntaxError,
+            ValueError,
+            KeyError,
+            TypeError,
+            IndexError,
+            EOFError,
+            zipfile.BadZipFile,
+        ) as e:  # fmt: skip - IndexError: a shared-string index past the table
+            raise ConversionError(
+                f"{where}: cannot read the sheet ({type(e).__name__}: {e})"
+            ) from None
+        if item[0] > EXCEL_MAX_ROWS:
+            raise ConversionError(
+                f"{where}: a row numbered past {EXCEL_MAX_ROWS:,}, Excel's last row (not a "
+                "workbook a spreadsheet program wrote)"
+            )
         yield item
 
 
@@ -150,8 +170,9 @@ def iter_sheet(
         elif sheet in wb.sheetnames:
             ws = wb[sheet]
         else:
-            names = ", ".join(repr(n) for n in wb.sheetnames)
-            raise ConversionError(f"{path}: no sheet named {sheet!r} (sheets: {names})")
+            names = ", ".join(repr(n[:40]) for n in wb.sheetnames[:10])
+            more = f", ... ({len(wb.sheetnames):,} in all)" if len(wb.sheetnames) > 10 else ""
+            raise ConversionError(f"{path}: no sheet named {sheet!r} (sheets: {names}{more})")
         name = ws.title
         columns: dict[str, int] | None = None
         headers: list[str] = []

@@ -298,10 +298,10 @@ def load_template(
     path = Path(spec)
     if spec.endswith(".jinja") or path.is_file():
         if not path.is_file():
-            raise TemplateError(f"{spec}: template file does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise TemplateError(f"{spec}: cannot read the template file ({e})") from None
+            gone = "does not exist" if not path.exists() else "is not a regular file"
+            raise TemplateError(f"{spec}: template file {gone}")
+        from sftdata.inputs import read_small
+
+        text = read_small(path, error=TemplateError, what="template file")
         return path.name, text, JinjaTemplate(text, where=spec, specials=specials, date=date)
     raise TemplateError(f"template {spec!r} is not known; choose one of {OPTIONS}")

@@ -91,6 +91,11 @@ def command(
 
     if generate and output is None:
         raise click.UsageError("--generate needs -o/--output FOLDER for its predictions")
+    if output is not None:
+        from sftdata.inputs import refuse_overwriting
+        from sfttrain.model import model_sources
+
+        refuse_overwriting([shards, *model_sources(model_spec, adapter)], output)
     if generate:
         from sfttrain.predict import check_installed
 

@@ -49,9 +49,12 @@ def export_gguf(
 ) -> GGUFReport:
     """Write ``model`` (``tiny``, an HF folder, a full or LoRA checkpoint) to the file ``output``."""
     from sftdata.atomic import exclusive
+    from sftdata.inputs import refuse_overwriting
+    from sfttrain.model import model_sources
 
     quant = check_quant(quant)
     out = Path(output)
+    refuse_overwriting(model_sources(model), out)  # --overwrite or not
     check_output_file(out, overwrite=overwrite)
     with exclusive(out, writer="sfttrain export"):
         return _export(model, out, quant)
