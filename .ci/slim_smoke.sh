@@ -17,7 +17,7 @@ BIN="$WORK/slim/bin"
 export SFTPIPE_CACHE="$WORK/cache"
 "$BIN/python" - <<'PY'
 import importlib.util
-for absent in ("torch", "peft", "fastchat", "datasets", "matplotlib"):
+for absent in ("torch", "peft", "fastchat", "datasets", "matplotlib"):  # datasets: not needed
     assert importlib.util.find_spec(absent) is None, f"{absent} is in the slim install"
 PY
 mkdir -p run && cd run  # outside the clone: the clone's files are only read as input data

@@ -10,7 +10,6 @@ from sftdata.errors import ConfigError
 EXTRAS = {
     "train": ("torch", "peft", "safetensors", "matplotlib", "gguf"),
     "fastchat": ("fastchat",),
-    "datasets": ("datasets",),
     "plot": ("matplotlib",),
 }
 """Extra -> the modules it provides (pyproject.toml's optional dependencies)."""

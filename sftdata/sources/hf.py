@@ -42,67 +42,68 @@ def _drop_nulls(value: Any) -> Any:
     return value
 
 
-def check_saved_dataset(path: Path) -> None:
-    """Refuse a saved dataset whose metadata names files outside its folder before ``datasets``
-    opens them (``state.json`` ``_data_files``, ``dataset_dict.json`` ``splits``).
+def saved_files(path: Path, split: str | None) -> list[Path]:
+    """The Arrow files of one split of a ``save_to_disk`` folder, each checked before anything
+    opens it: the metadata naming it is ours to read (``dataset_dict.json``'s ``splits``, the
+    split's ``state.json`` ``_data_files``), and every name must resolve to a regular file inside
+    its folder, links included. Only these files are read afterwards (no other metadata of the
+    folder, which ``datasets.load_from_disk`` would follow, is opened).
+
+    A folder with ``dataset_dict.json`` is a DatasetDict (``split``, else ``train``, else its
+    only split); otherwise it is one Dataset (its ``state.json``).
 
     Raises:
         ConversionError: naming the metadata file, the key and the path.
     """
     from sftdata.jsonfile import read_json
 
-    def read(meta: Path) -> Any:
-        return read_json(meta, error=ConversionError)
-
-    folders = [path]
-    if (path / "dataset_dict.json").is_file():
-        meta = path / "dataset_dict.json"
-        info = read(meta)
-        splits = info.get("splits") if isinstance(info, dict) else None
-        if not isinstance(splits, list):
+    folder = path
+    meta = path / "dataset_dict.json"
+    if meta.is_file():
+        info = read_json(meta, error=ConversionError)
+        names = info.get("splits") if isinstance(info, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ConversionError(f"{meta}: 'splits' must be a list of split names")
-        for k, name in enumerate(splits):
-            if not inside(path, name) or "/" in name or "\\" in name:
+        for k, name in enumerate(names):
+            if not inside(path, name) or "/" in name or "\\" in name or not (path / name).is_dir():
                 raise ConversionError(f"{meta}: splits[{k}] {name!r} is not a folder inside {path}")
-        folders = [path / name for name in splits]
-    for folder in folders:
-        meta = folder / "state.json"
-        if not meta.is_file():
-            continue  # datasets names what is missing
-        state = read(meta)
-        files = state.get("_data_files") if isinstance(state, dict) else None
-        for k, entry in enumerate(files if isinstance(files, list) else []):
-            name = entry.get("filename") if isinstance(entry, dict) else None
-            if not inside(folder, name):
-                raise ConversionError(
-                    f"{meta}: _data_files[{k}].filename {name!r} is not a file inside {folder}"
-                )
+        pick = split or ("train" if "train" in names else (names[0] if len(names) == 1 else None))
+        if pick not in names:
+            raise ConversionError(
+                f"{path}: saved DatasetDict has splits {', '.join(map(repr, names))}; "
+                f"{'split ' + repr(split) + ' is not one of them' if split else 'it has no train split'}"
+            )
+        folder = path / pick
+    meta = folder / "state.json"
+    state = read_json(meta, error=ConversionError)
+    entries = state.get("_data_files") if isinstance(state, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ConversionError(f"{meta}: '_data_files' must be a non-empty list of files")
+    files = []
+    for k, entry in enumerate(entries):
+        name = entry.get("filename") if isinstance(entry, dict) else None
+        where = f"{meta}: _data_files[{k}].filename {name!r}"
+        if not inside(folder, name):
+            raise ConversionError(f"{where} is not a file inside {folder}")
+        if not (folder / name).is_file():  # a FIFO or a device would block or never end
+            raise ConversionError(f"{where} is not a regular file")
+        files.append(folder / name)
+    return files
 
 
 def _saved_batches(path: Path, split: str | None) -> Iterator[list[dict[str, Any]]]:
-    from sftdata.extras import require
+    """Rows of a ``save_to_disk`` folder, read from its checked Arrow files (``datasets``
+    writes them as Arrow IPC streams; memory-mapped, a batch at a time)."""
+    import pyarrow as pa
 
-    require("datasets", f"{path}: reading a datasets save_to_disk folder")
-    import datasets
-
-    check_saved_dataset(path)
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as e:  # datasets raises FileNotFoundError/ValueError/ArrowInvalid
-        raise ConversionError(
-            f"{path}: cannot load the saved dataset ({type(e).__name__}: {e})"
-        ) from None
-    if isinstance(ds, datasets.DatasetDict):
-        names = list(ds)
-        pick = split or ("train" if "train" in ds else (names[0] if len(names) == 1 else None))
-        if pick not in ds:
-            raise ConversionError(
-                f"{path}: saved DatasetDict has splits {', '.join(names)}; "
-                f"{'split ' + repr(split) + ' is not one of them' if split else 'it has no train split'}"
-            )
-        ds = ds[pick]
-    for table in ds.with_format("arrow").iter(batch_size=_BATCH_ROWS):
-        yield table.to_pylist()
+    for file in saved_files(path, split):
+        try:
+            reader = pa.ipc.open_stream(pa.memory_map(str(file)))
+            for batch in reader:
+                for start in range(0, batch.num_rows, _BATCH_ROWS):
+                    yield batch.slice(start, _BATCH_ROWS).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise ConversionError(f"{file}: not a readable Arrow file ({e})") from None
 
 
 def _parquet_batches(path: Path) -> Iterator[list[dict[str, Any]]]:

@@ -83,7 +83,7 @@ def test_dataset_dict_picks_train_and_names_splits(shared_data: Path, tmp_path: 
     datasets.DatasetDict(
         {"a": datasets.Dataset.from_list(rows[:2]), "b": datasets.Dataset.from_list(rows[2:4])}
     ).save_to_disk(str(other))
-    with pytest.raises(ConversionError, match="splits a, b; it has no train split"):
+    with pytest.raises(ConversionError, match="splits 'a', 'b'; it has no train split"):
         list(read_hf(other))
 
 
@@ -157,3 +157,27 @@ def test_bad_rows_and_files_are_one_line(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["convert", str(junk), "-o", str(out)])
     assert res.exit_code == 1
     assert _error_line(res.output).startswith(f"Error: {junk}: not a readable Parquet file")
+
+
+def test_only_the_checked_files_of_a_saved_dataset_are_read(tmp_path: Path) -> None:
+    """A DatasetDict folder that also carries a top-level Dataset's metadata (which
+    ``datasets.load_from_disk`` would follow) is read through its dataset_dict.json alone; a data
+    file that is not a regular file inside its folder is refused before it is opened."""
+    import os
+
+    dd = tmp_path / "dd"
+    rows = [{"instruction": "q", "output": "a"}]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(dd))
+    (tmp_path / "secret.arrow").write_bytes(b"not yours")
+    (dd / "state.json").write_text(json.dumps({"_data_files": [{"filename": "../secret.arrow"}]}))
+    (dd / "dataset_info.json").write_text("{}")
+    assert [c.messages[-1].content for c in read_hf(dd)] == ["a"]
+    one = tmp_path / "one"
+    datasets.Dataset.from_list(rows).save_to_disk(str(one))
+    data = next(one.glob("data-*.arrow"))
+    data.unlink()
+    os.mkfifo(data)  # a FIFO would block the reader for ever
+    with pytest.raises(
+        ConversionError, match=r"_data_files\[0\]\.filename .* is not a regular file"
+    ):
+        list(read_hf(one))
