@@ -22,11 +22,16 @@ from sftdata.shards.format import (
     sha256_file,
 )
 
+MAX_SEQ_LEN = (1 << 31) - 1
+"""Arrow's fixed-size list length is an int32: no shard can have longer rows."""
+ROW_INT32S = 3
+"""int32 values per token a row holds at least (input_ids, labels, position_ids)."""
+
 
 class _Shard:
     """One memory-mapped shard: zero-copy numpy views of its columns."""
 
-    def __init__(self, path: Path, *, seq_len: int, rows: int):
+    def __init__(self, path: Path, *, seq_len: int, rows: int, vocab_size: int | None = None):
         import pyarrow as pa
 
         try:
@@ -46,6 +51,14 @@ class _Shard:
             col = table.column(c)
             arr = col.chunk(0) if col.num_chunks else pa.array([], type=col.type)
             self.cols[c] = arr.flatten().to_numpy(zero_copy_only=True).reshape(rows, seq_len)
+        ids = self.cols["input_ids"]
+        if vocab_size is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            # hash-consistent but not what a pack writes: an embedding lookup would fail (or
+            # read another row's memory) on it
+            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            raise ShardError(
+                f"{path}: token id {bad} is outside the tokenizer's vocabulary ({vocab_size:,} ids)"
+            )
         lens = table.column("seq_lens").chunk(0)
         self._len_offsets = lens.offsets.to_numpy(zero_copy_only=True)
         self._len_values = lens.flatten().to_numpy(zero_copy_only=True)
@@ -96,6 +109,11 @@ class ShardReader:
         self.verify = mode
         self.index: dict[str, Any] = read_index(self.path)
         self.seq_len: int = int(self.index["seq_len"])
+        if self.seq_len > MAX_SEQ_LEN:
+            raise ShardError(
+                f"{self.path / INDEX_NAME}: seq_len {self.seq_len:,} is past Arrow's list size "
+                f"({MAX_SEQ_LEN:,}); not an index sftdata pack wrote"
+            )
         splits = self.index["splits"]
         if split not in splits:
             raise ShardError(f"{self.path}: no split {split!r} (it has {', '.join(splits)})")
@@ -106,6 +124,13 @@ class ShardReader:
             size = p.stat().st_size
             if size != e["bytes"]:
                 raise ShardError(f"{p}: size {size} bytes, the index says {e['bytes']}")
+            # three int32 columns of seq_len per row must be in the file: an index claiming
+            # more rows than its bytes hold is refused before anything is sized by it
+            if int(e["rows"]) * self.seq_len * ROW_INT32S * 4 > size:
+                raise ShardError(
+                    f"{p}: {size:,} bytes cannot hold the {int(e['rows']):,} rows of "
+                    f"{self.seq_len:,} tokens the index says"
+                )
             self._paths.append(p)
         rows = [int(e["rows"]) for e in self._entries]
         self._starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
@@ -157,9 +182,11 @@ class ShardReader:
                 if shard is None:
                     if self.verify != "size":
                         self._check_hash(k)
+                    vocab = (self.index.get("tokenizer") or {}).get("vocab_size")
                     shard = _Shard(
-                        self._paths[k], seq_len=self.seq_len, rows=int(self._entries[k]["rows"])
-                    )
+                        self._paths[k], seq_len=self.seq_len, rows=int(self._entries[k]["rows"]),
+                        vocab_size=vocab if isinstance(vocab, int) else None,
+                    )  # fmt: skip
                     self._shards[k] = shard
         return shard
 

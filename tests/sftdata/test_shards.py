@@ -267,7 +267,7 @@ def test_refuses_missing_shard_file_and_unknown_split(tmp_path: Path) -> None:
 def test_refuses_foreign_file_with_right_size_and_hash(tmp_path: Path) -> None:
     make_folder(tmp_path / "s")
     p = tmp_path / "s" / "train-00000.arrow"
-    p.write_bytes(b"not arrow at all")
+    p.write_bytes(b"not arrow at all" * 64)  # as many bytes as the rows need, no Arrow
 
     def fix(ix: dict) -> None:
         e = ix["splits"]["train"]["shards"][0]
@@ -287,3 +287,24 @@ def test_reader_pickles_for_dataloader_workers(tmp_path: Path) -> None:
     _ = reader[0]
     clone = pickle.loads(pickle.dumps(reader))
     assert clone[3]["input_ids"].tolist() == reader[3]["input_ids"].tolist()
+
+
+def test_an_index_claiming_more_than_its_files_hold_is_refused_at_open(tmp_path: Path) -> None:
+    make_folder(tmp_path / "s")
+
+    def rows(ix: dict) -> None:
+        ix["splits"]["train"]["rows"] = 10**12
+        ix["splits"]["train"]["shards"][0]["rows"] = 10**12
+
+    _edit_index(tmp_path / "s", rows)
+    with pytest.raises(ShardError, match=r"bytes cannot hold the 1,000,000,000,000 rows"):
+        ShardReader(tmp_path / "s")
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tmp_path: Path) -> None:
+    """Shards whose hashes agree with their index but whose ids no tokenizer of the index has
+    (a crafted file): refused when the shard is first read, naming the id."""
+    make_folder(tmp_path / "s")
+    _edit_index(tmp_path / "s", lambda ix: ix["tokenizer"].update(vocab_size=3))
+    with pytest.raises(ShardError, match=r"train-00000\.arrow: token id \d+ is outside the tokenizer's vocabulary \(3 ids\)"):  # fmt: skip
+        ShardReader(tmp_path / "s")[0]
