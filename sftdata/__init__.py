@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import os
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -14,3 +15,11 @@ TINY_DIR = PACKAGE_DIR / "tiny"
 
 IGNORE_INDEX = -100
 """Label value for tokens that are not trained (Hugging Face / PyTorch cross-entropy convention)."""
+
+
+def physical_memory() -> int:
+    """This machine's memory in bytes (what sizing checks compare against)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume a small machine
+        return 8 << 30

@@ -178,24 +178,56 @@ def load_base_model(
     from transformers import AutoModelForCausalLM
 
     path = check_model_dir(spec)
+    check_model_size(path, bytes_per_param=4 if quantization_bit is None else 1)
     tokenizer = load_tokenizer_for(path)
     extra: dict[str, Any] = {}
     if quantization_bit is not None:
         extra = quantization_kwargs(quantization_bit, device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path),
-            local_files_only=True,
-            trust_remote_code=False,
-            use_safetensors=True,
-            dtype=torch.float32,
-            attn_implementation=attn_implementation,
-            **extra,
-        )
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False, use_safetensors=True,
+            dtype=torch.float32, attn_implementation=attn_implementation,
+            output_loading_info=True, **extra,
+        )  # fmt: skip
     except (OSError, ValueError, KeyError, RuntimeError, ImportError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{path}: cannot load the model ({first})") from None
+    # transformers fills a tensor the weights lack with random values and only logs it: a
+    # config with more layers than its weights would train random layers, silently
+    for kind in ("missing_keys", "mismatched_keys", "unexpected_keys"):
+        names = sorted(str(k) for k in info.get(kind) or [])
+        if names:
+            what = {"missing_keys": "has no weights for", "mismatched_keys": "has weights of "
+                    "another shape for", "unexpected_keys": "has weights its config has no "
+                    "place for, e.g."}[kind]  # fmt: skip
+            raise ModelError(f"{path}: the folder {what} {names[0]} ({len(names)} in all)")
     return model, tokenizer
+
+
+def check_model_size(path: Path, *, bytes_per_param: int) -> None:
+    """Refuse a config whose parameters cannot fit in this machine's memory, before anything is
+    allocated: a lower bound from its sizes (layers x (2 h^2 + 2 h x intermediate) + vocab x h;
+    attention and MLPs have at least that much).
+
+    Raises:
+        ModelError: naming config.json, the size and the memory.
+    """
+    from sftdata import physical_memory
+
+    cfg = read_json_object(path / "config.json", error=ModelError, strict=False)
+    sizes = [cfg.get(k) for k in ("num_hidden_layers", "hidden_size", "vocab_size")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+        return  # transformers names a config it cannot use
+    layers, hidden, vocab = sizes
+    inter = cfg.get("intermediate_size")
+    inter = inter if isinstance(inter, int) and inter > 0 else hidden
+    params = layers * (2 * hidden * hidden + 2 * hidden * inter) + vocab * hidden
+    need, have = params * bytes_per_param, physical_memory()
+    if need > have:
+        raise ModelError(
+            f"{path / 'config.json'}: a model of at least {params / 1e9:,.1f}B parameters "
+            f"({need / 2**30:,.0f} GiB) cannot be loaded in this machine's {have / 2**30:,.0f} GiB"
+        )
 
 
 def quantization_kwargs(bits: int, device: torch.device | None) -> dict[str, Any]:

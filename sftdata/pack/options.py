@@ -3,12 +3,12 @@ refuse options no pack can honour (before any input is read)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sftdata import physical_memory
 from sftdata.errors import ConfigError
 from sftdata.render import MISSING_STOP, SPECIAL_TEXT, TRAIN_ON
 from sftdata.templates import DEFAULT_TEMPLATE_DATE
@@ -131,13 +131,6 @@ def check_options(opts: PackOptions, inputs: Sequence[Path]) -> None:
 ROW_BUFFERS = 6
 """int32 columns of one row held at once while a shard is written (ids, labels, positions and
 their copies in the writer)."""
-
-
-def physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not POSIX: assume a small machine
-        return 8 << 30
 
 
 def check_length_limit(opts: PackOptions, limit: int | None, tokenizer: str) -> None:

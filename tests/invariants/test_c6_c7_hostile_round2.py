@@ -295,7 +295,53 @@ def _train_with(*settings: str):
     return make
 
 
+def _model_with(layers: int, hidden: int | None = None):
+    """A small model folder whose config.json claims ``layers`` (and ``hidden`` size)."""
+
+    def make(folder: Path) -> list[str]:
+        from tests.sfttrain_helpers import small_model_dir
+
+        _shards(folder)
+        cfg_path = small_model_dir(folder / "model") / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["num_hidden_layers"] = layers
+        if hidden is not None:
+            cfg["hidden_size"] = hidden
+        cfg_path.write_text(json.dumps(cfg))
+        return ["sfttrain", "run", "shards", "--model", "model", "-o", "out", *TRAIN]
+
+    return make
+
+
+def _index_edit(edit, command: str = "run"):
+    """Shards whose index.json is rewritten by ``edit`` (the shard files and hashes intact),
+    trained on (``run``) or evaluated (``eval``)."""
+
+    def make(folder: Path) -> list[str]:
+        _shards(folder)
+        index = folder / "shards" / "index.json"
+        doc = json.loads(index.read_text())
+        edit(doc)
+        index.write_text(json.dumps(doc))
+        if command == "eval":
+            return ["sfttrain", "eval", "shards", "--model", "tiny"]
+        return ["sfttrain", "run", "shards", "--model", "tiny", "-o", "out", *TRAIN]
+
+    return make
+
+
+def _more_rows(doc: dict) -> None:
+    doc["splits"]["train"]["rows"] = 10**12
+    doc["splits"]["train"]["shards"][0]["rows"] = 10**12
+
+
 READ_CASES = [
+    Case("model-config-with-more-layers-than-weights", _model_with(4), r"model: the folder has no weights for model\.layers\.2\."),
+    Case("model-config-past-the-machines-memory", _model_with(100_000, 8192), r"model/config\.json: a model of at least [\d,.]+B parameters .* cannot be loaded"),
+    Case("shard-index-claims-more-rows", _index_edit(_more_rows), r"train-00000\.arrow: [\d,]+ bytes cannot hold the 1,000,000,000,000 rows"),
+    # found when the shard is first read (shards are hashed and checked lazily, so the first
+    # batch does not wait for the whole split)
+    Case("shard-ids-outside-the-vocabulary", _index_edit(lambda d: d["tokenizer"].update(vocab_size=3), "eval"), r"train-00000\.arrow: token id \d+ is outside the tokenizer's vocabulary \(3 ids\)", ()),
     Case("xlsx-row-past-excels-last", _book("book.xlsx", _far_row), r"book\.xlsx:Sheet: a row numbered past 1,048,576", ("out.jsonl",)),
     Case("xlsx-shared-string-past-the-table", _book("book.xlsx", _unknown_string), r"book\.xlsx:Sheet: cannot read the sheet \(IndexError", ("out.jsonl",)),
     Case("xlsx-missing-sheet-of-many", _book("book.xlsx", sheets=40), r"no sheet named 'Nope' \(sheets: 'Sheet', 'S1', .*'S9', \.\.\. \(40 in all\)\)$", ("out.jsonl",)),
