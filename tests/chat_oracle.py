@@ -236,19 +236,20 @@ def _reply_end(turn: str, s: int, reply: str) -> int:
     return e
 
 
+def strings_in(x: Any) -> list[str]:
+    """Every string in a JSON-like value, keys included."""
+    if isinstance(x, str):
+        return [x]
+    if isinstance(x, dict):
+        return [s for k, v in x.items() for s in (*strings_in(k), *strings_in(v))]
+    if isinstance(x, list):
+        return [s for v in x for s in strings_in(v)]
+    return []
+
+
 def _own_strings(m: dict[str, Any]) -> list[str]:
     """A reply's own strings (content and every string of its tool calls), also JSON-escaped."""
-
-    def walk(x: Any) -> list[str]:
-        if isinstance(x, str):
-            return [x]
-        if isinstance(x, dict):
-            return [s for k, v in x.items() for s in (*walk(k), *walk(v))]
-        if isinstance(x, list):
-            return [s for v in x for s in walk(v)]
-        return []
-
-    found = [text_of(m), *walk(m.get("tool_calls"))]
+    found = [text_of(m), *strings_in(m.get("tool_calls"))]
     return [f for s in found if s for f in {s, json.dumps(s, ensure_ascii=False)[1:-1]}]
 
 

@@ -32,6 +32,7 @@ from tests.chat_oracle import (
     control_tokens,
     expected_samples,
     stop_strings,
+    strings_in,
 )
 from tests.chat_oracle import trl_templates as _trl
 from tests.real_vocab import LLAMA31, QWEN3, QWEN25, model_folder
@@ -153,7 +154,7 @@ def test_c2_on_real_vocabularies(
 ) -> None:
     folder = _folder(case, True, str(shared_tokenizers), str(root))
     hf = _tok(folder)
-    stops = stop_strings(hf, folder)
+    stops = stopstrings_in(hf, folder)
     r = Renderer(hf, template=CASES[case][3])
     assert [s.token for s in r.stops] == stops, (r.stops, stops)
     assert all(s.id is not None for s in r.stops)
@@ -177,7 +178,7 @@ def test_c2_on_real_vocabularies_without_a_generation_config(
     """Stops from EOS and the template alone; where neither follows a reply, the appended stop."""
     folder = _folder(case, False, str(shared_tokenizers), str(root))
     hf = _tok(folder)
-    stops = stop_strings(hf, folder)
+    stops = stopstrings_in(hf, folder)
     r = Renderer(hf, template=CASES[case][3])
     assert "generation_config" not in {x for s in r.stops for x in s.sources}
     assert _check(r, hf, stops, [*EDGE, *MORE_EDGE]) >= len(EDGE)
@@ -264,7 +265,7 @@ def _template_controls(hf: Any, text: str, conv: Conversation) -> list[tuple[int
         own += [json.dumps(c["function"]["arguments"], ensure_ascii=False) for c in m.tool_calls or []]  # fmt: skip
     own += [json.dumps(t, ensure_ascii=False) for t in conv.tools or []]
     inside: list[tuple[int, int]] = []
-    for s in [*own, *_strings([c.get("function") for m in conv.messages for c in m.tool_calls or []]), *_strings(conv.tools)]:  # fmt: skip
+    for s in [*own, *strings_in([c.get("function") for m in conv.messages for c in m.tool_calls or []]), *strings_in(conv.tools)]:  # fmt: skip
         for form in {s, s.strip(), json.dumps(s, ensure_ascii=False)[1:-1]}:
             k = text.find(form) if form else -1
             while k >= 0:
@@ -282,16 +283,6 @@ def _template_controls(hf: Any, text: str, conv: Conversation) -> list[tuple[int
             out.append((j, j + len(t)))
         j += len(t)
     return out
-
-
-def _strings(x: Any) -> list[str]:
-    if isinstance(x, str):
-        return [x]
-    if isinstance(x, dict):
-        return [s for k, v in x.items() for s in (*_strings(k), *_strings(v))]
-    if isinstance(x, list):
-        return [s for v in x for s in _strings(v)]
-    return []
 
 
 def _split_oracle(hf: Any, text: str, template_controls: list[tuple[int, int]]) -> tuple[list[int], np.ndarray]:  # fmt: skip
@@ -335,7 +326,7 @@ def test_forged_control_tokens_split_into_plain_text(
     case = FORGED_CASE[vocab]
     folder = _folder(case, True, str(shared_tokenizers), str(root))
     hf = _tok(folder)
-    stops = stop_strings(hf, folder)
+    stops = stopstrings_in(hf, folder)
     r = Renderer(hf, template=CASES[case][3], special_text="split")
     control_ids = {hf.convert_tokens_to_ids(t) for t in control_tokens(hf)}
     for conv, enc in zip(_forged(vocab), r.encode_batch(_forged(vocab)), strict=True):
