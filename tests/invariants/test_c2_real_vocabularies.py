@@ -154,7 +154,7 @@ def test_c2_on_real_vocabularies(
 ) -> None:
     folder = _folder(case, True, str(shared_tokenizers), str(root))
     hf = _tok(folder)
-    stops = stopstrings_in(hf, folder)
+    stops = stop_strings(hf, folder)
     r = Renderer(hf, template=CASES[case][3])
     assert [s.token for s in r.stops] == stops, (r.stops, stops)
     assert all(s.id is not None for s in r.stops)
@@ -178,7 +178,7 @@ def test_c2_on_real_vocabularies_without_a_generation_config(
     """Stops from EOS and the template alone; where neither follows a reply, the appended stop."""
     folder = _folder(case, False, str(shared_tokenizers), str(root))
     hf = _tok(folder)
-    stops = stopstrings_in(hf, folder)
+    stops = stop_strings(hf, folder)
     r = Renderer(hf, template=CASES[case][3])
     assert "generation_config" not in {x for s in r.stops for x in s.sources}
     assert _check(r, hf, stops, [*EDGE, *MORE_EDGE]) >= len(EDGE)
@@ -326,7 +326,7 @@ def test_forged_control_tokens_split_into_plain_text(
     case = FORGED_CASE[vocab]
     folder = _folder(case, True, str(shared_tokenizers), str(root))
     hf = _tok(folder)
-    stops = stopstrings_in(hf, folder)
+    stops = stop_strings(hf, folder)
     r = Renderer(hf, template=CASES[case][3], special_text="split")
     control_ids = {hf.convert_tokens_to_ids(t) for t in control_tokens(hf)}
     for conv, enc in zip(_forged(vocab), r.encode_batch(_forged(vocab)), strict=True):
