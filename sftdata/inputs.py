@@ -135,7 +135,13 @@ def read_small(
     label = f" ({what})" if what else ""
     try:
         with open(path, "rb") as f:
-            data = f.read(limit + 1)
+            # in pieces: read(limit + 1) would allocate the whole limit up front for a file of
+            # a few bytes
+            pieces, size = [], 0
+            while size <= limit and (piece := f.read(min(1 << 20, limit + 1 - size))):
+                pieces.append(piece)
+                size += len(piece)
+            data = b"".join(pieces)
     except FileNotFoundError:
         raise error(f"{path}: no such file{label}") from None
     except OSError as e:
