@@ -24,8 +24,10 @@ mkdir -p run && cd run  # outside the clone: the clone's files are only read as 
 cp "$SRC/fixtures/demo/qa.csv" qa.csv
 "$BIN/sftdata" convert qa.csv -o qa.jsonl --map question=instruction,answer=output
 "$BIN/sftdata" validate qa.jsonl --tokenizer tiny
-"$BIN/sftdata" pack qa.jsonl -o shards --tokenizer tiny --seq-len 256 --val-count 8 2> pack.err
+# --json: the summary stays off stderr, so anything there is a warning (no-torch advisories)
+"$BIN/sftdata" pack qa.jsonl -o shards --tokenizer tiny --seq-len 256 --val-count 8 --json > pack.json 2> pack.err
 if [ -s pack.err ]; then cat pack.err; echo "pack wrote to stderr in the slim install"; exit 1; fi
+"$BIN/python" -c "import json, sys; assert json.load(open('pack.json'))['rows'] > 0"
 "$BIN/sftdata" inspect shards --row 0 > inspect.txt
 grep -q '\[\[stop: <|im_end|>\]\]' inspect.txt
 "$BIN/sftdata" stats shards

@@ -413,6 +413,11 @@ def find_resume(
     return Resume(folder, state, notes)
 
 
+def checkpoint_due(save_steps: int, step: int) -> bool:
+    """``save_steps``' rule (0: only at the end and on a stop)."""
+    return bool(save_steps) and step % save_steps == 0
+
+
 __all__ = [
     "CHECKPOINTS",
     "FORMAT_VERSION",
@@ -422,6 +427,7 @@ __all__ = [
     "RunState",
     "check_resumable",
     "checkpoint_dir",
+    "checkpoint_due",
     "complete_checkpoints",
     "find_resume",
     "latest_checkpoint",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -272,14 +273,20 @@ def strip_nproc(argv: list[str]) -> list[str]:
 class StopRequest:
     """SIGTERM/SIGINT -> finish the current step, save a checkpoint, exit 0. A second SIGINT aborts."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_request: Callable[[str], None] | None = None) -> None:
         self.requested = False
         self._old: dict[int, Any] = {}
+        # called with the signal's name on the first request, from the handler: a user whose
+        # step is slow sees at once that the stop was heard
+        self._on_request = on_request
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        first = not self.requested
         self.requested = True
+        if first and self._on_request is not None:
+            self._on_request(signal.Signals(signum).name)
 
     def __enter__(self) -> StopRequest:
         with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are

@@ -77,10 +77,12 @@ def check_run_dir(
         )
 
 
-def clear_run_dir(run_dir: Path) -> None:
-    """Remove an earlier run from ``run_dir`` (``overwrite_output_dir``): only what a run writes."""
+def clear_run_dir(run_dir: Path) -> bool:
+    """Remove an earlier run from ``run_dir`` (``overwrite_output_dir``): only what a run writes.
+    True when something was removed (the command says so)."""
     if not run_dir.is_dir():
-        return
+        return False
+    removed = False
     for p in run_dir.iterdir():
         if _is_final_link(p):
             p.unlink()
@@ -88,6 +90,10 @@ def clear_run_dir(run_dir: Path) -> None:
             shutil.rmtree(p)
         elif p.name in RUN_ENTRIES:
             p.unlink()
+        else:
+            continue
+        removed = True
+    return removed
 
 
 def link_final(run_dir: Path) -> list[str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +31,10 @@ from typing import Any
 import torch
 
 from sftdata.atomic import exclusive
-from sftdata.errors import ConfigError
 from sfttrain.checkpoint import (
     Resume,
     RunState,
+    checkpoint_due,
     find_resume,
     latest_checkpoint,
     remove_stale_temps,
@@ -51,6 +52,7 @@ from sfttrain.data import (
 )
 from sfttrain.distributed import Dist, StopRequest
 from sfttrain.evaluate import eval_due, eval_row
+from sfttrain.events import CheckpointSaved, OnEvent, StopRequested, start_event
 from sfttrain.loss import LossModel, isolation_for, liger_loss
 from sfttrain.metrics import (
     LogWindow,
@@ -83,7 +85,7 @@ from sfttrain.rundir import (
     save_run_checkpoint,
 )
 from sfttrain.trackers import resolve_report_to
-from sfttrain.weights import load_optimizer, load_rng, load_weights
+from sfttrain.weights import load_weights, restore_training
 
 
 @dataclass
@@ -113,13 +115,16 @@ def train(
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
     on_log: Callable[[dict[str, Any], int], None] | None = None,
+    on_event: OnEvent | None = None,
 ) -> TrainResult:
     """Fine-tune ``model_spec`` ("tiny" or a local HF folder) on a shard folder; see the module doc.
 
     Rank 0 holds an exclusive lock on ``output_dir`` for the whole run: a second run into the same
     folder fails at once (torchrun then stops its other ranks) instead of interleaving checkpoints.
     ``on_step(step)`` is called after every optimizer step; ``on_log(row, total_steps)`` on rank 0
-    with every ``metrics.jsonl`` row (training and evaluation), for a command to print.
+    with every ``metrics.jsonl`` row (training and evaluation), for a command to print;
+    ``on_event`` on rank 0 with the run's start, each checkpoint saved and a stop request
+    (``sfttrain.events``).
     """
     dist = dist or Dist()
     lock = exclusive(output_dir, writer="sfttrain run")  # entered on rank 0 only
@@ -127,6 +132,7 @@ def train(
         return _train(
             config, shards=shards, output_dir=output_dir, model_spec=model_spec, resume=resume,
             allow_unverified=allow_unverified, dist=dist, progress=progress, on_step=on_step, on_log=on_log,
+            on_event=on_event if dist.is_main else None,
         )  # fmt: skip
 
 
@@ -142,7 +148,9 @@ def _train(
     progress: bool,
     on_step: Callable[[int], None] | None,
     on_log: Callable[[dict[str, Any], int], None] | None,
+    on_event: OnEvent | None,
 ) -> TrainResult:
+    event = on_event or (lambda _e: None)
     device = dist.device
     run_dir = Path(output_dir)
     check_platform(config, device)  # QLoRA/Liger/flash attention/bf16 this machine cannot run
@@ -158,9 +166,10 @@ def _train(
         resume, run_dir, config=config, shards=data.identity, model_spec=model_spec,
         world_size=dist.world_size, allow_unverified=allow_unverified,
     )  # fmt: skip
+    cleared = False
     if dist.is_main:
         if config.overwrite_output_dir and resume is None:
-            clear_run_dir(run_dir)
+            cleared = clear_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(run_dir)
     base_dir = base_model_dir(
@@ -175,9 +184,17 @@ def _train(
         world_size=dist.world_size, model=model_spec, base_model=base_dir, shards=data.identity,
         last_loss=None,
     )  # fmt: skip
-    if resumed.folder is not None:
-        state = _restore(t, resumed, state)
+    if resumed.folder is not None:  # step 3: optimizer, scheduler, where the run stood; RNG last
+        state = dataclasses.replace(state, **restore_training(
+            resumed.folder, resumed.state, model=t.model, optimizer=t.optimizer,
+            scheduler=t.scheduler, cursor=t.sampler.cursor_at(int(resumed.state["step"])),
+        ))  # fmt: skip
     state.cursor = t.sampler.cursor_at(state.step)
+    event(start_event(
+        config, model=t.model, model_spec=model_spec, index=data.reader.index, split="train",
+        dist=dist, sampler=t.sampler, total_steps=t.total_steps, output=run_dir, cleared=cleared,
+        resumed=resumed,
+    ))  # fmt: skip
     metrics = Metrics(
         run_dir,
         resume_step=state.step if resumed.folder else None,
@@ -193,10 +210,14 @@ def _train(
             on_log(row, t.total_steps)
 
     def save() -> Path | None:
-        return save_run_checkpoint(
+        t0 = time.perf_counter()
+        path = save_run_checkpoint(
             run_dir, state, model=t.model, optimizer=t.optimizer, scheduler=t.scheduler,
             tokenizer=tokenizer, config=config, dist=dist,
         )  # fmt: skip
+        if path is not None:
+            event(CheckpointSaved(state.step, str(path), time.perf_counter() - t0))
+        return path
 
     # ---- 4. the loop ------------------------------------------------------------------------
     model, loss_model, sampler, reader = t.model, t.loss_model, t.sampler, data.reader
@@ -211,7 +232,7 @@ def _train(
     saved_step = state.step if resumed.folder else -1
     stopped = False
     with (
-        StopRequest() as stop,
+        StopRequest(lambda sig: event(StopRequested(sig, state.step + 1))) as stop,
         progress_bar(progress and dist.is_main, total_steps, state.step) as bar,
     ):
         while state.step < total_steps:
@@ -272,7 +293,7 @@ def _train(
             if on_step is not None:
                 on_step(step)
             stopped = dist.any_true(stop.requested)
-            if stopped or step == total_steps or _save_due(config, step):
+            if stopped or step == total_steps or checkpoint_due(config.save_steps, step):
                 checkpoint = save()
                 saved_step = step
                 window.restart_clock()
@@ -408,22 +429,6 @@ def _setup_training(
     )  # fmt: skip
 
 
-def _restore(t: _Training, resumed: Resume, state: RunState) -> RunState:
-    """Step 3: optimizer, scheduler and where the run stood, from the checkpoint; RNG last
-    (building the model drew from it)."""
-    folder, saved = resumed.folder, resumed.state
-    assert folder is not None
-    load_optimizer(folder, model=t.model, optimizer=t.optimizer, scheduler=t.scheduler)
-    step = int(saved["step"])
-    if Cursor(**saved["cursor"]) != t.sampler.cursor_at(step):
-        raise ConfigError(f"{folder}: data cursor {saved['cursor']} does not match step {step}")
-    load_rng(folder)
-    return dataclasses.replace(
-        state, step=step, trained_tokens=int(saved["trained_tokens"]),
-        last_loss=saved.get("last_loss"),
-    )  # fmt: skip
-
-
 # ----------------------------------------------------------------------------- loop pieces
 
 
@@ -439,10 +444,6 @@ def _eval_row(loss_model, reader, config: TrainConfig, dist: Dist, t: _Training,
             batch_size=config.per_device_eval_batch_size,
         )  # fmt: skip
     return row
-
-
-def _save_due(config: TrainConfig, step: int) -> bool:
-    return bool(config.save_steps) and step % config.save_steps == 0
 
 
 __all__ = ["TrainResult", "train"]

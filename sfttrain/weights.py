@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from sftdata.atomic import atomic_dir
-from sftdata.errors import CheckpointError
+from sftdata.errors import CheckpointError, ConfigError
 
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
@@ -224,6 +224,21 @@ def load_rng(folder: Path) -> None:
         ) from None
 
 
+def restore_training(
+    folder: Path, saved: dict[str, Any], *, model, optimizer, scheduler, cursor: Any
+) -> dict[str, Any]:
+    """Resume step 3: optimizer and scheduler state from ``folder``, the data cursor of its
+    ``trainer_state.json`` (``saved``) checked against the sampler's ``cursor`` at its step, RNG
+    last (building the model drew from it). Where the run stood: step, trained tokens, loss."""
+    load_optimizer(folder, model=model, optimizer=optimizer, scheduler=scheduler)
+    step = int(saved["step"])
+    if type(cursor)(**saved["cursor"]) != cursor:
+        raise ConfigError(f"{folder}: data cursor {saved['cursor']} does not match step {step}")
+    load_rng(folder)
+    return {"step": step, "trained_tokens": int(saved["trained_tokens"]),
+            "last_loss": saved.get("last_loss")}  # fmt: skip
+
+
 __all__ = [
     "OPTIMIZER_FILE",
     "RNG_FILE",
@@ -231,6 +246,7 @@ __all__ = [
     "load_rng",
     "load_weights",
     "optimizer_state",
+    "restore_training",
     "rng_state",
     "save_optimizer",
     "save_rng",

@@ -197,7 +197,8 @@ def _progress() -> tuple[Any, Callable[[str, int, int | None], None]]:
 
 
 def _echo_report(report: Any) -> None:
+    # stderr, as convert's: stdout carries only data and --json documents
     for line in report.summary_lines():
-        click.echo(line)
+        click.echo(line, err=True)
     for line in report.warnings():
         click.echo(line, err=True)

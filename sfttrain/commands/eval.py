@@ -121,7 +121,9 @@ def command(
         loss_model, reader, batch_size=batch_size, dist=dist, autocast=contextlib.nullcontext
     )
     ppl = perplexity(loss) if tokens else float("nan")
-    result: dict = {"loss": loss, "perplexity": ppl, "tokens": tokens, "split": split}
+    # no trained token: no loss to report (JSON has no NaN; a strict parser refuses one)
+    result: dict = {"loss": loss if tokens else None, "perplexity": ppl if tokens else None,
+                    "tokens": tokens, "split": split}  # fmt: skip
     if generate:
         from sfttrain.predict import predict, scores, write_predictions
 

@@ -145,6 +145,7 @@ def command(
             progress=not no_progress and lines is None,
             dist=dist,
             on_log=lines or _eval_lines,
+            on_event=_event_lines,
         )
     except OSError as e:
         # Checkpoints handle their own failures (the previous one stays valid); this is any other
@@ -186,9 +187,16 @@ def _config(
     return dataclasses.replace(config, model_name_or_path=model_spec, output_dir=output_dir), data
 
 
+def _event_lines(event: Any) -> None:
+    """The run's start, resume point, checkpoints and a stop request, on stderr as they happen
+    (a terminal and a log alike)."""
+    from sfttrain.events import lines
+
+    for line in lines(event):
+        click.echo(line, err=True)
+
+
 def _echo_result(result: Any, *, as_json: bool) -> None:
-    for note in result.resume_notes:
-        click.echo(note, err=True)
     if as_json:
         import json
 
@@ -249,7 +257,8 @@ def _prepare(section: Any, model_spec: str) -> Any:
         )
     if prepared.repacked:
         click.echo(
-            f"data: the data or options changed since {prepared.shards} was packed: repacked"
+            f"data: the data or options changed since {prepared.shards} was packed: repacked",
+            err=True,
         )
     report = prepared.pack
     for line in report.summary_lines():

@@ -123,6 +123,43 @@ def test_without_a_terminal_every_log_step_is_one_plain_line(tmp_path: Path) -> 
     assert "\x1b[" not in r.stderr and "━" not in r.stderr  # no progress bar, no colour codes
 
 
+def test_a_cluster_log_says_how_the_run_starts_saves_and_resumes(tmp_path: Path) -> None:
+    shards = demo_shards(tmp_path, val_count=4)
+    index = json.loads((shards / "index.json").read_text())["splits"]["train"]
+    run = tmp_path / "run"
+    args = ("run", shards, "--model", "tiny", "-o", run, "--set", "max_steps=4",
+            "--set", "save_steps=2", "--set", "gradient_accumulation_steps=2")  # fmt: skip
+    r = _run(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stderr.splitlines()
+    start = [x for x in lines if x.startswith("run: ")]
+    assert len(start) == 4 and lines.index(start[0]) < min(
+        i for i, x in enumerate(lines) if x.startswith("step ")
+    )  # the block comes before the first step
+    assert "model tiny (LlamaForCausalLM)" in start[0] and "LoRA r=8" in start[0]
+    trainable = int(start[0].split(" parameters, ")[1].split(" trainable")[0].replace(",", ""))
+    assert 0 < trainable < int(start[0].split(" parameters")[0].split()[-1].replace(",", ""))
+    assert start[1] == "run: fp32 on cpu, world size 1"
+    assert f"{index['rows']:,} rows of 64 tokens" in start[2]
+    assert f"{index['trained_tokens']:,} trained" in start[2]
+    assert "4 steps of 2 rows" in start[3] and str(run) in start[3]
+    saved = [x for x in lines if x.startswith("checkpoint saved at step ")]
+    assert [x.split(":")[0] for x in saved] == ["checkpoint saved at step 2",
+                                               "checkpoint saved at step 4"]  # fmt: skip
+    assert str(run / "checkpoints" / "step-0000002") in saved[0] and saved[0].endswith(" s)")
+    # resumed from a named checkpoint: said at the start, before the first step trained
+    again = _run(*args, "--resume", run / "checkpoints" / "step-0000002")
+    assert again.returncode == 0, again.stderr[-3000:]
+    lines = again.stderr.splitlines()
+    resumed = f"resumed from step 2 (checkpoint {run / 'checkpoints' / 'step-0000002'})"
+    assert resumed in lines
+    assert lines.index(resumed) < next(i for i, x in enumerate(lines) if x.startswith("step "))
+    # overwrite_output_dir says what it removed
+    fresh = _run(*args, "--set", "overwrite_output_dir=true")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert f"overwrite_output_dir: removed the earlier run in {run}" in fresh.stderr
+
+
 @pytest.mark.parametrize(
     ("data", "expect"),
     [

@@ -76,7 +76,7 @@ def test_pack_and_stats_read_standard_input_as_the_file(tmp_path: Path) -> None:
     assert [i["file"] for i in index["inputs"]] == ["<stdin>"]  # not the private copy's name
     # the same bytes from the file: same fingerprint, so the shards are already up to date
     r = sftdata("pack", "data.jsonl", *pack, cwd=tmp_path)
-    assert r.returncode == 0 and "already up to date" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "already up to date" in r.stderr, r.stdout + r.stderr
 
     stats = ["--tokenizer", "tiny", "--seq-len", "2048"]
     from_file = sftdata("stats", "data.jsonl", *stats, cwd=tmp_path)

@@ -156,6 +156,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(shards, model_dir, tmp_path, 
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert "stopped at step" in stdout
+    # said when the signal came, before the step ended and the checkpoint was written
+    lines = stderr.splitlines()
+    heard = [i for i, x in enumerate(lines) if x.startswith(f"{sig.name}: stopping after step ")]
+    saved = [i for i, x in enumerate(lines) if x.startswith("checkpoint saved at step ")]
+    assert len(heard) == 1 and saved and heard[0] < saved[-1], stderr
     last = complete_checkpoints(out)[-1]
     state = read_state(last)
     assert state["step"] >= 2 and state["step"] == max(r["step"] for r in metrics(out))

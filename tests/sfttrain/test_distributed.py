@@ -490,3 +490,23 @@ def test_deterministic_kernels_are_switched_on_for_the_process() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.split() == ["False", "True", ":4096:8"], r.stderr
+
+
+def test_a_stop_request_is_reported_when_the_signal_comes_once() -> None:
+    """The first SIGTERM/SIGINT calls back from the handler, not at the end of the step (what
+    lets `sfttrain run` say at once that it heard); later ones do not repeat it."""
+    import threading
+
+    from sfttrain.distributed import StopRequest
+
+    heard: list[str] = []
+    with StopRequest(heard.append) as stop:
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while not heard and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert heard == ["SIGTERM"] and stop.requested
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        time.sleep(0.01)
+        assert heard == ["SIGTERM"]
+    assert signal.getsignal(signal.SIGTERM) is not stop._handle  # restored
