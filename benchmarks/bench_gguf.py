@@ -7,11 +7,12 @@ tokenizer is the project's tiny byte-level BPE under Qwen2's split rule (4,096 t
 the 151,936 embedding rows are written as unused [PAD] tokens), since no real Qwen tokenizer is
 available offline; the tensors are full size, so export time and file sizes are the real ones.
 
-1. Export: `sfttrain export MODEL --format gguf --quant Q` for every type, each in its own process
+1. Export: `sfttrain export MODEL --format gguf --quant Q` for every type (k-quants through
+   llama.cpp's quantiser, from an f16 file written first), each in its own process
    (`_util.run_child`: wall time, including loading the 2 GB model, and peak RSS); file size.
 2. Speed: the same 128-token prompt, then 128 generated tokens greedily (the stop token ignored,
    so every engine makes exactly 128), on the same 2 threads:
-   - llama.cpp (`llama-cpp-python`) on the q8_0 and f16 files: prompt tokens/s and generated
+   - llama.cpp (`llama-cpp-python`) on the q8_0, q4_k_m and f16 files: prompt tokens/s and generated
      tokens/s from its own clock around `eval` and each sampled token;
    - transformers on the fp32 HF folder: prompt (one forward) and generation (`generate` with the
      KV cache, min = max = 128 new tokens) timed the same way.
@@ -113,7 +114,11 @@ def speed_hf(folder: str, n: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quants", default="f32,f16,bf16,q8_0,q5_1,q5_0,q4_1,q4_0")
+    ap.add_argument(
+        "--quants",
+        default="f32,f16,bf16,q8_0,q5_1,q5_0,q4_1,q4_0,q6_k,q5_k_m,q5_k_s,q4_k_m,q4_k_s,q3_k_l,"
+        "q3_k_m,q3_k_s,q2_k",
+    )
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--child", choices=["build", "llama", "hf"], default=None)
     ap.add_argument("--path", default=None)
@@ -140,7 +145,7 @@ def main() -> None:
             f"export {q}: {r['seconds']:.1f} s, {target.stat().st_size / 2**20:.0f} MiB", flush=True
         )
     env = {"OMP_NUM_THREADS": str(THREADS)}
-    for q in ("q8_0", "f16"):
+    for q in ("q8_0", "q4_k_m", "f16"):
         if q in results["export"]:
             r = run_child([*me, "--child", "llama", "--path", str(OUT / f"model-{q}.gguf"),
                            "--tokens", str(args.tokens)], env=env)  # fmt: skip

@@ -11,6 +11,7 @@ EXTRAS = {
     "train": ("torch", "peft", "safetensors", "matplotlib", "gguf"),
     "fastchat": ("fastchat",),
     "plot": ("matplotlib",),
+    "gguf": ("llama_cpp",),
 }
 """Extra -> the modules it provides (pyproject.toml's optional dependencies)."""
 

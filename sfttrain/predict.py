@@ -163,6 +163,10 @@ def predict(
     return out
 
 
+PREDICTION_FILES = ("predictions.jsonl", "generate_metrics.json")
+"""What :func:`write_predictions` writes in its folder."""
+
+
 def write_predictions(rows: list[dict[str, Any]], metrics: dict[str, Any], folder: Path) -> None:
     """``folder/predictions.jsonl`` (one line per record) and ``folder/generate_metrics.json``."""
     if folder.exists() and not folder.is_dir():
@@ -187,6 +191,7 @@ def generation_metrics(
 
 
 __all__ = [
+    "PREDICTION_FILES",
     "Example",
     "check_installed",
     "examples",

@@ -9,6 +9,7 @@ LLaMA-Factory inference config expects the adapter or model.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -16,9 +17,9 @@ from typing import Any
 
 import torch
 
-from sftdata.errors import ConfigError
-from sftdata.inputs import refuse_overwriting
-from sfttrain.checkpoint import RunState, latest_checkpoint, save_checkpoint
+from sftdata.errors import CheckpointError, ConfigError
+from sftdata.inputs import read_small, refuse_overwriting
+from sfttrain.checkpoint import RunState, latest_checkpoint, read_state, save_checkpoint
 from sfttrain.config import TrainConfig
 from sfttrain.distributed import Dist, gather_model_state
 from sfttrain.model import TINY
@@ -169,12 +170,40 @@ def save_run_checkpoint(
     return path
 
 
+def run_parts(run_dir: Path) -> tuple[Path, Path] | None:
+    """(shards, model) of a run folder given where shards are asked for (``sfttrain eval RUN``):
+    the shards its newest checkpoint recorded, unchanged since (their index hashes the same),
+    and its ``final/`` weights (else that checkpoint). None when ``run_dir`` is not a run folder.
+    """
+    if (run_dir / "index.json").exists() or not (run_dir / "checkpoints").is_dir():
+        return None
+    newest = latest_checkpoint(run_dir)
+    if newest is None:
+        raise CheckpointError(f"{run_dir}: a run folder without a complete checkpoint")
+    recorded = read_state(newest).get("shards") or {}
+    shards = Path(str(recorded.get("path", "")))
+    try:
+        raw = read_small(shards / "index.json", error=CheckpointError, what="shard index")
+    except CheckpointError:
+        raise CheckpointError(
+            f"{run_dir}: the run's shards {shards} are gone; give the shard folder itself"
+        ) from None
+    if hashlib.sha256(raw.encode("utf-8")).hexdigest() != recorded.get("index_sha256"):
+        raise CheckpointError(
+            f"{run_dir}: its shards {shards} were packed again since the run; give the shard "
+            "folder itself to evaluate on the new ones"
+        )
+    final = run_dir / "final"
+    return shards, final if final.is_dir() else newest
+
+
 __all__ = [
     "RUN_ENTRIES",
     "base_model_dir",
     "check_run_dir",
     "clear_run_dir",
     "link_final",
+    "run_parts",
     "save_final",
     "save_run_checkpoint",
 ]

@@ -15,8 +15,9 @@ from sfttrain.commands import unverified_option
     "--model",
     "model_spec",
     metavar="PATH",
-    required=True,
-    help="'tiny', a local HF model folder, or a checkpoint/adapter folder.",
+    default=None,
+    help="'tiny', a local HF model folder, or a checkpoint/adapter folder (default for a run "
+    "folder: its final/ weights).",
 )
 @click.option(
     "--adapter",
@@ -54,10 +55,12 @@ from sfttrain.commands import unverified_option
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--max-samples", type=click.IntRange(min=1), default=None, metavar="N",
               help="--generate: only the first N records of the split.")  # fmt: skip
+@click.option("--overwrite", is_flag=True,
+              help="--generate: replace the predictions and metrics already in OUTPUT.")  # fmt: skip
 @unverified_option
 def command(
     shards: str,
-    model_spec: str,
+    model_spec: str | None,
     adapter: str | None,
     split: str | None,
     batch_size: int,
@@ -67,28 +70,41 @@ def command(
     output: Path | None,
     max_new_tokens: int,
     max_samples: int | None,
+    overwrite: bool,
     allow_unverified: bool,
 ) -> None:
     """Mean loss per trained token (and perplexity) of MODEL on SHARDS; packed or not, the same records give the same loss.
+
+    SHARDS may be a run folder of `sfttrain run`: its shards (as the run recorded them, even
+    in the data cache) and, without --model, its final weights.
 
     \b
     Examples:
       sfttrain eval shards/ --model runs/r1/final
       sfttrain eval shards/ --model runs/r1/checkpoints/step-0000500 --split validation --json
       sfttrain eval shards/ --model runs/r1/final --generate -o runs/r1/predict
+      sfttrain eval runs/r1 --generate -o runs/r1/predict
     """
     import json
 
     from sfttrain.commands import quiet_libraries
 
     quiet_libraries()
+    from sftdata.errors import ConfigError
     from sfttrain.config import build_config
     from sfttrain.data import check_compatible, has_split, open_split
     from sfttrain.distributed import Dist
     from sfttrain.evaluate import evaluate, perplexity
     from sfttrain.loss import LossModel, isolation_for
     from sfttrain.model import load_for_inference
+    from sfttrain.rundir import run_parts
 
+    parts = run_parts(Path(shards))
+    if parts is not None:  # a run folder: the shards it trained on, its final weights
+        shards = str(parts[0])
+        model_spec = model_spec or str(parts[1])
+    if model_spec is None:
+        raise click.UsageError("--model is needed (SHARDS is not a run folder)")
     if generate and output is None:
         raise click.UsageError("--generate needs -o/--output FOLDER for its predictions")
     if output is not None:
@@ -96,6 +112,14 @@ def command(
         from sfttrain.model import model_sources
 
         refuse_overwriting([shards, *model_sources(model_spec, adapter)], output)
+        from sfttrain.predict import PREDICTION_FILES
+
+        earlier = [n for n in PREDICTION_FILES if (output / n).exists()]
+        if generate and earlier and not overwrite:
+            raise ConfigError(
+                f"{output}: already holds {earlier[0]} of an earlier evaluation; pass "
+                "--overwrite to replace it, or give another -o"
+            )
     if generate:
         from sfttrain.predict import check_installed
 

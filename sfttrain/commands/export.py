@@ -38,7 +38,8 @@ from sfttrain.commands import unverified_option
     "--quant",
     metavar="NAME",
     default=None,
-    help="gguf tensor type: f32, f16 (default), bf16, q8_0, q4_0, q4_1, q5_0, q5_1.",
+    help="gguf tensor type: f32, f16 (default), bf16, q8_0, q4_0, q4_1, q5_0, q5_1, or a k-quant "
+    "through llama.cpp (the gguf extra): q2_k, q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an OUTPUT that already exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
@@ -60,6 +61,7 @@ def command(
     Examples:
       sfttrain export runs/r1/final -o merged/ --merge --dtype bf16
       sfttrain export runs/r1/final --format gguf --quant q8_0 -o model-q8_0.gguf
+      sfttrain export runs/r1/final --format gguf --quant q4_k_m -o model-q4_k_m.gguf
     """
     import json
 
@@ -92,6 +94,11 @@ def command(
             click.echo(
                 f"{len(report.f16_fallback)} matrices kept f16 (rows not whole {report.quant} blocks): "
                 + ", ".join(report.f16_fallback[:5])
+            )
+        if report.k_fallback:
+            click.echo(
+                f"{len(report.k_fallback)} of {report.tensors} tensors in llama.cpp's fallback "
+                f"types (rows not whole 256-value k-blocks): " + ", ".join(report.k_fallback[:5])
             )
         return
     if quant is not None:

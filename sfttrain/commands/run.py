@@ -302,9 +302,17 @@ class _LogLines:
 def _eval_lines(row: dict[str, Any], total_steps: int) -> None:
     """Evaluation results reach the console (in a terminal, above the progress bar)."""
     if "eval_loss" in row:
+        scores = ""
+        if "eval_bleu-4" in row:  # eval_generate: the generation metrics too
+            scores = ", " + ", ".join(
+                f"{name} {row[f'eval_{key}']:.2f}"
+                for name, key in (("BLEU-4", "bleu-4"), ("ROUGE-1", "rouge-1"),
+                                  ("ROUGE-2", "rouge-2"), ("ROUGE-L", "rouge-l"))
+            )  # fmt: skip
         click.echo(
             f"eval at step {row['step']}/{total_steps}: loss {row['eval_loss']:.4f}, "
-            f"perplexity {row['eval_perplexity']:.2f} over {row['eval_tokens']:,} trained tokens",
+            f"perplexity {row['eval_perplexity']:.2f} over {row['eval_tokens']:,} trained "
+            f"tokens{scores}",
             err=True,
         )
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sftdata.errors import ConfigError
-from sfttrain.gguf_export.quant import QUANTS, check_quant, writable
+from sfttrain.gguf_export.quant import K_QUANTS, QUANTS, check_quant, writable
 
 
 @dataclass
@@ -32,6 +32,9 @@ class GGUFReport:
     """A LoRA adapter was merged into its base first."""
     f16_fallback: list[str] = field(default_factory=list)
     """Matrices written f16 because their rows are not whole quantisation blocks."""
+    k_fallback: list[str] = field(default_factory=list)
+    """k-quants: matrices llama.cpp wrote in another type (``"NAME: TYPE"``), their rows not
+    whole 256-value k-blocks."""
 
 
 def check_output_file(out: Path, *, overwrite: bool) -> None:
@@ -61,9 +64,29 @@ def export_gguf(
 
 
 def _export(spec: str | Path, out: Path, quant: str) -> GGUFReport:
+    from sftdata.atomic import atomic_path
+
+    with atomic_path(out) as tmp:
+        if quant not in K_QUANTS:
+            report = _write(spec, tmp, quant)
+        else:  # an f16 file first, beside the output, then llama.cpp's quantiser
+            from sfttrain.gguf_export.quant import llama_quantize
+
+            f16 = tmp.with_name(tmp.name + ".f16")
+            try:
+                report = _write(spec, f16, "f16")
+                report.k_fallback = llama_quantize(f16, tmp, quant)
+            finally:
+                f16.unlink(missing_ok=True)
+            report.quant, report.f16_fallback = quant, []
+    report.output, report.bytes = str(out), out.stat().st_size
+    return report
+
+
+def _write(spec: str | Path, out: Path, quant: str) -> GGUFReport:
+    """``spec`` written to ``out`` in a type the ``gguf`` package writes (``QUANTS``)."""
     import gguf
 
-    from sftdata.atomic import atomic_path
     from sfttrain.export import check_mergeable_base
     from sfttrain.gguf_export.arch import arch_for, gguf_tensors, write_hparams
     from sfttrain.gguf_export.quant import encode, file_type, header_entry, tensor_type
@@ -82,21 +105,20 @@ def _export(spec: str | Path, out: Path, quant: str) -> GGUFReport:
     tensors = gguf_tensors(lm, arch)
     types = [tensor_type(t.shape, quant) for t in tensors]
     fallback = [t.name for t, (_, fell_back) in zip(tensors, types, strict=True) if fell_back]
-    with atomic_path(out) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch.gguf_arch)
-        write_hparams(writer, lm.config, name=_name(spec), file_type=file_type(quant))
-        write_vocab(writer, entries)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        # Every tensor's header entry first (from shapes alone), then the tensors one by one:
-        # the model plus one tensor's converted copy in memory, not a copy of every tensor.
-        for t, (qtype, _) in zip(tensors, types, strict=True):
-            writer.add_tensor_info(t.name, *header_entry(t.shape, qtype), raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t, (qtype, _) in zip(tensors, types, strict=True):
-            writer.write_tensor_data(encode(t.array(), qtype))
-        writer.close()
+    writer = gguf.GGUFWriter(str(out), arch.gguf_arch)
+    write_hparams(writer, lm.config, name=_name(spec), file_type=file_type(quant))
+    write_vocab(writer, entries)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    # Every tensor's header entry first (from shapes alone), then the tensors one by one:
+    # the model plus one tensor's converted copy in memory, not a copy of every tensor.
+    for t, (qtype, _) in zip(tensors, types, strict=True):
+        writer.add_tensor_info(t.name, *header_entry(t.shape, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t, (qtype, _) in zip(tensors, types, strict=True):
+        writer.write_tensor_data(encode(t.array(), qtype))
+    writer.close()
     return GGUFReport(
         output=str(out),
         quant=quant,

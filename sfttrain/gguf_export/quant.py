@@ -7,15 +7,24 @@ them; a matrix whose rows are not a whole number of quantisation blocks is writt
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sftdata.errors import ConfigError
+from sftdata.errors import ConfigError, ModelError
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
-"""What ``--quant`` offers: full and half precision and the block types llama.cpp's README lists
-for CPUs and phones. K-quants and i-quants need llama.cpp's own ``llama-quantize``."""
+"""What the ``gguf`` package writes here: full and half precision and the block types llama.cpp's
+README lists for CPUs and phones."""
+
+K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+"""llama.cpp's k-quant file types, what GGUF tutorials use. The ``gguf`` package has no k-quant
+writer, so these go through llama.cpp's own quantiser (``llama_model_quantize`` in
+llama-cpp-python, the ``gguf`` extra) from an f16 file written first, as ``convert_hf_to_gguf.py``
+then ``llama-quantize`` do; llama.cpp picks its own types for tensors whose rows are not whole
+256-value k-blocks, and keeps norms f32."""
 
 _FILE_TYPES = {
     "f32": "ALL_F32",
@@ -53,13 +62,55 @@ def check_quant(name: str) -> str:
     can = writable()
     if key in can:
         return key
-    known = {t.name.lower() for t in gguf.GGMLQuantizationType}
+    if key in K_QUANTS:
+        from sftdata.extras import require
+
+        require("gguf", f"--quant {key} (llama.cpp's own quantiser)")
+        return key
+    known = {t.name.lower() for t in gguf.GGMLQuantizationType} | {
+        f.name.lower().removeprefix("mostly_") for f in gguf.LlamaFileType
+    }
+    every = ", ".join((*can, *K_QUANTS))
     if key in known:
         raise ConfigError(
-            f"--quant: {key} cannot be written by this exporter; it writes {', '.join(can)} "
+            f"--quant: {key} cannot be written by this exporter; it writes {every} "
             f"(quantise the f16 file with llama.cpp's llama-quantize for {key})"
         )
-    raise ConfigError(f"--quant: {name!r} is not a GGML type; use one of {', '.join(can)}")
+    raise ConfigError(f"--quant: {name!r} is not a GGML type; use one of {every}")
+
+
+def llama_quantize(source: Path, target: Path, name: str) -> list[str]:
+    """``source`` (an f16 GGUF) quantised to the k-quant ``name`` into ``target`` by llama.cpp;
+    the matrices it wrote in a fallback type (``"blk.0.attn_q.weight: q5_0"``).
+
+    llama.cpp logs every tensor through llama-cpp-python's callback, which prints to
+    ``sys.stderr``: the log is held here instead (a command's output stays its own) and read for
+    the fallbacks, or for the reason when it fails.
+    """
+    import contextlib
+    import ctypes
+    import io
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name.upper()}")
+    params.nthread = os.cpu_count() or 1
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log):
+        code = llama_cpp.llama_model_quantize(
+            str(source).encode(), str(target).encode(), ctypes.byref(params)
+        )
+    lines = log.getvalue().splitlines()
+    if code != 0:
+        last = next((x.strip() for x in reversed(lines) if x.strip()), "no message")
+        raise ModelError(f"{target}: llama.cpp's quantiser failed on {name}: {last}")
+    # "warning: blk.0.attn_q.weight - ncols 128 not divisible by 256 (...) -> falling back to q5_0"
+    return [
+        f"{x.split()[1]}: {x.rsplit(' ', 1)[-1]}"
+        for x in lines
+        if x.startswith("warning: ") and "falling back to" in x
+    ]
 
 
 def file_type(name: str) -> int:
@@ -108,11 +159,13 @@ def encode(data: np.ndarray, qtype: Any) -> np.ndarray:
 
 
 __all__ = [
+    "K_QUANTS",
     "QUANTS",
     "check_quant",
     "encode",
     "file_type",
     "header_entry",
+    "llama_quantize",
     "tensor_type",
     "writable",
 ]

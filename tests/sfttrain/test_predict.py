@@ -5,6 +5,7 @@ the records', BLEU/ROUGE equal the libraries' own on known answers, and ``eval -
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,51 @@ def test_eval_generate_during_training(shards: Path, tmp_path: Path) -> None:
     for step in (1, 2):
         lines = tmp_path / "run" / "predictions" / f"step-{step:07d}" / "predictions.jsonl"
         assert len(lines.read_text().splitlines()) == 5
+
+
+def test_eval_takes_a_run_folder_and_keeps_earlier_predictions(
+    shards: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    cfg = build_config({"max_steps": 2, "eval_steps": 1, "eval_generate": True,
+                        "max_new_tokens": 4, "report_to": "none"})  # fmt: skip
+    train(cfg, shards=shards, output_dir=run, model_spec="tiny", progress=False)
+
+    def cli(*args: object):
+        return CliRunner().invoke(main, ["eval", *map(str, args)])
+
+    # a run folder: the shards it trained on and its final weights, as if both were named
+    by_run = cli(run, "--json")
+    named = cli(shards, "--model", run / "final", "--json")
+    assert by_run.exit_code == named.exit_code == 0, by_run.output
+    assert json.loads(by_run.stdout) == json.loads(named.stdout)
+    out = tmp_path / "pred"
+    first = cli(run, "--generate", "-o", out, "--max-new-tokens", "4", "--max-samples", "2")
+    assert first.exit_code == 0, first.output
+    assert (
+        "BLEU-4" in first.stdout and len((out / "predictions.jsonl").read_text().splitlines()) == 2
+    )
+    # a second evaluation into the same folder needs --overwrite
+    again = cli(run, "--generate", "-o", out, "--max-new-tokens", "4")
+    assert again.exit_code == 1 and "already holds predictions.jsonl" in again.output
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 2  # untouched
+    assert cli(run, "--generate", "-o", out, "--max-new-tokens", "4", "--overwrite").exit_code == 0
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 5
+    # the eval line of a run with eval_generate carries the scores (console and cluster log)
+    r = CliRunner().invoke(main, ["run", str(shards), "--model", "tiny", "-o", str(tmp_path / "r2"),
+                                  "--set", "max_steps=1", "--set", "eval_generate=true",
+                                  "--set", "max_new_tokens=2", "--no-progress"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("eval at step 1/1")]
+    assert all(f"{m} " in line for m in ("BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L")), line
+    # shards packed again since the run: named, not silently evaluated
+    index = json.loads((shards / "index.json").read_text())
+    moved = tmp_path / "moved"
+    shutil.copytree(shards, moved)
+    (moved / "index.json").write_text(json.dumps(index, indent=1))
+    state = run / "checkpoints" / "step-0000002" / "trainer_state.json"
+    s = json.loads(state.read_text())
+    s["shards"]["path"] = str(moved)
+    state.write_text(json.dumps(s))
+    r = cli(run, "--json", "--allow-unverified")
+    assert r.exit_code == 1 and "were packed again since the run" in r.output

@@ -180,6 +180,26 @@ def test_unknown_and_unwritable_types_name_what_can_be_written(tmp_path) -> None
     assert "'q9' is not a GGML type" in line and "f16" in line
 
 
+def test_a_k_quant_without_llama_cpp_names_the_extra(monkeypatch) -> None:
+    import importlib.util
+
+    from sftdata.errors import ConfigError
+    from sfttrain.gguf_export.quant import check_quant
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llama_cpp" else find(name, *a),
+    )
+    with pytest.raises(ConfigError) as e:
+        check_quant("Q4_K_M")
+    assert str(e.value) == (
+        "--quant q4_k_m (llama.cpp's own quantiser) needs the 'gguf' extra (llama_cpp missing): "
+        "pip install 'sftpipe[gguf]'"
+    )
+
+
 def test_an_existing_output_needs_overwrite(tmp_path) -> None:
     out = tmp_path / "exists.gguf"
     out.write_bytes(b"mine")

@@ -73,7 +73,7 @@ def demo_files(demo_model, tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("demo-gguf")
     return {
         q: Path(export_gguf(demo_model, folder / f"{q}.gguf", quant=q).output)
-        for q in ("f32", "f16", "q8_0")
+        for q in ("f32", "f16", "q8_0", "q6_k", "q4_k_m")
     }
 
 
@@ -97,8 +97,27 @@ def test_f32_and_f16_logits_match_transformers(demo_model, demo_files) -> None:
         llm.close()
 
 
+K_TOLERANCE = {"q8_0": 0.03, "q6_k": 0.03, "q4_k_m": 0.1}
+"""Largest logit difference from transformers', relative to the logits' range, per quantised type
+(the demo model: its rows are 128 wide, so llama.cpp writes its k-quants' matrices in q5_0/q8_0)."""
+
+
+def test_quantised_logits_stay_within_a_stated_tolerance(demo_model, demo_files) -> None:
+    lm, tok = load_for_inference(demo_model)
+    for quant, tolerance in K_TOLERANCE.items():
+        llm = _llama(demo_files[quant])
+        for q in DEMO_QUESTIONS:
+            ids = _prompt_ids(tok, q)
+            with torch.no_grad():
+                ours = lm(torch.tensor([ids])).logits[0].numpy()
+            worst = np.abs(_logits(llm, ids) - ours).max() / np.abs(ours).max()
+            assert worst <= tolerance, (quant, q, worst)
+        llm.close()
+
+
 def test_greedy_answers_are_the_same_text_in_every_type(demo_model, demo_files) -> None:
-    """f32/f16 give transformers' greedy text; q8_0 gives the same answers to the demo questions."""
+    """f32/f16 give transformers' greedy text; q8_0 and the k-quants (llama.cpp's quantiser) give
+    the same answers to the demo questions."""
     _, tok = load_for_inference(demo_model)
     ours = generate(demo_model, prompts=DEMO_QUESTIONS, max_new_tokens=24)
     assert ours[0] == "The capital of France is Paris."  # the demo model learned its data
