@@ -15,6 +15,7 @@ by the section's inputs and tokenizer):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -92,10 +93,13 @@ class DataSection:
     """Default ``max_samples`` of every input."""
     cache_dir: str | None = None
     """Work folder (converted inputs, ``data.jsonl``, ``shards/``); default under the cache."""
+    predict_inputs: tuple[DataInput, ...] = ()
+    """Inputs of the predict step (``do_predict``; LLaMA-Factory's ``eval_dataset``), packed as
+    shards of their own with the same options; none: the validation split is predicted."""
 
 
 _INPUT_KEYS = {"path", "dataset", "from", "map", "sheet", "weight", "max_samples"}
-_SECTION_KEYS = {f for f in DataSection.__dataclass_fields__ if f != "inputs"} | {"inputs"}
+_SECTION_KEYS = set(DataSection.__dataclass_fields__)
 
 
 def parse_data_section(d: Any, *, where: str = "data") -> DataSection:
@@ -114,8 +118,20 @@ def parse_data_section(d: Any, *, where: str = "data") -> DataSection:
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise ConfigError(f"{where}.inputs: give at least one input (a path, or dataset: NAME)")
     inputs = tuple(_parse_input(x, f"{where}.inputs[{k}]") for k, x in enumerate(raw_inputs))
-    values = {k: v for k, v in d.items() if k != "inputs" and v is not None}
-    section = DataSection(inputs=inputs, **{k: _typed(k, v, where) for k, v in values.items()})
+    raw_predict = d.get("predict_inputs") or []
+    if isinstance(raw_predict, (str, dict)):
+        raw_predict = [raw_predict]
+    if not isinstance(raw_predict, list):
+        raise ConfigError(
+            f"{where}.predict_inputs: give a list of inputs (paths, or dataset: NAME)"
+        )
+    predict = tuple(
+        _parse_input(x, f"{where}.predict_inputs[{k}]") for k, x in enumerate(raw_predict)
+    )
+    values = {k: v for k, v in d.items() if k not in ("inputs", "predict_inputs") and v is not None}
+    section = DataSection(
+        inputs=inputs, predict_inputs=predict, **{k: _typed(k, v, where) for k, v in values.items()}
+    )
     _check_section(section, where)
     return section
 
@@ -179,7 +195,7 @@ def _parse_input(x: Any, where: str) -> DataInput:
 
 
 def _check_section(s: DataSection, where: str) -> None:
-    if any(i.dataset for i in s.inputs) and not s.dataset_info:
+    if any(i.dataset for i in (*s.inputs, *s.predict_inputs)) and not s.dataset_info:
         raise ConfigError(f"{where}.dataset_info: dataset: inputs need the dataset_info.json path")
     problem = template_problem(s.template)
     if problem:
@@ -295,6 +311,18 @@ def _convert_input(
     return convert([inp.path], target, fmt=inp.fmt, mapping=inp.map, sheet=inp.sheet, log=log)
 
 
+def predict_section(section: DataSection, model_spec: str) -> DataSection | None:
+    """The section whose shards the predict step generates from: the ``predict_inputs`` with the
+    same template, tokenizer and options, nothing held out, in ``predict/`` of the section's work
+    folder (never the training shards, even for the same inputs); None without them."""
+    if not section.predict_inputs:
+        return None
+    return dataclasses.replace(
+        section, inputs=section.predict_inputs, predict_inputs=(), val_fraction=None,
+        val_count=None, cache_dir=str(work_dir(section, model_spec) / "predict"),
+    )  # fmt: skip
+
+
 def mix_counts(n: int, weight: float, max_samples: int | None) -> tuple[int, int]:
     """(records available after max_samples, records it contributes: round(weight x that))."""
     avail = n if max_samples is None else min(n, max_samples)
@@ -355,6 +383,7 @@ __all__ = [
     "mix",
     "mix_counts",
     "parse_data_section",
+    "predict_section",
     "prepare",
     "section_key",
     "work_dir",

@@ -88,7 +88,13 @@ class TrainConfig:
     eval_generate: bool = False
     """At each evaluation also generate every validation record's last reply and score it (BLEU-4, ROUGE-1/2/L; predictions in predictions/step-N/); one process only."""
     max_new_tokens: int = 128
-    """Longest reply eval_generate generates."""
+    """Longest reply eval_generate and the predict step generate."""
+    do_train: bool = True
+    """Train; false runs only the predict step (do_predict) on model_name_or_path, with adapter_name_or_path applied."""
+    do_predict: bool = False
+    """After training, generate every predict record's last reply and score it (BLEU-4, ROUGE-1/2/L): OUTPUT/generated_predictions.jsonl and predict_results.json, as LLaMA-Factory's predict step; the records: data.predict_inputs (LLaMA-Factory's eval_dataset), else the validation split."""
+    adapter_name_or_path: str | None = None
+    """LoRA adapter the predict step applies to model_name_or_path when do_train is false."""
     eval_split: str = "validation"
     """Shard split used for evaluation when the shard folder has it."""
     dataloader_drop_last: bool = False
@@ -137,6 +143,9 @@ NON_TRAJECTORY_KEYS = frozenset(
         "eval_strategy",
         "eval_generate",
         "max_new_tokens",
+        "do_predict",
+        "do_train",
+        "adapter_name_or_path",
         "overwrite_output_dir",
         "per_device_eval_batch_size",
         "eval_split",
@@ -204,6 +213,15 @@ def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
         raise last
     if origin is Literal:
         choices = get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no/off (yes/on) as false (true)
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            meant = [c for c in choices if c in words]
+            if len(meant) == 1:
+                return meant[0]
+            raise ConfigError(
+                f"{where}{key}: {value!r} is not one of {', '.join(choices)} (YAML reads an "
+                "unquoted yes/no/on/off as true/false: quote the word)"
+            )
         if value not in choices:
             raise ConfigError(f"{where}{key}: {value!r} is not one of {', '.join(choices)}")
         return value
@@ -293,6 +311,13 @@ def _check_values(c: TrainConfig, where: str) -> None:
                 f"{where}quantization_bit: a quantised base can only be trained with "
                 "finetuning_type: lora (QLoRA), not full"
             )
+    if not c.do_train and not c.do_predict:
+        raise bad("do_train", "with do_predict false leaves nothing to do (do_predict: true)")
+    if c.adapter_name_or_path is not None and c.do_train:
+        raise ConfigError(
+            f"{where}adapter_name_or_path: applies to the predict step alone (do_train: false); "
+            "to go on training an adapter, resume its run (--resume)"
+        )
     if c.peak_tflops is not None and c.peak_tflops <= 0:
         raise bad("peak_tflops", "must be > 0 (or null to use the device table)")
     if not c.lora_target.strip():

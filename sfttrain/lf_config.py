@@ -26,8 +26,8 @@ LF_MARKERS = frozenset({"stage", "do_train", "dataset", "template", "cutoff_len"
 # have no equivalent here and are listed in the warning.
 LF_DATA_SECTION_KEYS = frozenset(
     {
-        "dataset", "dataset_dir", "template", "cutoff_len", "val_size", "max_samples",
-        "preprocessing_num_workers", "train_on_prompt", "mask_history",
+        "dataset", "eval_dataset", "dataset_dir", "template", "cutoff_len", "val_size",
+        "max_samples", "preprocessing_num_workers", "train_on_prompt", "mask_history",
         # packing with isolated rows trains what unpacked samples train (C1), and pack checks
         # its fingerprint on every run: these two ask for nothing more
         "packing", "neat_packing", "overwrite_cache",
@@ -127,14 +127,15 @@ def translate_llamafactory_config(
 
     ``ours`` is the set of TrainConfig field names.
 
-    Shared keys keep their name and meaning. ``stage`` must be ``sft`` and ``do_train`` true.
+    Shared keys keep their name and meaning. ``stage`` must be ``sft``; ``do_train: false`` with
+    ``do_predict`` and ``predict_with_generate`` is LLaMA-Factory's predict step alone.
     Keys LLaMA-Factory or HF ``TrainingArguments`` know but we do not (data preparation such as
     ``dataset``/``template``/``cutoff_len``, or features such as ``deepspeed``) are returned in the
     second list, in file order, for ONE warning; keys set to null are dropped silently.
 
     Raises:
         ConfigError: naming the key, for a key LLaMA-Factory would not know either, or a
-            stage/do_train value this trainer cannot honour.
+            stage or do_predict value this trainer cannot honour.
     """
     hf = _hf_training_keys()
     out: dict[str, Any] = {}
@@ -144,9 +145,14 @@ def translate_llamafactory_config(
             raise ConfigError(
                 f"stage: {value!r} is not supported; sfttrain does supervised fine-tuning (stage: sft)"
             )
-        if key == "do_train" and value is not True:
-            raise ConfigError(f"do_train: {value!r}; sfttrain run trains (do_train: true)")
-        if key in ("stage", "do_train") or (key in ALWAYS_DONE and value in ALWAYS_DONE[key]):
+        if key == "do_predict" and value and not d.get("predict_with_generate"):
+            raise ConfigError(
+                "do_predict: sfttrain's predict step generates and scores replies: set "
+                "predict_with_generate: true"
+            )
+        if key == "predict_with_generate":  # what do_predict means here
+            continue
+        if key == "stage" or (key in ALWAYS_DONE and value in ALWAYS_DONE[key]):
             continue
         if key in LF_DATA_SECTION_KEYS:
             continue
@@ -169,19 +175,22 @@ def data_section(d: dict[str, Any], *, where: str = "") -> dict[str, Any] | None
     (``overflow: cutoff``), not dropped; ``val_size`` below 1 is a share of the records, from 1 a
     count; ``train_on_prompt`` trains every token, ``mask_history`` only the last reply.
     """
-    names = d.get("dataset")
+    names = _names(d, "dataset", where)
+    predict = _names(d, "eval_dataset", where)
     if names is None:
-        return None
-    if isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise ConfigError(f"{where}dataset: give dataset_info.json names (comma-separated)")
+        if predict is None or d.get("do_train", True):
+            return None
+        names = predict  # predict only (do_train: false): nothing is trained on them
     section: dict[str, Any] = {
         "inputs": [{"dataset": n, "max_samples": d.get("max_samples")} for n in names],
         "dataset_info": d.get("dataset_dir") or "data",
         "seq_len": d.get("cutoff_len") or 2048,
         "overflow": "cutoff",
     }
+    if predict is not None:
+        section["predict_inputs"] = [
+            {"dataset": n, "max_samples": d.get("max_samples")} for n in predict
+        ]
     if d.get("template"):
         section["template"] = d["template"]
     val = d.get("val_size")
@@ -198,6 +207,18 @@ def data_section(d: dict[str, Any], *, where: str = "") -> dict[str, Any] | None
     elif d.get("mask_history"):
         section["train_on"] = "last-assistant"
     return section
+
+
+def _names(d: dict[str, Any], key: str, where: str) -> list[str] | None:
+    """``dataset``/``eval_dataset``: dataset_info.json names, comma-separated or a list."""
+    names = d.get(key)
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{where}{key}: give dataset_info.json names (comma-separated)")
+    return names
 
 
 def translate_for_load(

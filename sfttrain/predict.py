@@ -178,6 +178,51 @@ def write_predictions(rows: list[dict[str, Any]], metrics: dict[str, Any], folde
         f.write(json.dumps(metrics, indent=2) + "\n")
 
 
+LF_FILES = ("generated_predictions.jsonl", "predict_results.json")
+"""What LLaMA-Factory's predict step writes in its output_dir (the predict step writes them too)."""
+
+
+def predict_step(
+    model_spec: str, *, adapter: str | None, shards: Path, split: str, output_dir: Path,
+    max_new_tokens: int, batch_size: int,
+) -> dict[str, Any]:  # fmt: skip
+    """LLaMA-Factory's predict step (``do_predict`` + ``predict_with_generate``): every record of
+    ``shards``' ``split`` gets its last reply generated and scored. Writes LF's files in
+    ``output_dir`` (``generated_predictions.jsonl``: prompt, predict, label; ``predict_results.json``:
+    ``predict_bleu-4`` ... and the runtime) and ours in ``output_dir/predict``; returns LF's
+    results."""
+    import time
+
+    from sfttrain.data import check_compatible, open_split
+    from sfttrain.distributed import default_device
+    from sfttrain.model import load_for_inference
+
+    reader = open_split(shards, split, verify="full")
+    model, tokenizer = load_for_inference(model_spec, adapter=adapter)
+    check_compatible(reader.index, tokenizer, model, shards_dir=reader.path, model_spec=model_spec)
+    device = default_device()
+    model.to(device)
+    t0 = time.perf_counter()
+    rows = predict(model, tokenizer, reader, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                   device=device)  # fmt: skip
+    runtime = time.perf_counter() - t0
+    got = scores([r["prediction"] for r in rows], [r["reference"] for r in rows])
+    write_predictions(rows, {**got, "predicted": len(rows)}, output_dir / "predict")
+    results = {f"predict_{k}": v for k, v in got.items()}
+    results |= {"predict_samples": len(rows), "predict_runtime": round(runtime, 4),
+                "predict_samples_per_second": round(len(rows) / max(runtime, 1e-9), 3)}  # fmt: skip
+    lf_rows, lf_results = LF_FILES
+    with atomic_file(output_dir / lf_rows) as f:
+        f.writelines(
+            json.dumps({"prompt": r["prompt"], "predict": r["prediction"], "label": r["reference"]},
+                       ensure_ascii=False) + "\n"
+            for r in rows
+        )  # fmt: skip
+    with atomic_file(output_dir / lf_results) as f:
+        f.write(json.dumps(results, indent=2) + "\n")
+    return results
+
+
 def generation_metrics(
     model: Any, tokenizer: Any, reader: Any, *, folder: Path, max_new_tokens: int,
     batch_size: int,
@@ -191,12 +236,14 @@ def generation_metrics(
 
 
 __all__ = [
+    "LF_FILES",
     "PREDICTION_FILES",
     "Example",
     "check_installed",
     "examples",
     "generation_metrics",
     "predict",
+    "predict_step",
     "scores",
     "write_predictions",
 ]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,9 @@ from typing import Any
 
 import click
 
+from sftdata.errors import ConfigError
 from sfttrain.commands import unverified_option
+from sfttrain.commands.run_predict import predict_alone, predict_line, predict_set_of
 
 PREPARED_SHARDS = "SFTPIPE_PREPARED_SHARDS"
 """Environment variable through which ``--nproc`` hands its ranks the shards it packed from the
@@ -113,8 +116,25 @@ def command(
     from sfttrain.distributed import dist_from_env, under_torchrun
 
     launching = nproc is not None and nproc > 1 and not under_torchrun()
+    if config.do_predict and (launching or under_torchrun()):
+        raise ConfigError(
+            "do_predict: the predict step runs in one process; train with --nproc, then "
+            "`sfttrain eval RUN --generate -o DIR` (or run do_predict without --nproc)"
+        )
+    if not config.do_train:  # LLaMA-Factory's predict step alone
+        from sfttrain.commands import quiet_libraries
+
+        quiet_libraries()
+        results = predict_alone(config, section, shards, model_spec, output_dir, prepare=_prepare)
+        click.echo(json.dumps({"predict": results}) if as_json else predict_line(results))
+        return
     if section is not None and (launching or not under_torchrun()):
         shards = str(_prepare(section, model_spec))  # once, before any rank starts
+    predict_set = (
+        predict_set_of(config, section, shards, model_spec, prepare=_prepare)
+        if config.do_predict
+        else None
+    )
     if launching:
         raise SystemExit(_run_torchrun(nproc, config, shards=shards if section else None))
     from sfttrain.commands import quiet_libraries
@@ -154,8 +174,17 @@ def command(
         raise CheckpointError(f"{where}: cannot write ({e.strerror or e})") from None
     finally:
         dist.close()
+    predicted = None
+    if predict_set is not None and result.final_dir is not None:
+        from sfttrain.predict import predict_step
+
+        predicted = predict_step(
+            str(result.final_dir), adapter=None, shards=predict_set[0], split=predict_set[1],
+            output_dir=Path(output_dir), max_new_tokens=config.max_new_tokens,
+            batch_size=config.per_device_eval_batch_size,
+        )  # fmt: skip
     if dist.is_main:  # rank 0 reports for the group
-        _echo_result(result, as_json=as_json)
+        _echo_result(result, as_json=as_json, predicted=predicted)
 
 
 def _config(
@@ -196,7 +225,7 @@ def _event_lines(event: Any) -> None:
         click.echo(line, err=True)
 
 
-def _echo_result(result: Any, *, as_json: bool) -> None:
+def _echo_result(result: Any, *, as_json: bool, predicted: dict[str, Any] | None = None) -> None:
     if as_json:
         import json
 
@@ -204,6 +233,8 @@ def _echo_result(result: Any, *, as_json: bool) -> None:
         d = {k: getattr(result, k) for k in keys}
         d |= {"checkpoint": str(result.checkpoint) if result.checkpoint else None,
               "final": str(result.final_dir) if result.final_dir else None}  # fmt: skip
+        if predicted is not None:
+            d["predict"] = predicted
         click.echo(json.dumps(d))
         return
     loss = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
@@ -217,6 +248,8 @@ def _echo_result(result: Any, *, as_json: bool) -> None:
             f"trained {result.step} steps, {result.trained_tokens:,} trained tokens, last loss "
             f"{loss}; final weights in {result.final_dir}"
         )
+    if predicted is not None:
+        click.echo(predict_line(predicted))
 
 
 def _data_section(data: Any, shards: str | None, config_path: str | None) -> Any:
@@ -242,7 +275,7 @@ def _data_section(data: Any, shards: str | None, config_path: str | None) -> Any
         raise ConfigError(f"{config_path}: {e}") from None
 
 
-def _prepare(section: Any, model_spec: str) -> Any:
+def _prepare(section: Any, model_spec: str, *, what: str = "data") -> Any:
     """Convert and pack the data section (a no-op when the cache is current); say what it did
     (on stderr: stdout is the run's result)."""
     from sftdata.recipe import prepare
@@ -251,18 +284,18 @@ def _prepare(section: Any, model_spec: str) -> Any:
     prepared = prepare(section, model_spec=model_spec, log=lambda m: click.echo(m, err=True))
     for inp, conv, taken in zip(section.inputs, prepared.converted, prepared.mixed, strict=True):
         click.echo(
-            f"data: {inp.path or inp.dataset}: {counted(conv.records_out, 'record')}, "
+            f"{what}: {inp.path or inp.dataset}: {counted(conv.records_out, 'record')}, "
             f"{taken:,} into the mix",
             err=True,
         )
     if prepared.repacked:
         click.echo(
-            f"data: the data or options changed since {prepared.shards} was packed: repacked",
+            f"{what}: the data or options changed since {prepared.shards} was packed: repacked",
             err=True,
         )
     report = prepared.pack
     for line in report.summary_lines():
-        click.echo(f"data: {line.strip()}", err=True)
+        click.echo(f"{what}: {line.strip()}", err=True)
     for line in report.warnings():
         click.echo(line, err=True)
     return prepared.shards

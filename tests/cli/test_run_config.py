@@ -199,3 +199,79 @@ def test_given_shards_win_over_a_data_section_and_one_is_needed(tmp_path: Path) 
     assert f"training on {shards}" in r.stderr  # the section is not even read
     r = CliRunner().invoke(main, ["run", "--model", "tiny", "-o", str(tmp_path / "r2")])
     assert r.exit_code == 2 and "give SHARDS, or a config" in r.output
+
+
+@pytest.mark.slow
+def test_llamafactory_predict_step_after_training_and_alone(
+    tmp_path: Path, shared_data: Path, tiny_model: Path
+) -> None:
+    """do_predict + predict_with_generate on eval_dataset: LLaMA-Factory's files in output_dir
+    after training, and the same predictions from the predict YAML alone (do_train: false, the
+    run's adapter): the same greedy model, the same replies."""
+    (tmp_path / "data").mkdir()
+    records = json.loads((shared_data / "alpaca_en_demo.json").read_text(encoding="utf-8"))
+    (tmp_path / "data" / "train.json").write_text(json.dumps(records[:-30]), encoding="utf-8")
+    (tmp_path / "data" / "test.json").write_text(json.dumps(records[-30:]), encoding="utf-8")
+    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps(
+        {"train": {"file_name": "train.json"}, "test": {"file_name": "test.json"}}
+    ), encoding="utf-8")  # fmt: skip
+    common = {"model_name_or_path": str(tiny_model), "stage": "sft", "do_predict": True,
+              "predict_with_generate": True, "finetuning_type": "lora", "eval_dataset": "test",
+              "template": "qwen", "cutoff_len": 256, "max_samples": 12, "max_new_tokens": 6,
+              "report_to": "none"}  # fmt: skip
+    train = {
+        **common,
+        "do_train": True,
+        "dataset": "train",
+        "output_dir": "saves/sft",
+        "max_steps": 2,
+        "eval_strategy": False,
+    }  # fmt: skip  (YAML's unquoted `no`)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(train), encoding="utf-8")
+    r = _run("run", "-c", "train.yaml", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    sft = tmp_path / "saves" / "sft"
+    rows = [json.loads(x) for x in (sft / "generated_predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(set(x) == {"prompt", "predict", "label"} for x in rows)
+    # the labels are the test records' replies (eval_dataset, not the training data)
+    test_replies = [x["output"].strip() for x in records[-30:]]
+    assert all(any(t.startswith(x["label"]) for t in test_replies) for x in rows)
+    assert rows[0]["prompt"].endswith("<|im_start|>assistant\n")
+    results = json.loads((sft / "predict_results.json").read_text())
+    assert {"predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l",
+            "predict_runtime", "predict_samples_per_second"} <= set(results)  # fmt: skip
+    assert result["predict"] == results and results["predict_samples"] == 12
+    assert (sft / "predict" / "predictions.jsonl").is_file()  # ours beside LF's
+
+    alone = {**common, "do_train": False, "adapter_name_or_path": "saves/sft",
+             "output_dir": "saves/predict", "temperature": 0.7}  # fmt: skip
+    (tmp_path / "predict.yaml").write_text(yaml.safe_dump(alone), encoding="utf-8")
+    r = _run("run", "-c", "predict.yaml", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("predict: 12 replies generated: BLEU-4 ")
+    assert "temperature" in r.stderr  # generation settings other than greedy: named, ignored
+    again = tmp_path / "saves" / "predict" / "generated_predictions.jsonl"
+    assert [json.loads(x) for x in again.read_text().splitlines()] == rows
+    assert not (tmp_path / "saves" / "predict" / "checkpoints").exists()  # nothing trained
+
+
+@pytest.mark.parametrize(
+    ("keys", "expect"),
+    [
+        ({"do_predict": True}, "do_predict: sfttrain's predict step generates and scores replies: "
+                               "set predict_with_generate: true"),
+        ({"do_train": False}, "do_train: False with do_predict false leaves nothing to do"),
+        ({"adapter_name_or_path": "x"}, "adapter_name_or_path: applies to the predict step alone"),
+        ({"eval_strategy": True}, "eval_strategy: True is not one of steps, epoch, no (YAML reads "
+                                  "an unquoted yes/no/on/off as true/false: quote the word)"),
+    ],
+)  # fmt: skip
+def test_predict_and_yaml_boolean_mistakes_are_one_line(
+    tmp_path: Path, keys: dict, expect: str
+) -> None:
+    cfg = {"model_name_or_path": "tiny", "stage": "sft", "dataset": "x", "output_dir": "o", **keys}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    r = CliRunner().invoke(main, ["run", "-c", str(tmp_path / "c.yaml")])
+    (line,) = r.output.strip().splitlines()
+    assert r.exit_code == 1 and line.startswith("Error: ") and expect in line, r.output

@@ -1,0 +1,57 @@
+"""`sfttrain run`'s predict step (``do_predict``, LLaMA-Factory's ``do_predict`` +
+``predict_with_generate``): which records, and the step alone (``do_train: false``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sftdata.errors import ConfigError
+
+
+def predict_set_of(
+    config: Any, section: Any, shards: str | None, model_spec: str, *, prepare: Any
+) -> tuple[Path, str]:
+    """(shards, split) the predict step generates from: the section's predict inputs packed (LF's
+    eval_dataset, packed by ``prepare(section, model_spec, what=)``), else the validation split;
+    checked before any training."""
+    from sftdata.recipe import predict_section
+    from sfttrain.data import has_split
+
+    own = predict_section(section, model_spec) if section is not None else None
+    if own is not None:
+        return prepare(own, model_spec, what="predict"), "train"
+    if shards is not None:
+        if has_split(shards, config.eval_split):
+            return Path(shards), config.eval_split
+        if not config.do_train and has_split(shards, "train"):
+            return Path(shards), "train"
+    raise ConfigError(
+        "do_predict: no records to predict: give eval_dataset (LLaMA-Factory) or "
+        "data.predict_inputs, or hold out a validation split (val_size, data.val_count)"
+    )
+
+
+def predict_alone(
+    config: Any, section: Any, shards: str | None, model_spec: str, output_dir: str, *,
+    prepare: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """``do_train: false``: the predict step on the model (and adapter) as given."""
+    from sfttrain.predict import predict_step
+
+    where, split = predict_set_of(config, section, shards, model_spec, prepare=prepare)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    return predict_step(
+        model_spec, adapter=config.adapter_name_or_path, shards=where, split=split,
+        output_dir=Path(output_dir), max_new_tokens=config.max_new_tokens,
+        batch_size=config.per_device_eval_batch_size,
+    )  # fmt: skip
+
+
+def predict_line(r: dict[str, Any]) -> str:
+    """The predict step's scores in one line."""
+    return (
+        f"predict: {r['predict_samples']:,} replies generated: BLEU-4 {r['predict_bleu-4']:.2f}, "
+        f"ROUGE-1 {r['predict_rouge-1']:.2f}, ROUGE-2 {r['predict_rouge-2']:.2f}, ROUGE-L "
+        f"{r['predict_rouge-l']:.2f} (generated_predictions.jsonl, predict_results.json)"
+    )
