@@ -359,10 +359,15 @@ def json_problem(e: ValueError) -> str:
 
 
 def invalid_json(e: ValueError) -> str:
-    """``loads_strict``'s error as the words after ``FILE:LINE: ``."""
-    if isinstance(e, json.JSONDecodeError):
-        return f"invalid JSON ({e.msg} at column {e.colno})"
-    return f"invalid JSON ({e})"
+    """``loads_strict``'s error as the words after ``FILE:LINE: ``: the column, and where the
+    line ends inside a value or a string, that it is cut short (a truncated file or line)."""
+    if not isinstance(e, json.JSONDecodeError):
+        return f"invalid JSON ({e})"
+    # json's own words end in "starting at" for an open string: the column completes them
+    msg = e.msg.removesuffix(" at")
+    if not e.doc[e.pos :].strip() or msg.startswith("Unterminated string"):
+        return f"invalid JSON (the line ends inside a record, truncated? {msg} at column {e.colno})"
+    return f"invalid JSON ({msg} at column {e.colno})"
 
 
 def parse_jsonl_line(line: str, *, path: str, lineno: int) -> Conversation:

@@ -195,8 +195,19 @@ def _parse_input(x: Any, where: str) -> DataInput:
 
 
 def _check_section(s: DataSection, where: str) -> None:
-    if any(i.dataset for i in (*s.inputs, *s.predict_inputs)) and not s.dataset_info:
-        raise ConfigError(f"{where}.dataset_info: dataset: inputs need the dataset_info.json path")
+    if any(i.dataset for i in (*s.inputs, *s.predict_inputs)):
+        if not s.dataset_info:
+            raise ConfigError(
+                f"{where}.dataset_info: dataset: inputs need the dataset_info.json path"
+            )
+        info = Path(s.dataset_info).expanduser()
+        if info.is_dir() or not info.suffix:
+            info = info / "dataset_info.json"
+        if not info.is_file():
+            raise ConfigError(
+                f"{where}.dataset_info: {info} does not exist (relative to {Path.cwd()}; "
+                "LLaMA-Factory's dataset_dir): run from the folder that holds it, or give its path"
+            )
     problem = template_problem(s.template)
     if problem:
         raise ConfigError(f"{where}.template: {problem}")

@@ -13,7 +13,7 @@ import numpy as np
 from sftdata import IGNORE_INDEX
 from sftdata.errors import ConfigError, ShardError
 from sftdata.shards import ShardReader
-from sftdata.text import stop_line
+from sftdata.text import counted, stop_line
 
 TRAIN_OPEN, TRAIN_CLOSE = "[[", "]]"
 KIND_PREFIX = {"reply": "", "reasoning": "reasoning: ", "stop": "stop: "}
@@ -200,7 +200,7 @@ def row_header(view: RowView, *, markers: bool) -> str:
     seq_len = view.reader.seq_len
     header = (
         f"row {view.row_i} of {len(view.reader)} (split {view.split}, seq_len {seq_len}): "
-        f"{len(recs)} records, lengths {[len(s['ids']) for s in recs]}, "
+        f"{counted(len(recs), 'record')}, lengths {[len(s['ids']) for s in recs]}, "
         f"padding {view.row['num_pad']}, trained {trained} of {seq_len} tokens"
     )
     template = view.reader.index.get("template", {})

@@ -22,7 +22,9 @@ def summarize(lengths: np.ndarray, trained: np.ndarray) -> dict[str, Any]:
     trained = np.asarray(trained, dtype=np.int64)
     if lengths.size == 0:
         return {"records": 0, "tokens": 0, "trained_tokens": 0, "trained_ratio": 0.0}
-    q = np.percentile(lengths, [50, 90, 99])
+    # "higher": a length some record has, read as pack reads its percentiles (so the two
+    # commands give the same p99 for the same records)
+    q = np.percentile(lengths, [50, 90, 99], method="higher")
     total = int(lengths.sum())
     return {
         "records": int(lengths.size),
@@ -30,9 +32,9 @@ def summarize(lengths: np.ndarray, trained: np.ndarray) -> dict[str, Any]:
         "trained_tokens": int(trained.sum()),
         "trained_ratio": float(trained.sum() / total),
         "min": int(lengths.min()),
-        "median": float(q[0]),
-        "p90": float(q[1]),
-        "p99": float(q[2]),
+        "median": int(q[0]),
+        "p90": int(q[1]),
+        "p99": int(q[2]),
         "max": int(lengths.max()),
     }
 
@@ -77,6 +79,33 @@ def jsonl_lengths(
     return np.concatenate(lens), np.concatenate(trained)
 
 
+CJK_FAMILIES = (
+    "Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "Source Han Sans SC",
+    "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Microsoft YaHei", "SimHei", "PingFang SC",
+    "Hiragino Sans GB", "AR PL UMing CN", "Droid Sans Fallback", "Arial Unicode MS",
+)  # fmt: skip
+"""Fonts with CJK glyphs found on common systems, tried after matplotlib's default."""
+
+
+def drawable(text: str) -> tuple[list[str], str]:
+    """(font families, text) to draw ``text`` in a plot without boxes for missing glyphs: the
+    default font, then any installed font of :data:`CJK_FAMILIES` (matplotlib falls back glyph
+    by glyph); a character none of them has is written as its ``\\uXXXX`` escape instead of a box
+    (file names in Chinese, on a machine without a Chinese font)."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    installed = {f.name: f.fname for f in font_manager.fontManager.ttflist}
+    default = font_manager.findfont(font_manager.FontProperties())
+    files = [default] + [installed[n] for n in CJK_FAMILIES if n in installed]
+    families = ["DejaVu Sans"] + [n for n in CJK_FAMILIES if n in installed]
+    covered: set[int] = set()
+    for f in files:
+        covered |= set(FT2Font(f).get_charmap())
+    out = "".join(c if ord(c) in covered or c.isspace() else f"\\u{ord(c):04x}" for c in text)
+    return families, out
+
+
 def write_histogram(lengths: np.ndarray, path: Path, *, title: str, seq_len: int | None) -> None:
     """A record-length histogram PNG, written atomically.
 
@@ -100,7 +129,8 @@ def write_histogram(lengths: np.ndarray, path: Path, *, title: str, seq_len: int
         ax.legend()
     ax.set_xlabel("tokens per record")
     ax.set_ylabel("records")
-    ax.set_title(title)
+    families, title = drawable(title)
+    ax.set_title(title, fontfamily=families)
     fig.tight_layout()
     with atomic_file(path, mode="wb") as f:
         fig.savefig(f, format="png")

@@ -162,7 +162,12 @@ def translate_llamafactory_config(
             if value is not None:
                 unsupported.append(key)
         else:
-            raise ConfigError(f"{key}: unknown LLaMA-Factory config key")
+            import difflib
+
+            known = [*ours, *LF_DATA_KEYS, *LF_DATA_SECTION_KEYS, *LF_OTHER_KEYS, *hf]
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{key}: unknown LLaMA-Factory config key{hint}")
     return out, unsupported
 
 

@@ -134,16 +134,36 @@ class Trackers:
 def _start_mlflow(run_dir: Path, config: dict[str, Any]) -> Any:
     import mlflow
 
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        # MLflow 3 keeps its file store for local use behind this switch; a run's own folder is
-        # the natural local place when nobody named a server.
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri or uri.startswith("file:") or "://" not in uri:
+        # MLflow 3 keeps its file store behind this switch: allowed where the store is one (the
+        # run's own folder when nobody named a server, or a file: store the user named)
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    if not uri:
         mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "sftpipe"))
-    run = mlflow.start_run(run_name=run_dir.name)
-    # MLflow params are strings of at most 6,000 characters; the config's values are short
-    mlflow.log_params({k: str(v) for k, v in config.items()})
+    try:
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "sftpipe"))
+        run = mlflow.start_run(run_name=run_dir.name)
+        # MLflow params are strings of at most 6,000 characters; the config's values are short
+        mlflow.log_params({k: str(v) for k, v in config.items()})
+    except Exception as e:  # MLflow's errors for a store it cannot use: one line, the fix
+        raise ConfigError(
+            f"report_to mlflow: MLFLOW_TRACKING_URI={uri}: {_mlflow_problem(e, uri)}"
+        ) from None
     return run
+
+
+def _mlflow_problem(e: Exception, uri: str) -> str:
+    text = " ".join(str(e).split())
+    scheme = uri.split(":", 1)[0]
+    if "Unsupported" in type(e).__name__ or "unsupported URI" in text:
+        return (
+            f"this MLflow install cannot open {scheme}: stores (mlflow-skinny has no database "
+            "store): pip install mlflow, or point it at a tracking server (http://...)"
+        )
+    if "MLFLOW_ALLOW_FILE_STORE" in text:
+        return "MLflow refuses its file store: set MLFLOW_ALLOW_FILE_STORE=true, or use a server"
+    return f"{type(e).__name__}: {text[:300]} (check the URI and that the server is running)"
 
 
 __all__ = [

@@ -69,6 +69,7 @@ def command(
       sftdata convert --dataset-info data/dataset_info.json --dataset identity,alpaca_en_demo -o data.jsonl
     """
     from sftdata.convert import convert
+    from sftdata.errors import RecordError
     from sftdata.inputs import readable, unspool_message
     from sftdata.sources import parse_mapping
 
@@ -83,18 +84,23 @@ def command(
             sources += registry_inputs(dataset_info, datasets, fmt=fmt, mapping=map_, log=log)
         elif not inputs:
             raise click.UsageError("give INPUT files, or --dataset-info PATH --dataset NAME")
-        report = convert(
-            sources,
-            output,
-            fmt=fmt,
-            mapping=parse_mapping(map_) if map_ else None,
-            sheet=sheet,
-            encoding=encoding,
-            system=system,
-            dedup=dedup,
-            skip_invalid=skip_invalid,
-            log=log,
-        )
+        try:
+            report = convert(
+                sources,
+                output,
+                fmt=fmt,
+                mapping=parse_mapping(map_) if map_ else None,
+                sheet=sheet,
+                encoding=encoding,
+                system=system,
+                dedup=dedup,
+                skip_invalid=skip_invalid,
+                log=log,
+            )
+        except RecordError as e:  # one record, not the file: say how to go on without it
+            raise RecordError(
+                f"{e} (--skip-invalid skips such records, naming each)", reason=e.reason
+            ) from None
     for message in report.examples:
         log(f"skipped {message}")
     shown = len(report.examples)

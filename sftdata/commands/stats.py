@@ -116,8 +116,8 @@ def command(
     )
     if s["records"]:
         lines.append(
-            f"tokens per record: min {s['min']}, median {s['median']:.0f}, p90 {s['p90']:.0f}, "
-            f"p99 {s['p99']:.0f}, max {s['max']}"
+            f"tokens per record: min {s['min']:,}, median {s['median']:,}, p90 {s['p90']:,}, "
+            f"p99 {s['p99']:,}, max {s['max']:,}"
         )
     lines.append(f"trained ratio {s['trained_ratio']:.1%}")
     if eff_line:

@@ -28,6 +28,8 @@ class PackReport:
     tokens: int = 0
     trained_tokens: int = 0
     packing_efficiency: float = 0.0
+    packed: bool = True
+    """Records share rows (False: ``--no-pack``, one record per row: no packing efficiency)."""
     splits: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     fold_ins: dict[str, int] = field(default_factory=dict)
@@ -68,6 +70,7 @@ class PackReport:
             tokens=c["tokens"],
             trained_tokens=c["trained_tokens"],
             packing_efficiency=c["packing_efficiency"],
+            packed=bool(index.get("options", {}).get("pack", True)),
             splits={k: v["rows"] for k, v in index["splits"].items()},
             seconds=seconds,
             fold_ins=dict(c.get("fold_ins", {})),
@@ -98,7 +101,8 @@ class PackReport:
         if self.noop:
             return [
                 f"{self.output}: already up to date (same inputs, tokenizer, template and "
-                f"options); nothing to do ({self.rows:,} rows, {self.records:,} records)"
+                f"options); nothing to do ({counted(self.rows, 'row')}, "
+                f"{counted(self.records, 'record')})"
             ]
         split_txt = ", ".join(f"{k} {v:,}" for k, v in self.splits.items())
         d = self.dropped
@@ -112,13 +116,18 @@ class PackReport:
             f"{self._share(d.get('overflow', 0), self.overflow_tokens)}; truncated "
             f"{self.truncated:,}{self._share(self.truncated, self.truncated_tokens, cut=True)}",
             f"  tokens {self.tokens:,}; trained {self.trained_tokens:,} ({ratio:.1%}); "
-            f"packing efficiency {self.packing_efficiency:.2%}",
+            + (
+                f"packing efficiency {self.packing_efficiency:.2%}"
+                if self.packed
+                else f"not packed (one record per row, {self.packing_efficiency:.2%} of the rows "
+                "are tokens)"
+            ),
         ]
         if self.lengths:
             p = self.lengths
             lines.append(
-                f"  record lengths: median {p['p50']:,}, p90 {p['p90']:,}, p99 {p['p99']:,}, "
-                f"max {p['max']:,} tokens"
+                f"  record lengths before any cut: median {p['p50']:,}, p90 {p['p90']:,}, "
+                f"p99 {p['p99']:,}, max {p['max']:,} tokens"
             )
         if self.fold_ins:
             kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(self.fold_ins.items()))

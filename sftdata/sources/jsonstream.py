@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sftdata.conversation import STRICT_DECODER, check_escapes
+from sftdata.conversation import STRICT_DECODER, check_escapes, invalid_json
 from sftdata.errors import ConversionError
 from sftdata.sources.base import (
     RecordError,
@@ -23,6 +23,7 @@ from sftdata.sources.base import (
     iter_text_lines,
     refuse_binary,
 )
+from sftdata.text import counted
 
 CHUNK_CHARS = 1 << 20
 _WS = " \t\n\r"
@@ -69,10 +70,7 @@ def _iter_lines(path: Path, encoding: str) -> Iterator[tuple[int, Any] | RecordE
                 hint = (
                     "; pretty-printed JSON must be an array [...], JSON lines one record per line"
                 )
-            yield RecordError(
-                f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}){hint}",
-                reason="invalid JSON",
-            )
+            yield RecordError(f"{path}:{lineno}: {invalid_json(e)}{hint}", reason="invalid JSON")
             continue
         except ValueError as e:  # STRICT_DECODER's own: NaN, 1e999, a huge integer, a duplicate key
             yield RecordError(f"{path}:{lineno}: invalid JSON ({e})", reason="invalid JSON")
@@ -215,7 +213,7 @@ def _iter_array(path: Path, encoding: str) -> Iterator[tuple[int, Any] | RecordE
             if ch == "":
                 raise ConversionError(
                     f"{path}:{end_line}: invalid JSON (file ends inside the array after "
-                    f"{count} records: no closing ']', truncated?)"
+                    f"{counted(count, 'record')}: no closing ']', truncated?)"
                 )
             raise r.error(f"expected ',' or ']' after a record, found {ch!r}")
         if r.peek() != "":

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from sftdata.errors import ConfigError
+from sftdata.text import counted
 from sfttrain.commands import unverified_option
 from sfttrain.commands.run_predict import predict_alone, predict_line, predict_set_of
 
@@ -245,7 +246,7 @@ def _echo_result(result: Any, *, as_json: bool, predicted: dict[str, Any] | None
         )
     else:
         click.echo(
-            f"trained {result.step} steps, {result.trained_tokens:,} trained tokens, last loss "
+            f"trained {counted(result.step, 'step')}, {result.trained_tokens:,} trained tokens, last loss "
             f"{loss}; final weights in {result.final_dir}"
         )
     if predicted is not None:
@@ -279,7 +280,6 @@ def _prepare(section: Any, model_spec: str, *, what: str = "data") -> Any:
     """Convert and pack the data section (a no-op when the cache is current); say what it did
     (on stderr: stdout is the run's result)."""
     from sftdata.recipe import prepare
-    from sftdata.text import counted
 
     prepared = prepare(section, model_spec=model_spec, log=lambda m: click.echo(m, err=True))
     for inp, conv, taken in zip(section.inputs, prepared.converted, prepared.mixed, strict=True):

@@ -64,3 +64,41 @@ def test_stats_json_on_jsonl(tmp_path: Path) -> None:
     d = json.loads(r.stdout)
     assert d["records"] == 32 and d["seq_len"] == 256 and d["left_out"] >= 1
     assert 0 < d["packing_efficiency"] <= 1 and d["min"] <= d["median"] <= d["max"]
+
+
+def test_pack_and_stats_give_the_same_percentiles_for_the_same_records(tmp_path: Path) -> None:
+    """Nothing dropped or cut: pack's summary and stats of its shards read the same lengths the
+    same way (a length some record has), so their p50/p90/p99/max agree."""
+    import json
+
+    from tests.sftdata_helpers import fixture_records, write_jsonl
+
+    data = write_jsonl(tmp_path / "data.jsonl", fixture_records())
+    out = tmp_path / "shards"
+    assert run_cli("pack", data, "-o", out, "--tokenizer", "tiny", "--seq-len", 2048).exit_code == 0
+    index = json.loads((out / "index.json").read_text())
+    # (a record with no trained token is in neither: pack counts samples it trains)
+    assert index["counts"]["dropped"]["overflow"] == index["counts"]["truncated"] == 0
+    r = run_cli("stats", out, "--json")
+    s = json.loads(r.stdout)
+    p = index["counts"]["lengths"]
+    assert (s["median"], s["p90"], s["p99"], s["max"]) == (p["p50"], p["p90"], p["p99"], p["max"])
+
+
+def test_a_chinese_file_name_in_the_plot_title_is_never_drawn_as_boxes(tmp_path: Path) -> None:
+    """The title's characters are drawn by the default font or an installed CJK font; one that
+    no font here has is written as its escape, so matplotlib never draws a box for it."""
+    import warnings
+
+    from sftdata.stats import drawable, write_histogram
+
+    families, text = drawable("问答 café — 999 records")
+    assert families[0] == "DejaVu Sans" and "café — 999 records" in text  # kept as written
+    # with a CJK font installed it draws them; without one, their escapes stand in
+    assert ("问答" in text) if len(families) > 1 else ("\\u95ee\\u7b54" in text)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        write_histogram(np.array([3, 5, 8]), tmp_path / "h.png", title="问答.xlsx: 3 records",
+                        seq_len=None)  # fmt: skip
+    assert not [w for w in seen if "missing from font" in str(w.message)]
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"

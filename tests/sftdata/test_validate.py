@@ -315,3 +315,25 @@ def test_convert_refuses_nan_it_cannot_write(tmp_path) -> None:
     assert "raw.jsonl:1: invalid JSON (NaN is not a JSON number)" in r.output
     assert "Traceback" not in r.output and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.jsonl"]
+
+
+def test_a_line_cut_short_is_called_truncated(tmp_path):
+    """Not only a column: the line ends inside a record (a file cut short, a line broken in
+    two), in validate and in convert alike."""
+    from tests.sftdata_helpers import run_cli
+
+    good = json.dumps(rec([u(), a()]))
+    bad = tmp_path / "t.jsonl"
+    bad.write_text(good + "\n" + good[:40] + "\n", encoding="utf-8")
+    r = validate(str(bad))
+    assert r.exit_code == 1
+    assert f"{bad}:2: invalid JSON (the line ends inside a record, truncated? " in r.output
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(
+        '{"instruction": "a", "output": "b"}\n{"instruction": "hi", "outp', encoding="utf-8"
+    )
+    c = run_cli("convert", raw, "-o", tmp_path / "out.jsonl")
+    assert c.exit_code == 1 and c.output.strip().splitlines()[-1] == (
+        f"Error: {raw}:2: invalid JSON (the line ends inside a record, truncated? Unterminated "
+        "string starting at column 23)"
+    )

@@ -109,9 +109,14 @@ def test_lora_alpha_default_follows_llamafactory() -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"lora_rnak": 8}, "lora_rnak: unknown LLaMA-Factory config key"),
+        ({"lora_rnak": 8}, "lora_rnak: unknown LLaMA-Factory config key (did you mean lora_rank?)"),
+        (
+            {"predict_with_generat": True},
+            "predict_with_generat: unknown LLaMA-Factory config key "
+            "(did you mean predict_with_generate?)",
+        ),
         ({"stage": "dpo"}, "stage: 'dpo' is not supported"),
-        ({"do_train": False}, "do_train: False"),
+        ({"do_train": False}, "do_train: False with do_predict false leaves nothing to do"),
     ],
 )
 def test_llamafactory_yaml_refusals_name_the_key(tmp_path: Path, extra: dict, message: str) -> None:
@@ -126,6 +131,28 @@ def test_llamafactory_yaml_refusals_name_the_key(tmp_path: Path, extra: dict, me
     with pytest.raises(ConfigError) as e:
         load_config(p, [])
     assert str(e.value) == f"{p}: {message}" or str(e.value).startswith(f"{p}: {message}")
+
+
+def test_a_dataset_dir_that_is_not_there_names_the_key_and_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run from a folder without data/: the key, the file looked for, and where, in one line
+    (not convert's --dataset-info option, which run does not have)."""
+    import yaml
+
+    from sfttrain.cli import main as sfttrain_main
+
+    d = yaml.safe_load(LF_YAML.read_text(encoding="utf-8"))
+    d["model_name_or_path"] = "tiny"
+    (tmp_path / "lf.yaml").write_text(yaml.safe_dump(d), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(sfttrain_main, ["run", "-c", "lf.yaml"])
+    (line,) = r.output.strip().splitlines()[-1:]
+    assert r.exit_code == 1 and "--dataset-info" not in r.output
+    assert line.startswith(
+        "Error: lf.yaml: data.dataset_info: data/dataset_info.json does not exist"
+    )
+    assert f"relative to {tmp_path}" in line and "dataset_dir" in line
 
 
 def test_plain_config_is_not_treated_as_llamafactory() -> None:

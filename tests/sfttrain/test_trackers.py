@@ -138,3 +138,32 @@ def test_mlflow_local_store_is_read_back(
     evals = client.get_metric_history(run.info.run_id, "eval/loss")
     assert {m.step for m in evals} == {2, 3}
     assert run.data.params["learning_rate"] == "0.001" and run.info.status == "FINISHED"
+
+
+def test_a_users_own_mlflow_store_is_used_or_refused_in_one_line(
+    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLFLOW_TRACKING_URI as users set it: a file: store they named is written (MLflow 3 refuses
+    its file store unless told, and the user told us by naming one); a store this MLflow cannot
+    open is one line naming the setting and the fix, not a traceback."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from sftdata.errors import ConfigError
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    store = (tmp_path / "store").resolve().as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    rows = _train(shards, tmp_path / "run", "mlflow")
+    (exp,) = [e for e in MlflowClient(store).search_experiments() if e.name == "sftpipe"]
+    (run,) = MlflowClient(store).search_runs([exp.experiment_id])
+    assert {m.step for m in MlflowClient(store).get_metric_history(run.info.run_id, "train/loss")} \
+        == set(_losses(rows))  # fmt: skip
+    assert not (tmp_path / "run" / "mlruns").exists()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unknownscheme://nowhere")
+    with pytest.raises(ConfigError) as e:
+        _train(shards, tmp_path / "run2", "mlflow")
+    line = str(e.value)
+    assert line.startswith("report_to mlflow: MLFLOW_TRACKING_URI=unknownscheme://nowhere: ")
+    assert "\n" not in line

@@ -30,7 +30,7 @@ def test_dropped_overlong_records_are_shown_with_their_share_and_a_fix(tmp_path:
     assert "1 longer than --seq-len (3.1% of records, " in r.stderr  # stdout is data only
     (warning,) = [x for x in r.stderr.splitlines() if x.startswith("Warning:")]
     assert "--overflow truncate" in warning and f"--seq-len {p['p99']:,}" in warning
-    assert "record lengths: median" in r.stderr and r.stdout == ""
+    assert "record lengths before any cut: median" in r.stderr and r.stdout == ""
 
 
 def test_truncation_is_counted_and_does_not_warn(tmp_path: Path) -> None:

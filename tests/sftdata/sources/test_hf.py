@@ -149,7 +149,8 @@ def test_bad_rows_and_files_are_one_line(tmp_path: Path) -> None:
     out = tmp_path / "o.jsonl"
     res = CliRunner().invoke(main, ["convert", str(pq), "-o", str(out)])
     assert res.exit_code == 1 and res.output.strip().endswith(
-        f"{pq}:row 2: empty answer ('output' is blank)"
+        f"{pq}:row 2: empty answer ('output' is blank) (--skip-invalid skips such records, "
+        "naming each)"
     )
     assert not out.exists()
     junk = tmp_path / "junk.parquet"
