@@ -413,10 +413,23 @@ def _help_config(ctx: click.Context, value: bool) -> None:
         return
     import dataclasses
 
+    from sftdata.recipe import DataInput, DataSection
+    from sftdata.recipe import field_docs as data_docs
     from sfttrain.config import TrainConfig, field_docs
 
     docs = field_docs()
     for f in dataclasses.fields(TrainConfig):
         default = f.default
         click.echo(f"{f.name} (default {default!r}): {docs.get(f.name, '')}")
+    # the data: section (converted and packed before training) and the keys of each input
+    click.echo("\ndata: (a mapping; sftdata convert and pack options, then the run trains on it)")
+    docs = data_docs(DataSection)
+    for f in dataclasses.fields(DataSection):
+        shown = "required" if f.default is dataclasses.MISSING else f"default {f.default!r}"
+        click.echo(f"  {f.name} ({shown}): {docs.get(f.name, '')}")
+    click.echo("data.inputs[] / data.predict_inputs[] (a path, or a mapping):")
+    docs = data_docs(DataInput)
+    for f in dataclasses.fields(DataInput):
+        name = "from" if f.name == "fmt" else f.name  # the YAML key (a Python keyword here)
+        click.echo(f"  {name} (default {f.default!r}): {docs.get(f.name, '')}")
     ctx.exit(0)

@@ -55,3 +55,26 @@ def test_help_has_a_runnable_example_and_consistent_metavars(
             assert metavar == "PATH", (p.name, metavar)
     if (prog, name) in PRINTS_A_SUMMARY:
         assert any("--json" in p.opts for p in cmd.params), f"{prog} {name} has no --json"
+
+
+def test_help_config_lists_every_key_of_the_config_and_of_its_data_section() -> None:
+    """A user writing a config from --help-config alone finds every key, the data section's and
+    its inputs' too, each with a default and a meaning."""
+    import dataclasses
+
+    from sftdata.recipe import DataInput, DataSection
+    from sfttrain.cli import main as sfttrain_main
+    from sfttrain.config import TrainConfig
+
+    r = CliRunner().invoke(sfttrain_main, ["run", "--help-config"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    data_at = lines.index(next(x for x in lines if x.startswith("data: ")))
+    top = {x.split(" (")[0] for x in lines[:data_at] if x}
+    assert top == {f.name for f in dataclasses.fields(TrainConfig)}
+    nested = [x.strip() for x in lines[data_at + 1 :] if x.startswith("  ")]
+    keys = [x.split(" (")[0] for x in nested]
+    want = [f.name for f in dataclasses.fields(DataSection)]
+    want += ["from" if f.name == "fmt" else f.name for f in dataclasses.fields(DataInput)]
+    assert keys == want
+    assert all(x.split("): ", 1)[1].strip() for x in nested)  # every key says what it does
