@@ -143,8 +143,12 @@ class ShardReader:
         self._verified = [False] * len(self._entries)
         self._lock = threading.Lock()
         if mode == "full":
+            # every shard hashed AND opened now (columns, row count, token ids in the
+            # vocabulary): a crafted shard deep in the split is refused before a run starts,
+            # not hours in; the check's memory map is dropped (reopened when first read)
             for k in range(len(self._entries)):
                 self._check_hash(k)
+                self._open(k)
 
     @staticmethod
     def splits(path: str | os.PathLike[str]) -> list[str]:
@@ -182,13 +186,16 @@ class ShardReader:
                 if shard is None:
                     if self.verify != "size":
                         self._check_hash(k)
-                    vocab = (self.index.get("tokenizer") or {}).get("vocab_size")
-                    shard = _Shard(
-                        self._paths[k], seq_len=self.seq_len, rows=int(self._entries[k]["rows"]),
-                        vocab_size=vocab if isinstance(vocab, int) else None,
-                    )  # fmt: skip
+                    shard = self._open(k)
                     self._shards[k] = shard
         return shard
+
+    def _open(self, k: int) -> _Shard:
+        vocab = (self.index.get("tokenizer") or {}).get("vocab_size")
+        return _Shard(
+            self._paths[k], seq_len=self.seq_len, rows=int(self._entries[k]["rows"]),
+            vocab_size=vocab if isinstance(vocab, int) else None,
+        )  # fmt: skip
 
     def _locate(self, i: int) -> tuple[_Shard, int]:
         if i < 0:

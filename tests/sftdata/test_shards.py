@@ -308,3 +308,31 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path: Path) -> None:
     _edit_index(tmp_path / "s", lambda ix: ix["tokenizer"].update(vocab_size=3))
     with pytest.raises(ShardError, match=r"train-00000\.arrow: token id \d+ is outside the tokenizer's vocabulary \(3 ids\)"):  # fmt: skip
         ShardReader(tmp_path / "s")[0]
+
+
+def test_a_crafted_shard_deep_in_the_split_is_refused_at_open_when_verifying(
+    tmp_path: Path,
+) -> None:
+    """The last shard replaced by a foreign Arrow file whose size and hash the index was made to
+    agree with: ``verify="full"`` (what a training run opens its shards with) refuses it at open,
+    before the first batch, not when training reaches it; ``lazy`` finds it when it is read."""
+    make_folder(tmp_path / "s", n=40, shard_size=4)
+    index = json.loads((tmp_path / "s" / INDEX_NAME).read_text())
+    shards = index["splits"]["train"]["shards"]
+    assert len(shards) >= 3
+    first, last = tmp_path / "s" / shards[0]["file"], tmp_path / "s" / shards[-1]["file"]
+    assert shards[0]["rows"] > shards[-1]["rows"]  # so the size check at open still passes
+    last.write_bytes(first.read_bytes())
+
+    def fix(ix: dict) -> None:
+        e = ix["splits"]["train"]["shards"][-1]
+        e.update(bytes=last.stat().st_size, sha256=hashlib.sha256(last.read_bytes()).hexdigest())
+
+    _edit_index(tmp_path / "s", fix)
+    want = rf"{last.name}: holds {shards[0]['rows']} rows, the index says {shards[-1]['rows']}"
+    with pytest.raises(ShardError, match=want):
+        ShardReader(tmp_path / "s", verify="full")
+    lazy = ShardReader(tmp_path / "s", verify="lazy")
+    assert lazy[0]["input_ids"].shape == (SEQ,)  # the first shard reads
+    with pytest.raises(ShardError, match=want):
+        lazy[len(lazy) - 1]
