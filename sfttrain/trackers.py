@@ -139,8 +139,9 @@ def _start_mlflow(run_dir: Path, config: dict[str, Any]) -> Any:
         # MLflow 3 keeps its file store behind this switch: allowed where the store is one (the
         # run's own folder when nobody named a server, or a file: store the user named)
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    if not uri:
-        mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
+    # set every time: MLflow keeps the last URI set in the process, which would beat the
+    # environment for a second run in the same process
+    mlflow.set_tracking_uri(uri or (run_dir / "mlruns").resolve().as_uri())
     try:
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "sftpipe"))
         run = mlflow.start_run(run_name=run_dir.name)

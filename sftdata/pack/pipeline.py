@@ -148,6 +148,17 @@ def pack(
         return PackReport.from_index(output, index, noop=False, seconds=time.perf_counter() - t0)
 
 
+def _shard_seconds(task: ShardTask) -> float:
+    """CPU time a shard write may take: copying bytes, generous per row."""
+    return 120.0 + 0.05 * (len(task.row_starts) - 1)
+
+
+def _shard_lost(cause: str, task: ShardTask) -> None:
+    raise ShardError(
+        f"{task.folder}: the worker writing {task.split} shard {task.number} was stopped ({cause})"
+    )
+
+
 def _spec_of(spec: str) -> str:
     return spec if spec == "tiny" else str(Path(spec).expanduser().resolve())
 
@@ -406,7 +417,10 @@ def _write_shards(
     }
     total_rows = sum(s["rows"] for s in splits.values())
     written = 0
-    for name, rows, entry, tokens, trained in workers.ordered(write_shard, ((t,) for t in tasks())):
+    written_by = workers.ordered(
+        write_shard, ((t,) for t in tasks()), seconds=_shard_seconds, on_lost=_shard_lost
+    )
+    for name, rows, entry, tokens, trained in written_by:
         split = splits[name]
         split["shards"].append(entry)
         split["tokens"] += tokens

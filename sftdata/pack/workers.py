@@ -26,55 +26,117 @@ SAMPLE = np.dtype([("start", "<i8"), ("rid", "<i8"), ("rid_len", "<i8")])
 
 
 class Workers:
-    """The ``num_proc`` worker processes of one pack, used for encoding and then for writing.
+    """The worker processes of one pack (``num_proc``, at least one), used for encoding and
+    then for writing, each under the operating system's bounds (``sftdata.pack.bounds``).
 
     ``ordered`` runs a function over tasks and yields the results in task order with a bounded
-    look-ahead (``Pool.imap`` would read the whole input ahead into its queue), so the output
-    never depends on ``num_proc``. With ``num_proc`` 1 the tasks run in this process.
+    look-ahead (the whole input is never read ahead into a queue), so the output never depends
+    on ``num_proc``. A task whose worker the kernel stopped (or that ran out of memory) is
+    handed to ``on_lost``, which raises the error naming what went past a bound.
     """
 
     def __init__(self, opts: PackOptions):
+        from sftdata.pack.bounds import memory_budget
+
         self.opts = opts
+        self.budget = memory_budget(opts.num_proc)
         self._pool: Any = None
         self._old_env: str | None = None
-        self._others: frozenset[Any] = frozenset()
+        self._procs: set[Any] = set()
+        """Every worker process the pool started (it forgets those it lost when it breaks)."""
 
     def __enter__(self) -> Workers:
-        if self.opts.num_proc > 1:
-            import multiprocessing as mp
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-            # The workers each run one single-threaded tokenizer; this also silences the
-            # tokenizers library's fork warning.
-            self._old_env = os.environ.get("TOKENIZERS_PARALLELISM")
+        # Several workers each run one single-threaded tokenizer (this also silences the
+        # tokenizers library's fork warning); a single worker keeps the tokenizer's own threads.
+        self._old_env = os.environ.get("TOKENIZERS_PARALLELISM")
+        if self.opts.num_proc > 1:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            self._others = frozenset(mp.active_children())  # not ours to stop (see _terminate)
-            self._pool = ctx.Pool(
-                self.opts.num_proc, initializer=init_worker, initargs=(self.opts,)
-            )
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        self._pool = ProcessPoolExecutor(
+            max(1, self.opts.num_proc), mp_context=ctx, initializer=_init_bounded,
+            initargs=(self.opts, self.budget),
+        )  # fmt: skip
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._pool is not None:
-            _terminate(self._pool, spare=self._others)
+            self._stop()
             if self._old_env is None:
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
             else:
                 os.environ["TOKENIZERS_PARALLELISM"] = self._old_env
 
-    def ordered(self, fn: Callable[..., Any], tasks: Iterator[tuple[Any, ...]]) -> Iterator[Any]:
-        """``fn(*task)`` for each task, in task order."""
-        if self._pool is None:
-            for task in tasks:
-                yield fn(*task)
-            return
+    def ordered(
+        self, fn: Callable[..., Any], tasks: Iterator[tuple[Any, ...]], *,
+        seconds: Callable[..., float], on_lost: Callable[..., Any],
+    ) -> Iterator[Any]:  # fmt: skip
+        """``fn(*task)`` for each task, in task order, each task given ``seconds(*task)`` of
+        CPU time; ``on_lost(cause, *task)`` for a task whose worker was stopped."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        from sftdata.pack.bounds import why_stopped
+
         pending: deque = deque()
+
+        def result() -> Any:
+            task, future = pending.popleft()
+            try:
+                return future.result()
+            except (BrokenProcessPool, MemoryError) as e:
+                codes = [p.exitcode for p in getattr(self._pool, "_processes", {}).values()]
+                dead = next((c for c in codes if c not in (None, 0)), None)
+                cause = (
+                    why_stopped(3, budget=self.budget, seconds=0.0)
+                    if isinstance(e, MemoryError)
+                    else why_stopped(dead, budget=self.budget, seconds=seconds(*task))
+                )
+                self._stop()
+                on_lost(cause, *task)
+                raise  # on_lost raises its own error; this only if it did not
+
         for task in tasks:
-            pending.append(self._pool.apply_async(fn, task))
-            if len(pending) >= 2 * self.opts.num_proc:
-                yield pending.popleft().get()
+            pending.append((task, self._pool.submit(_bounded, seconds(*task), fn, *task)))
+            self._procs.update((getattr(self._pool, "_processes", None) or {}).values())
+            if len(pending) >= 2 * max(1, self.opts.num_proc):
+                yield result()
         while pending:
-            yield pending.popleft().get()
+            yield result()
+
+    def _stop(self) -> None:
+        if self._pool is not None:
+            self._procs.update((getattr(self._pool, "_processes", None) or {}).values())
+            _stop(self._pool, self._procs)
+            self._pool = None
+
+
+def _init_bounded(opts: PackOptions, budget: int) -> None:
+    from sftdata.pack.bounds import bound_worker
+
+    init_worker(opts)
+    bound_worker(budget)
+
+
+def _bounded(seconds: float, fn: Callable[..., Any], *task: Any) -> Any:
+    """In a worker: ``fn(*task)`` with ``seconds`` of CPU time from now."""
+    from sftdata.pack.bounds import bound_task
+
+    bound_task(seconds)
+    return fn(*task)
+
+
+def _stop(pool: Any, processes: set[Any] | None = None) -> None:
+    """Stop an executor's workers now (a SIGTERM, an error, or the end of the pack): cancel what
+    is queued and kill what runs, so stopping never waits on a busy or stuck worker."""
+    procs = set(processes or ()) | set((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join(timeout=TERMINATE_GRACE_S)
 
 
 @dataclass(frozen=True)
@@ -139,9 +201,18 @@ def encoded_chunks(
     inputs: Sequence[Path], opts: PackOptions, workers: Workers, *, approx_records: int = 0
 ) -> Iterator[Chunk]:
     """Encoded chunks in input order."""
+    from sftdata.pack.bounds import find_record, task_cpu_budget
+
     size = task_size(opts, approx_records)
     chunks = read_raw_chunks(inputs, size, limit=opts.max_samples)
-    return workers.ordered(encode_raw, ((raw, opts) for raw in chunks))
+
+    def lost(cause: str, raw: Any, opts: PackOptions) -> None:
+        find_record(raw, opts, budget=workers.budget, cause=cause)
+
+    return workers.ordered(
+        encode_raw, ((raw, opts) for raw in chunks),
+        seconds=lambda raw, _o: task_cpu_budget(raw.data.count(b"\n") + 1), on_lost=lost,
+    )  # fmt: skip
 
 
 TASKS_PER_WORKER = 16
@@ -162,24 +233,5 @@ def task_size(opts: PackOptions, approx_records: int) -> int:
     return max(min(MIN_TASK, opts.chunk_size), min(opts.chunk_size, share))
 
 
-def _terminate(pool: Any, *, spare: frozenset[Any] = frozenset()) -> None:
-    """``pool.terminate()`` and ``join()``, bounded: terminate SIGTERMs the workers and then waits
-    for each, and a worker it never signals (seen once in a test run: left blocked on the task
-    queue's lock that a killed sibling held) would make it wait forever. So it runs in a helper
-    thread; past a grace period every remaining child but ``spare`` (the caller's own children,
-    alive before the pool) is killed, which ends the wait."""
-    import multiprocessing as mp
-    import threading
-
-    stopper = threading.Thread(target=pool.terminate, daemon=True)
-    stopper.start()
-    stopper.join(timeout=TERMINATE_GRACE_S)
-    while stopper.is_alive():
-        for child in set(mp.active_children()) - spare:
-            child.kill()
-        stopper.join(timeout=1.0)
-    pool.join()
-
-
 TERMINATE_GRACE_S = 10.0
-"""Seconds ``Pool.terminate`` gets before the workers are killed outright."""
+"""Seconds a killed worker gets to be reaped."""

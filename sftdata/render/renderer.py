@@ -75,6 +75,10 @@ TRAIN_ON = ("all-assistant", "last-assistant", "everything")
 
 
 def _one_line(e: Exception) -> str:
+    if isinstance(e, MemoryError):  # under a pack worker's address-space bound (pack/bounds.py)
+        return (
+            "the render ran out of memory (SFTPIPE_WORKER_MEMORY_MB raises a pack worker's bound)"
+        )
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[0] if lines else type(e).__name__
 

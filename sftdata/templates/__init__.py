@@ -137,11 +137,14 @@ class JinjaTemplate:
         parts: list[str] = []
         size = 0
         try:
-            for chunk in template.root_render_func(template.new_context(variables, shared=True)):
-                size += len(chunk)
-                if size > bounds.MAX_CHARS:
-                    bounds.check_chars(size, "the render")
-                parts.append(chunk)
+            with bounds.cpu_floor():
+                for chunk in template.root_render_func(
+                    template.new_context(variables, shared=True)
+                ):
+                    size += len(chunk)
+                    if size > bounds.MAX_CHARS:
+                        bounds.check_chars(size, "the render")
+                    parts.append(chunk)
             return "".join(parts)
         except Exception:
             template.environment.handle_exception()  # re-raises, as Template.render does
@@ -171,13 +174,16 @@ class JinjaTemplate:
         pos = 0
         bounds.reset()
         try:
-            for chunk in template.root_render_func(template.new_context(variables, shared=True)):
-                if len(marks) > len(edges):
-                    edges += [pos] * (len(marks) - len(edges))
-                parts.append(chunk)
-                pos += len(chunk)
-                if pos > bounds.MAX_CHARS:
-                    bounds.check_chars(pos, "the render")
+            with bounds.cpu_floor():
+                for chunk in template.root_render_func(
+                    template.new_context(variables, shared=True)
+                ):
+                    if len(marks) > len(edges):
+                        edges += [pos] * (len(marks) - len(edges))
+                    parts.append(chunk)
+                    pos += len(chunk)
+                    if pos > bounds.MAX_CHARS:
+                        bounds.check_chars(pos, "the render")
         except Exception:
             template.environment.handle_exception()
             raise

@@ -12,6 +12,11 @@ time limit would make the packed output depend on the machine's speed):
   checked before they run against :data:`MAX_CHARS` / :data:`MAX_ITEMS`;
 - what a render outputs is counted as it is produced (``JinjaTemplate``) against :data:`MAX_CHARS`.
 
+Under the counts lies a floor the operating system keeps (:func:`cpu_floor`): a render that
+escapes them (a C-level string method no count covers, say) is stopped after
+:data:`MAX_RENDER_CPU_S` seconds of CPU time. That bound is a clock, so it is set far above
+anything a counted render takes: it decides only renders no count would have let finish.
+
 Templates from files and tokenizer configs run in Jinja's sandbox with all of these. Our own
 built-in files skip the sandbox for speed (templates/__init__.py) and keep the loop, ``~``,
 range and output bounds: what they do grows only with the record's messages and tools.
@@ -34,6 +39,9 @@ MAX_CHARS = 1 << 25
 a context window)."""
 MAX_ITEMS = 1 << 20
 """Items of any list or tuple a template builds with ``*``/``+``."""
+MAX_RENDER_CPU_S = 20.0
+"""CPU seconds one render may take (the floor under the counts; real renders take
+milliseconds)."""
 _WIDE_NUMBER = re.compile(r"\d{8,}")
 """A width/precision of eight digits or more in a format string (10**7 characters and up)."""
 
@@ -47,6 +55,48 @@ class _Budget(threading.local):
 
 
 _BUDGET = _Budget()
+
+
+class cpu_floor:
+    """Context: the render inside is stopped with :class:`TemplateBoundError` once this process
+    has spent :data:`MAX_RENDER_CPU_S` CPU seconds in it (``ITIMER_PROF``; the ``SIGPROF``
+    handler is installed once per process). Only in the main thread (where Python runs signal
+    handlers) and while the timer is nobody else's; elsewhere the counted bounds stand alone."""
+
+    _active = False
+    _installed = False
+
+    def __enter__(self) -> cpu_floor:
+        import signal
+
+        self._armed = False
+        if cpu_floor._active or threading.current_thread() is not threading.main_thread():
+            return self
+        if not cpu_floor._installed:
+            if signal.getsignal(signal.SIGPROF) not in (signal.SIG_DFL, None):
+                return self  # a profiler's handler: leave it be
+            signal.signal(signal.SIGPROF, _over_cpu)
+            cpu_floor._installed = True
+        elif signal.getsignal(signal.SIGPROF) is not _over_cpu:
+            return self
+        cpu_floor._active = self._armed = True
+        signal.setitimer(signal.ITIMER_PROF, MAX_RENDER_CPU_S)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._armed:
+            cpu_floor._active = False
+            signal.setitimer(signal.ITIMER_PROF, 0)
+
+
+def _over_cpu(signum: int, frame: Any) -> None:
+    if cpu_floor._active:
+        cpu_floor._active = False
+        raise TemplateBoundError(
+            f"the template took more than {MAX_RENDER_CPU_S:g} CPU seconds for one record"
+        )
 
 
 def reset() -> None:

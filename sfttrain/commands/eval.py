@@ -90,36 +90,18 @@ def command(
     from sfttrain.commands import quiet_libraries
 
     quiet_libraries()
-    from sftdata.errors import ConfigError
     from sfttrain.config import build_config
     from sfttrain.data import check_compatible, has_split, open_split
     from sfttrain.distributed import Dist
     from sfttrain.evaluate import evaluate, perplexity
     from sfttrain.loss import LossModel, isolation_for
     from sfttrain.model import load_for_inference
-    from sfttrain.rundir import run_parts
 
-    parts = run_parts(Path(shards))
-    if parts is not None:  # a run folder: the shards it trained on, its final weights
-        shards = str(parts[0])
-        model_spec = model_spec or str(parts[1])
-    if model_spec is None:
-        raise click.UsageError("--model is needed (SHARDS is not a run folder)")
+    shards, model_spec = _what_to_evaluate(shards, model_spec)
     if generate and output is None:
         raise click.UsageError("--generate needs -o/--output FOLDER for its predictions")
     if output is not None:
-        from sftdata.inputs import refuse_overwriting
-        from sfttrain.model import model_sources
-
-        refuse_overwriting([shards, *model_sources(model_spec, adapter)], output)
-        from sfttrain.predict import PREDICTION_FILES
-
-        earlier = [n for n in PREDICTION_FILES if (output / n).exists()]
-        if generate and earlier and not overwrite:
-            raise ConfigError(
-                f"{output}: already holds {earlier[0]} of an earlier evaluation; pass "
-                "--overwrite to replace it, or give another -o"
-            )
+        _check_output(output, [shards, model_spec, adapter], generate=generate, overwrite=overwrite)
     if generate:
         from sfttrain.predict import check_installed
 
@@ -161,8 +143,44 @@ def command(
     if as_json:
         click.echo(json.dumps(result))
         return
+    _echo(result, output)
+
+
+def _what_to_evaluate(shards: str, model_spec: str | None) -> tuple[str, str]:
+    """(shards, model): a run folder given as SHARDS brings both (see the command's doc)."""
+    from sfttrain.rundir import run_parts
+
+    parts = run_parts(Path(shards))
+    if parts is not None:  # a run folder: the shards it trained on, its final weights
+        shards = str(parts[0])
+        model_spec = model_spec or str(parts[1])
+    if model_spec is None:
+        raise click.UsageError("--model is needed (SHARDS is not a run folder)")
+    return shards, model_spec
+
+
+def _check_output(output: Path, reads: list, *, generate: bool, overwrite: bool) -> None:
+    """-o is none of what is read, and holds no earlier evaluation unless --overwrite."""
+    from sftdata.errors import ConfigError
+    from sftdata.inputs import refuse_overwriting
+    from sfttrain.model import model_sources
+    from sfttrain.predict import PREDICTION_FILES
+
+    shards, model_spec, adapter = reads
+    refuse_overwriting([shards, *model_sources(model_spec, adapter)], output)
+    earlier = [n for n in PREDICTION_FILES if (output / n).exists()]
+    if generate and earlier and not overwrite:
+        raise ConfigError(
+            f"{output}: already holds {earlier[0]} of an earlier evaluation; pass --overwrite "
+            "to replace it, or give another -o"
+        )
+
+
+def _echo(result: dict, output: Path | None) -> None:
+    split, tokens = result["split"], result["tokens"]
+    loss, ppl = result["loss"] or float("nan"), result["perplexity"] or float("nan")
     click.echo(f"{split}: loss {loss:.4f}, perplexity {ppl:.2f} over {tokens:,} trained tokens")
-    if generate:
+    if "predicted" in result:
         click.echo(
             f"{split}: {result['predicted']:,} replies generated: BLEU-4 {result['bleu-4']:.2f}, "
             f"ROUGE-1 {result['rouge-1']:.2f}, ROUGE-2 {result['rouge-2']:.2f}, "

@@ -15,7 +15,13 @@ import click
 from sftdata.errors import ConfigError
 from sftdata.text import counted
 from sfttrain.commands import unverified_option
-from sfttrain.commands.run_predict import predict_alone, predict_line, predict_set_of
+from sfttrain.commands.run_predict import (
+    check_one_process,
+    predict_after,
+    predict_alone,
+    predict_line,
+    predict_set_of,
+)
 
 PREPARED_SHARDS = "SFTPIPE_PREPARED_SHARDS"
 """Environment variable through which ``--nproc`` hands its ranks the shards it packed from the
@@ -117,11 +123,7 @@ def command(
     from sfttrain.distributed import dist_from_env, under_torchrun
 
     launching = nproc is not None and nproc > 1 and not under_torchrun()
-    if config.do_predict and (launching or under_torchrun()):
-        raise ConfigError(
-            "do_predict: the predict step runs in one process; train with --nproc, then "
-            "`sfttrain eval RUN --generate -o DIR` (or run do_predict without --nproc)"
-        )
+    check_one_process(config, launching or under_torchrun())
     if not config.do_train:  # LLaMA-Factory's predict step alone
         from sfttrain.commands import quiet_libraries
 
@@ -150,24 +152,28 @@ def command(
 
         shards = str(work_dir(section, model_spec) / "shards")
     assert shards is not None
-    lines = _LogLines() if not no_progress and not sys.stderr.isatty() else None
+    result = _train(config, shards, output_dir, model_spec, resume=resume,
+                    allow_unverified=allow_unverified, no_progress=no_progress, dist=dist)  # fmt: skip
+    predicted = predict_after(config, predict_set, result.final_dir, output_dir)
+    if dist.is_main:  # rank 0 reports for the group
+        _echo_result(result, as_json=as_json, predicted=predicted)
 
+
+def _train(
+    config: Any, shards: str, output_dir: str, model_spec: str, *, resume: str | None,
+    allow_unverified: bool, no_progress: bool, dist: Any,
+) -> Any:  # fmt: skip
+    """``sfttrain.train.train`` with this command's log lines; a failed write is one line."""
     from sftdata.errors import CheckpointError
     from sfttrain.train import train
 
+    lines = _LogLines() if not no_progress and not sys.stderr.isatty() else None
     try:
-        result = train(
-            config,
-            shards=shards,
-            output_dir=output_dir,
-            model_spec=model_spec,
-            resume=resume,
-            allow_unverified=allow_unverified,
-            progress=not no_progress and lines is None,
-            dist=dist,
-            on_log=lines or _eval_lines,
-            on_event=_event_lines,
-        )
+        return train(
+            config, shards=shards, output_dir=output_dir, model_spec=model_spec, resume=resume,
+            allow_unverified=allow_unverified, progress=not no_progress and lines is None,
+            dist=dist, on_log=lines or _eval_lines, on_event=_event_lines,
+        )  # fmt: skip
     except OSError as e:
         # Checkpoints handle their own failures (the previous one stays valid); this is any other
         # write in the run folder (metrics.jsonl, final/, loss.png) on a full or read-only disk.
@@ -175,17 +181,6 @@ def command(
         raise CheckpointError(f"{where}: cannot write ({e.strerror or e})") from None
     finally:
         dist.close()
-    predicted = None
-    if predict_set is not None and result.final_dir is not None:
-        from sfttrain.predict import predict_step
-
-        predicted = predict_step(
-            str(result.final_dir), adapter=None, shards=predict_set[0], split=predict_set[1],
-            output_dir=Path(output_dir), max_new_tokens=config.max_new_tokens,
-            batch_size=config.per_device_eval_batch_size,
-        )  # fmt: skip
-    if dist.is_main:  # rank 0 reports for the group
-        _echo_result(result, as_json=as_json, predicted=predicted)
 
 
 def _config(
@@ -195,7 +190,6 @@ def _config(
     """The run's config with --model/-o applied (both required somewhere), and its data section."""
     import dataclasses
 
-    from sftdata.errors import ConfigError
     from sfttrain.config_file import load_run_config
 
     config, data = load_run_config(config_path, list(overrides))
@@ -255,7 +249,6 @@ def _echo_result(result: Any, *, as_json: bool, predicted: dict[str, Any] | None
 
 def _data_section(data: Any, shards: str | None, config_path: str | None) -> Any:
     """The config's data section, parsed (errors name the file and key), when it is used."""
-    from sftdata.errors import ConfigError
 
     if data is None:
         if shards is None:

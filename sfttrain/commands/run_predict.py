@@ -9,6 +9,30 @@ from typing import Any
 from sftdata.errors import ConfigError
 
 
+def check_one_process(config: Any, several: bool) -> None:
+    """The predict step runs in one process: refused, with the way round, under several."""
+    if config.do_predict and several:
+        raise ConfigError(
+            "do_predict: the predict step runs in one process; train with --nproc, then "
+            "`sfttrain eval RUN --generate -o DIR` (or run do_predict without --nproc)"
+        )
+
+
+def predict_after(
+    config: Any, predict_set: tuple[Path, str] | None, final_dir: Path | None, output_dir: str
+) -> dict[str, Any] | None:
+    """The predict step on a finished run's final weights (None: not asked, or stopped)."""
+    if predict_set is None or final_dir is None:
+        return None
+    from sfttrain.predict import predict_step
+
+    return predict_step(
+        str(final_dir), adapter=None, shards=predict_set[0], split=predict_set[1],
+        output_dir=Path(output_dir), max_new_tokens=config.max_new_tokens,
+        batch_size=config.per_device_eval_batch_size,
+    )  # fmt: skip
+
+
 def predict_set_of(
     config: Any, section: Any, shards: str | None, model_spec: str, *, prepare: Any
 ) -> tuple[Path, str]:

@@ -335,5 +335,5 @@ def test_a_line_cut_short_is_called_truncated(tmp_path):
     c = run_cli("convert", raw, "-o", tmp_path / "out.jsonl")
     assert c.exit_code == 1 and c.output.strip().splitlines()[-1] == (
         f"Error: {raw}:2: invalid JSON (the line ends inside a record, truncated? Unterminated "
-        "string starting at column 23)"
+        "string starting at column 23) (--skip-invalid skips such records, naming each)"
     )

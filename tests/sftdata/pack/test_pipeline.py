@@ -407,7 +407,10 @@ def test_killed_pack_leaves_no_index_and_rerun_completes(tmp_path: Path, data: P
         "    before = len(self.shards)\n"
         "    real(self)\n"
         "    files[0] += len(self.shards) - before\n"
-        "    if files[0] == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+        # shards are written in a worker process: the pack (its parent) is what is killed
+        "    if files[0] == 2:\n"
+        "        os.kill(os.getppid(), signal.SIGKILL)\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "shards.ShardWriter.flush = flush\n"
         "from sftdata.cli import main\n"
         "sys.exit(main())\n"

@@ -13,28 +13,89 @@ from sftdata.pack import workers
 
 
 def _deaf() -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a worker Pool.terminate cannot stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a worker SIGTERM cannot stop
 
 
-def test_terminating_a_pool_whose_worker_never_stops_still_returns(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # A busy worker that ignores SIGTERM never reads the stop sentinel nor dies: plain
-    # pool.terminate() waits for it forever (checked by hand: killed by `timeout`).
-    monkeypatch.setattr(workers, "TERMINATE_GRACE_S", 0.5)
+def test_stopping_workers_whose_task_never_ends_still_returns() -> None:
+    """A busy worker that ignores SIGTERM: stopping the pool kills it, never waits for it, and
+    leaves the caller's own children alone."""
+    from concurrent.futures import ProcessPoolExecutor
+
     ctx = mp.get_context("fork")
     bystander = ctx.Process(target=time.sleep, args=(3600,))  # the caller's own child
     bystander.start()
-    pool = ctx.Pool(1, initializer=_deaf)
-    assert pool.apply_async(abs, (-3,)).get(timeout=30) == 3
-    pool.apply_async(time.sleep, (3600,))
+    pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=_deaf)
+    assert pool.submit(abs, -3).result(timeout=30) == 3
+    pool.submit(time.sleep, 3600)
     time.sleep(0.3)
     t0 = time.monotonic()
-    workers._terminate(pool, spare=frozenset({bystander}))
+    workers._stop(pool)
     assert time.monotonic() - t0 < 20
     assert mp.active_children() == [bystander]  # the pool's workers are gone, not the caller's
     bystander.kill()
     bystander.join()
+
+
+SLOW = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+    "{% if m.content == 'slow' %}{% for i in range(200000) %}{{ ('a' * 200000).count('b') }}"
+    "{% endfor %}{% endif %}{% endfor %}"
+)
+"""Fine for every record but one, on which it runs C-level scans no count sees."""
+BIG = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+    "{% if m.content == 'big' %}{% set s = ['a' * 30000000, 'b' * 30000000, 'c' * 30000000, "
+    "'d' * 30000000, 'e' * 30000000, 'f' * 30000000, 'g' * 30000000, 'h' * 30000000] %}"
+    "{{ s|length }}{% endif %}{% endfor %}"
+)
+"""Every string under the character bound, together 240 MB: what only a memory bound stops."""
+
+
+def _records(path, special: str) -> None:
+    import json
+
+    rows = [{"schema_version": 2, "id": f"r{i}",
+             "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "a"}],
+             "source": {"file": "raw.json", "index": i}}
+            for i, q in enumerate(["q", "q", special, "q"])]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_the_os_bounds_stop_a_record_no_count_stops_and_name_it(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, num_proc: int
+) -> None:
+    """Under the counted bounds, the workers' CPU and memory bounds: a record whose render
+    escapes the counts ends the pack with one line naming the record and the bound, quickly,
+    with nothing written (the bounds lowered here so the test is quick; forked workers inherit
+    them)."""
+    from sftdata.errors import SftError
+    from sftdata.pack import PackOptions, bounds, pack
+    from sftdata.templates import bounds as counted
+
+    monkeypatch.setattr(counted, "MAX_RENDER_CPU_S", 1000.0)  # the OS bound alone
+    monkeypatch.setattr(bounds, "CPU_PER_TASK_S", 1.0)
+    monkeypatch.setattr(bounds, "CPU_PER_RECORD_S", 0.0)
+    monkeypatch.setenv(bounds.MEMORY_ENV, "150")
+    for name, tpl, special, want in (
+        ("slow", SLOW, "slow", r"more than 1 CPU seconds"),
+        ("big", BIG, "big", r"memory .*SFTPIPE_WORKER_MEMORY_MB raises"),
+    ):
+        (tmp_path / f"{name}.jinja").write_text(tpl, encoding="utf-8")
+        data = tmp_path / f"{name}.jsonl"
+        _records(data, special)
+        opts = PackOptions(seq_len=256, tokenizer="tiny", template=str(tmp_path / f"{name}.jinja"),
+                           num_proc=num_proc, chunk_size=2)  # fmt: skip
+        t0 = time.monotonic()
+        # named by the record's place: its raw source (a template refusal) or the canonical
+        # file's line (a worker the kernel stopped)
+        with pytest.raises(
+            SftError, match=rf"(raw\.json|{name}\.jsonl:3): .*record 'r2': .*{want}"
+        ):
+            pack([data], tmp_path / f"out-{name}", opts)
+        assert time.monotonic() - t0 < 60
+        assert not (tmp_path / f"out-{name}").exists()
+        assert mp.active_children() == []  # no worker left behind
 
 
 def test_task_size_gives_every_worker_many_small_tasks_within_chunk_size():

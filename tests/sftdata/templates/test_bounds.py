@@ -125,3 +125,38 @@ def test_hostile_template_refuses_the_record_naming_it(tmp_path) -> None:
     assert msg.startswith("d.jsonl:2: template evil.jinja: record 'r1': ") and "loop" in msg
     with pytest.raises(TemplateError, match=r"d\.jsonl:2: .*record 'r1'.*loop iterations"):
         r.encode_batch(convs)
+
+
+UNCOUNTED = "{% for i in range(200000) %}{{ ('a' * 200000).count('b') }}{% endfor %}"  # every count within its bound, each step a C-level scan the counts do not see
+
+
+def test_a_render_that_escapes_the_counts_meets_the_cpu_floor(monkeypatch, tmp_path) -> None:
+    """The floor under the counted bounds: a render no count stops is stopped by the CPU-time
+    bound (lowered here from its default so the test is quick) and refuses the record like any
+    other bound; the next render starts with the timer reset."""
+    monkeypatch.setattr(bounds, "MAX_RENDER_CPU_S", 0.5)
+    t = JinjaTemplate(UNCOUNTED, where="slow.jinja", specials=SPECIALS)
+    t0 = time.process_time()
+    with pytest.raises(bounds.TemplateBoundError, match=r"more than 0\.5 CPU seconds"):
+        t.render(MSGS, None, False)
+    assert time.process_time() - t0 < 5
+    ok = JinjaTemplate("{{ messages|length }}", where="ok.jinja", specials=SPECIALS)
+    assert ok.render(MSGS, None, False) == "2"
+    import signal
+
+    assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)  # off between renders
+    evil = tmp_path / "slow.jinja"
+    evil.write_text(
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% if m.content == 'slow' %}"
+        + UNCOUNTED
+        + "{% endif %}{% endfor %}",
+        encoding="utf-8",
+    )
+    r = Renderer(load_snapshot("tiny"), template=str(evil))
+    convs = [
+        Conversation(f"r{i}", [Message("user", q), Message("assistant", "a")],
+                     Source("d.jsonl", line=i + 1))
+        for i, q in enumerate(["q", "slow"])
+    ]  # fmt: skip
+    with pytest.raises(TemplateError, match=r"d\.jsonl:2: .*record 'r1'.*CPU seconds"):
+        r.encode_batch(convs)
