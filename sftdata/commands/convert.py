@@ -112,4 +112,5 @@ def command(
     if as_json:
         import json
 
-        click.echo(json.dumps(report.to_dict()))
+        # with -o -, stdout holds the records: the report goes with the others, to stderr
+        click.echo(json.dumps(report.to_dict()), err=output == "-")

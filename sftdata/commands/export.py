@@ -107,8 +107,11 @@ def command(
 
     with readable([str(input_path)]) as (path,):
         report = export_conversations(Path(path), output, fmt=fmt)
+    to_stderr = str(output) == "-"  # stdout holds the exported data
     if as_json:
         out = {"format": fmt, "output": str(report.output), "records": report.records_out}
-        click.echo(json.dumps(out))
+        click.echo(json.dumps(out), err=to_stderr)
         return
-    click.echo(f"wrote {counted(report.records_out, 'record')} to {report.output} ({fmt})")
+    click.echo(
+        f"wrote {counted(report.records_out, 'record')} to {report.output} ({fmt})", err=to_stderr
+    )

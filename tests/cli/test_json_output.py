@@ -69,6 +69,22 @@ def test_every_json_command_prints_one_document_in_every_mode(data: Path) -> Non
     # convert: skipped and duplicate records are reported on stderr only
     doc, err = sftdata("convert", raw, "-o", conv, "--skip-invalid", "--dedup", "--json")
     assert doc["records_out"] == 41 and "skipped" in err
+    # -o -: stdout is the data alone, the report (JSON or words) on stderr
+    for fmt in ("--json", None):
+        piped = subprocess.run(
+            [sys.executable, "-m", "sftdata", "convert", str(raw), "-o", "-", "--skip-invalid",
+             *([fmt] if fmt else [])], capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )  # fmt: skip
+        rows = [json.loads(x) for x in piped.stdout.splitlines()]
+        assert len(rows) == 42 and all(r["schema_version"] == 2 for r in rows)
+        exported = subprocess.run(
+            [sys.executable, "-m", "sftdata", "export", str(conv), "--format", "sharegpt", "-o",
+             "-", *([fmt] if fmt else [])], capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )  # fmt: skip
+        assert len(json.loads(exported.stdout)) == 41
+        if fmt:
+            assert json.loads(piped.stderr.splitlines()[-1])["records_out"] == 42
+            assert json.loads(exported.stderr.splitlines()[-1])["records"] == 41
     # validate: clean, and failing (the exit code says so, stdout stays one document)
     sftdata("validate", conv, "--json")
     bad = data / "bad.jsonl"
