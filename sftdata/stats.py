@@ -64,18 +64,25 @@ def jsonl_lengths(
     inputs: Sequence[str | Path], *, tokenizer: str, template: str, train_on: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-record lengths and trained counts of canonical JSONL files, rendered and encoded."""
-    from sftdata.pack import PackOptions, encode_chunk, read_chunks
+    from sftdata.pack import PackOptions
+    from sftdata.pack.encode import get_renderer
+    from sftdata.pack.workers import Workers, encoded_chunks
 
     # seq_len is irrelevant here: overflow "truncate" would cut; use a bound no record reaches.
     opts = PackOptions(seq_len=1 << 62, tokenizer=tokenizer, template=template, train_on=train_on)
+    get_renderer(opts)  # loaded (and its problems reported) once, before the workers fork
     lens, trained = [], []
-    for convs in read_chunks(inputs, opts.chunk_size):
-        chunk = encode_chunk(convs, opts, keep_zero_trained=True)
-        lens.append(chunk.lengths)
-        starts = np.concatenate([[0], np.cumsum(chunk.lengths)[:-1]]).astype(np.int64)
-        m = chunk.mask.astype(np.int64)
-        m[starts] = 0  # the first token's label is ignored once packed
-        trained.append(np.add.reduceat(m, starts) if len(starts) else np.empty(0, np.int64))
+    # rendered and tokenized where pack does it: in a worker under the OS bounds
+    with Workers(opts) as workers:
+        paths = [Path(p) for p in inputs]
+        for chunk in encoded_chunks(paths, opts, workers, keep_zero_trained=True):
+            lens.append(chunk.lengths)
+            starts = np.concatenate([[0], np.cumsum(chunk.lengths)[:-1]]).astype(np.int64)
+            m = chunk.mask.astype(np.int64)
+            m[starts] = 0  # the first token's label is ignored once packed
+            trained.append(np.add.reduceat(m, starts) if len(starts) else np.empty(0, np.int64))
+    if not lens:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
     return np.concatenate(lens), np.concatenate(trained)
 
 

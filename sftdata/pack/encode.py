@@ -306,5 +306,5 @@ def parse_chunk(chunk: RawChunk) -> list[Conversation]:
     return out
 
 
-def encode_raw(chunk: RawChunk, opts: PackOptions) -> Chunk:
-    return encode_chunk(parse_chunk(chunk), opts)
+def encode_raw(chunk: RawChunk, opts: PackOptions, keep_zero_trained: bool = False) -> Chunk:
+    return encode_chunk(parse_chunk(chunk), opts, keep_zero_trained=keep_zero_trained)

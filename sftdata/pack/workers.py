@@ -198,20 +198,25 @@ def write_shard(task: ShardTask) -> tuple[str, int, dict[str, Any], int, int]:
 
 
 def encoded_chunks(
-    inputs: Sequence[Path], opts: PackOptions, workers: Workers, *, approx_records: int = 0
+    inputs: Sequence[Path],
+    opts: PackOptions,
+    workers: Workers,
+    *,
+    approx_records: int = 0,
+    keep_zero_trained: bool = False,
 ) -> Iterator[Chunk]:
-    """Encoded chunks in input order."""
+    """Encoded chunks in input order (rendered and tokenized in the bounded workers)."""
     from sftdata.pack.bounds import find_record, task_cpu_budget
 
     size = task_size(opts, approx_records)
     chunks = read_raw_chunks(inputs, size, limit=opts.max_samples)
 
-    def lost(cause: str, raw: Any, opts: PackOptions) -> None:
+    def lost(cause: str, raw: Any, opts: PackOptions, _keep: bool) -> None:
         find_record(raw, opts, budget=workers.budget, cause=cause)
 
     return workers.ordered(
-        encode_raw, ((raw, opts) for raw in chunks),
-        seconds=lambda raw, _o: task_cpu_budget(raw.data.count(b"\n") + 1), on_lost=lost,
+        encode_raw, ((raw, opts, keep_zero_trained) for raw in chunks),
+        seconds=lambda raw, *_: task_cpu_budget(raw.data.count(b"\n") + 1), on_lost=lost,
     )  # fmt: skip
 
 
