@@ -145,8 +145,42 @@ def _check_items(n: int, what: str) -> None:
         raise TemplateBoundError(f"{what} would make a list of {n:,} items (limit {MAX_ITEMS:,})")
 
 
+def _text_len(x: Any) -> int:
+    """An upper estimate of ``len(str(x))`` (and of ``x``'s JSON), found by walking containers
+    — a list shared a hundred times over is walked a hundred times, as ``str`` would — with at
+    most :data:`MAX_ITEMS` visits: past them, past :data:`MAX_CHARS`."""
+    total, visits, stack = 0, 0, [x]
+    while stack:
+        v = stack.pop()
+        visits += 1
+        if visits > MAX_ITEMS or total > MAX_CHARS:
+            return MAX_CHARS + 1
+        if isinstance(v, (str, bytes)):
+            total += 4 * len(v) + 2  # escapes of bytes and JSON at most quadruple a character
+        elif isinstance(v, bool) or v is None:
+            total += 5
+        elif isinstance(v, int):
+            total += v.bit_length() // 3 + 2
+        elif isinstance(v, dict):
+            total += 2 + 4 * len(v)
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            total += 2 + 2 * len(v)
+            stack.extend(v)
+        else:
+            total += 64  # a number or an object's short repr
+    return total
+
+
+def _check_text(x: Any, what: str) -> None:
+    """``str(x)`` (or its JSON) refused before it is made when it would pass the bound."""
+    if not isinstance(x, (str, int, float)) or (isinstance(x, int) and x.bit_length() > 4096):
+        check_chars(_text_len(x), what)
+
+
 def _size(x: Any) -> tuple[str, int] | None:
-    if isinstance(x, str):
+    if isinstance(x, (str, bytes)):
         return "str", len(x)
     if isinstance(x, (list, tuple)):
         return "list", len(x)
@@ -156,6 +190,11 @@ def _size(x: Any) -> tuple[str, int] | None:
 def check_binop(operator: str, left: Any, right: Any) -> None:
     """Refuse ``left OP right`` before it runs when its result would pass a bound."""
     if operator == "*":
+        if isinstance(left, int) and isinstance(right, int):
+            # each squaring doubles the digits: the product's bits, before it is made
+            if left.bit_length() + right.bit_length() > 4096:
+                raise TemplateBoundError("'*' would make a number of over 4,096 bits")
+            return
         for seq, n in ((left, right), (right, left)):
             size = _size(seq)
             if size is not None and isinstance(n, int) and n > 0:
@@ -171,6 +210,11 @@ def check_binop(operator: str, left: Any, right: Any) -> None:
             raise TemplateBoundError(f"'**' would make a number of over {4 * MAX_CHARS:,} bits")
     elif operator == "%" and isinstance(left, str):
         _check_format(left, "'%'")
+        values = right if isinstance(right, tuple) else (right,)
+        if isinstance(right, dict):
+            values = tuple(right.values())
+        widest = max((_text_len(v) for v in values), default=0)
+        check_chars(len(left) + left.count("%") * widest, "'%'")
 
 
 def _check_format(fmt: str, what: str) -> None:
@@ -212,11 +256,25 @@ def check_call(obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     # the sandbox hands templates str.format wrapped (functools.update_wrapper keeps __wrapped__)
     owner = getattr(getattr(obj, "__wrapped__", obj), "__self__", None)
     name = getattr(obj, "__name__", "")
-    if isinstance(owner, str) and name in _STR_WIDENERS:
+    if name == "strftime" and args and isinstance(args[0], str):  # strftime_now('%900000000Y')
+        _check_format(args[0], "strftime_now()")
+    if obj is str or obj is repr:
+        for a in args:
+            _check_text(a, f"{name}()")
+    if isinstance(owner, (str, bytes)) and name in _STR_WIDENERS:
         what = f"str.{name}()"
         _int_args(args, kwargs, what)
-        if name in ("format", "format_map"):
+        if name in ("format", "format_map") and isinstance(owner, str):
             _check_format(owner, what)
+            values = (*args, *kwargs.values())
+            if name == "format_map" and args and isinstance(args[0], dict):
+                values = tuple(args[0].values())
+            widest = max((_text_len(v) for v in values), default=0)
+            check_chars(len(owner) + owner.count("{") * widest, what)
+        elif name == "expandtabs":
+            size = next((a for a in (*args, *kwargs.values()) if isinstance(a, int)), 8)
+            tabs = owner.count("\t" if isinstance(owner, str) else b"\t")
+            check_chars(len(owner) + tabs * max(size, 0), what)
         elif name == "replace":
             _check_replace(owner, args, what)
         elif name == "join" and args:
@@ -238,6 +296,17 @@ def bounded_filter(name: str, fn: Any) -> Any:
         value, rest = (args[skip], args[skip + 1 :]) if len(args) > skip else (None, ())
         what = f"filter {name!r}"
         _int_args(rest, kwargs, what)
+        if name in (
+            "string",
+            "tojson",
+            "pprint",
+            "safe",
+            "e",
+            "escape",
+            "forceescape",
+            "urlencode",
+        ):
+            _check_text(value, what)  # str() or JSON of a structure shared many times over
         if name == "format" and isinstance(value, str):
             _check_format(value, what)
         elif name == "replace":
@@ -275,6 +344,8 @@ def _counted(iterable: Any) -> Iterator[Any]:
 
 def checked_concat(items: tuple[Any, ...]) -> str:
     """Jinja's ``a ~ b`` (``str_join``), refused past :data:`MAX_CHARS` before joining."""
+    for x in items:
+        _check_text(x, "'~'")
     parts = [str(x) for x in items]
     check_chars(sum(map(len, parts)), "'~'")
     return "".join(parts)

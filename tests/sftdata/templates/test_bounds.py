@@ -37,6 +37,19 @@ HOSTILE = {
     "percent-format": "{{ '%3000000000d' % 1 }}",
     "str-format": "{{ '{:>3000000000}'.format(1) }}",
     "replace": "{% set s = " + BIG + " %}{{ s.replace('x', 'yy') }}",
+    # widened by C-level work no single argument shows: counted from what goes in
+    "expandtabs": "{{ ('\t' * 30000000).expandtabs(8)|length }}",
+    "format-one-argument-many-times": "{% set s = 'x' * 1000000 %}{{ ('{0}' * 100).format(s)|length }}",
+    "percent-tuple": "{% set s = 'x' * 1000000 %}{{ (('%s' * 100) % ((s,) * 100))|length }}",
+    "int-squaring": "{% set ns = namespace(x=3) %}{% for i in range(40) %}"
+    "{% set ns.x = ns.x * ns.x %}{% endfor %}{{ ns.x > 0 }}",
+    "tojson-shared-list": "{% set ns = namespace(l=[1]) %}{% for i in range(8) %}"
+    "{% set ns.l = [ns.l] * 100 %}{% endfor %}{{ (ns.l|tojson)|length }}",
+    "string-shared-list": "{% set ns = namespace(l=[1]) %}{% for i in range(8) %}"
+    "{% set ns.l = [ns.l] * 100 %}{% endfor %}{{ (ns.l|string)|length }}",
+    "tilde-shared-list": "{% set ns = namespace(l=[1]) %}{% for i in range(8) %}"
+    "{% set ns.l = [ns.l] * 100 %}{% endfor %}{{ ('' ~ ns.l)|length }}",
+    "strftime-wide": "{{ strftime_now('%900000000Y')|length }}",
     "join": "{% set s = " + BIG + " %}{{ [s, s, s]|join }}",
     "list-filter": "{% set s = " + BIG + " %}{{ (s|list)|length }}",
     "output": "{% set s = " + BIG + " %}{% for i in range(10) %}{{ s }}{% endfor %}",
