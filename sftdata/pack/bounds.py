@@ -44,8 +44,21 @@ def memory_budget(num_proc: int) -> int:
     return min(DEFAULT_MEMORY, physical_memory() // max(num_proc, 1))
 
 
+CPU_ENV = "SFTPIPE_WORKER_CPU_S"
+"""Environment variable: ``TASK,RECORD`` CPU seconds (each task, and per record of it)."""
+
+
 def task_cpu_budget(records: int) -> float:
-    return CPU_PER_TASK_S + CPU_PER_RECORD_S * records
+    """CPU seconds a task of ``records`` records may take: :data:`CPU_PER_TASK_S` plus
+    :data:`CPU_PER_RECORD_S` each, or ``SFTPIPE_WORKER_CPU_S=TASK,RECORD``."""
+    base, each = CPU_PER_TASK_S, CPU_PER_RECORD_S
+    raw = os.environ.get(CPU_ENV, "").split(",")
+    try:
+        if len(raw) == 2:
+            base, each = max(float(raw[0]), 0.1), max(float(raw[1]), 0.0)
+    except ValueError:
+        pass
+    return base + each * records
 
 
 def _address_space() -> int:
@@ -147,6 +160,7 @@ def find_record(chunk: Any, opts: Any, *, budget: int, cause: str) -> None:
 
 
 __all__ = [
+    "CPU_ENV",
     "MEMORY_ENV",
     "bound_task",
     "bound_worker",

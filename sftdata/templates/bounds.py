@@ -80,7 +80,7 @@ class cpu_floor:
         elif signal.getsignal(signal.SIGPROF) is not _over_cpu:
             return self
         cpu_floor._active = self._armed = True
-        signal.setitimer(signal.ITIMER_PROF, MAX_RENDER_CPU_S)
+        signal.setitimer(signal.ITIMER_PROF, render_cpu_s())
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -91,11 +91,23 @@ class cpu_floor:
             signal.setitimer(signal.ITIMER_PROF, 0)
 
 
+def render_cpu_s() -> float:
+    """:data:`MAX_RENDER_CPU_S`, or ``SFTPIPE_RENDER_CPU_S`` where set (a positive number)."""
+    import os
+
+    try:
+        value = float(os.environ.get("SFTPIPE_RENDER_CPU_S", ""))
+    except ValueError:
+        return MAX_RENDER_CPU_S
+    return value if value > 0 else MAX_RENDER_CPU_S
+
+
 def _over_cpu(signum: int, frame: Any) -> None:
     if cpu_floor._active:
         cpu_floor._active = False
         raise TemplateBoundError(
-            f"the template took more than {MAX_RENDER_CPU_S:g} CPU seconds for one record"
+            f"the template took more than {render_cpu_s():g} CPU seconds for one record "
+            "(SFTPIPE_RENDER_CPU_S raises it)"
         )
 
 

@@ -104,23 +104,14 @@ def test_a_chinese_file_name_in_the_plot_title_is_never_drawn_as_boxes(tmp_path:
     assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_stats_of_jsonl_renders_under_the_same_os_bounds_as_pack(
-    tmp_path: Path, monkeypatch
-) -> None:
+def test_stats_of_jsonl_renders_under_the_same_os_bounds_as_pack(tmp_path: Path) -> None:
     """stats renders and tokenizes in pack's bounded worker: a record whose template escapes
     every count is named with the bound it went past, not a hang."""
-    from sftdata.errors import SftError
-    from sftdata.pack import bounds
-    from sftdata.stats import jsonl_lengths
-    from sftdata.templates import bounds as counted
-    from tests.sftdata.pack.test_workers import SLOW, _records
+    from tests.sftdata.pack.test_workers import SLOW, _records, bounded_cli
 
-    monkeypatch.setattr(counted, "MAX_RENDER_CPU_S", 1000.0)  # the OS bound alone
-    monkeypatch.setattr(bounds, "CPU_PER_TASK_S", 1.0)
-    monkeypatch.setattr(bounds, "CPU_PER_RECORD_S", 0.0)
     (tmp_path / "slow.jinja").write_text(SLOW, encoding="utf-8")
     data = tmp_path / "slow.jsonl"
     _records(data, "slow")
-    with pytest.raises(SftError, match=r"slow\.jsonl:3: record 'r2': .*more than 1 CPU seconds"):
-        jsonl_lengths([data], tokenizer="tiny", template=str(tmp_path / "slow.jinja"),
-                      train_on="all-assistant")  # fmt: skip
+    r = bounded_cli("stats", data, "--tokenizer", "tiny", "--template", tmp_path / "slow.jinja")
+    assert r.returncode == 1, r.stderr
+    assert re.search(r"slow\.jsonl:3: record 'r2': .*more than 1 CPU seconds", r.stderr), r.stderr
