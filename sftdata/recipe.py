@@ -102,18 +102,6 @@ _INPUT_KEYS = {"path", "dataset", "from", "map", "sheet", "weight", "max_samples
 _SECTION_KEYS = set(DataSection.__dataclass_fields__)
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> its docstring in one line, for a dataclass of this module (``--help-config``)."""
-    import inspect
-    import re
-
-    src = inspect.getsource(cls)
-    return {
-        name: " ".join(doc.split())
-        for name, doc in re.findall(r'^    (\w+): [^\n]*\n    """(.*?)"""', src, flags=re.M | re.S)
-    }
-
-
 def parse_data_section(d: Any, *, where: str = "data") -> DataSection:
     """A ``data:`` mapping -> :class:`DataSection`; errors name the key (``data.inputs[1].weight``).
 
@@ -403,7 +391,6 @@ __all__ = [
     "DataInput",
     "DataSection",
     "Prepared",
-    "field_docs",
     "mix",
     "mix_counts",
     "parse_data_section",

@@ -21,4 +21,16 @@ def stop_line(stops: list[dict[str, Any]], appended: str | None, count: int) -> 
     return text
 
 
-__all__ = ["counted", "stop_line"]
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its docstring in one line, for a config dataclass (``--help-config``)."""
+    import inspect
+    import re
+
+    src = inspect.getsource(cls)
+    return {
+        name: " ".join(doc.split())
+        for name, doc in re.findall(r'^    (\w+): [^\n]*\n    """(.*?)"""', src, flags=re.M | re.S)
+    }
+
+
+__all__ = ["counted", "field_docs", "stop_line"]

@@ -184,11 +184,10 @@ def trajectory_hash(config: TrainConfig, *, world_size: int = 1) -> str:
 
 
 def field_docs() -> dict[str, str]:
-    """Field name -> its one-line docstring (read from this module's source)."""
-    import inspect
+    """Field name -> its docstring in one line (read from this module's source)."""
+    from sftdata.text import field_docs as docs_of
 
-    src = inspect.getsource(TrainConfig)
-    return dict(re.findall(r"^    (\w+): [^\n]*\n    \"\"\"(.*?)\"\"\"", src, flags=re.M))
+    return docs_of(TrainConfig)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -162,6 +162,7 @@ def find_record(chunk: Any, opts: Any, *, budget: int, cause: str) -> None:
 __all__ = [
     "CPU_ENV",
     "MEMORY_ENV",
+    "PROBE_EXIT_MEMORY",
     "bound_task",
     "bound_worker",
     "find_record",

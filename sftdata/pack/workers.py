@@ -77,7 +77,7 @@ class Workers:
         CPU time; ``on_lost(cause, *task)`` for a task whose worker was stopped."""
         from concurrent.futures.process import BrokenProcessPool
 
-        from sftdata.pack.bounds import why_stopped
+        from sftdata.pack.bounds import PROBE_EXIT_MEMORY, why_stopped
 
         pending: deque = deque()
 
@@ -89,7 +89,7 @@ class Workers:
                 codes = [p.exitcode for p in getattr(self._pool, "_processes", {}).values()]
                 dead = next((c for c in codes if c not in (None, 0)), None)
                 cause = (
-                    why_stopped(3, budget=self.budget, seconds=0.0)
+                    why_stopped(PROBE_EXIT_MEMORY, budget=self.budget, seconds=0.0)
                     if isinstance(e, MemoryError)
                     else why_stopped(dead, budget=self.budget, seconds=seconds(*task))
                 )
@@ -107,7 +107,6 @@ class Workers:
 
     def _stop(self) -> None:
         if self._pool is not None:
-            self._procs.update((getattr(self._pool, "_processes", None) or {}).values())
             _stop(self._pool, self._procs)
             self._pool = None
 

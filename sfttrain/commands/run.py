@@ -407,7 +407,7 @@ def _help_config(ctx: click.Context, value: bool) -> None:
     import dataclasses
 
     from sftdata.recipe import DataInput, DataSection
-    from sftdata.recipe import field_docs as data_docs
+    from sftdata.text import field_docs as data_docs
     from sfttrain.config import TrainConfig, field_docs
 
     docs = field_docs()

@@ -24,13 +24,7 @@ def predict_after(
     """The predict step on a finished run's final weights (None: not asked, or stopped)."""
     if predict_set is None or final_dir is None:
         return None
-    from sfttrain.predict import predict_step
-
-    return predict_step(
-        str(final_dir), adapter=None, shards=predict_set[0], split=predict_set[1],
-        output_dir=Path(output_dir), max_new_tokens=config.max_new_tokens,
-        batch_size=config.per_device_eval_batch_size,
-    )  # fmt: skip
+    return _predict(config, str(final_dir), None, predict_set, output_dir)
 
 
 def predict_set_of(
@@ -61,12 +55,18 @@ def predict_alone(
     prepare: Any,
 ) -> dict[str, Any]:  # fmt: skip
     """``do_train: false``: the predict step on the model (and adapter) as given."""
+    predict_set = predict_set_of(config, section, shards, model_spec, prepare=prepare)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    return _predict(config, model_spec, config.adapter_name_or_path, predict_set, output_dir)
+
+
+def _predict(
+    config: Any, model: str, adapter: str | None, predict_set: tuple[Path, str], output_dir: str
+) -> dict[str, Any]:
     from sfttrain.predict import predict_step
 
-    where, split = predict_set_of(config, section, shards, model_spec, prepare=prepare)
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
     return predict_step(
-        model_spec, adapter=config.adapter_name_or_path, shards=where, split=split,
+        model, adapter=adapter, shards=predict_set[0], split=predict_set[1],
         output_dir=Path(output_dir), max_new_tokens=config.max_new_tokens,
         batch_size=config.per_device_eval_batch_size,
     )  # fmt: skip
