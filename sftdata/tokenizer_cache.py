@@ -14,6 +14,7 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from sftdata import __version__
 from sftdata.atomic import atomic_file
@@ -81,6 +82,18 @@ def _cache_key(files: list[tuple[str, Path]]) -> str:
     return h.hexdigest()
 
 
+def content_key(spec: str | Path) -> str | None:
+    """A key that changes whenever the files ``load_tokenizer(spec)`` reads change (with the
+    versions of sftpipe, transformers and tokenizers), or None where it cannot be computed."""
+    files = _content_files(resolve_spec(spec))
+    if files is None:
+        return None
+    try:
+        return _cache_key(files)
+    except OSError:
+        return None
+
+
 def _read_cached(path: Path, key: str) -> TokenizerSnapshot | None:
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
@@ -120,6 +133,68 @@ def _write_cached(path: Path, key: str, snap: TokenizerSnapshot) -> None:
             json.dump(payload, f, ensure_ascii=False)
 
 
+LOAD_CPU_S = 120.0
+"""CPU seconds loading a tokenizer may take (converting a SentencePiece model takes seconds)."""
+LOAD_MEMORY = 2 << 30
+"""Bytes loading a tokenizer may add at least, whatever ``SFTPIPE_WORKER_MEMORY_MB`` says:
+transformers, imported to load it, maps most of a gigabyte by itself."""
+LOAD_WALL_S = 300.0
+"""Seconds loading a tokenizer may take in all (a FIFO among its files blocks without CPU)."""
+
+
+def _load_child(spec: str | Path, budget: int, send: Any) -> None:
+    from sftdata.bounded import PROBE_EXIT_REFUSED, bound_task, bound_worker, run_probe
+
+    bound_worker(budget)
+    bound_task(LOAD_CPU_S)
+
+    def work() -> None:
+        try:
+            snap = TokenizerSnapshot.of(load_tokenizer(spec))
+        except ConfigError as e:
+            send.send(("error", str(e)))
+            raise
+        send.send(("ok", snap))
+
+    run_probe(work, send, refused=PROBE_EXIT_REFUSED)
+
+
+def _load_bounded(spec: str | Path) -> TokenizerSnapshot:
+    """:class:`TokenizerSnapshot` of ``load_tokenizer(spec)``, loaded in a fresh child under the
+    operating-system bounds (``sftdata.bounded``): a user's tokenizer files are untrusted (a
+    normalizer that grows text without end aborts the process that runs it)."""
+    from sftdata.bounded import (
+        PROBE_EXIT_PANIC,
+        PROBE_EXIT_REFUSED,
+        in_bounds,
+        memory_budget,
+        run_child,
+        why_stopped,
+    )
+
+    if in_bounds():
+        return TokenizerSnapshot.of(load_tokenizer(spec))
+    budget = max(memory_budget(1), LOAD_MEMORY)
+    code, message = run_child(_load_child, spec, budget, wall=LOAD_WALL_S)
+    if isinstance(message, tuple) and message[0] == "ok" and code == 0:
+        return message[1]
+    if isinstance(message, tuple) and message[0] == "error":
+        raise ConfigError(message[1])
+    if code is None:
+        how = f"did not end within {LOAD_WALL_S:g} seconds"
+    elif code == PROBE_EXIT_PANIC:
+        how = f"failed: the tokenizer panicked ({message or 'no message'})"
+    elif code in (
+        0,
+        1,
+        PROBE_EXIT_REFUSED,
+    ):  # an error that is not the tokenizer's: repeat it here to show it
+        return TokenizerSnapshot.of(load_tokenizer(spec))
+    else:
+        how = "took " + why_stopped(code, budget=budget, seconds=LOAD_CPU_S)
+    raise ConfigError(f"{spec}: a broken or hostile tokenizer: loading it {how}")
+
+
 def load_snapshot(spec: str | Path) -> TokenizerSnapshot:
     """:class:`TokenizerSnapshot` of ``load_tokenizer(spec)``, from the cache when it holds one.
 
@@ -132,18 +207,18 @@ def load_snapshot(spec: str | Path) -> TokenizerSnapshot:
     path = resolve_spec(spec)
     files = _content_files(path)
     if files is None:
-        return TokenizerSnapshot.of(load_tokenizer(spec))
+        return _load_bounded(spec)
     try:
         key = _cache_key(files)
     except OSError:  # unreadable: load_tokenizer names the problem
-        return TokenizerSnapshot.of(load_tokenizer(spec))
+        return _load_bounded(spec)
     entry = cache_dir() / "tokenizers" / f"{key}.json"
     snap = _read_cached(entry, key)
     if snap is not None:
         return replace(snap, name_or_path=str(path))
-    snap = TokenizerSnapshot.of(load_tokenizer(spec))
+    snap = _load_bounded(spec)
     _write_cached(entry, key, snap)
     return snap
 
 
-__all__ = ["SNAPSHOT_VERSION", "cache_dir", "load_snapshot"]
+__all__ = ["SNAPSHOT_VERSION", "cache_dir", "content_key", "load_snapshot"]

@@ -40,7 +40,8 @@ class Chunk:
     """Length of every sample with a trained token, before any cut (the length percentiles)."""
 
 
-def _renderer_key(opts: PackOptions) -> tuple[Any, ...]:
+def renderer_key(opts: PackOptions) -> tuple[Any, ...]:
+    """The options a renderer is built from (one renderer per key and process)."""
     return (
         opts.tokenizer, opts.template, opts.train_on, opts.template_date, opts.strict,
         opts.special_text, opts.missing_stop,
@@ -51,22 +52,24 @@ _STATE: dict[str, Any] = {}  # per process: the renderer for a (tokenizer, templ
 
 
 def get_renderer(opts: PackOptions) -> Any:
-    key = _renderer_key(opts)
+    key = renderer_key(opts)
     if _STATE.get("key") != key:
+        from sftdata.pack.bounds import vet
         from sftdata.render import Renderer
         from sftdata.tokenizer_cache import load_snapshot
 
         tok = load_snapshot(opts.tokenizer)
+
+        def build() -> Any:
+            return Renderer(
+                tok, template=opts.template, train_on=opts.train_on,
+                template_date=opts.template_date, strict=opts.strict,
+                special_text=opts.special_text, missing_stop=opts.missing_stop,
+            )  # fmt: skip
+
+        vet(opts, build)  # a user's tokenizer and template run under the OS bounds first
         _STATE["tok"] = tok
-        _STATE["renderer"] = Renderer(
-            tok,
-            template=opts.template,
-            train_on=opts.train_on,
-            template_date=opts.template_date,
-            strict=opts.strict,
-            special_text=opts.special_text,
-            missing_stop=opts.missing_stop,
-        )
+        _STATE["renderer"] = build()
         _STATE["key"] = key
     return _STATE["renderer"]
 

@@ -27,7 +27,7 @@ SAMPLE = np.dtype([("start", "<i8"), ("rid", "<i8"), ("rid_len", "<i8")])
 
 class Workers:
     """The worker processes of one pack (``num_proc``, at least one), used for encoding and
-    then for writing, each under the operating system's bounds (``sftdata.pack.bounds``).
+    then for writing, each under the operating system's bounds (``sftdata.bounded``).
 
     ``ordered`` runs a function over tasks and yields the results in task order with a bounded
     look-ahead (the whole input is never read ahead into a queue), so the output never depends
@@ -36,7 +36,7 @@ class Workers:
     """
 
     def __init__(self, opts: PackOptions):
-        from sftdata.pack.bounds import memory_budget
+        from sftdata.bounded import memory_budget
 
         self.opts = opts
         self.budget = memory_budget(opts.num_proc)
@@ -77,7 +77,7 @@ class Workers:
         CPU time; ``on_lost(cause, *task)`` for a task whose worker was stopped."""
         from concurrent.futures.process import BrokenProcessPool
 
-        from sftdata.pack.bounds import PROBE_EXIT_MEMORY, why_stopped
+        from sftdata.bounded import PROBE_EXIT_MEMORY, TokenizerPanic, why_stopped
 
         pending: deque = deque()
 
@@ -85,14 +85,15 @@ class Workers:
             task, future = pending.popleft()
             try:
                 return future.result()
-            except (BrokenProcessPool, MemoryError) as e:
+            except (BrokenProcessPool, MemoryError, TokenizerPanic) as e:
                 codes = [p.exitcode for p in getattr(self._pool, "_processes", {}).values()]
                 dead = next((c for c in codes if c not in (None, 0)), None)
-                cause = (
-                    why_stopped(PROBE_EXIT_MEMORY, budget=self.budget, seconds=0.0)
-                    if isinstance(e, MemoryError)
-                    else why_stopped(dead, budget=self.budget, seconds=seconds(*task))
-                )
+                if isinstance(e, TokenizerPanic):
+                    cause = f"the tokenizer panicked ({e})"
+                elif isinstance(e, MemoryError):
+                    cause = why_stopped(PROBE_EXIT_MEMORY, budget=self.budget, seconds=0.0)
+                else:
+                    cause = why_stopped(dead, budget=self.budget, seconds=seconds(*task))
                 self._stop()
                 on_lost(cause, *task)
                 raise  # on_lost raises its own error; this only if it did not
@@ -112,7 +113,7 @@ class Workers:
 
 
 def _init_bounded(opts: PackOptions, budget: int) -> None:
-    from sftdata.pack.bounds import bound_worker
+    from sftdata.bounded import bound_worker
 
     init_worker(opts)
     bound_worker(budget)
@@ -120,10 +121,15 @@ def _init_bounded(opts: PackOptions, budget: int) -> None:
 
 def _bounded(seconds: float, fn: Callable[..., Any], *task: Any) -> Any:
     """In a worker: ``fn(*task)`` with ``seconds`` of CPU time from now."""
-    from sftdata.pack.bounds import bound_task
+    from sftdata.bounded import TokenizerPanic, bound_task, first_line, is_panic
 
     bound_task(seconds)
-    return fn(*task)
+    try:
+        return fn(*task)
+    except BaseException as e:  # pyo3's PanicException is a BaseException
+        if is_panic(e):
+            raise TokenizerPanic(first_line(e)) from None
+        raise
 
 
 def _stop(pool: Any, processes: set[Any] | None = None) -> None:
