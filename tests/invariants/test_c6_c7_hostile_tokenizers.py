@@ -24,7 +24,12 @@ BYTE_LEVEL = json.loads((TINY / "tokenizer.json").read_text(encoding="utf-8"))["
 
 
 def _split(pattern: str) -> dict:
-    split = {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
+    split = {
+        "type": "Split",
+        "pattern": {"Regex": pattern},
+        "behavior": "Isolated",
+        "invert": False,
+    }
     return {"type": "Sequence", "pretokenizers": [split, BYTE_LEVEL]}
 
 
@@ -125,4 +130,6 @@ def test_a_record_that_sets_nothing_off_packs_with_the_same_tokenizers(tmp_path:
             cwd=folder, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert r.returncode == 0, r.stderr
-        assert json.loads((folder / "out" / "index.json").read_text())["splits"]["train"]["rows"] == 1
+        assert (
+            json.loads((folder / "out" / "index.json").read_text())["splits"]["train"]["rows"] == 1
+        )
