@@ -54,7 +54,7 @@ _STATE: dict[str, Any] = {}  # per process: the renderer for a (tokenizer, templ
 def get_renderer(opts: PackOptions) -> Any:
     key = renderer_key(opts)
     if _STATE.get("key") != key:
-        from sftdata.pack.bounds import vet
+        from sftdata.pack.vet import vet
         from sftdata.render import Renderer
         from sftdata.tokenizer_cache import load_snapshot
 
@@ -67,7 +67,7 @@ def get_renderer(opts: PackOptions) -> Any:
                 special_text=opts.special_text, missing_stop=opts.missing_stop,
             )  # fmt: skip
 
-        vet(opts, build)  # a user's tokenizer and template run under the OS bounds first
+        vet(opts, build, key)  # a user's tokenizer and template run under the OS bounds first
         _STATE["tok"] = tok
         _STATE["renderer"] = build()
         _STATE["key"] = key
