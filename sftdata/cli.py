@@ -6,7 +6,7 @@ import click
 
 from sftdata import __version__
 from sftdata.clickutil import SftGroup
-from sftdata.commands import convert, export, inspect, pack, stats, validate
+from sftdata.commands import audit, convert, export, inspect, pack, stats, validate
 
 
 @click.group(cls=SftGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,5 +16,5 @@ def main() -> None:
 
 
 # Every command (--help lists them by name); each module only wires library calls together.
-for _module in (convert, validate, pack, inspect, stats, export):
+for _module in (convert, validate, pack, inspect, stats, export, audit):
     main.add_command(_module.command)

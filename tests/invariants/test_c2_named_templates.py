@@ -21,6 +21,9 @@ from typing import Any
 
 import pytest
 
+from sftdata.audit.oracle import (
+    _render,
+)
 from sftdata.conversation import Conversation, Message, Source
 from sftdata.errors import TemplateError
 from sftdata.render import Renderer
@@ -31,7 +34,6 @@ from sftdata.tokenizer_cache import load_snapshot
 from tests.chat_oracle import (
     EDGE,
     FILES,
-    _render,
     check_record,
     check_refusal,
     family_of,
@@ -98,7 +100,7 @@ def _base(llama2: str) -> Any:
 
 @cache
 def _folder(official: str, root: str, llama2: str) -> tuple[Any, Any, list[str]]:
-    from tests.chat_oracle import stop_strings
+    from sftdata.audit.oracle import stop_strings
 
     folder = family_tokenizer(
         _base(llama2), Path(root) / official, _trl_templates()[official], family_of(official)
@@ -340,7 +342,7 @@ def test_mistral_renders_like_mistral_common(
     root: str, llama2_tokenizer_dir: Path, shared_data: Path
 ) -> None:
     pytest.importorskip("mistral_common", reason="the test extra installs mistral-common")
-    from tests.chat_oracle import stop_strings
+    from sftdata.audit.oracle import stop_strings
 
     folder = family_tokenizer(
         _base(str(llama2_tokenizer_dir)), Path(root) / "mistral", _own("mistral"), MISTRAL
@@ -368,7 +370,7 @@ def test_mistral_renders_like_mistral_common(
 
 def test_phi4_has_its_published_layout(root: str, llama2_tokenizer_dir: Path) -> None:
     """No installed package ships Phi-4's template: its layout, written out by hand."""
-    from tests.chat_oracle import stop_strings
+    from sftdata.audit.oracle import stop_strings
 
     folder = family_tokenizer(
         _base(str(llama2_tokenizer_dir)), Path(root) / "phi4", _own("phi4"), PHI4

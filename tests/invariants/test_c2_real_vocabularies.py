@@ -18,6 +18,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from sftdata.audit.oracle import (
+    appended_token,
+    control_tokens,
+    expected_samples,
+    stop_strings,
+    strings_in,
+)
 from sftdata.conversation import Conversation, Message, Source
 from sftdata.render import Renderer
 from sftdata.sources import read_conversations
@@ -26,13 +33,8 @@ from tests.chat_oracle import (
     EDGE,
     FILES,
     WEATHER,
-    appended_token,
     check_record,
     check_refusal,
-    control_tokens,
-    expected_samples,
-    stop_strings,
-    strings_in,
 )
 from tests.chat_oracle import trl_templates as _trl
 from tests.real_vocab import LLAMA31, QWEN3, QWEN25, model_folder

@@ -13,6 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from sftdata.audit.oracle import (
+    stop_strings,
+)
 from sftdata.render import Renderer
 from sftdata.sources import read_conversations
 from sftdata.templates import bounds
@@ -25,7 +28,6 @@ from tests.chat_oracle import (
     check_refusal,
     family_of,
     family_tokenizer,
-    stop_strings,
 )
 from tests.chat_oracle import trl_templates as _trl_templates
 

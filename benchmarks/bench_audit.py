@@ -1,0 +1,94 @@
+"""Benchmark `sftdata audit` with every check against `sftdata pack` of the same records, in one
+run: wall time, peak memory (the largest process: the main one or a worker), and the MinHash
+throughput alone (records/s, one process).
+
+Data: ../shared/data/alpaca_en_demo.json repeated 50x (49,950 records, so every record has 49
+exact copies: the duplicate checks have work to do), the real Llama-2 tokenizer, the `llama2`
+template, seq_len 2048, two workers; `--eval` is the original 999-record file (every record is
+"contaminated": the n-gram matching runs on all of them). Prints a Markdown table for
+benchmarks/README.md and writes the raw figures to bench_out/audit_results.json.
+
+    .venv/bin/python benchmarks/bench_audit.py [--copies 50] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import BIN, ROOT, SHARED, run_child
+from bench_pack import make_records
+
+OUT = ROOT / "bench_out"
+TOKENIZER = SHARED / "tokenizers" / "llama2"
+
+MINHASH = """
+import json, sys, time
+from sftdata.audit.facts import Facts, text_facts
+from sftdata.conversation import read_jsonl
+convs = list(read_jsonl(sys.argv[1]))[: int(sys.argv[2])]
+t0 = time.perf_counter()
+for c in convs:
+    text_facts(c, Facts(c.id, "", "", 0, "train"), minhash=True, ngrams=False)
+print(json.dumps({"records": len(convs), "seconds": time.perf_counter() - t0}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--copies", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    OUT.mkdir(exist_ok=True)
+    raw = make_records(args.copies)
+    data = OUT / "audit_alpaca.jsonl"
+    run_child([str(BIN / "sftdata"), "convert", str(raw), "-o", str(data), "--overwrite"])
+    common = ["--tokenizer", str(TOKENIZER), "--template", "llama2", "--seq-len", "2048",
+              "--num-proc", "2"]  # fmt: skip
+    evals = SHARED / "data" / "alpaca_en_demo.json"
+    rows: dict[str, list[dict]] = {"pack": [], "audit": []}
+    for _ in range(args.repeats):  # interleaved, so both see the same machine
+        shutil.rmtree(OUT / "audit_shards", ignore_errors=True)
+        rows["pack"].append(run_child([str(BIN / "sftdata"), "pack", str(data), "-o",
+                                       str(OUT / "audit_shards"), *common]))  # fmt: skip
+        r = run_child([str(BIN / "sftdata"), "audit", str(data), *common, "--eval", str(evals),
+                       "--json", "--fail-on", "none"])  # fmt: skip
+        r["report"] = json.loads(r["stdout"])
+        rows["audit"].append(r)
+    mh = run_child([str(BIN / "python"), "-c", MINHASH, str(data), "10000"])
+    minhash = json.loads(mh["stdout"])
+    best = {k: min(v, key=lambda x: x["seconds"]) for k, v in rows.items()}
+    report = best["audit"]["report"]
+    counts = {c["name"]: c["count"] for c in report["checks"]}
+    results = {
+        "records": report["records"],
+        "pack_s": best["pack"]["seconds"], "audit_s": best["audit"]["seconds"],
+        "ratio": best["audit"]["seconds"] / best["pack"]["seconds"],
+        "pack_peak_mb": max(x["peak_rss_mb"] for x in rows["pack"]),
+        "audit_peak_mb": max(x["peak_rss_mb"] for x in rows["audit"]),
+        "audit_tree_mb": max(x["peak_tree_rss_mb"] for x in rows["audit"]),
+        "minhash_records_per_s": minhash["records"] / minhash["seconds"],
+        "counts": counts, "date": time.strftime("%Y-%m-%d"),
+    }  # fmt: skip
+    (OUT / "audit_results.json").write_text(json.dumps(results, indent=2))
+    print(f"| step | records | wall s (best of {args.repeats}) | peak RSS MB (largest process) |")
+    print("| --- | ---: | ---: | ---: |")
+    print(
+        f"| sftdata pack | {results['records']:,} | {results['pack_s']:.1f} | {results['pack_peak_mb']:.0f} |"
+    )
+    print(
+        f"| sftdata audit (all checks, --eval) | {results['records']:,} | {results['audit_s']:.1f} | {results['audit_peak_mb']:.0f} |"
+    )
+    print(
+        f"\naudit / pack: {results['ratio']:.2f}x; MinHash alone: {results['minhash_records_per_s']:,.0f} records/s (one process)"
+    )
+    print("counts: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+
+
+if __name__ == "__main__":
+    main()

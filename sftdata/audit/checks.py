@@ -1,0 +1,251 @@
+"""The audit's checks, aggregated in the main process from the records' facts: one
+:class:`Check` per check, each with its count, share and the records it lists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sftdata.audit.facts import NUM_PERM, SCHEME, Facts
+from sftdata.errors import ConfigError
+
+CHECKS: dict[str, str] = {
+    "masks": "trained tokens differ from the second renderer (transformers' apply_chat_template)",
+    "no_stop": "trained replies that end without a stop token",
+    "appended_stops": "replies the template ends with no stop token (pack inserts one)",
+    "control_tokens": "records with control tokens inside message text",
+    "refused": "records pack refuses (template errors, text the template leaves out)",
+    "fold_ins": "records with fold-ins (parts the template cannot render natively)",
+    "too_long": "records longer than --seq-len",
+    "exact_duplicates": "records whose normalised text repeats an earlier record's",
+    "near_duplicates": "records in a near-duplicate cluster (MinHash LSH), exact copies aside",
+    "leakage": "validation records that duplicate or nearly duplicate a training record",
+    "contamination": "records sharing a word n-gram with an evaluation item",
+    "empty_reply": "records with an empty or whitespace-only trained reply",
+    "echo_reply": "records with a reply equal to its prompt",
+    "refusal_reply": "records with a refusal boilerplate reply",
+    "mixed_script": "records whose replies are in another script than most of the set's",
+}
+"""Every check, by the name ``--fail-on`` uses, in report order."""
+DEFAULT_FAIL_ON = "masks,no_stop,control_tokens"
+"""What fails the audit unless ``--fail-on`` says otherwise."""
+
+
+@dataclass
+class Finding:
+    """One listed record of a check."""
+
+    id: str
+    where: str
+    """Where the record came from (its source)."""
+    detail: str
+    file: str = ""
+    """The canonical JSONL file it is in."""
+    line: int = 0
+    """Its line there."""
+
+
+@dataclass
+class Check:
+    """One check's outcome."""
+
+    name: str
+    count: int = 0
+    """Records it found."""
+    total: int = 0
+    """What the count is a share of."""
+    findings: list[Finding] = field(default_factory=list)
+    """The first ``list_limit`` records found."""
+    fails: bool = False
+    """Past its ``--fail-on`` threshold."""
+    note: str = ""
+    """What it could not look at (e.g. records the second renderer did not check)."""
+
+    @property
+    def share(self) -> float:
+        """``count / total`` (0 for an empty total)."""
+        return self.count / self.total if self.total else 0.0
+
+    @property
+    def verdict(self) -> str:
+        """``fail``, ``warn`` (found something, not failing) or ``ok``."""
+        return "fail" if self.fails else "warn" if self.count else "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "name": self.name, "title": CHECKS[self.name], "count": self.count,
+            "total": self.total, "share": self.share, "verdict": self.verdict, "note": self.note,
+            "findings": [f.__dict__ for f in self.findings],
+        }  # fmt: skip
+
+
+def parse_fail_on(spec: str) -> dict[str, float]:
+    """``CHECK[>RATE],...`` -> {check: the share above which it fails}; RATE is a fraction or a
+    percentage, 0 when left out (any finding fails).
+
+    Raises:
+        ConfigError: an unknown check or a rate that is not a number, naming it.
+    """
+    out: dict[str, float] = {}
+    for part in (p.strip() for p in spec.split(",")):
+        if not part or part == "none":
+            continue
+        name, _, rate = part.partition(">")
+        name = name.strip()
+        if name not in CHECKS:
+            raise ConfigError(f"--fail-on: {name!r} is not a check (checks: {', '.join(CHECKS)})")
+        try:
+            value = float(rate.strip().rstrip("%") or 0) / (
+                100 if rate.strip().endswith("%") else 1
+            )
+        except ValueError:
+            raise ConfigError(f"--fail-on: {rate.strip()!r} is not a rate ({name}>RATE)") from None
+        out[name] = value
+    return out
+
+
+class Collector:
+    """Aggregates facts chunk by chunk (n-gram hashes are matched and dropped as they come)."""
+
+    def __init__(
+        self, *, seq_len: int | None, list_limit: int, eval_index: Any = None,
+        validation_ids: frozenset[str] = frozenset(),
+    ):  # fmt: skip
+        self.validation_ids = validation_ids
+        """Records of the training inputs that a shard folder put in its validation split."""
+        self.seq_len = seq_len
+        self.list_limit = list_limit
+        self.eval_index = eval_index
+        self.facts: list[Facts] = []
+        self.checks = {name: Check(name) for name in CHECKS}
+
+    def _found(self, name: str, f: Facts, detail: str) -> None:
+        c = self.checks[name]
+        c.count += 1
+        if len(c.findings) < self.list_limit:
+            c.findings.append(Finding(f.id, f.where, detail, f.file, f.line))
+
+    def add(self, chunk: list[Facts]) -> None:
+        """Take one task's facts."""
+        for f in chunk:
+            if f.id in self.validation_ids:
+                f.split = "validation"
+            if f.reason == "control_token":
+                self._found("control_tokens", f, f.refusal or "")
+            elif f.refusal is not None:
+                self._found("refused", f, f.refusal)
+            if f.mismatch is not None:
+                self._found("masks", f, f.mismatch)
+            if f.no_stop:
+                self._found("no_stop", f, f"{f.no_stop} trained repl(ies) without a stop")
+            if f.appended:
+                self._found("appended_stops", f, f"stop inserted after {f.appended} repl(ies)")
+            if f.fold_ins:
+                self._found("fold_ins", f, ", ".join(f.fold_ins))
+            if self.seq_len and f.tokens > self.seq_len:
+                self._found("too_long", f, f"{f.tokens:,} tokens > --seq-len {self.seq_len:,}")
+            for flag in f.flags:
+                self._found(flag, f, CHECKS[flag].split(" with ")[-1])
+            if f.ngrams is not None and self.eval_index is not None:
+                hit = self.eval_index.match(f.ngrams)
+                if hit:
+                    self._found("contamination", f, hit)
+                f.ngrams = None
+            self.facts.append(f)
+
+    def finish(self, *, threshold: float, fail_on: dict[str, float]) -> dict[str, Check]:
+        """Run the whole-set checks (duplicates, leakage, script) and apply ``fail_on``."""
+        n = len(self.facts)
+        train = [f for f in self.facts if f.split == "train"]
+        _duplicates(self, threshold)
+        _mixed_script(self, train)
+        checked = sum(f.checked for f in self.facts)
+        for c in self.checks.values():
+            c.total = n
+        self.checks["leakage"].total = n - len(train)
+        self.checks["masks"].total = checked
+        unchecked = n - checked - sum(f.refusal is not None for f in self.facts)
+        if unchecked > 0:
+            self.checks["masks"].note = f"{unchecked:,} records not checked (--sample)"
+        for name, rate in fail_on.items():
+            c = self.checks[name]
+            c.fails = c.count > 0 and c.share > rate
+        return self.checks
+
+
+def _duplicates(col: Collector, threshold: float) -> None:
+    """Exact copies by key; near duplicates by MinHash LSH clusters (union-find over the
+    candidate pairs LSH returns); leakage: validation records in a cluster with training ones."""
+    first: dict[bytes, int] = {}
+    for i, f in enumerate(col.facts):
+        j = first.setdefault(f.key, i)
+        if j != i:
+            g = col.facts[j]
+            col._found("exact_duplicates", f, f"same text as {g.id!r} ({g.where})")
+    parent = list(range(len(col.facts)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, f in enumerate(col.facts):  # exact copies are one cluster whatever LSH says
+        parent[root(i)] = root(first[f.key])
+    signed = [i for i, f in enumerate(col.facts) if f.minhash is not None]
+    if signed:
+        from datasketch import MinHash, MinHashLSH
+
+        lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+        for i in signed:
+            mh = MinHash(num_perm=NUM_PERM, seed=1, hashvalues=col.facts[i].minhash, scheme=SCHEME)
+            for j in lsh.query(mh):
+                parent[root(i)] = root(j)
+            lsh.insert(i, mh)
+    clusters: dict[int, list[int]] = {}
+    for i in range(len(col.facts)):
+        clusters.setdefault(root(i), []).append(i)
+    sizes = []
+    for members in clusters.values():
+        keys = {col.facts[i].key for i in members}
+        head = col.facts[members[0]]
+        if len(keys) > 1:
+            sizes.append(len(members))
+            seen = {head.key}
+            for i in members[1:]:
+                f = col.facts[i]
+                if f.key not in seen:
+                    seen.add(f.key)
+                    col._found(
+                        "near_duplicates",
+                        f,
+                        f"near {head.id!r} ({head.where}); cluster of {len(members)}",
+                    )
+        train = [col.facts[i] for i in members if col.facts[i].split == "train"]
+        for i in members:
+            f = col.facts[i]
+            if f.split != "train" and train:
+                col._found(
+                    "leakage", f, f"duplicates training record {train[0].id!r} ({train[0].where})"
+                )
+    col.checks["near_duplicates"].note = (
+        f"{len(sizes):,} clusters, largest {max(sizes)}" if sizes else ""
+    )
+
+
+def _mixed_script(col: Collector, train: list[Facts]) -> None:
+    scripts = [f.script for f in train if f.script]
+    if not scripts:
+        return
+    names, counts = np.unique(scripts, return_counts=True)
+    main = str(names[int(np.argmax(counts))])
+    col.checks["mixed_script"].note = f"most replies are in {main} script"
+    for f in train:
+        if f.script and f.script != main:
+            col._found("mixed_script", f, f"replies in {f.script} script")
+
+
+__all__ = ["CHECKS", "DEFAULT_FAIL_ON", "Check", "Collector", "Finding", "parse_fail_on"]

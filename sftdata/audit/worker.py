@@ -1,0 +1,157 @@
+"""The audit's tasks, run in the pack's bounded workers (``sftdata.pack.workers``): a raw block
+of canonical JSONL lines -> one :class:`~sftdata.audit.facts.Facts` per record, and the record
+viewer's data for the records a report lists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from sftdata.audit.facts import Facts, text_facts
+from sftdata.conversation import Conversation
+from sftdata.pack.encode import RawChunk, get_renderer, parse_chunk, renderer_key
+from sftdata.pack.options import PackOptions
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one audit task computes besides the render."""
+
+    split: str = "train"
+    """The split the task's records belong to."""
+    every: int = 1
+    """The second renderer checks records whose line number is a multiple of this (0: none)."""
+    minhash: bool = True
+    """Compute MinHash signatures (near duplicates, leakage)."""
+    ngrams: bool = False
+    """Compute word n-gram hashes (contamination)."""
+
+
+_SECOND: dict[str, Any] = {}  # per process: the second renderer for a renderer key
+
+
+def second_renderer(opts: PackOptions) -> tuple[Any, list[str], str | None] | None:
+    """transformers' tokenizer with the renderer's template, the stop strings and the appended
+    stop the second renderer derives (None: a FastChat template, which has no Jinja text)."""
+    key = renderer_key(opts)
+    if _SECOND.get("key") != key:
+        from sftdata.audit.oracle import PINNED, appended_token, stop_strings
+        from sftdata.tokenizer import load_tokenizer, resolve_spec
+
+        renderer = get_renderer(opts)
+        value = None
+        if not renderer.name.startswith("fastchat:"):
+            hf = load_tokenizer(opts.tokenizer)
+            hf.chat_template = renderer.template_text
+            PINNED["date"] = datetime.fromisoformat(renderer.template_date)
+            folder = resolve_spec(opts.tokenizer)
+            stops = stop_strings(hf, folder if folder.is_dir() else None)
+            append = appended_token(hf, stops) if opts.missing_stop == "append" else None
+            value = (hf, stops, append)
+        _SECOND.update(key=key, value=value)
+    return _SECOND["value"]
+
+
+def _pieces(hf: Any, ids: list[int], where: np.ndarray) -> str:
+    text = "".join(hf.decode(ids[k : k + 1]) for k in where[:12])
+    return text[:80] + ("…" if len(text) > 80 or len(where) > 12 else "")
+
+
+def crosscheck(opts: PackOptions, conv: Conversation, enc: Any) -> str | None:
+    """How the record's samples differ from the second renderer's, in one line, or None."""
+    from sftdata.audit.oracle import expected_samples, token_mask, trained_flags
+
+    second = second_renderer(opts)
+    if second is None:
+        return None
+    hf, stops, append = second
+    renderer = get_renderer(opts)
+    msgs, tools, origin, _ = renderer.template_messages(conv)
+    flags = trained_flags(renderer, conv, origin)
+    try:
+        want, _, _ = expected_samples(
+            hf, msgs, tools, flags, stops, append, past_reply=opts.special_text == "split"
+        )
+    except Exception as e:  # the second renderer's own Jinja refuses what ours rendered
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        return f"transformers cannot render it ({lines[0] if lines else type(e).__name__})"
+    if len(enc.samples) != len(want):
+        return f"{len(enc.samples)} samples here, {len(want)} by the second renderer"
+    for k, (got, (text, spans)) in enumerate(zip(enc.samples, want, strict=True)):
+        ids, mask = token_mask(hf, text, spans)
+        if got.input_ids.tolist() != ids:
+            return f"sample {k}: its text differs from transformers' render of the template"
+        if not np.array_equal(got.train_mask, mask):
+            ours = _pieces(hf, ids, np.flatnonzero(got.train_mask & ~mask))
+            theirs = _pieces(hf, ids, np.flatnonzero(mask & ~got.train_mask))
+            return (
+                f"sample {k}: trained only here: {ours!r}; only by the second renderer: {theirs!r}"
+            )
+    return None
+
+
+def audit_chunk(raw: RawChunk, opts: PackOptions, settings: Settings) -> list[Facts]:
+    """The facts of every record of ``raw``."""
+    convs = parse_chunk(raw)
+    records = get_renderer(opts).encode_batch(convs, skip_invalid=True)
+    lines = [k for k, b in enumerate(raw.data.splitlines(), start=raw.first_line) if b.strip()]
+    out = []
+    for conv, rec, line in zip(convs, records, lines, strict=True):
+        rr = rec.render
+        lens = [len(s.input_ids) for s in rec.samples]
+        f = Facts(
+            id=conv.id, where=str(conv.source), file=raw.path, line=line, split=settings.split,
+            tokens=max(lens, default=0), total=sum(lens),
+            trained=sum(int(np.count_nonzero(s.train_mask)) for s in rec.samples),
+            refusal=rr.refusal, reason=rr.reason, fold_ins=tuple(rr.fold_ins),
+            appended=rr.appended, no_stop=rr.no_stop,
+        )  # fmt: skip
+        if rr.refusal is None and settings.every and line % settings.every == 0:
+            f.checked = True
+            f.mismatch = crosscheck(opts, conv, rec)
+        text_facts(conv, f, minhash=settings.minhash, ngrams=settings.ngrams)
+        out.append(f)
+    return out
+
+
+def record_views(raw: RawChunk, opts: PackOptions) -> list[dict[str, Any]]:
+    """The record viewer's data for each record of ``raw``: per sample, its tokens as text with
+    whether each is trained and whether it is a stop token."""
+    from sftdata.pack.encode import loaded_tokenizer
+
+    renderer = get_renderer(opts)
+    backend = loaded_tokenizer().backend_tokenizer
+    stops = {backend.token_to_id(t) for t in renderer.stop_tokens} - {None}
+    convs = parse_chunk(raw)
+    lines = [k for k, b in enumerate(raw.data.splitlines(), start=raw.first_line) if b.strip()]
+    out = []
+    encoded = renderer.encode_batch(convs, skip_invalid=True)
+    for conv, rec, line in zip(convs, encoded, lines, strict=True):
+        samples = []
+        for s in rec.samples:
+            ids = s.input_ids.tolist()
+            pieces = [backend.decode([i], skip_special_tokens=False) for i in ids]
+            samples.append(
+                {
+                    "pieces": pieces,
+                    "trained": s.train_mask.astype(int).tolist(),
+                    "stops": [int(i in stops) for i in ids],
+                }
+            )
+        out.append(
+            {
+                "id": conv.id,
+                "where": str(conv.source),
+                "file": raw.path,
+                "line": line,
+                "samples": samples,
+                "refusal": rec.render.refusal,
+            }
+        )
+    return out
+
+
+__all__ = ["Settings", "audit_chunk", "crosscheck", "record_views", "second_renderer"]
