@@ -225,7 +225,7 @@ def audit(
     limit = aopts.sample if aopts.sample is not None else MAX_CHECKED
     every = 0 if limit <= 0 else max(1, -(-approx // limit))
     col = Collector(seq_len=seq_len, list_limit=aopts.list_limit, eval_index=eval_index,
-                    validation_ids=aopts.validation_ids)  # fmt: skip
+                    validation_ids=aopts.validation_ids, threshold=aopts.threshold)  # fmt: skip
     with Workers(opts) as workers:
 
         def lost(cause: str, raw: Any, *_: Any) -> None:
@@ -241,7 +241,7 @@ def audit(
                 seconds=lambda raw, *_: 3 * task_cpu_budget(raw.data.count(b"\n") + 1),
             ):  # fmt: skip
                 col.add(chunk)
-        checks = col.finish(threshold=aopts.threshold, fail_on=fail_on)
+        checks = col.finish(fail_on=fail_on)
         shown = []
         if views:
             from sftdata.audit.worker import record_views

@@ -108,19 +108,26 @@ def parse_fail_on(spec: str) -> dict[str, float]:
 
 
 class Collector:
-    """Aggregates facts chunk by chunk (n-gram hashes are matched and dropped as they come)."""
+    """Aggregates facts chunk by chunk, while the workers go on: n-gram hashes are matched and
+    dropped, exact copies keyed, MinHash signatures inserted into the LSH index and dropped."""
 
     def __init__(
         self, *, seq_len: int | None, list_limit: int, eval_index: Any = None,
-        validation_ids: frozenset[str] = frozenset(),
+        validation_ids: frozenset[str] = frozenset(), threshold: float = 0.8,
     ):  # fmt: skip
         self.validation_ids = validation_ids
         """Records of the training inputs that a shard folder put in its validation split."""
         self.seq_len = seq_len
         self.list_limit = list_limit
         self.eval_index = eval_index
+        self.threshold = threshold
         self.facts: list[Facts] = []
         self.checks = {name: Check(name) for name in CHECKS}
+        self._first: dict[bytes, int] = {}
+        """The first record of each exact key."""
+        self._parent: list[int] = []
+        """Union-find over records: exact copies and LSH candidates joined."""
+        self._lsh: Any = None
 
     def _found(self, name: str, f: Facts, detail: str) -> None:
         c = self.checks[name]
@@ -128,39 +135,72 @@ class Collector:
         if len(c.findings) < self.list_limit:
             c.findings.append(Finding(f.id, f.where, detail, f.file, f.line))
 
+    def _root(self, i: int) -> int:
+        parent = self._parent
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
     def add(self, chunk: list[Facts]) -> None:
         """Take one task's facts."""
         for f in chunk:
             if f.id in self.validation_ids:
                 f.split = "validation"
-            if f.reason == "control_token":
-                self._found("control_tokens", f, f.refusal or "")
-            elif f.refusal is not None:
-                self._found("refused", f, f.refusal)
-            if f.mismatch is not None:
-                self._found("masks", f, f.mismatch)
-            if f.no_stop:
-                self._found("no_stop", f, f"{f.no_stop} trained repl(ies) without a stop")
-            if f.appended:
-                self._found("appended_stops", f, f"stop inserted after {f.appended} repl(ies)")
-            if f.fold_ins:
-                self._found("fold_ins", f, ", ".join(f.fold_ins))
-            if self.seq_len and f.tokens > self.seq_len:
-                self._found("too_long", f, f"{f.tokens:,} tokens > --seq-len {self.seq_len:,}")
-            for flag in f.flags:
-                self._found(flag, f, CHECKS[flag].split(" with ")[-1])
+            self._record_checks(f)
             if f.ngrams is not None and self.eval_index is not None:
                 hit = self.eval_index.match(f.ngrams)
                 if hit:
                     self._found("contamination", f, hit)
                 f.ngrams = None
+            self._cluster(f)
             self.facts.append(f)
 
-    def finish(self, *, threshold: float, fail_on: dict[str, float]) -> dict[str, Check]:
-        """Run the whole-set checks (duplicates, leakage, script) and apply ``fail_on``."""
+    def _record_checks(self, f: Facts) -> None:
+        if f.reason == "control_token":
+            self._found("control_tokens", f, f.refusal or "")
+        elif f.refusal is not None:
+            self._found("refused", f, f.refusal)
+        if f.mismatch is not None:
+            self._found("masks", f, f.mismatch)
+        if f.no_stop:
+            self._found("no_stop", f, f"{f.no_stop} trained repl(ies) without a stop")
+        if f.appended:
+            self._found("appended_stops", f, f"stop inserted after {f.appended} repl(ies)")
+        if f.fold_ins:
+            self._found("fold_ins", f, ", ".join(f.fold_ins))
+        if self.seq_len and f.tokens > self.seq_len:
+            self._found("too_long", f, f"{f.tokens:,} tokens > --seq-len {self.seq_len:,}")
+        for flag in f.flags:
+            self._found(flag, f, CHECKS[flag].split(" with ")[-1])
+
+    def _cluster(self, f: Facts) -> None:
+        """An exact copy joins its first record's cluster (its signature is the same: no LSH
+        work); any other record joins the clusters of the LSH candidates for its signature."""
+        i = len(self._parent)
+        self._parent.append(i)
+        j = self._first.setdefault(f.key, i)
+        if j != i:
+            g = self.facts[j]
+            self._found("exact_duplicates", f, f"same text as {g.id!r} ({g.where})")
+            self._parent[i] = self._root(j)
+        elif f.minhash is not None:
+            from datasketch import LeanMinHash, MinHashLSH
+
+            if self._lsh is None:
+                self._lsh = MinHashLSH(threshold=self.threshold, num_perm=NUM_PERM)
+            # LeanMinHash: the signature alone, no permutations built per record
+            mh = LeanMinHash(seed=1, hashvalues=f.minhash, scheme=SCHEME)
+            for k in self._lsh.query(mh):
+                self._parent[self._root(k)] = self._root(i)
+            self._lsh.insert(i, mh)
+        f.minhash = None
+
+    def finish(self, *, fail_on: dict[str, float]) -> dict[str, Check]:
+        """Run the whole-set checks (near duplicates, leakage, script) and apply ``fail_on``."""
         n = len(self.facts)
         train = [f for f in self.facts if f.split == "train"]
-        _duplicates(self, threshold)
+        _clusters(self)
         _mixed_script(self, train)
         checked = sum(f.checked for f in self.facts)
         for c in self.checks.values():
@@ -176,61 +216,33 @@ class Collector:
         return self.checks
 
 
-def _duplicates(col: Collector, threshold: float) -> None:
-    """Exact copies by key; near duplicates by MinHash LSH clusters (union-find over the
-    candidate pairs LSH returns); leakage: validation records in a cluster with training ones."""
-    first: dict[bytes, int] = {}
-    for i, f in enumerate(col.facts):
-        j = first.setdefault(f.key, i)
-        if j != i:
-            g = col.facts[j]
-            col._found("exact_duplicates", f, f"same text as {g.id!r} ({g.where})")
-    parent = list(range(len(col.facts)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, f in enumerate(col.facts):  # exact copies are one cluster whatever LSH says
-        parent[root(i)] = root(first[f.key])
-    signed = [i for i, f in enumerate(col.facts) if f.minhash is not None]
-    if signed:
-        from datasketch import MinHash, MinHashLSH
-
-        lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
-        for i in signed:
-            mh = MinHash(num_perm=NUM_PERM, seed=1, hashvalues=col.facts[i].minhash, scheme=SCHEME)
-            for j in lsh.query(mh):
-                parent[root(i)] = root(j)
-            lsh.insert(i, mh)
+def _clusters(col: Collector) -> None:
+    """Near duplicates: the members of a cluster (union-find over exact copies and LSH
+    candidates) that are not exact copies of one already listed; leakage: validation records in
+    a cluster with training ones."""
     clusters: dict[int, list[int]] = {}
     for i in range(len(col.facts)):
-        clusters.setdefault(root(i), []).append(i)
+        clusters.setdefault(col._root(i), []).append(i)
     sizes = []
     for members in clusters.values():
-        keys = {col.facts[i].key for i in members}
+        if len(members) == 1:
+            continue
         head = col.facts[members[0]]
-        if len(keys) > 1:
+        if len({col.facts[i].key for i in members}) > 1:
             sizes.append(len(members))
             seen = {head.key}
             for i in members[1:]:
                 f = col.facts[i]
                 if f.key not in seen:
                     seen.add(f.key)
-                    col._found(
-                        "near_duplicates",
-                        f,
-                        f"near {head.id!r} ({head.where}); cluster of {len(members)}",
-                    )
+                    detail = f"near {head.id!r} ({head.where}); cluster of {len(members)}"
+                    col._found("near_duplicates", f, detail)
         train = [col.facts[i] for i in members if col.facts[i].split == "train"]
         for i in members:
             f = col.facts[i]
             if f.split != "train" and train:
-                col._found(
-                    "leakage", f, f"duplicates training record {train[0].id!r} ({train[0].where})"
-                )
+                detail = f"duplicates training record {train[0].id!r} ({train[0].where})"
+                col._found("leakage", f, detail)
     col.checks["near_duplicates"].note = (
         f"{len(sizes):,} clusters, largest {max(sizes)}" if sizes else ""
     )

@@ -96,11 +96,22 @@ def words(text: str) -> list[str]:
     return WORDS.findall(normalise(text))
 
 
+_WORD_HASH: dict[str, int] = {}
+"""Per process: each word's hash, computed once (a data set's words repeat from record to record)."""
+
+
+def _word_hash(w: str) -> int:
+    h = _WORD_HASH.get(w)
+    if h is None:
+        if len(_WORD_HASH) >= 1 << 20:  # bounded: a memo, not a vocabulary
+            _WORD_HASH.clear()
+        h = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
+        _WORD_HASH[w] = h
+    return h
+
+
 def _word_hashes(ws: list[str]) -> np.ndarray:
-    return np.array(
-        [int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little") for w in ws],
-        dtype=np.uint64,
-    )
+    return np.fromiter(map(_word_hash, ws), dtype=np.uint64, count=len(ws))
 
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
@@ -109,7 +120,10 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)
 def ngram_hashes(text: str, n: int = NGRAM) -> np.ndarray:
     """uint64 hashes of the word ``n``-grams of ``text`` (stable across processes and runs; a
     text of fewer than ``n`` words gives one hash of all its words, or none if it has none)."""
-    h = _word_hashes(words(text))
+    return _ngrams(_word_hashes(words(text)), n)
+
+
+def _ngrams(h: np.ndarray, n: int) -> np.ndarray:
     if len(h) == 0:
         return h
     if len(h) < n:
@@ -121,26 +135,33 @@ def ngram_hashes(text: str, n: int = NGRAM) -> np.ndarray:
     return out
 
 
+SCRIPT_SAMPLE = 400
+"""Characters of a record's replies whose letters decide its script."""
+
+
 def script_of(text: str) -> str:
-    """The script most letters of ``text`` are written in ("" when it has none)."""
+    """The script most letters of ``text`` (its first :data:`SCRIPT_SAMPLE` characters) are
+    written in ("" when it has none)."""
+    text = text[:SCRIPT_SAMPLE]
     counts = [(len(rx.findall(text)), name) for name, rx in SCRIPTS]
     best = max(counts)
     return best[1] if best[0] else ""
 
 
-def content_flags(conv: Conversation) -> tuple[str, ...]:
-    """The content checks a record trips, each once."""
+def content_flags(conv: Conversation, norms: list[str] | None = None) -> tuple[str, ...]:
+    """The content checks a record trips, each once (``norms``: its messages' :func:`normalise`
+    where already computed)."""
+    norms = norms if norms is not None else [normalise(m.content) for m in conv.messages]
     flags: set[str] = set()
     prompt = ""
-    for m in conv.messages:
+    for m, norm in zip(conv.messages, norms, strict=True):
         if m.role == "user":
-            prompt = normalise(m.content)
+            prompt = norm
         if m.role != "assistant" or not m.trained:
             continue
-        reply = normalise(m.content)
-        if not reply and not m.tool_calls:
+        if not norm and not m.tool_calls:
             flags.add("empty_reply")
-        elif reply and reply == prompt:
+        elif norm and norm == prompt:
             flags.add("echo_reply")
         if REFUSAL.match(m.content or ""):
             flags.add("refusal_reply")
@@ -149,23 +170,42 @@ def content_flags(conv: Conversation) -> tuple[str, ...]:
 
 def text_facts(conv: Conversation, facts: Facts, *, minhash: bool, ngrams: bool) -> None:
     """The text-only facts of ``conv``: content flags, script, exact key, MinHash, n-grams."""
-    facts.flags = content_flags(conv)
+    norms = [normalise(m.content) for m in conv.messages]
+    facts.flags = content_flags(conv, norms)
     facts.script = script_of(" ".join(m.content for m in conv.messages if m.role == "assistant"))
-    norm = "\x1e".join(f"{m.role}\x1f{normalise(m.content)}" for m in conv.messages)
-    facts.key = hashlib.blake2b(norm.encode(), digest_size=16).digest()
-    text = "\n".join(m.content for m in conv.messages)
+    key = "\x1e".join(f"{m.role}\x1f{n}" for m, n in zip(conv.messages, norms, strict=True))
+    facts.key = hashlib.blake2b(key.encode(), digest_size=16).digest()
+    if not (minhash or ngrams):
+        return
+    hashes = [_word_hashes(WORDS.findall(n)) for n in norms]
     if minhash:
-        from datasketch import MinHash
-
-        ws = words(text)
-        shingles = {" ".join(ws[i : i + SHINGLE]) for i in range(max(len(ws) - SHINGLE + 1, 1))}
-        mh = MinHash(num_perm=NUM_PERM, seed=1, scheme=SCHEME)
-        mh.update_batch([s.encode() for s in shingles])
+        # word 3-shingles hashed from each word's hash (one blake2b per distinct word, not per
+        # shingle), handed to datasketch as they are (identity hash), permutations made once
+        mh = _minhash()
+        mh.update_batch(np.unique(_ngrams(np.concatenate(hashes), SHINGLE)).tolist())
         facts.minhash = mh.hashvalues.astype(np.uint64)
     if ngrams:
-        texts = [m.content for m in conv.messages if m.role in ("user", "assistant")]
-        parts = [ngram_hashes(t) for t in texts if t.strip()]
+        parts = [_ngrams(h, NGRAM) for h, m in zip(hashes, conv.messages, strict=True)
+                 if m.role in ("user", "assistant") and len(h)]  # fmt: skip
         facts.ngrams = np.unique(np.concatenate(parts)) if parts else np.empty(0, np.uint64)
+
+
+_PERMUTATIONS: list[Any] = []
+
+
+def _identity(x: int) -> int:
+    return x
+
+
+def _minhash() -> Any:
+    """An empty MinHash whose permutations are computed once per process."""
+    from datasketch import MinHash
+
+    if not _PERMUTATIONS:
+        _PERMUTATIONS.append(MinHash(num_perm=NUM_PERM, seed=1, scheme=SCHEME).permutations)
+    return MinHash(
+        num_perm=NUM_PERM, seed=1, hashfunc=_identity, permutations=_PERMUTATIONS[0], scheme=SCHEME
+    )
 
 
 __all__ = [

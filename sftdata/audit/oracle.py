@@ -191,7 +191,7 @@ def expected_samples(
         if m["role"] != "assistant" or not trained[i]:
             continue
         prompt = _render(tok, msgs[:i], tools, True) if i else ""
-        turn = _render(tok, msgs[: i + 1], tools, False)
+        turn = full if i + 1 == len(msgs) else _render(tok, msgs[: i + 1], tools, False)
         s = len(prompt)
         if not turn.startswith(prompt):
             located = True  # trained from where the turn's render departs from its prompt
@@ -236,13 +236,18 @@ def text_of(m: dict[str, Any]) -> str:
 def token_mask(tok: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], np.ndarray]:
     """Ids of one tokenization of ``text`` and the tokens overlapping a span."""
     enc = tok.backend_tokenizer.encode(text, add_special_tokens=False)
-    offsets = np.array(enc.offsets, dtype=np.int64).reshape(-1, 2)
+    return enc.ids, spans_mask(enc.offsets, spans)
+
+
+def spans_mask(offsets: Any, spans: list[tuple[int, int]]) -> np.ndarray:
+    """The tokens (character ``offsets`` of each) that overlap a span."""
+    offsets = np.array(offsets, dtype=np.int64).reshape(-1, 2)
     a = offsets[:, 0]
     b = np.maximum(offsets[:, 1], a + 1)  # an empty token still sits at its position
-    mask = np.zeros(len(enc.ids), dtype=bool)
+    mask = np.zeros(len(offsets), dtype=bool)
     for s, e in spans:
         mask |= (a < e) & (s < b)
-    return enc.ids, mask
+    return mask
 
 
 def trained_flags(r: Renderer, conv: Conversation, origin: list[int | None]) -> list[bool]:

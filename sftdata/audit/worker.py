@@ -60,14 +60,11 @@ def _pieces(hf: Any, ids: list[int], where: np.ndarray) -> str:
     return text[:80] + ("…" if len(text) > 80 or len(where) > 12 else "")
 
 
-def crosscheck(opts: PackOptions, conv: Conversation, enc: Any) -> str | None:
-    """How the record's samples differ from the second renderer's, in one line, or None."""
-    from sftdata.audit.oracle import expected_samples, token_mask, trained_flags
+def _expected(opts: PackOptions, conv: Conversation) -> list[tuple[str, Any]] | str:
+    """The second renderer's samples of ``conv`` (text, trained spans), or why it has none."""
+    from sftdata.audit.oracle import expected_samples, trained_flags
 
-    second = second_renderer(opts)
-    if second is None:
-        return None
-    hf, stops, append = second
+    hf, stops, append = second_renderer(opts)  # type: ignore[misc]
     renderer = get_renderer(opts)
     msgs, tools, origin, _ = renderer.template_messages(conv)
     flags = trained_flags(renderer, conv, origin)
@@ -78,17 +75,45 @@ def crosscheck(opts: PackOptions, conv: Conversation, enc: Any) -> str | None:
     except Exception as e:  # the second renderer's own Jinja refuses what ours rendered
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         return f"transformers cannot render it ({lines[0] if lines else type(e).__name__})"
+    return want
+
+
+def crosscheck(opts: PackOptions, pairs: list[tuple[Conversation, Any]]) -> list[str | None]:
+    """For each (record, its encoding): how its samples differ from the second renderer's, in
+    one line, or None. The second renderer's texts are tokenized in one batch."""
+
+    second = second_renderer(opts) if pairs else None
+    if second is None:
+        return [None] * len(pairs)
+    hf = second[0]
+    wants = [_expected(opts, conv) for conv, _ in pairs]
+    texts = [t for w in wants if not isinstance(w, str) for t, _ in w]
+    encodings = iter(hf.backend_tokenizer.encode_batch(texts, add_special_tokens=False))
+    out: list[str | None] = []
+    for (_, enc), want in zip(pairs, wants, strict=True):
+        if isinstance(want, str):
+            out.append(want)
+            continue
+        mine = [next(encodings) for _ in want]
+        out.append(_compare(hf, enc, want, mine))
+    return out
+
+
+def _compare(hf: Any, enc: Any, want: list[tuple[str, Any]], theirs: list[Any]) -> str | None:
+    from sftdata.audit.oracle import spans_mask
+
     if len(enc.samples) != len(want):
         return f"{len(enc.samples)} samples here, {len(want)} by the second renderer"
-    for k, (got, (text, spans)) in enumerate(zip(enc.samples, want, strict=True)):
-        ids, mask = token_mask(hf, text, spans)
+    for k, (got, (_, spans), e) in enumerate(zip(enc.samples, want, theirs, strict=True)):
+        ids = e.ids
         if got.input_ids.tolist() != ids:
             return f"sample {k}: its text differs from transformers' render of the template"
+        mask = spans_mask(e.offsets, spans)
         if not np.array_equal(got.train_mask, mask):
             ours = _pieces(hf, ids, np.flatnonzero(got.train_mask & ~mask))
-            theirs = _pieces(hf, ids, np.flatnonzero(mask & ~got.train_mask))
+            other = _pieces(hf, ids, np.flatnonzero(mask & ~got.train_mask))
             return (
-                f"sample {k}: trained only here: {ours!r}; only by the second renderer: {theirs!r}"
+                f"sample {k}: trained only here: {ours!r}; only by the second renderer: {other!r}"
             )
     return None
 
@@ -109,11 +134,14 @@ def audit_chunk(raw: RawChunk, opts: PackOptions, settings: Settings) -> list[Fa
             refusal=rr.refusal, reason=rr.reason, fold_ins=tuple(rr.fold_ins),
             appended=rr.appended, no_stop=rr.no_stop,
         )  # fmt: skip
-        if rr.refusal is None and settings.every and line % settings.every == 0:
-            f.checked = True
-            f.mismatch = crosscheck(opts, conv, rec)
+        f.checked = rr.refusal is None and bool(settings.every) and line % settings.every == 0
         text_facts(conv, f, minhash=settings.minhash, ngrams=settings.ngrams)
         out.append(f)
+    pairs = [(c, r) for c, r, f in zip(convs, records, out, strict=True) if f.checked]
+    mismatches = iter(crosscheck(opts, pairs))
+    for f in out:
+        if f.checked:
+            f.mismatch = next(mismatches)
     return out
 
 

@@ -236,11 +236,9 @@ def test_fail_on_rates_and_names() -> None:
         parse_fail_on("masks>lots")
     col = Collector(seq_len=None, list_limit=10)
     col.add([Facts(f"r{i}", f"f:{i}", "f", i, "train", key=bytes([i % 5])) for i in range(10)])
-    checks: dict[str, Check] = col.finish(
-        threshold=0.8, fail_on=parse_fail_on("exact_duplicates>40%")
-    )
+    checks: dict[str, Check] = col.finish(fail_on=parse_fail_on("exact_duplicates>40%"))
     assert checks["exact_duplicates"].share == 0.5 and checks["exact_duplicates"].fails
-    checks = Collector(seq_len=None, list_limit=10).finish(threshold=0.8, fail_on={})
+    checks = Collector(seq_len=None, list_limit=10).finish(fail_on={})
     assert not any(c.fails for c in checks.values())
 
 
