@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from sftdata.atomic import atomic_file, exclusive
+from sftdata.cache import cache_dir as sftpipe_cache
 from sftdata.convert import ConvertReport, convert
 from sftdata.errors import ConfigError
 from sftdata.pack import OVERFLOW, PackOptions, PackReport, pack
@@ -36,7 +37,6 @@ from sftdata.sources import FORMATS
 from sftdata.sources.base import parse_mapping
 from sftdata.sources.registry import RegistryEntry, registry_inputs
 from sftdata.templates import template_problem
-from sftdata.tokenizer_cache import cache_dir as sftpipe_cache
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from sftdata import __version__
 from sftdata.atomic import atomic_file
+from sftdata.cache import cache_dir
 from sftdata.errors import ConfigError
 from sftdata.tokenizer import (
     TOKENIZER_FILES,
@@ -33,15 +33,6 @@ SNAPSHOT_VERSION = 4
 _WEIGHT_SUFFIXES = frozenset(
     {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".index"}
 )
-
-
-def cache_dir() -> Path:
-    """Where snapshots are cached: ``$SFTPIPE_CACHE``, else ``$XDG_CACHE_HOME/sftpipe``, else
-    ``~/.cache/sftpipe``."""
-    if os.environ.get("SFTPIPE_CACHE"):
-        return Path(os.environ["SFTPIPE_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "sftpipe"
 
 
 def _content_files(path: Path) -> list[tuple[str, Path]] | None:

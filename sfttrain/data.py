@@ -156,11 +156,19 @@ def trained_tokens(labels: np.ndarray) -> int:
     return int(np.count_nonzero(labels[:, 1:] != IGNORE_INDEX))
 
 
+def local_folder(path: Any) -> Path:
+    """A shard folder here: a URL's is fetched into the node-local cache, each shard checked
+    against the index (the ranks of a node share it: one fetches, the others wait)."""
+    from sftdata.remote import is_url, localize
+
+    return localize(str(path)) if is_url(path) else Path(path)
+
+
 def open_split(path: Any, split: str, *, verify: bool | str = True):
     """A ShardReader for ``split`` of a shard folder, refusing an empty split."""
     from sftdata.shards import ShardReader
 
-    reader = ShardReader(path, split=split, verify=verify)
+    reader = ShardReader(local_folder(path), split=split, verify=verify)
     if len(reader) == 0:
         raise ShardError(f"{path}: split {split!r} has no rows")
     return reader
@@ -170,6 +178,7 @@ def has_split(path: Any, split: str) -> bool:
     """True if the shard folder has a non-empty ``split``."""
     from sftdata.shards import ShardReader
 
+    path = local_folder(path)
     if split not in ShardReader.splits(path):
         return False
     return int(ShardReader(path, split=split, verify=False).index["splits"][split]["rows"]) > 0

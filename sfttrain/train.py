@@ -46,6 +46,7 @@ from sfttrain.data import (
     StepSampler,
     check_compatible,
     has_split,
+    local_folder,
     open_split,
     to_tensors,
     trained_tokens,
@@ -159,7 +160,7 @@ def _train(
     check_eval_generate(config, dist.world_size)
 
     # ---- 1. data, model, the checkpoint to resume: all checked before anything is written ------
-    data = _setup_data(config, Path(shards))
+    data = _setup_data(config, local_folder(shards))  # a URL: the node-local, verified cache
     base, tokenizer = _setup_model(config, data, model_spec, device)
     check_run_dir(run_dir, shards=data.folder, resume=resume, overwrite=config.overwrite_output_dir)
     resumed = find_resume(

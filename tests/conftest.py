@@ -19,7 +19,7 @@ SHARED_TOKENIZERS = SHARED / "tokenizers"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Tokenizer snapshots are cached (sftdata.tokenizer_cache.cache_dir): keep the tests' cache out of
+    # Tokenizer snapshots are cached (sftdata.cache.cache_dir): keep the tests' cache out of
     # the user's ~/.cache, shared by the tests of one process (and the CLIs they start).
     os.environ["SFTPIPE_CACHE"] = tempfile.mkdtemp(prefix="sftpipe-test-cache-")
 

@@ -91,7 +91,8 @@ def test_the_data_package_never_imports_the_trainer() -> None:
 # prompts), errors and small shared utilities. Never the raw readers, the packer or exports.
 TRAINER_MAY_USE = {
     "sftdata", "sftdata.atomic", "sftdata.clickutil", "sftdata.conversation", "sftdata.errors",
-    "sftdata.extras", "sftdata.inputs", "sftdata.jsonfile", "sftdata.shards", "sftdata.templates",
+    "sftdata.extras", "sftdata.inputs", "sftdata.jsonfile", "sftdata.remote", "sftdata.shards",
+    "sftdata.templates",
     "sftdata.text", "sftdata.tokenizer", "sftdata.yamlfile",
 }  # fmt: skip
 

@@ -23,7 +23,7 @@ STYLES = {
 
 
 @click.command("inspect")
-@click.argument("shards", type=click.Path(path_type=Path))
+@click.argument("shards", type=click.Path(path_type=str))
 @click.option("--row", "row_i", type=int, default=None, help="Row to show [default: 0].")
 @click.option(
     "--record",
@@ -46,7 +46,7 @@ STYLES = {
 )
 @click.option("--plain", is_flag=True, help="Text markers instead of colour even on a terminal.")
 def command(
-    shards: Path,
+    shards: str,
     row_i: int | None,
     record_id: str | None,
     split: str | None,
@@ -63,6 +63,7 @@ def command(
     from rich.console import Console
     from rich.text import Text
 
+    from sftdata.remote import is_url, localize
     from sftdata.rowview import (
         classify,
         load_decoder,
@@ -73,7 +74,8 @@ def command(
         visible,
     )
 
-    view = locate_row(shards, row_i=row_i, record_id=record_id, split=split)
+    folder = localize(shards) if is_url(shards) else Path(shards)  # a URL: the verified cache
+    view = locate_row(folder, row_i=row_i, record_id=record_id, split=split)
     tok = load_decoder(view.reader.index, tokenizer)
 
     def decode(ids: list[int]) -> str:

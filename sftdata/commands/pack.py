@@ -17,7 +17,12 @@ from sftdata.templates import DEFAULT_TEMPLATE_DATE
 @click.command("pack")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
-    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Shard folder to write."
+    "-o",
+    "--output",
+    required=True,
+    metavar="PATH",
+    help="Shard folder to write, or an object-storage URL (s3://, gs://, az://: built here, "
+    "uploaded with index.json last).",
 )
 @click.option(
     "--tokenizer",
@@ -138,7 +143,7 @@ from sftdata.templates import DEFAULT_TEMPLATE_DATE
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def command(
     inputs: tuple[Path, ...],
-    output: Path,
+    output: str,
     no_pack: bool,
     overwrite: bool,
     as_json: bool,
@@ -155,6 +160,7 @@ def command(
       sftdata pack data.jsonl -o shards/ --tokenizer /models/qwen2.5 --template qwen2.5 --seq-len 4096 --val-fraction 0.05 --num-proc 4
       sftdata pack data.jsonl -o shards/ --tokenizer tiny --seq-len 512 --overflow truncate --max-samples 1000
       sftdata pack data.jsonl -o shards/ --tokenizer tiny --seq-len 1024 --special-text split
+      sftdata pack data.jsonl -o s3://bucket/sft/shards --tokenizer tiny --seq-len 1024
     """
     from sftdata.inputs import readable
     from sftdata.pack import PackOptions, pack

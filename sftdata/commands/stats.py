@@ -16,7 +16,7 @@ from sftdata.text import counted
 
 
 @click.command("stats")
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option(
     "--plot",
     type=click.Path(path_type=Path),
@@ -51,7 +51,7 @@ from sftdata.text import counted
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 def command(
-    inputs: tuple[Path, ...],
+    inputs: tuple[str, ...],
     plot: Path | None,
     tokenizer: str | None,
     template: str,
@@ -68,6 +68,7 @@ def command(
     """
     from sftdata.errors import ConfigError
     from sftdata.inputs import readable, refuse_overwriting
+    from sftdata.remote import is_url, localize
     from sftdata.stats import (
         jsonl_lengths,
         packing_estimate,
@@ -76,6 +77,8 @@ def command(
         write_histogram,
     )
 
+    # a shard folder's URL: read from the node-local cache, each shard checked
+    inputs = tuple(localize(p) if is_url(p) else Path(p) for p in inputs)  # type: ignore[assignment]
     lines = []
     if plot is not None:
         refuse_overwriting(inputs, plot)

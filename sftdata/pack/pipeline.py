@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from sftdata import __version__
+from sftdata import __version__, remote
 from sftdata.atomic import exclusive, replace_dir
 from sftdata.errors import ConfigError, ShardError, ValidationError
 from sftdata.pack.encode import get_renderer, loaded_tokenizer, merge_stats, render_stats
@@ -82,7 +82,8 @@ def pack(
     """
     t0 = time.perf_counter()
     inputs = [Path(p) for p in inputs]
-    output = Path(output)
+    url = str(output).rstrip("/") if remote.is_url(output) else None
+    output = remote.staging_folder(url) if url is not None else remote.local_path(output)
     check_options(opts, inputs)
     in_meta, approx_records = hash_inputs(inputs)
     check_output(output, inputs, overwrite=overwrite)
@@ -102,8 +103,11 @@ def pack(
     tpl_key = f"{renderer.name}:{tpl_sha}:{stops}:{renderer.append_stop or ''}"
     fp = fingerprint(in_meta, ident["sha256"], tpl_key, opts, opts.seq_len)
 
+    up_to_date = remote.up_to_date(url, fp, overwrite=overwrite) if url is not None else None
+    if up_to_date is not None:  # object storage: up to date by the remote index
+        return PackReport.from_index(url, up_to_date, noop=True, seconds=time.perf_counter() - t0)
     old = existing_index(output)
-    if old is not None and old.get("fingerprint") == fp:
+    if old is not None and old.get("fingerprint") == fp and url is None:
         try:
             for split in old["splits"]:
                 ShardReader(output, split=split, verify="full")
@@ -137,6 +141,11 @@ def pack(
                 )  # fmt: skip
             (work / MARKER).unlink()
             replace_dir(work, output)
+            if url is not None:
+                remote.upload(output, url)  # index.json last: a reader never sees half a folder
+                return PackReport.from_index(
+                    url, index, noop=False, seconds=time.perf_counter() - t0
+                )
         except OSError as e:  # disk full, permissions, ...: one line, nothing left behind
             shutil.rmtree(work, ignore_errors=True)
             raise ShardError(

@@ -18,7 +18,8 @@ OVERFLOW_WARN_SHARE = 0.01
 class PackReport:
     """What a pack did (or found already done)."""
 
-    output: Path
+    output: Path | str
+    """The shard folder, or its URL in object storage."""
     noop: bool
     records_in: int = 0
     dropped: dict[str, int] = field(default_factory=lambda: {"zero_trained": 0, "overflow": 0})
@@ -55,7 +56,7 @@ class PackReport:
 
     @classmethod
     def from_index(
-        cls, output: Path, index: dict[str, Any], *, noop: bool, seconds: float
+        cls, output: Path | str, index: dict[str, Any], *, noop: bool, seconds: float
     ) -> PackReport:
         """The report of a pack whose ``index.json`` is ``index`` (a fresh or a no-op run)."""
         c = index["counts"]

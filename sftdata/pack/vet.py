@@ -63,8 +63,8 @@ def vet(opts: Any, build: Any, renderer_key: tuple[Any, ...]) -> None:
         ConfigError: the child went past a bound or its tokenizer panicked, naming the tokenizer
             and the template. An ordinary error in the child is left for this process to raise.
     """
+    from sftdata.cache import cache_dir
     from sftdata.errors import ConfigError
-    from sftdata.tokenizer_cache import cache_dir
 
     if in_bounds():
         return

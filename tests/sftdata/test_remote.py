@@ -1,0 +1,246 @@
+"""Shard folders in object storage and over HTTP, against a real S3 API server on 127.0.0.1
+(moto's standalone server, started here) and a local HTTP server: pack to it, read and train from
+it (the same rows and losses as the local folder), a corrupt shard refused, an interrupted upload
+leaving no index, read-only HTTP, and bad URLs as one line each. Nothing leaves 127.0.0.1."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sftdata.errors import ShardError
+
+BIN = Path(sys.executable).parent
+RECORDS = [
+    {"schema_version": 2, "id": f"r{i}", "messages": [
+        {"role": "user", "content": f"Question {i}: what is {i} plus {i}?"},
+        {"role": "assistant", "content": f"It is {2 * i}." + " Indeed." * (i % 5)}]}
+    for i in range(60)
+]  # fmt: skip
+PACK = ["--tokenizer", "tiny", "--seq-len", "256", "--shard-size", "8"]
+TRAIN = ["--model", "tiny", "--no-progress", "--set", "max_steps=3", "--set", "report_to=none",
+         "--set", "per_device_train_batch_size=2", "--set", "logging_steps=1", "--set", "save_steps=1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[dict[str, str]]:
+    """A moto S3 server on 127.0.0.1 with bucket ``bkt``; the environment that points at it."""
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+           "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        import fsspec
+
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir("bkt")
+        yield env
+    server.stop()
+
+
+def _fs() -> Any:
+    import fsspec
+
+    return fsspec.filesystem("s3", skip_instance_cache=True)
+
+
+def _run(cwd: Path, *argv: str, cache: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **({"SFTPIPE_CACHE": str(cache)} if cache else {})}
+    return subprocess.run([str(BIN / argv[0]), *argv[1:]], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env=env)  # fmt: skip
+
+
+def _data(folder: Path) -> str:
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return "data.jsonl"
+
+
+def _losses(run: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_pack_to_s3_read_and_train_from_it(s3: dict[str, str], tmp_path: Path) -> None:
+    data = _data(tmp_path)
+    url = "s3://bkt/sft/shards"
+    r = _run(tmp_path, "sftdata", "pack", data, "-o", url, *PACK)
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.rsplit("/", 1)[1] for p in _fs().ls("bkt/sft/shards"))
+    local = _run(tmp_path, "sftdata", "pack", data, "-o", "local", *PACK)
+    assert local.returncode == 0, local.stderr
+    assert names == sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert _fs().cat(f"{url}/index.json") == (tmp_path / "local" / "index.json").read_bytes()
+    again = _run(tmp_path, "sftdata", "pack", data, "-o", url, *PACK)
+    assert again.returncode == 0 and f"{url}: already up to date" in again.stderr, again.stderr
+    # read through the node-local cache: the same rows as the local folder
+    for where in (url, "local"):
+        ins = _run(tmp_path, "sftdata", "inspect", where, "--row", "3", "--plain")
+        assert ins.returncode == 0, ins.stderr
+    assert (_run(tmp_path, "sftdata", "inspect", url, "--row", "3", "--plain").stdout
+            == _run(tmp_path, "sftdata", "inspect", "local", "--row", "3", "--plain").stdout)  # fmt: skip
+    stats = [
+        json.loads(_run(tmp_path, "sftdata", "stats", w, "--json").stdout) for w in (url, "local")
+    ]
+    assert stats[0] == stats[1]
+    # training from the URL: the losses of the local folder, step for step
+    for where, out in ((url, "run-s3"), ("local", "run-local")):
+        t = _run(tmp_path, "sfttrain", "run", where, "-o", out, *TRAIN)
+        assert t.returncode == 0, t.stderr
+    assert _losses(tmp_path / "run-s3") == _losses(tmp_path / "run-local")
+    assert len(_losses(tmp_path / "run-s3")) == 3
+
+
+def test_resume_from_a_cold_cache(s3: dict[str, str], tmp_path: Path) -> None:
+    """A run from a URL that lost its last checkpoint (killed before it) resumes on a node whose
+    cache is empty, and ends with the loss of the uninterrupted run."""
+    data = _data(tmp_path)
+    url = "s3://bkt/resume/shards"
+    assert _run(tmp_path, "sftdata", "pack", data, "-o", url, *PACK).returncode == 0
+    first = _run(tmp_path, "sfttrain", "run", url, "-o", "run", *TRAIN, cache=tmp_path / "cache-a")
+    assert first.returncode == 0, first.stderr
+    last = _losses(tmp_path / "run")[-1]
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0000003")
+    shutil.rmtree(tmp_path / "run" / "final", ignore_errors=True)
+    resumed = _run(tmp_path, "sfttrain", "run", url, "-o", "run", *TRAIN, "--resume", "auto",
+                   cache=tmp_path / "cache-b")  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step 2" in resumed.stderr + resumed.stdout
+    assert _losses(tmp_path / "run")[-1] == last
+
+
+def test_a_shard_damaged_on_the_server_is_fetched_again_then_refused(
+    s3: dict[str, str], tmp_path: Path
+) -> None:
+    data = _data(tmp_path)
+    url = "s3://bkt/damaged/shards"
+    assert _run(tmp_path, "sftdata", "pack", data, "-o", url, *PACK).returncode == 0
+    index = json.loads(_fs().cat(f"{url}/index.json"))
+    name = index["splits"]["train"]["shards"][1]["file"]
+    blob = bytearray(_fs().cat(f"{url}/{name}"))
+    blob[len(blob) // 2] ^= 0xFF  # same size, one byte flipped
+    _fs().pipe(f"{url}/{name}", bytes(blob))
+    r = _run(tmp_path, "sftdata", "inspect", url, "--row", "0", cache=tmp_path / "cold")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.startswith("Error: ")]
+    assert lines == [f"Error: {url}/{name}: fetched twice, and neither copy matches the index's "
+                     "size and sha256 (damaged on the server or in transit)"]  # fmt: skip
+
+
+def test_an_interrupted_upload_leaves_no_index(
+    s3: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sftdata import remote
+
+    folder = tmp_path / "shards"
+    assert _run(tmp_path, "sftdata", "pack", _data(tmp_path), "-o", "shards", *PACK).returncode == 0
+    fs, _ = remote.filesystem("s3://bkt/cut/shards")
+    real, calls = fs.put_file, []
+
+    def cut(*args: Any, **kw: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 3:
+            raise ConnectionError("connection reset by peer")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fs, "put_file", cut)
+    with pytest.raises(ShardError, match=r"^s3://bkt/cut/shards: connection reset by peer$"):
+        remote.upload(folder, "s3://bkt/cut/shards")
+    monkeypatch.undo()
+    assert not _fs().exists("bkt/cut/shards/index.json")
+    assert len(_fs().ls("bkt/cut/shards")) == 2  # what was uploaded stays, unread: no index
+    r = _run(tmp_path, "sftdata", "inspect", "s3://bkt/cut/shards", "--row", "0")
+    assert r.stderr.strip().splitlines()[-1] == (
+        "Error: s3://bkt/cut/shards: no index.json (not a shard folder, or its upload did not finish)"
+    )
+
+
+@pytest.fixture
+def http_root(tmp_path: Path) -> Iterator[str]:
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_http_is_read_only(http_root: str, tmp_path: Path) -> None:
+    pytest.importorskip("aiohttp")
+    data = _data(tmp_path)
+    assert _run(tmp_path, "sftdata", "pack", data, "-o", "shards", *PACK).returncode == 0
+    over_http = _run(tmp_path, "sftdata", "inspect", f"{http_root}/shards", "--row", "2", "--plain")
+    assert over_http.returncode == 0, over_http.stderr
+    assert (
+        over_http.stdout
+        == _run(tmp_path, "sftdata", "inspect", "shards", "--row", "2", "--plain").stdout
+    )
+    r = _run(tmp_path, "sftdata", "pack", data, "-o", f"{http_root}/new", *PACK)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"Error: {http_root}/new: http:// is read-only (write to object storage or a folder)"
+    )
+
+
+def test_bad_urls_are_one_line(s3: dict[str, str], tmp_path: Path) -> None:
+    data = _data(tmp_path)
+    cases = [
+        (["sftdata", "pack", data, "-o", "nosuch://x/y", *PACK], r"nosuch://x/y: nosuch:// is not a filesystem fsspec knows"),
+        (["sftdata", "inspect", "s3://no-such-bucket/shards", "--row", "0"], r"s3://no-such-bucket/shards: no index\.json"),
+        (["sftdata", "inspect", "s3://bkt/escape", "--row", "0"], r"s3://bkt/escape/index\.json: shard name '\.\./x\.arrow' leaves the prefix"),
+    ]  # fmt: skip
+    assert _run(tmp_path, "sftdata", "pack", data, "-o", "shards", *PACK).returncode == 0
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    index["splits"]["train"]["shards"][0]["file"] = "../x.arrow"
+    _fs().pipe("s3://bkt/escape/index.json", json.dumps(index).encode())
+    import re
+
+    for argv, expect in cases:
+        r = _run(tmp_path, *argv)
+        errors = [x for x in r.stderr.splitlines() if x.startswith("Error: ")]
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert len(errors) == 1 and re.search(expect, errors[0]), r.stderr
+    assert not (tmp_path / "nosuch:").exists()
+
+
+def test_a_missing_filesystem_names_its_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fsspec
+
+    from sftdata import remote
+    from sftdata.errors import ConfigError
+
+    def missing(*a: Any, **k: Any) -> Any:
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", missing)
+    with pytest.raises(
+        ConfigError,
+        match=r"^s3://bkt/x: no filesystem for s3:// is installed \(pip install 'sftpipe\[s3\]'\)$",
+    ):
+        remote.filesystem("s3://bkt/x")
+
+
+def test_a_local_folder_and_file_urls_are_unchanged(tmp_path: Path) -> None:
+    from sftdata import remote
+
+    assert not remote.is_url("shards/") and not remote.is_url("file:///tmp/x")
+    assert remote.is_url("s3://bkt/x") and remote.is_url("https://h/x")
+    assert remote.local_path("file:///tmp/x") == Path("/tmp/x")
+    shutil.rmtree(tmp_path, ignore_errors=True)
