@@ -17,6 +17,14 @@ TYPE_METAVARS = {
 (click's own INTEGER RANGE / FLOAT / TEXT mix read differently from command to command)."""
 
 
+def format_option(help: str):
+    """``--format text|github`` (into ``fmt``): plain lines, or GitHub Actions annotations."""
+    return click.option(
+        "--format", "fmt", type=click.Choice(["text", "github"]), default="text",
+        show_default=True, help=help,
+    )  # fmt: skip
+
+
 class SftGroup(click.Group):
     """A click group that turns every SftError into one clean line and a non-zero exit, and
     gives every option without a metavar the one its type has in :data:`TYPE_METAVARS`."""

@@ -1,16 +1,6 @@
-"""An oracle for C2 written independently of ``sftdata.render``: transformers'
-``apply_chat_template`` renders of conversation prefixes, mapped through the offsets of ONE
-tokenization of each sample's text.
-
-For each trained assistant turn ``i`` of the messages a template sees:
-
-- its start is the end of ``apply_chat_template(messages[:i], add_generation_prompt=True)``;
-- ``apply_chat_template(messages[:i+1])`` is what the turn renders as when it is the last; the turn
-  ends through the first stop token after its start (tokenizer EOS, the generation config's EOS
-  ids, the template's end-of-turn: the special token it writes right after a reply), or, when the
-  template writes none inside the turn, through a stop token that opens the next turn;
-- where the whole conversation's render holds the turn exactly so, it is trained there; otherwise
-  the turn is a sample of its own (the prefix through the turn).
+"""The C2 oracle: the second renderer of ``sftdata.audit.oracle`` (transformers'
+``apply_chat_template`` renders of conversation prefixes, written independently of
+``sftdata.render``), with what the tests add around it.
 
 Tokenizers for real families are built here from the Llama-2 SentencePiece model plus the family's
 special tokens (``family_tokenizer``), and the real templates are read from the installed ``trl``

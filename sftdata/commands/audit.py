@@ -9,6 +9,7 @@ import click
 from click.core import ParameterSource
 
 from sftdata.audit.checks import CHECKS, DEFAULT_FAIL_ON
+from sftdata.clickutil import format_option
 from sftdata.render import MISSING_STOP, SPECIAL_TEXT, TRAIN_ON
 
 
@@ -92,14 +93,7 @@ from sftdata.render import MISSING_STOP, SPECIAL_TEXT, TRAIN_ON
     show_default=True,
     help=f"Checks that make the exit code 1 when their share passes RATE (default 0; 'none': never). Checks: {', '.join(CHECKS)}.",
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["text", "github"]),
-    default="text",
-    show_default=True,
-    help="github: also print annotations for GitHub Actions.",
-)
+@format_option("github: also print annotations for GitHub Actions.")
 @click.option(
     "--junit",
     type=click.Path(path_type=Path),

@@ -6,19 +6,13 @@ import json
 
 import click
 
+from sftdata.clickutil import format_option
 from sftdata.text import counted
 
 
 @click.command("validate")
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["text", "github"]),
-    default="text",
-    show_default=True,
-    help="text: file:line: problem; github: GitHub Actions ::error annotations.",
-)
+@format_option("text: file:line: problem; github: GitHub Actions ::error annotations.")
 @click.option(
     "--tokenizer",
     metavar="PATH",
