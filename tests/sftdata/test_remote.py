@@ -244,3 +244,20 @@ def test_a_local_folder_and_file_urls_are_unchanged(tmp_path: Path) -> None:
     assert remote.is_url("s3://bkt/x") and remote.is_url("https://h/x")
     assert remote.local_path("file:///tmp/x") == Path("/tmp/x")
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_missing_credentials_are_one_line(s3: dict[str, str], tmp_path: Path) -> None:
+    """No keys anywhere botocore looks (environment, files, instance metadata off), the endpoint
+    still the local server: one line, nothing reached beyond 127.0.0.1."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ENDPOINT_URL=s3["AWS_ENDPOINT_URL"], AWS_EC2_METADATA_DISABLED="true",
+               AWS_SHARED_CREDENTIALS_FILE=os.devnull, AWS_CONFIG_FILE=os.devnull,
+               AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+    for url, argv in (("s3://bkt/x", ["inspect", "s3://bkt/x", "--row", "0"]),
+                      ("s3://bkt/y", ["pack", _data(tmp_path), "-o", "s3://bkt/y", *PACK])):  # fmt: skip
+        r = subprocess.run([str(BIN / "sftdata"), *argv], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120, env=env)  # fmt: skip
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines() == [
+            f"Error: {url}: access denied or no credentials (Unable to locate credentials)"
+        ], r.stderr
