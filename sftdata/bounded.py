@@ -25,6 +25,8 @@ import signal
 import time
 from typing import Any
 
+from sftdata.errors import first_line
+
 MEMORY_ENV = "SFTPIPE_WORKER_MEMORY_MB"
 """Environment variable: the memory (MB) each worker may add to what it starts with."""
 DEFAULT_MEMORY = 4 << 30
@@ -50,12 +52,6 @@ class TokenizerPanic(Exception):
 def is_panic(e: BaseException) -> bool:
     """A Rust panic surfaced by pyo3 (``pyo3_runtime.PanicException``)."""
     return type(e).__name__ == "PanicException"
-
-
-def first_line(e: BaseException) -> str:
-    """The first non-blank line of ``e``, at most 200 characters."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:200]
 
 
 def memory_budget(num_proc: int) -> int:
@@ -131,7 +127,7 @@ def run_probe(work: Any, send: Any, refused: int) -> None:
         os._exit(PROBE_EXIT_MEMORY)
     except BaseException as e:  # PanicException is a BaseException
         if is_panic(e):
-            send.send(first_line(e))
+            send.send(first_line(e)[:200])
             os._exit(PROBE_EXIT_PANIC)
         os._exit(refused)
     os._exit(0)
@@ -183,7 +179,6 @@ __all__ = [
     "TokenizerPanic",
     "bound_task",
     "bound_worker",
-    "first_line",
     "fork_context",
     "in_bounds",
     "is_panic",

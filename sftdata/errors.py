@@ -42,3 +42,10 @@ class ModelError(SftError):
 
 class ConfigError(SftError):
     """A training/packing configuration is unknown, ill-typed or impossible."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-blank line of ``e``'s message, stripped; its class name when it has none
+    (what a one-line error quotes of a library's exception)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__

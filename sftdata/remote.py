@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sftdata.errors import ConfigError, ShardError
+from sftdata.errors import ConfigError, ShardError, first_line
 
 URL = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://")
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure",
@@ -65,8 +65,7 @@ def filesystem(url: str) -> tuple[Any, str]:
 
 
 def _io_error(url: str, e: BaseException) -> ShardError:
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    why = lines[0] if lines else type(e).__name__
+    why = first_line(e)
     if isinstance(e, FileNotFoundError):
         why = "not found (no such bucket or prefix)"
     elif isinstance(e, PermissionError) or "credential" in why.lower() or "AccessDenied" in why:

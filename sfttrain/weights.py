@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from sftdata.atomic import atomic_dir
-from sftdata.errors import CheckpointError, ConfigError
+from sftdata.errors import CheckpointError, ConfigError, first_line
 
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
@@ -28,7 +28,7 @@ def write_failure(e: BaseException) -> str:
     RuntimeError ("... file write failed"), the rest as OSError; a full disk reads the same."""
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
-    return _first_line(e)
+    return first_line(e)
 
 
 def _is_write_failure(e: BaseException) -> bool:
@@ -37,11 +37,6 @@ def _is_write_failure(e: BaseException) -> bool:
     if isinstance(e, RuntimeError) and not isinstance(e, SafetensorError):
         return "writ" in str(e).lower()  # torch.save: "... failed writing file ..."
     return isinstance(e, (OSError, SafetensorError))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 @contextlib.contextmanager
@@ -157,7 +152,7 @@ def load_optimizer(folder: Path, *, model, optimizer, scheduler) -> None:
         scheduler.load_state_dict(opt["scheduler"])
     except Exception as e:
         raise CheckpointError(
-            f"{folder / OPTIMIZER_FILE}: cannot load optimizer state ({_first_line(e)})"
+            f"{folder / OPTIMIZER_FILE}: cannot load optimizer state ({first_line(e)})"
         ) from None
 
 
@@ -220,7 +215,7 @@ def load_rng(folder: Path) -> None:
         set_rng_state(state)
     except Exception as e:
         raise CheckpointError(
-            f"{folder / RNG_FILE}: cannot load RNG state ({_first_line(e)})"
+            f"{folder / RNG_FILE}: cannot load RNG state ({first_line(e)})"
         ) from None
 
 

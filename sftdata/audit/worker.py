@@ -12,6 +12,7 @@ import numpy as np
 
 from sftdata.audit.facts import Facts, text_facts
 from sftdata.conversation import Conversation
+from sftdata.errors import first_line
 from sftdata.pack.encode import RawChunk, get_renderer, parse_chunk, renderer_key
 from sftdata.pack.options import PackOptions
 
@@ -73,8 +74,7 @@ def _expected(opts: PackOptions, conv: Conversation) -> list[tuple[str, Any]] | 
             hf, msgs, tools, flags, stops, append, past_reply=opts.special_text == "split"
         )
     except Exception as e:  # the second renderer's own Jinja refuses what ours rendered
-        lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        return f"transformers cannot render it ({lines[0] if lines else type(e).__name__})"
+        return f"transformers cannot render it ({first_line(e)})"
     return want
 
 

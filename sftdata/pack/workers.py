@@ -121,14 +121,15 @@ def _init_bounded(opts: PackOptions, budget: int) -> None:
 
 def _bounded(seconds: float, fn: Callable[..., Any], *task: Any) -> Any:
     """In a worker: ``fn(*task)`` with ``seconds`` of CPU time from now."""
-    from sftdata.bounded import TokenizerPanic, bound_task, first_line, is_panic
+    from sftdata.bounded import TokenizerPanic, bound_task, is_panic
+    from sftdata.errors import first_line
 
     bound_task(seconds)
     try:
         return fn(*task)
     except BaseException as e:  # pyo3's PanicException is a BaseException
         if is_panic(e):
-            raise TokenizerPanic(first_line(e)) from None
+            raise TokenizerPanic(first_line(e)[:200]) from None
         raise
 
 

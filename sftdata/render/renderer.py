@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sftdata.conversation import Conversation
-from sftdata.errors import ConfigError, TemplateError
+from sftdata.errors import ConfigError, TemplateError, first_line
 from sftdata.render.control import (
     SPECIAL_TEXT,
     ControlTokens,
@@ -79,8 +79,7 @@ def _one_line(e: Exception) -> str:
         return (
             "the render ran out of memory (SFTPIPE_WORKER_MEMORY_MB raises a pack worker's bound)"
         )
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
+    return first_line(e)
 
 
 class Renderer:
