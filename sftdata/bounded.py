@@ -117,6 +117,18 @@ def why_stopped(exitcode: int | None, *, budget: int, seconds: float, panic: str
     return f"the worker stopped (exit {exitcode})"
 
 
+def how_it_ended(
+    code: int | None, message: Any, *, budget: int, seconds: float, wall: float
+) -> str:
+    """How a child of :func:`run_child` that went past a bound ended, in words that follow
+    "loading it" or similar: past ``wall`` seconds, a tokenizer panic, or a bound."""
+    if code is None:
+        return f"did not end within {wall:g} seconds"
+    if code == PROBE_EXIT_PANIC:
+        return f"failed: the tokenizer panicked ({message or 'no message'})"
+    return "took " + why_stopped(code, budget=budget, seconds=seconds)
+
+
 def run_probe(work: Any, send: Any, refused: int) -> None:
     """In a bounded child: ``work()``; exit 0 when it ends, :data:`PROBE_EXIT_MEMORY` out of
     memory, :data:`PROBE_EXIT_PANIC` (the message sent) when the tokenizer panics, ``refused``
@@ -180,6 +192,7 @@ __all__ = [
     "bound_task",
     "bound_worker",
     "fork_context",
+    "how_it_ended",
     "in_bounds",
     "is_panic",
     "memory_budget",

@@ -60,16 +60,29 @@ def _content_files(path: Path) -> list[tuple[str, Path]] | None:
     return files
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+"""Per process: each tokenizer file's sha256 by (path, size, mtime): a command keys the same
+files twice (the renderer's vetting, then the snapshot)."""
+
+
+def _digest(p: Path) -> str:
+    from sftdata.shards import sha256_file
+
+    st = p.stat()
+    ident = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if ident not in _DIGESTS:
+        _DIGESTS[ident] = sha256_file(p)
+    return _DIGESTS[ident]
+
+
 def _cache_key(files: list[tuple[str, Path]]) -> str:
     from importlib.metadata import version
-
-    from sftdata.shards import sha256_file
 
     h = hashlib.sha256()
     versions = [SNAPSHOT_VERSION, __version__, version("transformers"), version("tokenizers")]
     h.update(json.dumps(versions).encode())
     for name, p in files:
-        h.update(f"{name}\0{sha256_file(p)}\0".encode())
+        h.update(f"{name}\0{_digest(p)}\0".encode())
     return h.hexdigest()
 
 
@@ -155,12 +168,11 @@ def _load_bounded(spec: str | Path) -> TokenizerSnapshot:
     operating-system bounds (``sftdata.bounded``): a user's tokenizer files are untrusted (a
     normalizer that grows text without end aborts the process that runs it)."""
     from sftdata.bounded import (
-        PROBE_EXIT_PANIC,
         PROBE_EXIT_REFUSED,
+        how_it_ended,
         in_bounds,
         memory_budget,
         run_child,
-        why_stopped,
     )
 
     if in_bounds():
@@ -171,18 +183,9 @@ def _load_bounded(spec: str | Path) -> TokenizerSnapshot:
         return message[1]
     if isinstance(message, tuple) and message[0] == "error":
         raise ConfigError(message[1])
-    if code is None:
-        how = f"did not end within {LOAD_WALL_S:g} seconds"
-    elif code == PROBE_EXIT_PANIC:
-        how = f"failed: the tokenizer panicked ({message or 'no message'})"
-    elif code in (
-        0,
-        1,
-        PROBE_EXIT_REFUSED,
-    ):  # an error that is not the tokenizer's: repeat it here to show it
+    if code in (0, 1, PROBE_EXIT_REFUSED):  # an error that is not the tokenizer's: repeat it
         return TokenizerSnapshot.of(load_tokenizer(spec))
-    else:
-        how = "took " + why_stopped(code, budget=budget, seconds=LOAD_CPU_S)
+    how = how_it_ended(code, message, budget=budget, seconds=LOAD_CPU_S, wall=LOAD_WALL_S)
     raise ConfigError(f"{spec}: a broken or hostile tokenizer: loading it {how}")
 
 

@@ -168,10 +168,12 @@ def from_shards(folder: Path, given: Sequence[Path]) -> FromShards:
 
 
 def _percentiles(lengths: np.ndarray) -> dict[str, int]:
-    if len(lengths) == 0:
-        return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
-    q = np.percentile(lengths, [50, 90, 99], method="higher")
-    return {"p50": int(q[0]), "p90": int(q[1]), "p99": int(q[2]), "max": int(lengths.max())}
+    """p50/p90/p99/max as ``stats`` computes them (the same "higher" percentiles as pack)."""
+    from sftdata.stats import summarize
+
+    s = summarize(lengths, np.zeros_like(lengths))
+    return {"p50": s.get("median", 0), "p90": s.get("p90", 0), "p99": s.get("p99", 0),
+            "max": s.get("max", 0)}  # fmt: skip
 
 
 def _wanted(col: Collector, checks: dict[str, Check]) -> list[tuple[str, int]]:

@@ -81,7 +81,6 @@ def _expected(opts: PackOptions, conv: Conversation) -> list[tuple[str, Any]] | 
 def crosscheck(opts: PackOptions, pairs: list[tuple[Conversation, Any]]) -> list[str | None]:
     """For each (record, its encoding): how its samples differ from the second renderer's, in
     one line, or None. The second renderer's texts are tokenized in one batch."""
-
     second = second_renderer(opts) if pairs else None
     if second is None:
         return [None] * len(pairs)
@@ -94,8 +93,8 @@ def crosscheck(opts: PackOptions, pairs: list[tuple[Conversation, Any]]) -> list
         if isinstance(want, str):
             out.append(want)
             continue
-        mine = [next(encodings) for _ in want]
-        out.append(_compare(hf, enc, want, mine))
+        theirs = [next(encodings) for _ in want]
+        out.append(_compare(hf, enc, want, theirs))
     return out
 
 
@@ -118,11 +117,16 @@ def _compare(hf: Any, enc: Any, want: list[tuple[str, Any]], theirs: list[Any]) 
     return None
 
 
+def _record_lines(raw: RawChunk) -> list[int]:
+    """The line of each record of ``raw`` (its non-blank lines, as ``parse_chunk`` reads them)."""
+    return [k for k, b in enumerate(raw.data.splitlines(), start=raw.first_line) if b.strip()]
+
+
 def audit_chunk(raw: RawChunk, opts: PackOptions, settings: Settings) -> list[Facts]:
     """The facts of every record of ``raw``."""
     convs = parse_chunk(raw)
     records = get_renderer(opts).encode_batch(convs, skip_invalid=True)
-    lines = [k for k, b in enumerate(raw.data.splitlines(), start=raw.first_line) if b.strip()]
+    lines = _record_lines(raw)
     out = []
     for conv, rec, line in zip(convs, records, lines, strict=True):
         rr = rec.render
@@ -154,7 +158,7 @@ def record_views(raw: RawChunk, opts: PackOptions) -> list[dict[str, Any]]:
     backend = loaded_tokenizer().backend_tokenizer
     stops = {backend.token_to_id(t) for t in renderer.stop_tokens} - {None}
     convs = parse_chunk(raw)
-    lines = [k for k, b in enumerate(raw.data.splitlines(), start=raw.first_line) if b.strip()]
+    lines = _record_lines(raw)
     out = []
     encoded = renderer.encode_batch(convs, skip_invalid=True)
     for conv, rec, line in zip(convs, encoded, lines, strict=True):

@@ -9,15 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from sftdata.bounded import (
-    PROBE_EXIT_PANIC,
     PROBE_EXIT_REFUSED,
     bound_task,
     bound_worker,
+    how_it_ended,
     in_bounds,
     memory_budget,
     run_child,
     run_probe,
-    why_stopped,
 )
 
 CPU_S = 60.0
@@ -82,12 +81,7 @@ def vet(opts: Any, build: Any, renderer_key: tuple[Any, ...]) -> None:
             pass
     if code in (0, PROBE_EXIT_REFUSED):
         return
-    if code is None:
-        how = f"did not end within {VET_WALL_S:g} seconds"
-    elif code == PROBE_EXIT_PANIC:
-        how = f"failed: the tokenizer panicked ({message or 'no message'})"
-    else:
-        how = "took " + why_stopped(code, budget=budget, seconds=CPU_S)
+    how = how_it_ended(code, message, budget=budget, seconds=CPU_S, wall=VET_WALL_S)
     raise ConfigError(
         f"{opts.tokenizer}: a broken or hostile tokenizer or template: loading the tokenizer "
         f"and encoding the probe conversations of template {opts.template!r} {how}"
