@@ -184,13 +184,13 @@ def cache_folder(url: str) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """One fetcher per cache folder on this node (the ranks of a node share the cache: one
-    downloads, the others wait and then find the files there)."""
+def _locked(lock_file: Path) -> Iterator[None]:
+    """An exclusive lock shared by the processes of this node (the ranks of a node share the
+    cache: one downloads a file, the others wait and then find it there)."""
     import fcntl
 
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+b") as lock:
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -227,36 +227,70 @@ def _fetch_one(fs: Any, root: str, url: str, entry: dict[str, Any], dest: Path) 
             )
 
 
+class RemoteFolder:
+    """A remote shard folder opened for reading: its index in the node-local cache at once, each
+    shard fetched into the same folder when :meth:`fetch` asks for it (a reader's ``fetch``).
+
+    Raises (at open):
+        ShardError: no index at the URL, an unreadable index, a name leaving the prefix.
+        ConfigError: no filesystem for the URL's scheme.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        found = _remote_index(self.url)
+        if found is None:
+            raise ShardError(
+                f"{self.url}: no {INDEX} (not a shard folder, or its upload did not finish)"
+            )
+        self.index, raw = found
+        self._fs, self._root = filesystem(self.url)
+        self._entries = {e["file"]: e for s in self.index["splits"].values() for e in s["shards"]}
+        self.path = cache_folder(self.url)
+        """The node-local folder: the index now, the shards as they are fetched."""
+        with _locked(self.path / ".lock"):
+            keep = {INDEX, ".lock"}
+            for name in self._entries:  # a shard, its download, its lock
+                keep |= {name, f".{name}.part", f".{name}.lock"}
+            for old in self.path.iterdir():  # shards of an earlier version of the folder
+                if old.name not in keep and old.is_file():
+                    old.unlink()
+            tmp = self.path / f".{INDEX}.part"
+            tmp.write_bytes(raw)  # the same bytes: a run's record of its data hashes them
+            os.replace(tmp, self.path / INDEX)
+
+    def fetch(self, name: str) -> Path:
+        """Shard ``name`` in the cache, checked against the index's size and sha256 (downloaded
+        at most twice; a copy already there that matches is kept; another process of this node
+        fetching it is waited for).
+
+        Raises:
+            ShardError: the download failed, or neither of two copies matches the index.
+        """
+        with _locked(self.path / f".{name}.lock"):
+            _fetch_one(self._fs, self._root, self.url, self._entries[name], self.path)
+        return self.path / name
+
+    def fetch_all(self) -> Path:
+        """The whole folder in the cache (every shard fetched and checked)."""
+        for name in self._entries:
+            self.fetch(name)
+        return self.path
+
+
 def localize(url: str) -> Path:
-    """The shard folder at ``url`` in the node-local cache: its index, and every shard fetched
-    and checked against the index's sha256 (kept from an earlier fetch where they match).
+    """The shard folder at ``url`` in the node-local cache, every shard fetched and checked
+    against the index's sha256 (kept from an earlier fetch where they match).
 
     Raises:
         ShardError: no index at the URL, an unreadable or damaged file, a name leaving the prefix.
         ConfigError: no filesystem for the URL's scheme.
     """
-    url = url.rstrip("/")
-    found = _remote_index(url)
-    if found is None:
-        raise ShardError(f"{url}: no {INDEX} (not a shard folder, or its upload did not finish)")
-    index, raw = found
-    fs, root = filesystem(url)
-    dest = cache_folder(url)
-    with _locked(dest):
-        entries = [e for s in index["splits"].values() for e in s["shards"]]
-        for entry in entries:
-            _fetch_one(fs, root, url, entry, dest)
-        wanted = {e["file"] for e in entries} | {INDEX, ".lock"}
-        for old in dest.iterdir():  # shards of an earlier version of the folder
-            if old.name not in wanted and old.is_file():
-                old.unlink()
-        tmp = dest / f".{INDEX}.part"
-        tmp.write_bytes(raw)  # the same bytes: a run's record of its data hashes them
-        os.replace(tmp, dest / INDEX)
-    return dest
+    return RemoteFolder(url).fetch_all()
 
 
 __all__ = [
+    "RemoteFolder",
     "cache_folder",
     "check_remote_empty",
     "filesystem",

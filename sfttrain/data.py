@@ -10,7 +10,7 @@ So micro-batch 1 × accumulation 8 sees the same rows in a step as 8 × 1 (C3) a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,32 +156,65 @@ def trained_tokens(labels: np.ndarray) -> int:
     return int(np.count_nonzero(labels[:, 1:] != IGNORE_INDEX))
 
 
-def local_folder(path: Any) -> Path:
-    """A shard folder here: a URL's is fetched into the node-local cache, each shard checked
-    against the index (the ranks of a node share it: one fetches, the others wait)."""
-    from sftdata.remote import is_url, localize
+def shard_source(path: Any) -> tuple[Path, Callable[[str], Any] | None]:
+    """(folder here, fetch) of a shard folder. A URL's index is read into the node-local cache
+    now and its shards are fetched into it when first read or fetched ahead (the ranks of a node
+    share it: one fetches a file, the others wait), each checked against the index's size and
+    sha256; a local folder has no fetch."""
+    from sftdata.remote import RemoteFolder, is_url
 
-    return localize(str(path)) if is_url(path) else Path(path)
+    if not is_url(path):
+        return Path(path), None
+    remote = RemoteFolder(str(path))
+    return remote.path, remote.fetch
 
 
-def open_split(path: Any, split: str, *, verify: bool | str = True):
-    """A ShardReader for ``split`` of a shard folder, refusing an empty split."""
+def open_split(
+    path: Any, split: str, *, verify: bool | str = True, fetch: Callable[[str], Any] | None = None
+):
+    """A ShardReader for ``split`` of a shard folder (a URL's through :func:`shard_source`),
+    refusing an empty split."""
     from sftdata.shards import ShardReader
 
-    reader = ShardReader(local_folder(path), split=split, verify=verify)
+    if fetch is None:
+        path, fetch = shard_source(path)
+    reader = ShardReader(path, split=split, verify=verify, fetch=fetch)
     if len(reader) == 0:
         raise ShardError(f"{path}: split {split!r} has no rows")
     return reader
 
 
 def has_split(path: Any, split: str) -> bool:
-    """True if the shard folder has a non-empty ``split``."""
-    from sftdata.shards import ShardReader
+    """True if the shard folder (a URL's: its index) has a non-empty ``split``."""
+    from sftdata.remote import RemoteFolder, is_url
+    from sftdata.shards import read_index
 
-    path = local_folder(path)
-    if split not in ShardReader.splits(path):
-        return False
-    return int(ShardReader(path, split=split, verify=False).index["splits"][split]["rows"]) > 0
+    splits = (RemoteFolder(str(path)).index if is_url(path) else read_index(path))["splits"]
+    return split in splits and int(splits[split]["rows"]) > 0
+
+
+def shards_in_order(reader: Any, sampler: StepSampler, cursor: Cursor, steps: int) -> list[int]:
+    """The shards this rank reads in the ``steps`` steps from ``cursor``, in the order it first
+    reads them: what a remote folder fetches ahead (a shard no step of this rank reads is never
+    fetched). A rank's rows of a step are the step's positions ``rank, rank + W, ...``."""
+    order: list[int] = []
+    seen: set[int] = set()
+    epoch, first, g, w = (
+        cursor.epoch,
+        cursor.step_in_epoch,
+        sampler.global_batch,
+        sampler.world_size,
+    )
+    while steps > 0 and len(seen) < reader.shard_count:
+        n = min(sampler.steps_per_epoch - first, steps)
+        positions = np.arange(first * g, min((first + n) * g, sampler.num_rows))
+        rows = sampler.permutation(epoch)[positions[positions % w == sampler.rank]]
+        for k in reader.shards_of(rows):
+            if k not in seen:
+                seen.add(k)
+                order.append(k)
+        steps, epoch, first = steps - n, epoch + 1, 0
+    return order
 
 
 def eval_batches(
@@ -209,6 +242,8 @@ __all__ = [
     "eval_batches",
     "has_split",
     "open_split",
+    "shard_source",
+    "shards_in_order",
     "to_tensors",
     "trained_tokens",
 ]

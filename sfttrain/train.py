@@ -11,7 +11,7 @@
          e. log / evaluate / checkpoint / stop on SIGTERM
     5. final checkpoint, final/ weights, loss.png
 
-Distributed training plugs in through ``Dist``: ranks, the all-reduce of the trained-token count
+Steps 1 and 2 are ``sfttrain.run_setup``. Distributed training plugs in through ``Dist``: ranks, the all-reduce of the trained-token count
 and of logged sums, the model wrapper (DDP/FSDP), ``no_sync`` for accumulation micro-batches, a
 stop request agreed on. ``sfttrain.distributed`` holds the single-process ``Dist`` and builds the
 torch.distributed one from torchrun's environment. Every rank runs as many micro-batches per step
@@ -32,29 +32,21 @@ import torch
 
 from sftdata.atomic import exclusive
 from sfttrain.checkpoint import (
-    Resume,
     RunState,
     checkpoint_due,
     find_resume,
     latest_checkpoint,
     remove_stale_temps,
-    shards_identity,
 )
 from sfttrain.config import TrainConfig
 from sfttrain.data import (
     Cursor,
-    StepSampler,
-    check_compatible,
-    has_split,
-    local_folder,
-    open_split,
     to_tensors,
     trained_tokens,
 )
 from sfttrain.distributed import Dist, StopRequest
 from sfttrain.evaluate import eval_due, eval_row
 from sfttrain.events import CheckpointSaved, OnEvent, StopRequested, start_event
-from sfttrain.loss import LossModel, isolation_for, liger_loss
 from sfttrain.metrics import (
     LogWindow,
     Metrics,
@@ -62,22 +54,12 @@ from sfttrain.metrics import (
     progress_bar,
     show_progress,
 )
-from sfttrain.model import (
-    apply_finetuning,
-    autocast_for,
-    check_finetuning,
-    compile_layers,
-    is_quantized,
-    load_base_model,
-)
-from sfttrain.optim import lr_schedule, param_groups
 from sfttrain.perf import (
     check_platform,
     deterministic_kernels,
-    device_peak_tflops,
-    model_flops_per_token,
 )
 from sfttrain.predict import check_eval_generate, generation_metrics
+from sfttrain.run_setup import Training, setup_data, setup_model, setup_training
 from sfttrain.rundir import (
     base_model_dir,
     check_run_dir,
@@ -86,7 +68,7 @@ from sfttrain.rundir import (
     save_run_checkpoint,
 )
 from sfttrain.trackers import resolve_report_to
-from sfttrain.weights import load_weights, restore_training
+from sfttrain.weights import restore_training
 
 
 @dataclass
@@ -160,8 +142,8 @@ def _train(
     check_eval_generate(config, dist.world_size)
 
     # ---- 1. data, model, the checkpoint to resume: all checked before anything is written ------
-    data = _setup_data(config, local_folder(shards))  # a URL: the node-local, verified cache
-    base, tokenizer = _setup_model(config, data, model_spec, device)
+    data = setup_data(config, shards)
+    base, tokenizer = setup_model(config, data, model_spec, device)
     check_run_dir(run_dir, shards=data.folder, resume=resume, overwrite=config.overwrite_output_dir)
     resumed = find_resume(
         resume, run_dir, config=config, shards=data.identity, model_spec=model_spec,
@@ -178,7 +160,7 @@ def _train(
     )
 
     # ---- 2. fine-tuning, wrap, optimizer, schedule, sampler; 3. resume their state -------------
-    t = _setup_training(config, base, data, dist, resumed=resumed)
+    t = setup_training(config, base, data, dist, resumed=resumed)
     t.tokenizer, t.run_dir = tokenizer, run_dir
     state = RunState(
         step=0, cursor=Cursor(), trained_tokens=0, total_steps=t.total_steps,
@@ -191,6 +173,7 @@ def _train(
             scheduler=t.scheduler, cursor=t.sampler.cursor_at(int(resumed.state["step"])),
         ))  # fmt: skip
     state.cursor = t.sampler.cursor_at(state.step)
+    data.fetch_ahead(t.sampler, state.cursor, t.total_steps - state.step)
     event(start_event(
         config, model=t.model, model_spec=model_spec, index=data.reader.index, split="train",
         dist=dist, sampler=t.sampler, total_steps=t.total_steps, output=run_dir, cleared=cleared,
@@ -302,6 +285,7 @@ def _train(
                 break
 
     # ---- 5. the end: last checkpoint, final weights, eval, plot ---------------------------------
+    data.close()
     if saved_step != state.step:
         checkpoint = save()
     final_dir = None
@@ -323,117 +307,10 @@ def _train(
     )  # fmt: skip
 
 
-# ----------------------------------------------------------------------------- set-up steps
-
-
-@dataclass
-class _Data:
-    """The shards a run reads (step 1)."""
-
-    folder: Path
-    reader: Any
-    eval_reader: Any
-    identity: dict[str, Any]
-    """What checkpoints record of the shards (a resume must read the same ones)."""
-    seq_len: int
-
-
-def _setup_data(config: TrainConfig, folder: Path) -> _Data:
-    # verify="full": every shard's sha256 is checked now, so a corrupt folder is refused before
-    # anything is written (hashing is cheap next to training; the lazy mode would fail mid-run).
-    reader = open_split(folder, "train", verify="full")
-    has_eval = has_split(folder, config.eval_split)
-    eval_reader = open_split(folder, config.eval_split, verify="full") if has_eval else None
-    return _Data(
-        folder, reader, eval_reader, shards_identity(folder, reader.index),
-        int(reader.index["seq_len"]),
-    )  # fmt: skip
-
-
-def _setup_model(config: TrainConfig, data: _Data, model_spec: str, device: torch.device):
-    """Step 1b: the base model and tokenizer, checked against the shards (same tokenizer, fits)."""
-    base, tokenizer = load_base_model(
-        model_spec, attn_implementation=config.attn_implementation, seed=config.seed,
-        quantization_bit=config.quantization_bit, device=device,
-    )  # fmt: skip
-    check_compatible(
-        data.reader.index, tokenizer, base, shards_dir=data.folder, model_spec=model_spec
-    )
-    check_finetuning(base, config)
-    return base, tokenizer
-
-
-@dataclass
-class _Training:
-    """What the loop steps (step 2): the wrapped model, optimizer, schedule and sampler."""
-
-    model: torch.nn.Module
-    loss_model: torch.nn.Module
-    params: list[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    sampler: StepSampler
-    total_steps: int
-    autocast: Callable[[], Any]
-    flops_per_token: float
-    peak_tflops: float | None
-    tokenizer: Any = None
-    """For ``eval_generate`` (set after the set-up, with ``run_dir``)."""
-    run_dir: Path = Path()
-
-
-def _setup_training(
-    config: TrainConfig,
-    base: Any,
-    data: _Data,
-    dist: Dist,
-    *,
-    resumed: Resume,
-) -> _Training:
-    device = dist.device
-    model = apply_finetuning(base, config)
-    if not is_quantized(model):  # bitsandbytes already placed the quantised base on the device
-        model = model.to(device)
-    sampler = StepSampler(
-        len(data.reader),
-        micro_batch=config.per_device_train_batch_size,
-        accumulation=config.gradient_accumulation_steps,
-        seed=config.seed,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        drop_last=config.dataloader_drop_last,
-    )
-    total_steps = sampler.total_steps(
-        num_train_epochs=config.num_train_epochs, max_steps=config.max_steps
-    )
-    if resumed.folder is not None:
-        # Weights go into the UNWRAPPED model: every rank loads the full tensors, then
-        # DDP/FSDP wraps (FSDP shards what was loaded), whatever rank count saved them.
-        load_weights(model, resumed.folder, finetuning_type=resumed.state["finetuning_type"])
-    flops_per_token = model_flops_per_token(model, seq_len=data.seq_len)  # before sharding
-    peak_tflops = device_peak_tflops(device, config.peak_tflops)
-    fused_loss = liger_loss(model) if config.use_liger_kernel else None
-    if config.torch_compile:
-        compile_layers(model)
-    loss_model = dist.wrap(LossModel(model, isolation=isolation_for(config), fused_loss=fused_loss))
-    # After wrapping: FSDP2 replaces parameters by sharded DTensors, the optimizer must see those.
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        param_groups(model, config.weight_decay),
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_epsilon,
-    )
-    return _Training(
-        model, loss_model, params, optimizer, lr_schedule(optimizer, config, total_steps),
-        sampler, total_steps, autocast_for(config, device), flops_per_token, peak_tflops,
-    )  # fmt: skip
-
-
 # ----------------------------------------------------------------------------- loop pieces
 
 
-def _eval_row(loss_model, reader, config: TrainConfig, dist: Dist, t: _Training, step: int):
+def _eval_row(loss_model, reader, config: TrainConfig, dist: Dist, t: Training, step: int):
     row = eval_row(
         loss_model, reader, step=step, epoch=round(step / t.sampler.steps_per_epoch, 4),
         batch_size=config.per_device_eval_batch_size, dist=dist, autocast=t.autocast,

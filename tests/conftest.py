@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,27 @@ def extra_or_skip(module: str, extra: str) -> Any:
             f"the {extra!r} extra is not installed (pip install 'sftpipe[{extra}]')",
             allow_module_level=True,
         )
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[dict[str, str]]:
+    """A real S3 API server (moto's standalone one) on 127.0.0.1 with bucket ``bkt``, and the
+    environment that points at it (children started by the test inherit it): nothing leaves
+    127.0.0.1."""
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+           "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        import fsspec
+
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir("bkt")
+        yield env
+    server.stop()

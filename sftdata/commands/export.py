@@ -14,7 +14,7 @@ FORMATS = ("mindrecord", "sharegpt", "alpaca", "openai")
 
 
 @click.command("export")
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.argument("input_path", metavar="INPUT")  # a str: a shard folder may be a URL
 @click.option(
     "--format",
     "fmt",
@@ -60,7 +60,7 @@ FORMATS = ("mindrecord", "sharegpt", "alpaca", "openai")
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def command(
-    input_path: Path,
+    input_path: str,
     fmt: str,
     output: Path,
     split: str,
@@ -80,9 +80,10 @@ def command(
 
     if fmt == "mindrecord":
         from sftdata.export.mindrecord import export_mindrecord
+        from sftdata.remote import is_url, localize
 
         rep = export_mindrecord(
-            input_path,
+            localize(input_path) if is_url(input_path) else Path(input_path),
             output,
             split=split,
             layout=layout,
@@ -105,7 +106,7 @@ def command(
             raise ConfigError(f"--{name.replace('_', '-')} only applies to --format mindrecord")
     from sftdata.export.chat import export_conversations
 
-    with readable([str(input_path)]) as (path,):
+    with readable([input_path]) as (path,):
         report = export_conversations(Path(path), output, fmt=fmt)
     to_stderr = str(output) == "-"  # stdout holds the exported data
     if as_json:

@@ -94,8 +94,9 @@ def read_index(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return index
 
 
-def safe_shard_path(folder: Path, name: Any) -> Path:
-    """Resolve a shard name from the index, refusing anything but a plain file inside ``folder``."""
+def safe_shard_path(folder: Path, name: Any, *, missing_ok: bool = False) -> Path:
+    """Resolve a shard name from the index, refusing anything but a plain file inside ``folder``
+    (with ``missing_ok``, one not there yet: a remote folder's, fetched when first read)."""
     if (
         not isinstance(name, str)
         or not name
@@ -116,6 +117,8 @@ def safe_shard_path(folder: Path, name: Any) -> Path:
     if not inside:
         raise ShardError(f"{folder}: shard {name!r} points outside the folder")
     if not path.exists():
+        if missing_ok:
+            return path
         raise ShardError(f"{path}: shard file is missing")
     if not path.is_file():
         raise ShardError(f"{path}: shard is not a regular file")

@@ -4,8 +4,10 @@ sha256 checked (all up front, lazily on first use, or sizes only) before its row
 from __future__ import annotations
 
 import os
+import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +93,22 @@ class ShardReader:
     - ``"full"``: every shard is hashed at open.
     - ``"size"`` (``False`` means this): sizes only, no hashing.
 
+    With ``fetch`` (a remote folder's, :class:`sftdata.remote.RemoteFolder`), the shards need
+    not be in the folder yet: each is fetched the first time it is read, ``fetch(name)`` returning
+    once the file is there and matches the index's size and sha256 (so that is its verification),
+    and :meth:`prefetch` fetches and opens shards in the background in the order they will be
+    read.
+
     Refusals raise ``ShardError`` naming the folder or file and what is wrong.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, split: str = "train", verify: bool | str = True
+        self,
+        path: str | os.PathLike[str],
+        *,
+        split: str = "train",
+        verify: bool | str = True,
+        fetch: Callable[[str], Any] | None = None,
     ):
         mode = (
             {True: "lazy", False: "size"}.get(verify, verify)
@@ -119,10 +132,11 @@ class ShardReader:
             raise ShardError(f"{self.path}: no split {split!r} (it has {', '.join(splits)})")
         self._entries: list[dict[str, Any]] = list(splits[split]["shards"])
         self._paths: list[Path] = []
+        self._fetch = fetch
         for e in self._entries:
-            p = safe_shard_path(self.path, e["file"])
-            size = p.stat().st_size
-            if size != e["bytes"]:
+            p = safe_shard_path(self.path, e["file"], missing_ok=fetch is not None)
+            size = int(e["bytes"])
+            if fetch is None and (size := p.stat().st_size) != e["bytes"]:
                 raise ShardError(f"{p}: size {size} bytes, the index says {e['bytes']}")
             # three int32 columns of seq_len per row must be in the file: an index claiming
             # more rows than its bytes hold is refused before anything is sized by it
@@ -141,14 +155,23 @@ class ShardReader:
             )
         self._shards: list[_Shard | None] = [None] * len(self._entries)
         self._verified = [False] * len(self._entries)
-        self._lock = threading.Lock()
+        self._locks = [threading.Lock() for _ in self._entries]
+        self._pending: dict[int, Future[_Shard]] = {}
+        self._queue: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._threads_lock = threading.Lock()
+        self._closed = False
+        self._failed: BaseException | None = None
         if mode == "full":
             # every shard hashed AND opened now (columns, row count, token ids in the
             # vocabulary): a crafted shard deep in the split is refused before a run starts,
             # not hours in; the check's memory map is dropped (reopened when first read)
             for k in range(len(self._entries)):
-                self._check_hash(k)
-                self._open(k)
+                if fetch is not None:
+                    self._load(k)
+                else:
+                    self._check_hash(k)
+                    self._open(k)
 
     @staticmethod
     def splits(path: str | os.PathLike[str]) -> list[str]:
@@ -159,15 +182,19 @@ class ShardReader:
         return self._len
 
     def __getstate__(self) -> dict[str, Any]:
-        # Memory maps do not pickle (DataLoader workers under spawn): reopen lazily there.
+        # Memory maps, locks and threads do not pickle (DataLoader workers under spawn): reopen
+        # lazily there.
         state = self.__dict__.copy()
         state["_shards"] = [None] * len(self._entries)
-        del state["_lock"]
+        for key in ("_locks", "_pending", "_queue", "_threads", "_threads_lock"):
+            del state[key]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self._locks = [threading.Lock() for _ in self._entries]
+        self._pending, self._queue, self._threads = {}, queue.SimpleQueue(), []
+        self._threads_lock = threading.Lock()
 
     def _check_hash(self, k: int) -> None:
         if self._verified[k]:
@@ -179,16 +206,92 @@ class ShardReader:
         self._verified[k] = True
 
     def _shard(self, k: int) -> _Shard:
+        if self._failed is not None:  # a shard fetched ahead was refused: stop at once
+            raise self._failed
         shard = self._shards[k]
-        if shard is None:
-            with self._lock:
-                shard = self._shards[k]
-                if shard is None:
-                    if self.verify != "size":
-                        self._check_hash(k)
-                    shard = self._open(k)
-                    self._shards[k] = shard
+        if shard is not None:
+            return shard
+        pending = self._pending.get(k)
+        if (
+            pending is not None
+            and not pending.cancelled()
+            and (pending.running() or pending.done())
+        ):
+            return pending.result()
+        return self._load(k)  # not started yet: not behind the shards queued before it
+
+    def _load(self, k: int) -> _Shard:
+        """Shard ``k`` fetched (a remote folder), verified and opened, once."""
+        with self._locks[k]:
+            shard = self._shards[k]
+            if shard is None:
+                if self._fetch is not None:
+                    self._fetch(self._entries[k]["file"])  # checks size and sha256
+                    self._verified[k] = True
+                elif self.verify != "size":
+                    self._check_hash(k)
+                shard = self._open(k)
+                self._shards[k] = shard
         return shard
+
+    @property
+    def shard_count(self) -> int:
+        """Shards in this split."""
+        return len(self._entries)
+
+    def shards_of(self, rows: np.ndarray) -> list[int]:
+        """The shards holding ``rows``, in the order the rows first reach them."""
+        ks = np.searchsorted(self._starts, np.asarray(rows, dtype=np.int64), side="right") - 1
+        unique, first = np.unique(ks, return_index=True)
+        return [int(k) for k in unique[np.argsort(first)]]
+
+    def prefetch(self, order: Sequence[int], *, workers: int = 4) -> None:
+        """Fetch, verify and open shards ``order`` in the background, in that order, ``workers``
+        at a time (a folder with ``fetch`` only; elsewhere the files are already here). A read
+        waits for its shard only; a shard refused in the background is raised by the next read.
+        """
+        if self._fetch is None:
+            return
+        queued = [k for k in order if self._shards[k] is None and k not in self._pending]
+        for k in queued:
+            self._pending[k] = Future()
+            self._queue.put(k)
+        self._start_fetchers(1)
+        # the first shard alone first: the first batch waits for it, not for a share of the
+        # bandwidth (measured: benchmarks/README.md, "Shards in object storage")
+        if queued:
+            self._pending[queued[0]].add_done_callback(lambda _: self._start_fetchers(workers))
+        else:
+            self._start_fetchers(workers)
+
+    def _start_fetchers(self, count: int) -> None:
+        # daemon threads, not an executor: a run that ends or fails early must not wait at exit
+        # for every shard still queued (an executor's threads drain their queue first)
+        with self._threads_lock:
+            while len(self._threads) < count and not self._closed:
+                thread = threading.Thread(
+                    target=self._fetch_ahead, daemon=True, name="sftpipe-fetch"
+                )
+                thread.start()
+                self._threads.append(thread)
+
+    def _fetch_ahead(self) -> None:
+        while not self._closed:
+            k = self._queue.get()
+            future = self._pending[k]
+            if self._closed or not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(self._load(k))
+            except BaseException as e:  # kept for the read that needs it, and the next read
+                self._failed = self._failed or e
+                future.set_exception(e)
+
+    def close(self) -> None:
+        """Stop fetching ahead (a download in progress ends; those not started are dropped)."""
+        self._closed = True
+        for future in self._pending.values():
+            future.cancel()
 
     def _open(self, k: int) -> _Shard:
         vocab = (self.index.get("tokenizer") or {}).get("vocab_size")

@@ -29,7 +29,7 @@ def predict_after(
 
 def predict_set_of(
     config: Any, section: Any, shards: str | None, model_spec: str, *, prepare: Any
-) -> tuple[Path, str]:
+) -> tuple[str | Path, str]:
     """(shards, split) the predict step generates from: the section's predict inputs packed (LF's
     eval_dataset, packed by ``prepare(section, model_spec, what=)``), else the validation split;
     checked before any training."""
@@ -41,9 +41,9 @@ def predict_set_of(
         return prepare(own, model_spec, what="predict"), "train"
     if shards is not None:
         if has_split(shards, config.eval_split):
-            return Path(shards), config.eval_split
+            return shards, config.eval_split
         if not config.do_train and has_split(shards, "train"):
-            return Path(shards), "train"
+            return shards, "train"
     raise ConfigError(
         "do_predict: no records to predict: give eval_dataset (LLaMA-Factory) or "
         "data.predict_inputs, or hold out a validation split (val_size, data.val_count)"

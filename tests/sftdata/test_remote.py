@@ -28,31 +28,9 @@ RECORDS = [
         {"role": "assistant", "content": f"It is {2 * i}." + " Indeed." * (i % 5)}]}
     for i in range(60)
 ]  # fmt: skip
-PACK = ["--tokenizer", "tiny", "--seq-len", "256", "--shard-size", "8"]
+PACK = ["--tokenizer", "tiny", "--seq-len", "256", "--shard-size", "1"]  # a shard per row
 TRAIN = ["--model", "tiny", "--no-progress", "--set", "max_steps=3", "--set", "report_to=none",
          "--set", "per_device_train_batch_size=2", "--set", "logging_steps=1", "--set", "save_steps=1"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[dict[str, str]]:
-    """A moto S3 server on 127.0.0.1 with bucket ``bkt``; the environment that points at it."""
-    pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-           "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        import fsspec
-
-        fsspec.filesystem("s3", skip_instance_cache=True).mkdir("bkt")
-        yield env
-    server.stop()
 
 
 def _fs() -> Any:
@@ -100,11 +78,32 @@ def test_pack_to_s3_read_and_train_from_it(s3: dict[str, str], tmp_path: Path) -
     ]
     assert stats[0] == stats[1]
     # training from the URL: the losses of the local folder, step for step
+    cold = tmp_path / "train-cache"
     for where, out in ((url, "run-s3"), ("local", "run-local")):
-        t = _run(tmp_path, "sfttrain", "run", where, "-o", out, *TRAIN)
+        t = _run(tmp_path, "sfttrain", "run", where, "-o", out, *TRAIN, cache=cold)
         assert t.returncode == 0, t.stderr
     assert _losses(tmp_path / "run-s3") == _losses(tmp_path / "run-local")
     assert len(_losses(tmp_path / "run-s3")) == 3
+    # fetched as read: 3 steps of 2 rows read at most 6 of the folder's one-row shards
+    fetched = list((cold / "remote").glob("*/*.arrow"))
+    assert 1 <= len(fetched) <= 6 < len(names) - 1, (len(fetched), len(names))
+
+
+def test_export_to_mindrecord_from_s3(s3: dict[str, str], tmp_path: Path) -> None:
+    from tests.conftest import extra_or_skip
+
+    extra_or_skip("mindspore.dataset", "mindrecord")
+    data, url = _data(tmp_path), "s3://bkt/export/shards"
+    assert _run(tmp_path, "sftdata", "pack", data, "-o", url, *PACK).returncode == 0
+    assert _run(tmp_path, "sftdata", "pack", data, "-o", "local", *PACK).returncode == 0
+    out = []
+    for where, name in ((url, "s3.mindrecord"), ("local", "local.mindrecord")):
+        r = _run(
+            tmp_path, "sftdata", "export", where, "--format", "mindrecord", "-o", name, "--json"
+        )
+        assert r.returncode == 0, r.stderr
+        out.append({k: v for k, v in json.loads(r.stdout).items() if k != "output"})
+    assert out[0] == out[1] and out[0]["rows"] > 0
 
 
 def test_resume_from_a_cold_cache(s3: dict[str, str], tmp_path: Path) -> None:
@@ -136,11 +135,15 @@ def test_a_shard_damaged_on_the_server_is_fetched_again_then_refused(
     blob = bytearray(_fs().cat(f"{url}/{name}"))
     blob[len(blob) // 2] ^= 0xFF  # same size, one byte flipped
     _fs().pipe(f"{url}/{name}", bytes(blob))
-    r = _run(tmp_path, "sftdata", "inspect", url, "--row", "0", cache=tmp_path / "cold")
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    lines = [x for x in r.stderr.splitlines() if x.startswith("Error: ")]
-    assert lines == [f"Error: {url}/{name}: fetched twice, and neither copy matches the index's "
-                     "size and sha256 (damaged on the server or in transit)"]  # fmt: skip
+    want = [f"Error: {url}/{name}: fetched twice, and neither copy matches the index's size and "
+            "sha256 (damaged on the server or in transit)"]  # fmt: skip
+    # read whole (inspect), and fetched while training: one line, the run stopped
+    for argv in (["sftdata", "inspect", url, "--row", "0"],
+                 ["sfttrain", "run", url, "-o", "run", *TRAIN, "--set", "max_steps=40"]):  # fmt: skip
+        r = _run(tmp_path, *argv, cache=tmp_path / argv[0])
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert [x for x in r.stderr.splitlines() if x.startswith("Error: ")] == want, r.stderr
+    assert not (tmp_path / "run" / "final").exists()
 
 
 def test_an_interrupted_upload_leaves_no_index(

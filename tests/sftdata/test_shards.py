@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -336,3 +337,61 @@ def test_a_crafted_shard_deep_in_the_split_is_refused_at_open_when_verifying(
     assert lazy[0]["input_ids"].shape == (SEQ,)  # the first shard reads
     with pytest.raises(ShardError, match=want):
         lazy[len(lazy) - 1]
+
+
+class _SlowFetch:
+    """A remote folder's fetch, from a local one: every shard but the first waits for ``go``."""
+
+    def __init__(self, source: Path, dest: Path, *, bad: str | None = None) -> None:
+        import shutil
+        import threading
+
+        self.source, self.dest, self.bad = source, dest, bad
+        self.go, self.fetched = threading.Event(), []
+        dest.mkdir()
+        shutil.copy(source / INDEX_NAME, dest / INDEX_NAME)
+
+    def __call__(self, name: str) -> Path:
+        import shutil
+
+        if not name.endswith("00000.arrow"):
+            assert self.go.wait(30)
+        if name == self.bad:
+            raise ShardError(f"remote/{name}: fetched twice, and neither copy matches the index")
+        shutil.copy(self.source / name, self.dest / name)
+        self.fetched.append(name)
+        return self.dest / name
+
+
+def test_a_fetched_folder_serves_rows_before_the_rest_arrives(tmp_path: Path) -> None:
+    make_folder(tmp_path / "src", shard_size=2)
+    local = ShardReader(tmp_path / "src")
+    fetch = _SlowFetch(tmp_path / "src", tmp_path / "cache")
+    reader = ShardReader(tmp_path / "cache", verify="lazy", fetch=fetch)
+    assert reader.shard_count == local.shard_count >= 4
+    assert not list((tmp_path / "cache").glob("*.arrow"))  # opening fetches nothing
+    reader.prefetch(range(reader.shard_count))
+    # row 0 is read while every later shard's download is still held back
+    assert reader[0]["input_ids"].tolist() == local[0]["input_ids"].tolist()
+    assert fetch.fetched == ["train-00000.arrow"]
+    fetch.go.set()
+    for i in range(len(local)):
+        assert reader[i]["input_ids"].tolist() == local[i]["input_ids"].tolist()
+    assert sorted(fetch.fetched) == sorted(p.name for p in (tmp_path / "src").glob("*.arrow"))
+    reader.close()
+
+
+def test_a_shard_refused_in_the_background_stops_the_next_read(tmp_path: Path) -> None:
+    make_folder(tmp_path / "src", shard_size=2)
+    fetch = _SlowFetch(tmp_path / "src", tmp_path / "cache", bad="train-00003.arrow")
+    reader = ShardReader(tmp_path / "cache", fetch=fetch)
+    reader.prefetch([0, 3, 1, 2])
+    _ = reader[0]  # shard 0 is here
+    fetch.go.set()
+    deadline = time.monotonic() + 30
+    while "train-00002.arrow" not in fetch.fetched and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # a row of a shard that did arrive: the refusal of shard 3 is raised first
+    with pytest.raises(ShardError, match=r"train-00003\.arrow: fetched twice"):
+        _ = reader[0]
+    reader.close()

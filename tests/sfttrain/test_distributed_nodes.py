@@ -1,7 +1,8 @@
 """Two nodes on one machine: two torchrun launchers (``--nnodes 2 --nproc-per-node 1``) meeting
-through a c10d rendezvous on 127.0.0.1, as two machines of a cluster would. The same losses and
-weights as one process (C3), a SIGTERM on one node stops both with one checkpoint, and that
-checkpoint resumes on a single node."""
+through a c10d rendezvous on 127.0.0.1, as two machines of a cluster would. Reading the same
+shards from object storage through separate node caches, the same losses and weights as one
+process (C3); a SIGTERM on one node stops both with one checkpoint, and that checkpoint resumes on
+a single node."""
 
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ shards = single_node.shards
 lora_ref = single_node.lora_ref
 
 
-def node_cmd(node: int, port: int, run_id: str, shards: Path, out: Path, values: dict) -> list[str]:
+def node_cmd(
+    node: int, port: int, run_id: str, shards: Path | str, out: Path, values: dict
+) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=1",
@@ -47,7 +50,11 @@ def node_cmd(node: int, port: int, run_id: str, shards: Path, out: Path, values:
     ]  # fmt: skip
 
 
-def start_nodes(shards: Path, out: Path, values: dict) -> list[subprocess.Popen]:
+def start_nodes(
+    shards: Path | str, out: Path, values: dict, caches: tuple[Path, Path] | None = None
+) -> list[subprocess.Popen]:
+    """Two torchrun launchers; with ``caches``, each node its own ``SFTPIPE_CACHE`` (machines of
+    a cluster without a shared filesystem)."""
     port, run_id = _free_port(), uuid.uuid4().hex[:8]
     env = subprocess_env()
     return [
@@ -56,7 +63,7 @@ def start_nodes(shards: Path, out: Path, values: dict) -> list[subprocess.Popen]
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=env,
+            env=env if caches is None else {**env, "SFTPIPE_CACHE": str(caches[node])},
             cwd=ROOT,
         )
         for node in (0, 1)
@@ -78,9 +85,20 @@ def finish(nodes: list[subprocess.Popen], timeout: float = 240) -> list[tuple[st
     return outputs
 
 
-def test_two_nodes_train_like_one_process(shards, lora_ref, tmp_path) -> None:
-    out = tmp_path / "run"
-    outputs = finish(start_nodes(shards, out, {**COMMON, "gradient_accumulation_steps": 4}))
+def test_two_nodes_train_like_one_process_from_object_storage(shards, lora_ref, s3, tmp_path):
+    """The shards in S3 (a local S3 API server), each node with its own cache: the losses,
+    weights and evaluation of one process on the local folder."""
+    from sftdata.remote import upload
+
+    url = "s3://bkt/nodes/shards"
+    upload(shards, url)
+    out, caches = tmp_path / "run", (tmp_path / "cache-0", tmp_path / "cache-1")
+    values = {**COMMON, "gradient_accumulation_steps": 4}
+    outputs = finish(start_nodes(url, out, values, caches))
+    for cache in caches:  # each node fetched into its own cache, and verified what it read
+        assert sorted(p.name for p in cache.glob("remote/*/*.arrow")) == sorted(
+            p.name for p in shards.glob("*.arrow")
+        )
     assert sum(o.count("trained 6 steps") for o, _ in outputs) == 1  # rank 0 reports, once
     assert read_state(complete_checkpoints(out)[-1])["world_size"] == 2
     assert_same_losses(train_losses(out), train_losses(lora_ref), range(1, 7))
