@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from sftdata.errors import SftError
@@ -15,6 +17,39 @@ TYPE_METAVARS = {
 }
 """The metavar of an option that names none, by click type: the same word on every --help page
 (click's own INTEGER RANGE / FLOAT / TEXT mix read differently from command to command)."""
+
+
+def field_option(cls: type, name: str, *decls: str, **overrides: Any):
+    """A click option made from field ``name`` of the dataclass ``cls``: ``--kebab-name``, its
+    type (a ``Literal`` gives the choices, a bool a flag: ``--name/--no-name`` where it is on by
+    default), its default and its
+    docstring as the help; ``overrides`` replace any of these (a command that reads the value
+    elsewhere first, e.g. ``required=False``)."""
+    import dataclasses
+    import types
+    import typing
+
+    from sftdata.text import field_docs
+
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    kind = typing.get_type_hints(cls)[name]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: X
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    flag = f"--{name.replace('_', '-')}"
+    kw: dict[str, Any] = {"help": field_docs(cls)[name]}
+    if f.default is dataclasses.MISSING:
+        kw["required"] = True
+    else:
+        kw["default"], kw["show_default"] = f.default, f.default is not None
+    if typing.get_origin(kind) is typing.Literal:
+        kw["type"] = click.Choice(typing.get_args(kind))
+    elif kind is bool and f.default is True:  # on unless turned off
+        decls = decls or (f"{flag}/--no-{flag[2:]}",)
+    elif kind is bool:
+        kw["is_flag"], kw["show_default"] = True, False
+    elif kind in (int, float):
+        kw["type"] = kind
+    return click.option(*(decls or (flag,)), name, **{**kw, **overrides})
 
 
 def format_option(help: str):

@@ -30,13 +30,14 @@ from sftdata.atomic import atomic_file, exclusive
 from sftdata.cache import cache_dir as sftpipe_cache
 from sftdata.convert import ConvertReport, convert
 from sftdata.errors import ConfigError
-from sftdata.pack import OVERFLOW, PackOptions, PackReport, pack
+from sftdata.pack import PackOptions, PackReport, pack
+from sftdata.pack.options import knob_problem
 from sftdata.pack.output import existing_index
-from sftdata.render import MISSING_STOP, SPECIAL_TEXT, TRAIN_ON
 from sftdata.sources import FORMATS
 from sftdata.sources.base import parse_mapping
 from sftdata.sources.registry import RegistryEntry, registry_inputs
 from sftdata.templates import template_problem
+from sftdata.text import field_docs
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,14 @@ class DataInput:
     """Take only its first N records (before the weight), as LLaMA-Factory's ``max_samples``."""
 
 
+SECTION_PACK_KEYS = ("template", "seq_len", "train_on", "overflow", "special_text",
+                     "missing_stop", "val_fraction", "val_count", "seed", "num_proc")  # fmt: skip
+"""The pack options a data section sets: :class:`PackOptions` fields, typed, documented and
+checked there (``data.seq_len`` is ``--seq-len``)."""
+SECTION_DEFAULTS = {"seq_len": 2048}
+"""A section's defaults where PackOptions has none."""
+
+
 @dataclass(frozen=True)
 class DataSection:
     """Everything that decides the shards a run trains on."""
@@ -69,26 +78,6 @@ class DataSection:
     """LLaMA-Factory ``dataset_info.json`` (or its folder) for ``dataset:`` inputs."""
     tokenizer: str | None = None
     """Tokenizer to pack with; default the run's model."""
-    template: str = "auto"
-    """Chat template (``--template``)."""
-    seq_len: int = 2048
-    """Row length in tokens (``--seq-len``)."""
-    train_on: str = "all-assistant"
-    """Which messages are trained (``--train-on``)."""
-    overflow: str = "drop"
-    """Records longer than ``seq_len``: drop, truncate, cutoff or error (``--overflow``)."""
-    special_text: str = "refuse"
-    """Control tokens inside a record's text: refuse, split or keep (``--special-text``)."""
-    missing_stop: str = "append"
-    """A reply the template ends with no stop token: append, error or allow (``--missing-stop``)."""
-    val_fraction: float | None = None
-    """Share of records held out as the validation split."""
-    val_count: int | None = None
-    """Number of records held out as the validation split."""
-    seed: int = 0
-    """Seed of the validation pick, the row order and fractional weights."""
-    num_proc: int = 1
-    """Worker processes for packing."""
     max_samples: int | None = None
     """Default ``max_samples`` of every input."""
     cache_dir: str | None = None
@@ -96,10 +85,28 @@ class DataSection:
     predict_inputs: tuple[DataInput, ...] = ()
     """Inputs of the predict step (``do_predict``; LLaMA-Factory's ``eval_dataset``), packed as
     shards of their own with the same options; none: the validation split is predicted."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The pack options the section gives (keys of ``SECTION_PACK_KEYS``)."""
+
+    def pack_options(self, tokenizer: str) -> PackOptions:
+        """The options its shards are packed with (PackOptions' defaults for those not given)."""
+        return PackOptions(tokenizer=tokenizer, **{**SECTION_DEFAULTS, **self.options})
 
 
 _INPUT_KEYS = {"path", "dataset", "from", "map", "sheet", "weight", "max_samples"}
-_SECTION_KEYS = set(DataSection.__dataclass_fields__)
+SECTION_KEYS = (
+    *(f.name for f in dataclasses.fields(DataSection) if f.name != "options"),
+    *SECTION_PACK_KEYS,
+)
+"""Every key of a ``data:`` section, in the order ``--help-config`` lists them."""
+
+
+def section_help() -> list[tuple[str, Any, str]]:
+    """(key, default or ``dataclasses.MISSING``, what it does) of every ``data:`` key."""
+    docs = {**field_docs(PackOptions), **field_docs(DataSection)}
+    fields = (*dataclasses.fields(PackOptions), *dataclasses.fields(DataSection))
+    defaults = {f.name: f.default for f in fields} | SECTION_DEFAULTS
+    return [(key, defaults[key], docs[key]) for key in SECTION_KEYS]
 
 
 def parse_data_section(d: Any, *, where: str = "data") -> DataSection:
@@ -111,7 +118,7 @@ def parse_data_section(d: Any, *, where: str = "data") -> DataSection:
     """
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: must be a mapping (inputs:, template:, seq_len: ...)")
-    _refuse_unknown(d, _SECTION_KEYS, where)
+    _refuse_unknown(d, set(SECTION_KEYS), where)
     raw_inputs = d.get("inputs")
     if isinstance(raw_inputs, (str, dict)):
         raw_inputs = [raw_inputs]
@@ -128,23 +135,24 @@ def parse_data_section(d: Any, *, where: str = "data") -> DataSection:
     predict = tuple(
         _parse_input(x, f"{where}.predict_inputs[{k}]") for k, x in enumerate(raw_predict)
     )
-    values = {k: v for k, v in d.items() if k not in ("inputs", "predict_inputs") and v is not None}
+    given = {k: v for k, v in d.items() if v is not None}
+    options = {k: given.pop(k) for k in SECTION_PACK_KEYS if k in given}
+    for key, value in options.items():
+        problem = knob_problem(key, value)
+        if problem is not None:
+            raise ConfigError(f"{where}.{key}: {problem}")
+    for key in ("dataset_info", "tokenizer", "cache_dir"):
+        if key in given and not isinstance(given[key], str):
+            raise ConfigError(f"{where}.{key}: must be a string, not {given[key]!r}")
+    n = given.get("max_samples")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError(f"{where}.max_samples: must be a positive integer, not {n!r}")
     section = DataSection(
-        inputs=inputs, predict_inputs=predict, **{k: _typed(k, v, where) for k, v in values.items()}
-    )
+        inputs=inputs, predict_inputs=predict, options=options,
+        **{k: v for k, v in given.items() if k not in ("inputs", "predict_inputs")},
+    )  # fmt: skip
     _check_section(section, where)
     return section
-
-
-def _typed(key: str, value: Any, where: str) -> Any:
-    ints = {"seq_len", "val_count", "seed", "num_proc", "max_samples"}
-    if key in ints and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{where}.{key}: must be an integer, not {value!r}")
-    if key == "val_fraction" and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ConfigError(f"{where}.{key}: must be a number, not {value!r}")
-    if key not in ints and key != "val_fraction" and not isinstance(value, str):
-        raise ConfigError(f"{where}.{key}: must be a string, not {value!r}")
-    return value
 
 
 def _refuse_unknown(d: dict[str, Any], known: set[str], where: str) -> None:
@@ -208,28 +216,11 @@ def _check_section(s: DataSection, where: str) -> None:
                 f"{where}.dataset_info: {info} does not exist (relative to {Path.cwd()}; "
                 "LLaMA-Factory's dataset_dir): run from the folder that holds it, or give its path"
             )
-    problem = template_problem(s.template)
+    problem = template_problem(s.options.get("template", "auto"))
     if problem:
         raise ConfigError(f"{where}.template: {problem}")
-    for key, choices in (
-        ("train_on", TRAIN_ON),
-        ("overflow", OVERFLOW),
-        ("special_text", SPECIAL_TEXT),
-        ("missing_stop", MISSING_STOP),
-    ):
-        value = getattr(s, key)
-        if value not in choices:
-            raise ConfigError(f"{where}.{key}: {value!r} is not one of {', '.join(choices)}")
-    if s.seq_len < 2:
-        raise ConfigError(f"{where}.seq_len: must be at least 2")
-    if s.num_proc < 1:
-        raise ConfigError(f"{where}.num_proc: must be at least 1")
-    if s.max_samples is not None and s.max_samples < 1:
-        raise ConfigError(f"{where}.max_samples: must be a positive integer")
-    if s.val_fraction is not None and s.val_count is not None:
+    if s.options.get("val_fraction") is not None and s.options.get("val_count") is not None:
         raise ConfigError(f"{where}: give at most one of val_fraction and val_count")
-    if s.val_fraction is not None and not 0 <= s.val_fraction < 1:
-        raise ConfigError(f"{where}.val_fraction: must be in [0, 1)")
 
 
 # ----------------------------------------------------------------------------- preparing
@@ -285,7 +276,7 @@ def prepare(
     Raises:
         ConversionError, ValidationError, TemplateError, ConfigError: as ``convert``/``pack``.
     """
-    tokenizer = section.tokenizer or model_spec
+    opts = section.pack_options(section.tokenizer or model_spec)
     work = work_dir(section, model_spec)
     work.mkdir(parents=True, exist_ok=True)
     out = Prepared(shards=work / "shards", work=work)
@@ -298,15 +289,9 @@ def prepare(
             parts.append(target)
         data = work / "data.jsonl"
         out.mixed = mix(
-            parts, section.inputs, data, default_max=section.max_samples, seed=section.seed
+            parts, section.inputs, data, default_max=section.max_samples, seed=opts.seed
         )
         old = existing_index(out.shards)
-        opts = PackOptions(
-            seq_len=section.seq_len, tokenizer=tokenizer, template=section.template,
-            train_on=section.train_on, overflow=section.overflow, val_fraction=section.val_fraction,
-            special_text=section.special_text, missing_stop=section.missing_stop,
-            val_count=section.val_count, seed=section.seed, num_proc=section.num_proc,
-        )  # fmt: skip
         out.pack = pack([data], out.shards, opts)
         out.repacked = old is not None and not out.pack.noop
     return out
@@ -329,8 +314,9 @@ def predict_section(section: DataSection, model_spec: str) -> DataSection | None
     if not section.predict_inputs:
         return None
     return dataclasses.replace(
-        section, inputs=section.predict_inputs, predict_inputs=(), val_fraction=None,
-        val_count=None, cache_dir=str(work_dir(section, model_spec) / "predict"),
+        section, inputs=section.predict_inputs, predict_inputs=(),
+        options={**section.options, "val_fraction": None, "val_count": None},
+        cache_dir=str(work_dir(section, model_spec) / "predict"),
     )  # fmt: skip
 
 
@@ -388,6 +374,8 @@ def _unique_id(line: str, copy: int, seen: set[bytes]) -> str:
 
 
 __all__ = [
+    "SECTION_KEYS",
+    "SECTION_PACK_KEYS",
     "DataInput",
     "DataSection",
     "Prepared",
@@ -396,6 +384,7 @@ __all__ = [
     "parse_data_section",
     "predict_section",
     "prepare",
+    "section_help",
     "section_key",
     "work_dir",
 ]

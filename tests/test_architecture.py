@@ -139,6 +139,23 @@ def test_every_error_class_lives_in_errors() -> None:
     assert [f for f in found if f[0] not in allowed] == []
 
 
+def test_pack_options_are_declared_once() -> None:
+    # PackOptions is their one declaration (type, default, help): a command that builds one makes
+    # its options from its fields (sftdata.commands.pack.pack_option), never spells them again
+    import dataclasses
+
+    from sftdata.pack import PackOptions
+
+    knobs = {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(PackOptions)}
+    spelled = {}
+    for name, path in MODULES.items():
+        text = path.read_text("utf-8")
+        if _is_cli(name) and "PackOptions" in text:
+            spelled[name] = set(re.findall(r'click\.option\(\s*"(--[a-z-]+)"', text)) & knobs
+    assert {"sftdata.commands.pack", "sftdata.commands.audit"} <= set(spelled)
+    assert {n: s for n, s in spelled.items() if s} == {}
+
+
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 90
 LONG_ON_PURPOSE = {

@@ -10,50 +10,26 @@ from click.core import ParameterSource
 
 from sftdata.audit.checks import CHECKS, DEFAULT_FAIL_ON
 from sftdata.clickutil import format_option
-from sftdata.render import MISSING_STOP, SPECIAL_TEXT, TRAIN_ON
+from sftdata.commands.pack import pack_option
 
 
 @click.command("audit")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--tokenizer",
-    metavar="PATH",
-    default=None,
+@pack_option(
+    "tokenizer", metavar="PATH", required=False, default=None,
     help="'tiny', an HF tokenizer folder or a .model file (from a shard folder's index when one "
     "is given).",
-)
-@click.option(
-    "--template",
-    metavar="NAME",
-    default="auto",
-    show_default=True,
-    help="The chat template, as for pack.",
-)
-@click.option(
-    "--train-on",
-    default="all-assistant",
-    show_default=True,
-    type=click.Choice(TRAIN_ON),
-    help="As for pack.",
-)
-@click.option(
-    "--special-text",
-    default="refuse",
-    show_default=True,
-    type=click.Choice(SPECIAL_TEXT),
-    help="As for pack: control tokens in a record's text are a finding (refuse), or are "
-    "encoded as text (split) or kept.",
-)
-@click.option(
-    "--missing-stop",
-    default="append",
-    show_default=True,
-    type=click.Choice(MISSING_STOP),
+)  # fmt: skip
+@pack_option("template", metavar="NAME")
+@pack_option("train_on")
+@pack_option("special_text")
+@pack_option(
+    "missing_stop",
     help="As for pack: with 'allow', replies the template ends without a stop token are "
     "no_stop findings (failing by default).",
 )
-@click.option(
-    "--seq-len", type=int, metavar="N", default=None, help="Count the records longer than this."
+@pack_option(
+    "seq_len", metavar="N", required=False, default=None, help="Count the records longer than this."
 )
 @click.option(
     "--validation",
@@ -111,9 +87,7 @@ from sftdata.render import MISSING_STOP, SPECIAL_TEXT, TRAIN_ON
     "viewer of their tokens.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
-@click.option(
-    "--num-proc", type=int, metavar="N", default=1, show_default=True, help="Worker processes."
-)
+@pack_option("num_proc")
 def command(
     inputs: tuple[Path, ...], tokenizer: str, template: str, train_on: str, special_text: str,
     missing_stop: str, seq_len: int | None,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from sftdata.render import TRAIN_ON
+from sftdata.commands.pack import pack_option
 from sftdata.text import counted
 
 
@@ -23,32 +23,16 @@ from sftdata.text import counted
     default=None,
     help="Write a length histogram PNG here.",
 )
-@click.option(
-    "--tokenizer",
-    metavar="PATH",
-    default=None,
+@pack_option(
+    "tokenizer", metavar="PATH", required=False, default=None,
     help="For JSONL input: 'tiny', an HF tokenizer folder or a .model file.",
-)
-@click.option(
-    "--template",
-    metavar="NAME",
-    default="auto",
-    show_default=True,
-    help="For JSONL input: the chat template.",
-)
-@click.option(
-    "--train-on",
-    default="all-assistant",
-    show_default=True,
-    type=click.Choice(TRAIN_ON),
-    help="For JSONL input.",
-)
-@click.option(
-    "--seq-len",
-    type=int,
-    default=None,
+)  # fmt: skip
+@pack_option("template", metavar="NAME", help="For JSONL input: the chat template.")
+@pack_option("train_on", help="For JSONL input.")
+@pack_option(
+    "seq_len", required=False, default=None,
     help="For JSONL input: estimate packing efficiency at this length.",
-)
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 def command(
     inputs: tuple[str, ...],

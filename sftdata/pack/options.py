@@ -3,17 +3,20 @@ refuse options no pack can honour (before any input is read)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from sftdata import physical_memory
 from sftdata.errors import ConfigError
-from sftdata.render import MISSING_STOP, SPECIAL_TEXT, TRAIN_ON
+from sftdata.render import MissingStop, SpecialText, TrainOn
 from sftdata.templates import DEFAULT_TEMPLATE_DATE
 
-OVERFLOW = ("drop", "truncate", "cutoff", "error")
+Overflow = Literal["drop", "truncate", "cutoff", "error"]
+"""What a pack does with a record longer than seq_len."""
+OVERFLOW: tuple[str, ...] = get_args(Overflow)
 
 
 SHARD_BYTES = 64 << 20
@@ -26,46 +29,49 @@ Progress = Callable[[str, int, int | None], None]
 
 @dataclass(frozen=True)
 class PackOptions:
-    """Everything that decides the bytes of the shards (plus ``num_proc``, which never does)."""
+    """Everything that decides the bytes of the shards (plus ``num_proc`` and ``chunk_size``, which
+    never do). The one declaration of the pack options: ``sftdata pack``'s and ``audit``'s
+    command-line options and a ``data:`` section's keys are made from these fields, their types
+    and their docstrings (the help text), and checked by :func:`knob_problem`."""
 
     seq_len: int
     """Row length in tokens."""
     tokenizer: str
-    """``"tiny"``, a local HF tokenizer folder or a SentencePiece ``.model`` file."""
+    """'tiny', a local HF tokenizer folder or a SentencePiece .model file."""
     template: str = "auto"
-    """Chat template: auto, a built-in name (chatml, qwen2.5, llama3, ...), a LLaMA-Factory name, fastchat:NAME or a .jinja file."""
-    train_on: str = "all-assistant"
-    """Which turns are trained when a message carries no ``train`` flag."""
-    overflow: str = "drop"
-    """Records longer than seq_len: drop (counted), truncate (keep the first seq_len), cutoff (cut each prompt/answer pair as LLaMA-Factory does), error."""
+    """auto (the tokenizer's chat_template), a built-in (chatml, llama2, alpaca, qwen2.5, qwen3, llama3, mistral, gemma, gemma3, phi3, phi4, deepseek3, glm4, gpt-oss, cohere), a LLaMA-Factory template name, fastchat:NAME or FILE.jinja."""
+    train_on: TrainOn = "all-assistant"
+    """Trained turns when a message has no 'train' flag (the flag always wins)."""
+    overflow: Overflow = "drop"
+    """Records longer than the seq-len: drop and count, keep the first seq-len tokens, cut each prompt/answer pair in proportion as LLaMA-Factory's cutoff_len does, or stop."""
     pack: bool = True
-    """False: one record per row, padded (``--no-pack``)."""
+    """Pack several records per row; off: one record per row, padded."""
     val_fraction: float | None = None
-    """Fraction of kept records held out as the ``validation`` split."""
+    """Hold out this fraction of records as 'validation'."""
     val_count: int | None = None
-    """Number of kept records held out as the ``validation`` split."""
+    """Hold out this many records as 'validation'."""
     seed: int = 0
-    """Seed of the validation pick and of the row shuffle."""
+    """Seed of the validation pick and row shuffle (and of a data section's fractional weights)."""
     shard_size: int | None = None
-    """Rows per shard file; None: about 64 MB per file."""
+    """Rows per shard file [default: about 64 MB per file]."""
     num_proc: int = 1
-    """Encoding worker processes (does not change the output)."""
+    """Worker processes that encode and write shards (the output is identical)."""
     chunk_size: int = 2000
     """Most records per encode task and tokenizer call (does not change the output)."""
     template_date: str = DEFAULT_TEMPLATE_DATE
-    """The date templates see (``strftime_now``, ``date_string``), pinned for reproducibility."""
+    """The date templates print (strftime_now, date_string), fixed so packs reproduce."""
     strict: bool = False
-    """Refuse records that need a documented fold-in instead of folding them in."""
+    """Refuse records that need a fold-in (e.g. a system prompt merged into the first user turn for a template without a system role) instead of folding them in."""
     skip_invalid: bool = False
-    """Skip and count records the template cannot render (else the first one stops the pack)."""
+    """Skip records the template cannot render (listed and counted) instead of stopping."""
     allow_long: bool = False
-    """Allow a seq_len past the tokenizer's ``model_max_length`` / the model's positions."""
+    """Allow a seq-len past the tokenizer's model_max_length / the model's max_position_embeddings (e.g. for a model you will extend with RoPE scaling)."""
     max_samples: int | None = None
-    """Pack only the first N records of the inputs (LLaMA-Factory's ``max_samples``)."""
-    special_text: str = "refuse"
-    """A record whose own text holds a control token of the tokenizer: refuse it, split (encode the text as plain text) or keep (encode the token)."""
-    missing_stop: str = "append"
-    """A trained reply after which the template writes no stop token: append the model's stop token, error, or allow (train it without one)."""
+    """Pack only the first N records of the inputs (LLaMA-Factory's max_samples)."""
+    special_text: SpecialText = "refuse"
+    """A record whose own text (any role, reasoning, tool calls, results, schemas) holds a special token of the tokenizer, e.g. '<|im_end|>': refuse it (file:line), split (encode that text as plain text) or keep (encode the token: a forged turn if trained)."""
+    missing_stop: MissingStop = "append"
+    """A trained reply after which the template writes no stop token (GLM-4's last reply): append the model's stop token (trained), error, or allow (train replies without one)."""
 
     def resolved_shard_size(self) -> int:
         """Rows per shard file after applying the automatic default."""
@@ -93,11 +99,52 @@ class PackOptions:
         }
 
 
+KNOB_MIN = {
+    "seq_len": 2,
+    "num_proc": 1,
+    "shard_size": 1,
+    "max_samples": 1,
+    "val_count": 0,
+    "chunk_size": 1,
+}
+"""The least value of each integer option that has one."""
+
+
+def knob_problem(name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for :class:`PackOptions` field ``name`` (its type, its
+    choices, its range), or None; the caller names the place (``--seq-len``, ``data.seq_len``)."""
+    kind = _hints()[name]
+    if value is None:
+        return None if type(None) in get_args(kind) else "must be given"
+    choices = next((get_args(t) for t in (kind, *get_args(kind)) if get_origin(t) is Literal), ())
+    if choices:
+        return None if value in choices else f"{value!r} is not one of {', '.join(choices)}"
+    if bool in (kind, *get_args(kind)):
+        return None if isinstance(value, bool) else f"must be true or false, not {value!r}"
+    if int in (kind, *get_args(kind)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"must be an integer, not {value!r}"
+        low = KNOB_MIN.get(name)
+        return None if low is None or value >= low else f"must be at least {low}, not {value}"
+    if float in (kind, *get_args(kind)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a number, not {value!r}"
+        return None if 0 <= value < 1 else f"must be in [0, 1), not {value}"  # val_fraction
+    return None if isinstance(value, str) else f"must be a string, not {value!r}"
+
+
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return get_type_hints(PackOptions)
+
+
 def check_options(opts: PackOptions, inputs: Sequence[Path]) -> None:
     if not inputs:
         raise ConfigError("no input files given")
-    if opts.seq_len < 2:
-        raise ConfigError(f"--seq-len {opts.seq_len}: must be at least 2")
+    for f in fields(PackOptions):
+        problem = knob_problem(f.name, getattr(opts, f.name))
+        if problem is not None:
+            raise ConfigError(f"--{f.name.replace('_', '-')}: {problem}")
     # Writing a shard holds a few rows' int32 columns; a row must fit in memory many times over.
     need = ROW_BUFFERS * 4 * opts.seq_len
     if need > physical_memory() // 4:
@@ -105,27 +152,8 @@ def check_options(opts: PackOptions, inputs: Sequence[Path]) -> None:
             f"--seq-len {opts.seq_len:,}: a row's buffers alone would take {need / 2**30:,.1f} GiB, "
             f"more than a quarter of this machine's memory"
         )
-    if opts.overflow not in OVERFLOW:
-        raise ConfigError(f"--overflow {opts.overflow!r}: must be one of {', '.join(OVERFLOW)}")
-    for flag, value, choices in (
-        ("--train-on", opts.train_on, TRAIN_ON),
-        ("--special-text", opts.special_text, SPECIAL_TEXT),
-        ("--missing-stop", opts.missing_stop, MISSING_STOP),
-    ):
-        if value not in choices:
-            raise ConfigError(f"{flag} {value!r}: must be one of {', '.join(choices)}")
     if opts.val_fraction is not None and opts.val_count is not None:
         raise ConfigError("--val-fraction and --val-count: give at most one")
-    if opts.val_fraction is not None and not 0 <= opts.val_fraction < 1:
-        raise ConfigError(f"--val-fraction {opts.val_fraction}: must be in [0, 1)")
-    if opts.val_count is not None and opts.val_count < 0:
-        raise ConfigError(f"--val-count {opts.val_count}: must not be negative")
-    if opts.shard_size is not None and opts.shard_size < 1:
-        raise ConfigError(f"--shard-size {opts.shard_size}: must be at least 1")
-    if opts.num_proc < 1:
-        raise ConfigError(f"--num-proc {opts.num_proc}: must be at least 1")
-    if opts.max_samples is not None and opts.max_samples < 1:
-        raise ConfigError(f"--max-samples {opts.max_samples}: must be at least 1")
 
 
 ROW_BUFFERS = 6

@@ -14,12 +14,12 @@
 
 from __future__ import annotations
 
-from sftdata.render.control import SPECIAL_TEXT, ControlTokens, find_control
+from sftdata.render.control import SPECIAL_TEXT, ControlTokens, SpecialText, find_control
 from sftdata.render.foldins import FOLD_INS, TOOL_RESULT_HEADER
 from sftdata.render.masks import mask_from_offsets
-from sftdata.render.renderer import TRAIN_ON, Renderer
+from sftdata.render.renderer import TRAIN_ON, Renderer, TrainOn
 from sftdata.render.samples import REFUSALS, Encoded, EncodedRecord, RecordRender, Rendered
-from sftdata.render.stops import MISSING_STOP, Stop
+from sftdata.render.stops import MISSING_STOP, MissingStop, Stop
 
 __all__ = [
     "FOLD_INS",
@@ -31,10 +31,13 @@ __all__ = [
     "ControlTokens",
     "Encoded",
     "EncodedRecord",
+    "MissingStop",
     "RecordRender",
     "Rendered",
     "Renderer",
+    "SpecialText",
     "Stop",
+    "TrainOn",
     "find_control",
     "mask_from_offsets",
 ]

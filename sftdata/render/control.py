@@ -23,15 +23,16 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from sftdata.conversation import Conversation, Message
 from sftdata.errors import TemplateError
 
-SPECIAL_TEXT = ("refuse", "split", "keep")
+SpecialText = Literal["refuse", "split", "keep"]
 """What ``pack`` does with a record whose text holds a control token (``--special-text``)."""
+SPECIAL_TEXT: tuple[str, ...] = get_args(SpecialText)
 
 MARKER_RE = re.compile(
     r"<\|[^<>|\s]{1,80}\|>"  # <|im_end|>, <|start_header_id|>, <|END_OF_TURN_TOKEN|>

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sftdata.conversation import Conversation
 from sftdata.errors import ConfigError, TemplateError, first_line
@@ -68,7 +68,9 @@ from sftdata.render.stops import (
 from sftdata.templates import DEFAULT_TEMPLATE_DATE, load_template
 from sftdata.tokenizer import tokenizer_name
 
-TRAIN_ON = ("all-assistant", "last-assistant", "everything")
+TrainOn = Literal["all-assistant", "last-assistant", "everything"]
+"""Which turns are trained when a message carries no ``train`` flag."""
+TRAIN_ON: tuple[str, ...] = get_args(TrainOn)
 
 
 # ------------------------------------------------------------------------------------ helpers

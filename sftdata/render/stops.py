@@ -27,13 +27,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sftdata.render.control import ControlTokens
 from sftdata.tokenizer import stop_sources
 
-MISSING_STOP = ("append", "error", "allow")
+MissingStop = Literal["append", "error", "allow"]
 """What ``pack`` does with a trained reply after which the template writes no stop token."""
+MISSING_STOP: tuple[str, ...] = get_args(MissingStop)
 
 
 @dataclass(frozen=True)

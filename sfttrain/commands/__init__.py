@@ -27,6 +27,34 @@ def sampling_options(*, max_new_tokens: int) -> Callable[[Any], Any]:
     return apply
 
 
+def model_options(
+    *, required: bool = False, template: bool = False, note: str = ""
+) -> Callable[[Any], Any]:
+    """``--model`` (into ``model_spec``) and ``--adapter``, and with ``template`` the chat
+    ``--template``: the model a command loads for inference (``eval``, ``generate``, ``chat``),
+    with one help text; ``note`` adds what the command does without ``--model``."""
+    options = [
+        click.option("--model", "model_spec", metavar="PATH", required=required, default=None,
+                     help=f"'tiny', a local HF model folder, or a checkpoint/adapter folder{note}."),
+        click.option("--adapter", metavar="PATH", default=None,
+                     help="LoRA adapter folder to apply on top of --model."),
+    ]  # fmt: skip
+    if template:
+        options.append(click.option(
+            "--template", metavar="NAME", default="auto", show_default=True,
+            help="Chat template for --model: auto (the tokenizer's chat_template), a built-in name "
+            "(chatml, qwen2.5, llama3, ...), a LLaMA-Factory name, fastchat:NAME or FILE.jinja: "
+            "the one you packed with.",
+        ))  # fmt: skip
+
+    def apply(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
 def unverified_option(command: Any) -> Any:
     """``--allow-unverified``: the one way to use a checkpoint whose completion marker records no
     checksums (written before they were recorded); every other checkpoint is verified first."""

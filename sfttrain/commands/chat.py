@@ -6,25 +6,13 @@ import sys
 
 import click
 
-from sfttrain.commands import sampling_options, unverified_option
+from sfttrain.commands import model_options, sampling_options, unverified_option
 
 HELP = "/reset forgets the conversation, /system TEXT sets the system message, /exit leaves; Ctrl-C stops a reply."
 
 
 @click.command("chat")
-@click.option(
-    "--model",
-    "model_spec",
-    metavar="PATH",
-    default=None,
-    help="'tiny', an HF model folder, or a checkpoint/adapter folder.",
-)
-@click.option(
-    "--adapter",
-    metavar="PATH",
-    default=None,
-    help="LoRA adapter folder to apply on top of --model.",
-)
+@model_options(template=True)
 @click.option(
     "--gguf",
     "gguf_file",
@@ -33,13 +21,6 @@ HELP = "/reset forgets the conversation, /system TEXT sets the system message, /
     help="A .gguf file, run through llama.cpp (pip install 'sftpipe[gguf]').",
 )
 @click.option("--system", default=None, help="System message for the conversation.")
-@click.option(
-    "--template",
-    metavar="NAME",
-    default="auto",
-    show_default=True,
-    help="Chat template for --model (as in generate); a .gguf file carries its own.",
-)
 @sampling_options(max_new_tokens=512)
 @unverified_option
 def command(

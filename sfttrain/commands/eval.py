@@ -6,25 +6,12 @@ from pathlib import Path
 
 import click
 
-from sfttrain.commands import unverified_option
+from sfttrain.commands import model_options, unverified_option
 
 
 @click.command("eval")
 @click.argument("shards", type=click.Path(path_type=str))
-@click.option(
-    "--model",
-    "model_spec",
-    metavar="PATH",
-    default=None,
-    help="'tiny', a local HF model folder, or a checkpoint/adapter folder (default for a run "
-    "folder: its final/ weights).",
-)
-@click.option(
-    "--adapter",
-    metavar="PATH",
-    default=None,
-    help="LoRA adapter folder to apply on top of --model.",
-)
+@model_options(note=" (default for a run folder: its final/ weights)")
 @click.option(
     "--split",
     metavar="NAME",

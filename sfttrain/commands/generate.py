@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import click
 
-from sfttrain.commands import sampling_options, unverified_option
+from sfttrain.commands import model_options, sampling_options, unverified_option
 
 
 @click.command("generate")
-@click.option(
-    "--model",
-    "model_spec",
-    metavar="PATH",
-    required=True,
-    help="'tiny', a local HF model folder, or a checkpoint/adapter folder.",
-)
-@click.option(
-    "--adapter",
-    metavar="PATH",
-    default=None,
-    help="LoRA adapter folder to apply on top of --model.",
-)
+@model_options(required=True, template=True)
 @click.option(
     "--prompt",
     "prompts",
@@ -29,13 +17,6 @@ from sfttrain.commands import sampling_options, unverified_option
     help="The user message (repeat for several; the model loads once).",
 )
 @click.option("--system", default=None, help="Optional system message.")
-@click.option(
-    "--template",
-    metavar="NAME",
-    default="auto",
-    show_default=True,
-    help="auto (the tokenizer's chat_template), a built-in name (chatml, qwen2.5, llama3, ...), a LLaMA-Factory name, fastchat:NAME or FILE.jinja — use the one you packed with.",
-)
 @sampling_options(max_new_tokens=64)
 @unverified_option
 def command(

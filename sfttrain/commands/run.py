@@ -406,7 +406,7 @@ def _help_config(ctx: click.Context, value: bool) -> None:
         return
     import dataclasses
 
-    from sftdata.recipe import DataInput, DataSection
+    from sftdata.recipe import DataInput, section_help
     from sftdata.text import field_docs as data_docs
     from sfttrain.config import TrainConfig, field_docs
 
@@ -416,10 +416,9 @@ def _help_config(ctx: click.Context, value: bool) -> None:
         click.echo(f"{f.name} (default {default!r}): {docs.get(f.name, '')}")
     # the data: section (converted and packed before training) and the keys of each input
     click.echo("\ndata: (a mapping; sftdata convert and pack options, then the run trains on it)")
-    docs = data_docs(DataSection)
-    for f in dataclasses.fields(DataSection):
-        shown = "required" if f.default is dataclasses.MISSING else f"default {f.default!r}"
-        click.echo(f"  {f.name} ({shown}): {docs.get(f.name, '')}")
+    for key, default, doc in section_help():
+        shown = "required" if default is dataclasses.MISSING else f"default {default!r}"
+        click.echo(f"  {key} ({shown}): {doc}")
     click.echo("data.inputs[] / data.predict_inputs[] (a path, or a mapping):")
     docs = data_docs(DataInput)
     for f in dataclasses.fields(DataInput):

@@ -55,10 +55,12 @@ def test_a_section_reads_paths_datasets_and_options(tmp_path: Path) -> None:
             "missing_stop": "allow",
         }
     )
-    assert (s.special_text, s.missing_stop) == ("split", "allow")
+    opts = s.pack_options("tiny")
+    assert (opts.special_text, opts.missing_stop) == ("split", "allow")
     assert s.inputs[0] == DataInput(path=str(src))
     assert s.inputs[1].weight == 2.0 and s.inputs[1].map == {"q": "instruction"}
-    assert (s.seq_len, s.overflow, s.val_fraction) == (512, "truncate", 0.1)
+    assert (opts.seq_len, opts.overflow, opts.val_fraction) == (512, "truncate", 0.1)
+    assert opts.train_on == "all-assistant"  # not given: PackOptions' default
 
 
 def test_mix_counts() -> None:
