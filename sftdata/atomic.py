@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from sftdata.errors import ConfigError
+from sftdata.errors import OutputError
 from sftdata.inputs import is_special
 
 
@@ -50,7 +50,7 @@ def atomic_file(
     filesystem). On any exception (including KeyboardInterrupt) the temp file is removed.
 
     Raises:
-        ConfigError: naming ``path`` when its folder cannot take a new file (missing, not a
+        OutputError: naming ``path`` when its folder cannot take a new file (missing, not a
             folder, no permission).
     """
     if is_special(path):
@@ -93,7 +93,7 @@ def _temp_beside(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     except OSError as e:
-        raise ConfigError(f"{path}: cannot write here ({e.strerror})") from None
+        raise OutputError(f"{path}: cannot write here ({e.strerror})") from None
     try:
         yield fd, tmp
         follow_umask(tmp)
@@ -110,7 +110,7 @@ def _into_special(path: str | os.PathLike[str], *, mode: str, encoding: str | No
     import sys
 
     if os.fspath(path) == "-" and sys.stdout is None:
-        raise ConfigError("-: standard output is closed; give -o FILE")
+        raise OutputError("-: standard output is closed; give -o FILE")
     with tempfile.TemporaryFile("w+b") as raw:
         f = raw if "b" in mode else io.TextIOWrapper(raw, encoding=encoding, newline="")
         yield f
@@ -125,7 +125,7 @@ def _into_special(path: str | os.PathLike[str], *, mode: str, encoding: str | No
                 with open(path, "ab") as dst:
                     shutil.copyfileobj(raw, dst, 1 << 20)
             except OSError as e:
-                raise ConfigError(f"{path}: cannot write ({e.strerror or e})") from None
+                raise OutputError(f"{path}: cannot write ({e.strerror or e})") from None
         if f is not raw:
             f.detach()
 
@@ -180,7 +180,7 @@ def exclusive(output: str | os.PathLike[str], *, writer: str) -> Iterator[None]:
     replaced whole); the parent is made if missing.
 
     Raises:
-        ConfigError: another process holds the lock, or the parent cannot be written.
+        OutputError: another process holds the lock, or the parent cannot be written.
     """
     import fcntl
 
@@ -189,7 +189,7 @@ def exclusive(output: str | os.PathLike[str], *, writer: str) -> Iterator[None]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(
+        raise OutputError(
             f"{e.filename or out}: cannot create the output ({e.strerror or e})"
         ) from None
     # The holder unlinks the lock file as it finishes, so a file opened just before that unlink
@@ -199,14 +199,14 @@ def exclusive(output: str | os.PathLike[str], *, writer: str) -> Iterator[None]:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
         except OSError as e:
-            raise ConfigError(
+            raise OutputError(
                 f"{e.filename or out}: cannot create the output ({e.strerror or e})"
             ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise ConfigError(
+            raise OutputError(
                 f"{out}: another {writer} is writing this folder (lock {lock}); wait for it or "
                 "write elsewhere"
             ) from None
@@ -215,7 +215,7 @@ def exclusive(output: str | os.PathLike[str], *, writer: str) -> Iterator[None]:
                 break
         os.close(fd)  # a stale file: its holder had finished and removed it
     else:
-        raise ConfigError(f"{out}: the lock {lock} keeps changing hands; try again")
+        raise OutputError(f"{out}: the lock {lock} keeps changing hands; try again")
     try:
         try:
             yield

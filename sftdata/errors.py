@@ -44,6 +44,11 @@ class ConfigError(SftError):
     """A training/packing configuration is unknown, ill-typed or impossible."""
 
 
+class OutputError(SftError):
+    """An output cannot be written: no permission, a full disk, a closed standard output, or a
+    lock another process holds on it."""
+
+
 def first_line(e: BaseException) -> str:
     """The first non-blank line of ``e``'s message, stripped; its class name when it has none
     (what a one-line error quotes of a library's exception)."""

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sftdata import __version__
-from sftdata.errors import CheckpointError, ConfigError
+from sftdata.errors import CheckpointError
 from sftdata.inputs import read_small
 from sftdata.jsonfile import read_json, schema_problem
 from sfttrain.config import TrainConfig, config_from_dict, trajectory_hash
@@ -191,7 +191,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def read_state(folder: str | Path) -> dict[str, Any]:
-    """``trainer_state.json`` of a complete checkpoint, or ConfigError (one line)."""
+    """``trainer_state.json`` of a complete checkpoint, or CheckpointError (one line)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder does not exist")
@@ -334,7 +334,7 @@ def check_resumable(
     model_spec: str,
     world_size: int = 1,
 ) -> dict[str, Any]:
-    """The state of ``folder`` if this run can continue from it; else ConfigError naming the difference.
+    """The state of ``folder`` if this run can continue from it; else CheckpointError naming the difference.
 
     The number of ranks may differ from the saved run's as long as the global batch (micro-batch ×
     accumulation × ranks) is the same: 2 ranks × accumulation 4 resume as 1 rank × accumulation 8.
@@ -360,7 +360,7 @@ def check_resumable(
             and k not in PER_DEVICE_BATCH_KEYS
         ]
         if not diff:
-            raise ConfigError(
+            raise CheckpointError(
                 f"{folder}: checkpoint is from a run with global batch "
                 f"{global_batch_rows(saved, saved_ws)} rows "
                 f"({saved.per_device_train_batch_size} × accumulation "
@@ -370,16 +370,16 @@ def check_resumable(
                 "gradient_accumulation_steps so the product matches"
             )
         key = diff[0]
-        raise ConfigError(
+        raise CheckpointError(
             f"{folder}: checkpoint is from a run with a different config "
             f"({key}: {theirs.get(key)!r} there, {mine[key]!r} now)"
         )
     if state["shards"]["index_sha256"] != shards["index_sha256"]:
-        raise ConfigError(
+        raise CheckpointError(
             f"{folder}: checkpoint was trained on other shards ({state['shards']['path']}), not {shards['path']}"
         )
     if state["model"] != model_spec:
-        raise ConfigError(
+        raise CheckpointError(
             f"{folder}: checkpoint was trained from model {state['model']!r}, not {model_spec!r}"
         )
     return state

@@ -108,9 +108,6 @@ class Training:
     autocast: Callable[[], Any]
     flops_per_token: float
     peak_tflops: float | None
-    tokenizer: Any = None
-    """For ``eval_generate`` (set after the set-up, with ``run_dir``)."""
-    run_dir: Path = Path()
 
 
 def setup_training(

@@ -32,6 +32,7 @@ import torch
 
 from sftdata.atomic import exclusive
 from sfttrain.checkpoint import (
+    Resume,
     RunState,
     checkpoint_due,
     find_resume,
@@ -59,7 +60,7 @@ from sfttrain.perf import (
     deterministic_kernels,
 )
 from sfttrain.predict import check_eval_generate, generation_metrics
-from sfttrain.run_setup import Training, setup_data, setup_model, setup_training
+from sfttrain.run_setup import RunData, Training, setup_data, setup_model, setup_training
 from sfttrain.rundir import (
     base_model_dir,
     check_run_dir,
@@ -133,17 +134,81 @@ def _train(
     on_log: Callable[[dict[str, Any], int], None] | None,
     on_event: OnEvent | None,
 ) -> TrainResult:
+    run = _set_up(
+        config, shards=shards, run_dir=Path(output_dir), model_spec=model_spec, resume=resume,
+        allow_unverified=allow_unverified, dist=dist, on_log=on_log, on_event=on_event,
+    )  # fmt: skip
+    try:
+        stopped, checkpoint, saved_step = _loop(run, progress=progress, on_step=on_step)
+    finally:
+        run.data.close()  # no more fetching ahead (a URL's shards)
+    return _finish(run, stopped=stopped, checkpoint=checkpoint, saved_step=saved_step)
+
+
+@dataclass
+class _Run:
+    """A run set up (steps 1-3): what the loop steps, where it stands, where it writes."""
+
+    config: TrainConfig
+    dist: Dist
+    data: RunData
+    t: Training
+    state: RunState
+    resumed: Resume
+    run_dir: Path
+    tokenizer: Any
+    metrics: Metrics
+    event: Callable[[Any], None]
+    on_log: Callable[[dict[str, Any], int], None] | None
+
+    def log(self, row: dict[str, Any]) -> None:
+        """A metrics.jsonl row, also to ``on_log`` (rank 0: what the command prints)."""
+        self.metrics.write(row)
+        if self.on_log is not None and self.dist.is_main:
+            self.on_log(row, self.t.total_steps)
+
+    def save(self) -> Path | None:
+        """A checkpoint of where the run stands (the folder on rank 0, else None)."""
+        t0 = time.perf_counter()
+        path = save_run_checkpoint(
+            self.run_dir, self.state, model=self.t.model, optimizer=self.t.optimizer,
+            scheduler=self.t.scheduler, tokenizer=self.tokenizer, config=self.config,
+            dist=self.dist,
+        )  # fmt: skip
+        if path is not None:
+            self.event(CheckpointSaved(self.state.step, str(path), time.perf_counter() - t0))
+        return path
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """The evaluation row of ``step`` (loss; with ``eval_generate``, BLEU/ROUGE too)."""
+        config, t, reader = self.config, self.t, self.data.eval_reader
+        row = eval_row(
+            t.loss_model, reader, step=step, epoch=round(step / t.sampler.steps_per_epoch, 4),
+            batch_size=config.per_device_eval_batch_size, dist=self.dist, autocast=t.autocast,
+        )  # fmt: skip
+        if config.eval_generate:
+            row |= generation_metrics(
+                t.model, self.tokenizer, reader,
+                folder=self.run_dir / "predictions" / f"step-{step:07d}",
+                max_new_tokens=config.max_new_tokens, batch_size=config.per_device_eval_batch_size,
+            )  # fmt: skip
+        return row
+
+
+def _set_up(
+    config: TrainConfig, *, shards: str | Path, run_dir: Path, model_spec: str, resume: str | None,
+    allow_unverified: bool, dist: Dist, on_log: Callable[[dict[str, Any], int], None] | None,
+    on_event: OnEvent | None,
+) -> _Run:  # fmt: skip
     event = on_event or (lambda _e: None)
-    device = dist.device
-    run_dir = Path(output_dir)
-    check_platform(config, device)  # QLoRA/Liger/flash attention/bf16 this machine cannot run
+    check_platform(config, dist.device)  # QLoRA/Liger/flash attention/bf16 this machine cannot run
     deterministic_kernels(config.deterministic)
     trackers = resolve_report_to(config.report_to)  # a missing package: before any write
     check_eval_generate(config, dist.world_size)
 
     # ---- 1. data, model, the checkpoint to resume: all checked before anything is written ------
     data = setup_data(config, shards)
-    base, tokenizer = setup_model(config, data, model_spec, device)
+    base, tokenizer = setup_model(config, data, model_spec, dist.device)
     check_run_dir(run_dir, shards=data.folder, resume=resume, overwrite=config.overwrite_output_dir)
     resumed = find_resume(
         resume, run_dir, config=config, shards=data.identity, model_spec=model_spec,
@@ -161,7 +226,6 @@ def _train(
 
     # ---- 2. fine-tuning, wrap, optimizer, schedule, sampler; 3. resume their state -------------
     t = setup_training(config, base, data, dist, resumed=resumed)
-    t.tokenizer, t.run_dir = tokenizer, run_dir
     state = RunState(
         step=0, cursor=Cursor(), trained_tokens=0, total_steps=t.total_steps,
         world_size=dist.world_size, model=model_spec, base_model=base_dir, shards=data.identity,
@@ -180,32 +244,21 @@ def _train(
         resumed=resumed,
     ))  # fmt: skip
     metrics = Metrics(
-        run_dir,
-        resume_step=state.step if resumed.folder else None,
-        trackers=trackers,
-        enabled=dist.is_main,
-        config=config.to_dict(),
-    )
+        run_dir, resume_step=state.step if resumed.folder else None, trackers=trackers,
+        enabled=dist.is_main, config=config.to_dict(),
+    )  # fmt: skip
+    return _Run(
+        config=config, dist=dist, data=data, t=t, state=state, resumed=resumed, run_dir=run_dir,
+        tokenizer=tokenizer, metrics=metrics, event=event, on_log=on_log,
+    )  # fmt: skip
 
-    def log(row: dict[str, Any]) -> None:
-        """A metrics.jsonl row, also to ``on_log`` (rank 0: what the command prints)."""
-        metrics.write(row)
-        if on_log is not None and dist.is_main:
-            on_log(row, t.total_steps)
 
-    def save() -> Path | None:
-        t0 = time.perf_counter()
-        path = save_run_checkpoint(
-            run_dir, state, model=t.model, optimizer=t.optimizer, scheduler=t.scheduler,
-            tokenizer=tokenizer, config=config, dist=dist,
-        )  # fmt: skip
-        if path is not None:
-            event(CheckpointSaved(state.step, str(path), time.perf_counter() - t0))
-        return path
-
-    # ---- 4. the loop ------------------------------------------------------------------------
-    model, loss_model, sampler, reader = t.model, t.loss_model, t.sampler, data.reader
-    total_steps, seq_len = t.total_steps, data.seq_len
+def _loop(
+    run: _Run, *, progress: bool, on_step: Callable[[int], None] | None
+) -> tuple[bool, Path | None, int]:
+    """Step 4, the optimizer steps: (stopped by a signal, the last checkpoint, its step)."""
+    config, dist, t, state = run.config, run.dist, run.t, run.state
+    loss_model, sampler, reader, device = t.loss_model, t.sampler, run.data.reader, dist.device
     loss_model.train()
     window = LogWindow(
         device, flops_per_token=t.flops_per_token, peak_tflops=t.peak_tflops,
@@ -213,13 +266,13 @@ def _train(
     )  # fmt: skip
     grad_norm: torch.Tensor | None = None
     checkpoint: Path | None = None
-    saved_step = state.step if resumed.folder else -1
+    saved_step = state.step if run.resumed.folder else -1
     stopped = False
     with (
-        StopRequest(lambda sig: event(StopRequested(sig, state.step + 1))) as stop,
-        progress_bar(progress and dist.is_main, total_steps, state.step) as bar,
+        StopRequest(lambda sig: run.event(StopRequested(sig, state.step + 1))) as stop,
+        progress_bar(progress and dist.is_main, t.total_steps, state.step) as bar,
     ):
-        while state.step < total_steps:
+        while state.step < t.total_steps:
             # a. this rank's micro-batches of the step, as host arrays (memory-mapped rows, one stack),
             #    padded with zero-weight ones so every rank runs the same number (DDP/FSDP collectives)
             batches, n_real = sampler.padded_micro_batches(state.cursor)
@@ -228,9 +281,7 @@ def _train(
             step_trained_tokens = int(
                 dist.all_reduce_sum(sum(trained_tokens(b["labels"]) for b in host[:n_real]))
             )
-            scale = dist.world_size / max(
-                step_trained_tokens, 1
-            )  # DDP/FSDP average gradients over ranks
+            scale = dist.world_size / max(step_trained_tokens, 1)  # DDP/FSDP average over ranks
             # c. forward/backward per micro-batch
             for i, b in enumerate(host):
                 weight = 1.0 if i < n_real else 0.0  # a padding micro-batch adds exactly 0
@@ -240,7 +291,7 @@ def _train(
                         loss_sum = loss_model(**to_tensors(b, device)) * weight
                     (loss_sum * scale).backward()
                 window.loss_sum += loss_sum.detach()
-            window.positions += len(sampler.step_rows(state.cursor)) * seq_len  # for MFU
+            window.positions += len(sampler.step_rows(state.cursor)) * run.data.seq_len  # for MFU
             # d. clip and step
             if config.max_grad_norm > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(t.params, config.max_grad_norm)
@@ -255,7 +306,7 @@ def _train(
             window.trained_tokens += step_trained_tokens
             # e. log / evaluate / checkpoint / stop
             step = state.step
-            if step % config.logging_steps == 0 or step == total_steps:
+            if step % config.logging_steps == 0 or step == t.total_steps:
                 state.last_loss = dist.all_reduce_sum(window.loss_sum.item()) / max(
                     window.trained_tokens, 1
                 )
@@ -264,64 +315,49 @@ def _train(
                     loss=state.last_loss, lr=t.scheduler.get_last_lr()[0], grad_norm=grad_norm,
                     trained_tokens=state.trained_tokens,
                 )  # fmt: skip
-                log(row)
+                run.log(row)
                 show_progress(bar, row)
                 window.reset()
-            if data.eval_reader is not None and eval_due(
-                config, step, total_steps, sampler.steps_per_epoch
+            if run.data.eval_reader is not None and eval_due(
+                config, step, t.total_steps, sampler.steps_per_epoch
             ):
-                log(_eval_row(loss_model, data.eval_reader, config, dist, t, step))
+                run.log(run.evaluate(step))
                 window.restart_clock()
             if bar is not None:
                 bar.update(0, advance=1)
             if on_step is not None:
                 on_step(step)
             stopped = dist.any_true(stop.requested)
-            if stopped or step == total_steps or checkpoint_due(config.save_steps, step):
-                checkpoint = save()
-                saved_step = step
+            if stopped or step == t.total_steps or checkpoint_due(config.save_steps, step):
+                checkpoint, saved_step = run.save(), step
                 window.restart_clock()
             if stopped:
                 break
+    return stopped, checkpoint, saved_step
 
-    # ---- 5. the end: last checkpoint, final weights, eval, plot ---------------------------------
-    data.close()
+
+def _finish(run: _Run, *, stopped: bool, checkpoint: Path | None, saved_step: int) -> TrainResult:
+    """Step 5, the end: the last checkpoint, final weights and evaluation, loss.png."""
+    config, dist, state = run.config, run.dist, run.state
     if saved_step != state.step:
-        checkpoint = save()
+        checkpoint = run.save()
     final_dir = None
     if not stopped:
-        if data.eval_reader is not None and config.eval_strategy != "no":
-            log(_eval_row(loss_model, data.eval_reader, config, dist, t, state.step))
-        final_dir = save_final(run_dir, model, tokenizer, config=config, dist=dist)
+        if run.data.eval_reader is not None and config.eval_strategy != "no":
+            run.log(run.evaluate(state.step))
+        final_dir = save_final(run.run_dir, run.t.model, run.tokenizer, config=config, dist=dist)
     dist.barrier()  # final/ exists before any rank returns
     if dist.is_main:
-        rows = metrics.rows()
-        metrics.close()
+        rows = run.metrics.rows()
+        run.metrics.close()
         if rows:
-            plot_loss(rows, run_dir / "loss.png")
-    if checkpoint is None:
-        checkpoint = latest_checkpoint(run_dir)
+            plot_loss(rows, run.run_dir / "loss.png")
     return TrainResult(
-        state.step, total_steps, stopped, checkpoint, final_dir, state.last_loss,
-        state.trained_tokens, resumed.notes,
+        step=state.step, total_steps=run.t.total_steps, stopped=stopped,
+        checkpoint=checkpoint or latest_checkpoint(run.run_dir), final_dir=final_dir,
+        last_loss=state.last_loss, trained_tokens=state.trained_tokens,
+        resume_notes=run.resumed.notes,
     )  # fmt: skip
-
-
-# ----------------------------------------------------------------------------- loop pieces
-
-
-def _eval_row(loss_model, reader, config: TrainConfig, dist: Dist, t: Training, step: int):
-    row = eval_row(
-        loss_model, reader, step=step, epoch=round(step / t.sampler.steps_per_epoch, 4),
-        batch_size=config.per_device_eval_batch_size, dist=dist, autocast=t.autocast,
-    )  # fmt: skip
-    if config.eval_generate:
-        row |= generation_metrics(
-            t.model, t.tokenizer, reader, folder=t.run_dir / "predictions" / f"step-{step:07d}",
-            max_new_tokens=config.max_new_tokens,
-            batch_size=config.per_device_eval_batch_size,
-        )  # fmt: skip
-    return row
 
 
 __all__ = ["TrainResult", "train"]

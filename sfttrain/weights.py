@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from sftdata.atomic import atomic_dir
-from sftdata.errors import CheckpointError, ConfigError, first_line
+from sftdata.errors import CheckpointError, first_line
 
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
@@ -228,7 +228,7 @@ def restore_training(
     load_optimizer(folder, model=model, optimizer=optimizer, scheduler=scheduler)
     step = int(saved["step"])
     if type(cursor)(**saved["cursor"]) != cursor:
-        raise ConfigError(f"{folder}: data cursor {saved['cursor']} does not match step {step}")
+        raise CheckpointError(f"{folder}: data cursor {saved['cursor']} does not match step {step}")
     load_rng(folder)
     return {"step": step, "trained_tokens": int(saved["trained_tokens"]),
             "last_loss": saved.get("last_loss")}  # fmt: skip

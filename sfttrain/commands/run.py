@@ -164,7 +164,7 @@ def _train(
     allow_unverified: bool, no_progress: bool, dist: Any,
 ) -> Any:  # fmt: skip
     """``sfttrain.train.train`` with this command's log lines; a failed write is one line."""
-    from sftdata.errors import CheckpointError
+    from sftdata.errors import OutputError
     from sfttrain.train import train
 
     lines = _LogLines() if not no_progress and not sys.stderr.isatty() else None
@@ -178,7 +178,7 @@ def _train(
         # Checkpoints handle their own failures (the previous one stays valid); this is any other
         # write in the run folder (metrics.jsonl, final/, loss.png) on a full or read-only disk.
         where = e.filename or output_dir
-        raise CheckpointError(f"{where}: cannot write ({e.strerror or e})") from None
+        raise OutputError(f"{where}: cannot write ({e.strerror or e})") from None
     finally:
         dist.close()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sftdata.atomic import atomic_dir, atomic_file
-from sftdata.errors import ConfigError
+from sftdata.errors import OutputError
 
 
 def test_atomic_dir_replaces_a_folder_and_keeps_it_on_failure(tmp_path: Path) -> None:
@@ -32,7 +32,7 @@ def test_atomic_file_failure_leaves_nothing_and_bad_folder_is_one_line(tmp_path:
     assert list(tmp_path.iterdir()) == []
     out.write_text("x")
     msg = r"f\.txt/g\.txt: cannot write here \(Not a directory\)"
-    with pytest.raises(ConfigError, match=msg), atomic_file(out / "g.txt"):
+    with pytest.raises(OutputError, match=msg), atomic_file(out / "g.txt"):
         pass
 
 
@@ -73,7 +73,7 @@ def test_a_lock_file_removed_under_a_writer_is_not_a_lock(tmp_path, monkeypatch)
     with atomic.exclusive(out, writer="test"):  # the third writer, on a new lock file
         monkeypatch.setattr(atomic.os, "open", open_stale_first)
         with (
-            pytest.raises(ConfigError, match="another second is writing"),
+            pytest.raises(OutputError, match="another second is writing"),
             atomic.exclusive(out, writer="second"),
         ):
             pass

@@ -234,7 +234,7 @@ def test_resume_refuses_incomplete_foreign_or_changed_checkpoints(
         )
 
     with pytest.raises(
-        ConfigError, match=r"different config \(learning_rate: 0\.0001 there, 0\.001 now\)"
+        CheckpointError, match=r"different config \(learning_rate: 0\.0001 there, 0\.001 now\)"
     ):
         resume(ckpt, learning_rate=1e-3)
     broken = tmp_path / "broken"
@@ -245,7 +245,7 @@ def test_resume_refuses_incomplete_foreign_or_changed_checkpoints(
     with pytest.raises(CheckpointError, match="does not exist"):
         resume(tmp_path / "nowhere")
     other = demo_shards(tmp_path / "other", seq_len=64, limit=60)
-    with pytest.raises(ConfigError, match="other shards"):
+    with pytest.raises(CheckpointError, match="other shards"):
         train(
             _cfg(save_steps=2),
             shards=other,

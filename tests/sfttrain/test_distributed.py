@@ -23,7 +23,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from sftdata.errors import ConfigError
+from sftdata.errors import CheckpointError, ConfigError
 from sfttrain.checkpoint import complete_checkpoints, read_state
 from sfttrain.cli import main
 from sfttrain.config import build_config, trajectory_hash
@@ -257,7 +257,9 @@ def test_nproc_runs_torchrun_and_resumes_a_one_rank_checkpoint_on_two(
 
 def test_resume_refuses_another_global_batch(lora_ddp, shards, tmp_path) -> None:
     step2 = complete_checkpoints(lora_ddp)[0]
-    with pytest.raises(ConfigError, match=r"global batch 8 rows .*1 × accumulation 4 × 2 ranks"):
+    with pytest.raises(
+        CheckpointError, match=r"global batch 8 rows .*1 × accumulation 4 × 2 ranks"
+    ):
         in_process(shards, tmp_path / "x", {**COMMON, "gradient_accumulation_steps": 4}, str(step2))
 
 
