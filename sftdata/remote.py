@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sftdata import sha256_file
 from sftdata.errors import ConfigError, ShardError, first_line
 
 URL = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -200,8 +201,6 @@ def _locked(lock_file: Path) -> Iterator[None]:
 
 def _fetch_one(fs: Any, root: str, url: str, entry: dict[str, Any], dest: Path) -> None:
     """Download one shard into the cache, verified; a bad copy is fetched again once."""
-    from sftdata.shards.format import sha256_file
-
     path = dest / entry["file"]
     if (
         path.is_file()

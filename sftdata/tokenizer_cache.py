@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sftdata import __version__
+from sftdata import __version__, sha256_file
 from sftdata.atomic import atomic_file
 from sftdata.cache import cache_dir
 from sftdata.errors import ConfigError
@@ -66,8 +66,6 @@ files twice (the renderer's vetting, then the snapshot)."""
 
 
 def _digest(p: Path) -> str:
-    from sftdata.shards import sha256_file
-
     st = p.stat()
     ident = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if ident not in _DIGESTS:

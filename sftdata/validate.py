@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftdata.conversation import READ_VERSIONS, ROLES, Source, invalid_json, loads_strict
-from sftdata.jsonfile import load_schema
+from sftdata.conversation import READ_VERSIONS, ROLES, Source
+from sftdata.jsonfile import invalid_json, load_schema, loads_strict
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftdata import __version__
+from sftdata import __version__, sha256_file
 from sftdata.errors import CheckpointError
 from sftdata.inputs import read_small
 from sftdata.jsonfile import read_json, schema_problem
@@ -219,8 +219,6 @@ def _validate_schema(state: dict[str, Any], *, where: str) -> None:
 
 def _file_digests(folder: Path, *, hash_files: bool = True) -> dict[str, str]:
     """Every file of a checkpoint folder but its marker -> its sha256 (or "" unhashed)."""
-    from sftdata.shards import sha256_file
-
     return {
         p.relative_to(folder).as_posix(): sha256_file(p) if hash_files else ""
         for p in sorted(folder.rglob("*"))
@@ -243,9 +241,8 @@ def verify_checkpoint(folder: Path, *, allow_unverified: bool = False) -> None:
         CheckpointError: naming the checkpoint and what is wrong (the first missing, unlisted or
             changed file; a marker that is not one).
     """
-    from sftdata.conversation import loads_strict
     from sftdata.inputs import inside
-    from sftdata.shards import sha256_file
+    from sftdata.jsonfile import loads_strict
 
     where = folder / MARKER
     text = read_small(where, error=CheckpointError, what="checkpoint marker", limit=1 << 20)

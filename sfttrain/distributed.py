@@ -14,13 +14,16 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from sftdata.errors import ConfigError
+from sfttrain.wrappers import decoder_layers
 
 
 def _full_options():
@@ -155,8 +158,6 @@ def shard_fsdp2(module: torch.nn.Module, *, cpu_offload: bool, bf16: bool) -> to
     fp32 sharded master weights and computes in bf16 with fp32 gradient reduction when bf16 is on.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-    from sfttrain.model import decoder_layers
 
     kw: dict[str, Any] = {}
     if bf16:
@@ -299,6 +300,39 @@ class StopRequest:
             signal.signal(sig, old)
 
 
+def run_torchrun(argv: list[str], *, env: dict[str, str] | None = None) -> int:
+    """Run the torchrun command ``argv`` to its end; its exit code.
+
+    torchrun runs in its own session and this process stays as its parent only to route
+    SIGTERM/SIGINT to the WORKERS: they agree, save one checkpoint and exit 0, so torchrun exits
+    0 too. (Signalled itself, torchrun forwards the signal but then re-raises it: a traceback
+    and a failed exit even though the checkpoint was written; a terminal's Ctrl-C would reach it
+    through the process group, hence the separate session.)
+    """
+    proc = subprocess.Popen(argv, start_new_session=True, env=env)
+
+    def forward(signum: int, _frame: Any) -> None:
+        signal_workers(proc.pid, signum)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def signal_workers(agent: int, signum: int) -> None:
+    """Send ``signum`` to torchrun's worker processes (its children); to torchrun if none is found."""
+    try:
+        children = Path(f"/proc/{agent}/task/{agent}/children").read_text().split()
+    except OSError:  # not Linux, or no /proc children list
+        children = []
+    for pid in [int(c) for c in children] or [agent]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
 __all__ = [
     "Dist",
     "StopRequest",
@@ -307,7 +341,9 @@ __all__ = [
     "dist_from_env",
     "gather_model_state",
     "is_fsdp",
+    "run_torchrun",
     "shard_fsdp2",
+    "signal_workers",
     "strip_nproc",
     "torchrun_argv",
     "under_torchrun",

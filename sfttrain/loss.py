@@ -32,7 +32,7 @@ import torch
 from sftdata import IGNORE_INDEX
 from sftdata.errors import ConfigError
 from sfttrain.config import TrainConfig
-from sfttrain.model import unwrap
+from sfttrain.wrappers import unwrap
 
 # Implementation -> the isolation mechanism `attn_isolation: auto` picks (tested in tests/invariants/test_c1_isolation.py).
 AUTO_ISOLATION = {

@@ -14,6 +14,7 @@ import torch
 from sftdata.errors import ConfigError, ModelError
 from sftdata.jsonfile import read_json_object
 from sfttrain.config import TrainConfig, lora_target_modules
+from sfttrain.wrappers import decoder_layers, unwrap
 
 # Implementations that run on CPU, i.e. that C1 is tested for in the CPU test suite.
 CPU_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
@@ -260,16 +261,6 @@ def is_quantized(model) -> bool:
     )
 
 
-def decoder_layers(module) -> list:
-    """The decoder blocks (``model.layers`` of a CausalLM, through PEFT/LossModel wrappers)."""
-    # a LossModel (sfttrain.loss) holds the CausalLM as .model; a CausalLM's own .model is its
-    # decoder, so the wrapper is told apart by its isolation attribute, not by importing it
-    inner = unwrap(module.model if hasattr(module, "isolation") else module)
-    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    return list(layers) if layers is not None else []
-
-
 def check_finetuning(model, config: TrainConfig) -> None:
     """Refuse a LoRA rank past the model's width, before anything is allocated or written: it
     adds nothing a full update would not, and rank x width per layer of a typo (a few zeros too
@@ -348,17 +339,6 @@ def compile_layers(model) -> int:
     return len(layers)
 
 
-def unwrap(model):
-    """The transformers CausalLM inside a PEFT (or DDP/compile) wrapper."""
-    inner = getattr(model, "module", model)  # DDP
-    inner = getattr(inner, "_orig_mod", inner)  # torch.compile
-    if hasattr(inner, "get_base_model"):
-        inner = (
-            inner.get_base_model()
-        )  # PEFT: LoRA layers are injected in place, so this trains them
-    return inner
-
-
 def load_for_inference(
     model: str | Path,
     *,
@@ -413,7 +393,6 @@ __all__ = [
     "check_finetuning",
     "check_model_dir",
     "compile_layers",
-    "decoder_layers",
     "is_adapter_dir",
     "is_quantized",
     "load_base_model",
@@ -422,5 +401,4 @@ __all__ = [
     "model_sources",
     "quantization_kwargs",
     "tiny_dir",
-    "unwrap",
 ]

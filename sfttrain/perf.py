@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from sftdata.errors import ConfigError
+from sfttrain.wrappers import unwrap
 
 # (substring of the device name, dense bf16 TFLOP/s). First match wins: specific names first.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -67,8 +68,6 @@ def device_peak_tflops(device: torch.device, override: float | None = None) -> f
 
 def model_flops_per_token(model: torch.nn.Module, *, seq_len: int) -> float:
     """Training FLOPs per token (see the module doc): 4N + 2N_trainable + 12·L·H·T."""
-    from sfttrain.model import unwrap
-
     inner = unwrap(model)
     cfg = inner.config
     embed = inner.get_input_embeddings()

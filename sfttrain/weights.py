@@ -18,6 +18,7 @@ import numpy as np
 
 from sftdata.atomic import atomic_dir
 from sftdata.errors import CheckpointError, first_line
+from sfttrain.wrappers import unwrap
 
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
@@ -60,8 +61,6 @@ def save_weights(
     ``state_dict``: the full state dict gathered from an FSDP-sharded ``model`` (keys as in the
     unwrapped model); without it the model's own (unsharded) tensors are written.
     """
-    from sfttrain.model import unwrap
-
     kw: dict[str, Any] = {} if state_dict is None else {"state_dict": state_dict}
     if finetuning_type == "lora":
         model.save_pretrained(str(folder), safe_serialization=True, **kw)
@@ -81,8 +80,6 @@ def _load_file(path: Path) -> dict[str, Any]:
 
 def load_weights(model, folder: Path, *, finetuning_type: str) -> None:
     """Load what ``save_weights`` wrote into the (identically built) ``model``, in place."""
-    from sfttrain.model import unwrap
-
     if finetuning_type == "lora":
         from peft import set_peft_model_state_dict
 

@@ -139,6 +139,22 @@ def test_every_error_class_lives_in_errors() -> None:
     assert [f for f in found if f[0] not in allowed] == []
 
 
+BASE = {
+    "sftdata", "sftdata.errors", "sftdata.inputs", "sftdata.atomic", "sftdata.jsonfile",
+    "sftdata.yamlfile", "sftdata.text", "sftdata.extras", "sftdata.cache", "sftdata.bounded",
+}  # fmt: skip
+"""The ground floor (README, "Architecture"): small utilities every stage may use, which use
+nothing but each other."""
+
+
+def test_the_shared_base_stands_on_itself() -> None:
+    assert {m: GRAPH[m] - BASE for m in BASE if GRAPH[m] - BASE} == {}
+    # and it is used: every stage of both packages stands on it
+    assert all(
+        GRAPH[m] & BASE for m in ("sftdata.convert", "sftdata.pack.pipeline", "sfttrain.train")
+    )
+
+
 def test_pack_options_are_declared_once() -> None:
     # PackOptions is their one declaration (type, default, help): a command that builds one makes
     # its options from its fields (sftdata.commands.pack.pack_option), never spells them again

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from sftdata import sha256_file
 from sftdata.audit.checks import CHECKS, DEFAULT_FAIL_ON, Check, Collector, parse_fail_on
 from sftdata.audit.facts import ngram_hashes
 from sftdata.errors import ConfigError
@@ -132,7 +133,7 @@ def from_shards(folder: Path, given: Sequence[Path]) -> FromShards:
         ShardError: not a shard folder. ConfigError: an input it records is not found, or a
             given file is not one of its inputs, naming the file.
     """
-    from sftdata.shards import ShardReader, sha256_file
+    from sftdata.shards import ShardReader
     from sftdata.shards.format import read_index
 
     index = read_index(folder)

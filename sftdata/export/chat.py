@@ -22,16 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from sftdata.atomic import atomic_file
-from sftdata.conversation import (
-    THINK_CLOSE,
-    THINK_OPEN,
-    Conversation,
-    Message,
-    loads_strict,
-    read_jsonl_numbered,
-)
+from sftdata.conversation import THINK_CLOSE, THINK_OPEN, Conversation, Message, read_jsonl_numbered
 from sftdata.errors import ConversionError
 from sftdata.inputs import refuse_overwriting
+from sftdata.jsonfile import loads_strict
 
 CHAT_FORMATS = ("sharegpt", "alpaca", "openai")
 """Formats ``export_conversations`` writes from canonical JSONL."""

@@ -3,7 +3,6 @@ last, validated against ``schemas/shard_index.v1.json`` on read) and safe paths 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -42,15 +41,6 @@ def arrow_schema(seq_len: int):
         ],
         metadata={b"sftpipe.format_version": str(FORMAT_VERSION).encode()},
     )
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(4 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 # Arrays are built from buffers: pa.array() on numpy arrays or Python lists imports pandas on

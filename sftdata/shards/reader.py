@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from sftdata import sha256_file
 from sftdata.errors import ShardError
 from sftdata.shards.format import (
     FIXED_COLUMNS,
@@ -21,7 +22,6 @@ from sftdata.shards.format import (
     arrow_schema,
     read_index,
     safe_shard_path,
-    sha256_file,
 )
 
 MAX_SEQ_LEN = (1 << 31) - 1

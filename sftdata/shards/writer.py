@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from sftdata import sha256_file
 from sftdata.atomic import atomic_file
 from sftdata.errors import ShardError
-from sftdata.shards.format import FIXED_COLUMNS, arrow_schema, sha256_file, shard_file_name
+from sftdata.shards.format import FIXED_COLUMNS, arrow_schema, shard_file_name
 
 
 class ShardWriter:

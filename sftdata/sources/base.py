@@ -18,12 +18,11 @@ from sftdata.conversation import (
     Conversation,
     Message,
     Source,
-    json_problem,
-    loads_strict,
     normalize_tool_calls,
     split_reasoning,
 )
 from sftdata.errors import ConversionError, RecordError
+from sftdata.jsonfile import json_problem, loads_strict
 
 #: Canonical fields a ``--map SRC=DST`` may target.
 MAP_TARGETS = (

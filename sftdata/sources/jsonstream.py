@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sftdata.conversation import STRICT_DECODER, check_escapes, invalid_json
 from sftdata.errors import ConversionError
+from sftdata.jsonfile import STRICT_DECODER, check_escapes, invalid_json
 from sftdata.sources.base import (
     RecordError,
     check_input_file,

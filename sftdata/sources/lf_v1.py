@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sftdata.conversation import ROLES, Conversation, Message, Source, json_problem, loads_strict
+from sftdata.conversation import ROLES, Conversation, Message, Source
 from sftdata.errors import RecordError
+from sftdata.jsonfile import json_problem, loads_strict
 from sftdata.sources.base import parse_tools, require_object, tool_call, type_name
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sftdata.conversation import Conversation, Message, Source, json_problem, loads_strict
+from sftdata.conversation import Conversation, Message, Source
+from sftdata.jsonfile import json_problem, loads_strict
 from sftdata.sources.base import (
     RecordError,
     parse_tools,

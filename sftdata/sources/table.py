@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sftdata.conversation import Conversation, Source, json_problem, loads_strict
+from sftdata.conversation import Conversation, Source
 from sftdata.errors import ConversionError, RecordError
+from sftdata.jsonfile import json_problem, loads_strict
 from sftdata.sources import alpaca
 from sftdata.sources.base import cell_text
 

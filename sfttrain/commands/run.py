@@ -348,49 +348,15 @@ def _run_torchrun(nproc: int, config, *, shards: str | None = None) -> int:
 
     What can be refused before any process starts is refused here, in one line (a bad config
     already was; QLoRA/flash attention/Liger without CUDA now), rather than once per rank.
-    torchrun runs in its own session and this process stays as its parent only to route
-    SIGTERM/SIGINT to the WORKERS: they agree, save one checkpoint and exit 0, so torchrun exits
-    0 too. (Signalled itself, torchrun forwards the signal but then re-raises it: a traceback
-    and a failed exit even though the checkpoint was written; a terminal's Ctrl-C would reach it
-    through the process group, hence the separate session.)
     """
-    import signal
-    import subprocess
-
-    from sfttrain.distributed import default_device, strip_nproc, torchrun_argv
+    from sfttrain.distributed import default_device, run_torchrun, strip_nproc, torchrun_argv
     from sfttrain.perf import check_platform
 
     check_platform(config, default_device())
     argv = torchrun_argv(nproc, strip_nproc(_run_args(sys.argv)))
-    env = {**os.environ, PREPARED_SHARDS: shards} if shards else None  # packed here, once
     sys.stdout.flush()
     sys.stderr.flush()
-    proc = subprocess.Popen(argv, start_new_session=True, env=env)
-
-    def forward(signum: int, _frame) -> None:
-        _signal_workers(proc.pid, signum)
-
-    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return proc.wait()
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-
-
-def _signal_workers(agent: int, signum: int) -> None:
-    """Send ``signum`` to torchrun's worker processes (its children); to torchrun if none is found."""
-    import contextlib
-    import os
-    from pathlib import Path
-
-    try:
-        children = Path(f"/proc/{agent}/task/{agent}/children").read_text().split()
-    except OSError:  # not Linux, or no /proc children list
-        children = []
-    for pid in [int(c) for c in children] or [agent]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
+    return run_torchrun(argv, env={**os.environ, PREPARED_SHARDS: shards} if shards else None)
 
 
 def _run_args(argv: list[str]) -> list[str]:
