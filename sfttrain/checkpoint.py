@@ -73,6 +73,13 @@ class RunState:
         """The JSON form (``trainer_state.json`` keys, schemas/checkpoint.v1.json)."""
         return {**dataclasses.asdict(self), "cursor": self.cursor.to_dict()}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunState:
+        """The state a ``trainer_state.json`` saved (its other keys, e.g. the config, ignored);
+        ``d`` already checked against the schema (:func:`read_state`)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"cursor"}
+        return cls(cursor=Cursor(**d["cursor"]), **{k: d.get(k) for k in names})
+
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     """``run_dir/checkpoints/step-0000050``: zero-padded so names sort by step."""
@@ -388,8 +395,10 @@ class Resume:
 
     folder: Path | None = None
     """The checkpoint folder, or None for a fresh run (also: ``--resume auto`` found none)."""
-    state: dict[str, Any] = field(default_factory=dict)
-    """Its ``trainer_state.json``, checked against this run's config, shards, model and ranks."""
+    state: RunState | None = None
+    """Where that run stood, checked against this run's config, shards, model and ranks."""
+    finetuning_type: str = ""
+    """What its weights are (``lora``: an adapter; ``full``: the whole model)."""
     notes: list[str] = field(default_factory=list)
     """Damaged checkpoints ``--resume auto`` passed over, and which one it used instead."""
 
@@ -404,10 +413,13 @@ def find_resume(
     folder, notes = resolve_resume(resume, run_dir, allow_unverified=allow_unverified)
     if folder is None:
         return Resume(notes=notes)
-    state = check_resumable(
+    saved = check_resumable(
         folder, config=config, shards=shards, model_spec=model_spec, world_size=world_size
     )
-    return Resume(folder, state, notes)
+    return Resume(
+        folder=folder, state=RunState.from_dict(saved),
+        finetuning_type=saved["finetuning_type"], notes=notes,
+    )  # fmt: skip
 
 
 def checkpoint_due(save_steps: int, step: int) -> bool:
@@ -419,7 +431,6 @@ __all__ = [
     "CHECKPOINTS",
     "FORMAT_VERSION",
     "MARKER",
-    "CheckpointError",
     "Resume",
     "RunState",
     "check_resumable",

@@ -135,7 +135,7 @@ def start_event(
         rows_per_step=config.per_device_train_batch_size * config.gradient_accumulation_steps
         * dist.world_size,
         output=str(output), cleared=cleared,
-        resumed_step=int(resumed.state["step"]) if resumed.folder is not None else None,
+        resumed_step=resumed.state.step if resumed.state is not None else None,
         resumed_from=str(resumed.folder) if resumed.folder is not None else None,
         resume_notes=list(resumed.notes),
     )  # fmt: skip

@@ -137,7 +137,7 @@ def setup_training(
     if resumed.folder is not None:
         # Weights go into the UNWRAPPED model: every rank loads the full tensors, then
         # DDP/FSDP wraps (FSDP shards what was loaded), whatever rank count saved them.
-        load_weights(model, resumed.folder, finetuning_type=resumed.state["finetuning_type"])
+        load_weights(model, resumed.folder, finetuning_type=resumed.finetuning_type)
     flops_per_token = model_flops_per_token(model, seq_len=data.seq_len)  # before sharding
     peak_tflops = device_peak_tflops(device, config.peak_tflops)
     fused_loss = liger_loss(model) if config.use_liger_kernel else None

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from sftdata.atomic import exclusive
+from sftdata.errors import CheckpointError
 from sfttrain.checkpoint import (
     Resume,
     RunState,
@@ -231,11 +232,20 @@ def _set_up(
         world_size=dist.world_size, model=model_spec, base_model=base_dir, shards=data.identity,
         last_loss=None,
     )  # fmt: skip
-    if resumed.folder is not None:  # step 3: optimizer, scheduler, where the run stood; RNG last
-        state = dataclasses.replace(state, **restore_training(
-            resumed.folder, resumed.state, model=t.model, optimizer=t.optimizer,
-            scheduler=t.scheduler, cursor=t.sampler.cursor_at(int(resumed.state["step"])),
-        ))  # fmt: skip
+    if resumed.state is not None:  # step 3: where the run stood, restored whole; RNG last
+        if resumed.state.cursor != t.sampler.cursor_at(resumed.state.step):
+            raise CheckpointError(
+                f"{resumed.folder}: data cursor {resumed.state.cursor.to_dict()} does not match "
+                f"step {resumed.state.step}"
+            )
+        # what this run is made of now: its ranks, shards (a URL's cache), base model folder
+        state = dataclasses.replace(
+            resumed.state, world_size=state.world_size, shards=state.shards,
+            base_model=state.base_model, total_steps=state.total_steps,
+        )  # fmt: skip
+        restore_training(
+            resumed.folder, model=t.model, optimizer=t.optimizer, scheduler=t.scheduler
+        )
     state.cursor = t.sampler.cursor_at(state.step)
     data.fetch_ahead(t.sampler, state.cursor, t.total_steps - state.step)
     event(start_event(

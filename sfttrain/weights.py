@@ -216,19 +216,11 @@ def load_rng(folder: Path) -> None:
         ) from None
 
 
-def restore_training(
-    folder: Path, saved: dict[str, Any], *, model, optimizer, scheduler, cursor: Any
-) -> dict[str, Any]:
-    """Resume step 3: optimizer and scheduler state from ``folder``, the data cursor of its
-    ``trainer_state.json`` (``saved``) checked against the sampler's ``cursor`` at its step, RNG
-    last (building the model drew from it). Where the run stood: step, trained tokens, loss."""
+def restore_training(folder: Path, *, model, optimizer, scheduler) -> None:
+    """Resume step 3: optimizer and scheduler state from ``folder``, then the RNG (last:
+    building the model drew from it)."""
     load_optimizer(folder, model=model, optimizer=optimizer, scheduler=scheduler)
-    step = int(saved["step"])
-    if type(cursor)(**saved["cursor"]) != cursor:
-        raise CheckpointError(f"{folder}: data cursor {saved['cursor']} does not match step {step}")
     load_rng(folder)
-    return {"step": step, "trained_tokens": int(saved["trained_tokens"]),
-            "last_loss": saved.get("last_loss")}  # fmt: skip
 
 
 __all__ = [
