@@ -7,6 +7,7 @@ them and packs the lengths in memory to show the efficiency ``pack`` would get).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,79 @@ import numpy as np
 
 from sftdata import IGNORE_INDEX
 from sftdata.pack import efficiency, pack_rows
+from sftdata.text import counted
+
+
+@dataclass
+class StatsReport:
+    """What ``sftdata stats`` found: the figures, the words for them, the lengths to plot."""
+
+    title: str
+    """What was read: ``shards: 1,234 records`` (the histogram's title)."""
+    lengths: np.ndarray
+    """Tokens of every record."""
+    summary: dict[str, Any]
+    """:func:`summarize`'s figures."""
+    seq_len: int | None
+    """The shards' row length, or the one asked for JSONL input (None: not asked)."""
+    packing: dict[str, Any] = field(default_factory=dict)
+    """``packing_efficiency``, ``rows`` (and ``left_out`` for an estimate); empty: not asked."""
+    packing_line: str | None = None
+    """The packing figures in words."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` document."""
+        return {**self.summary, **self.packing, "seq_len": self.seq_len}
+
+    def summary_lines(self) -> list[str]:
+        """The figures in words, a line each."""
+        s = self.summary
+        lines = [
+            f"records {s['records']:,}; tokens {s['tokens']:,}; trained {s['trained_tokens']:,}"
+        ]
+        if s["records"]:
+            lines.append(
+                f"tokens per record: min {s['min']:,}, median {s['median']:,}, p90 {s['p90']:,}, "
+                f"p99 {s['p99']:,}, max {s['max']:,}"
+            )
+        lines.append(f"trained ratio {s['trained_ratio']:.1%}")
+        return lines + ([self.packing_line] if self.packing_line else [])
+
+
+def folder_stats(folder: Path) -> StatsReport:
+    """The figures of a shard folder (every split), packing as it was packed."""
+    lens, trained, index = shard_lengths(folder)
+    c, seq = index["counts"], int(index["seq_len"])
+    return StatsReport(
+        title=f"{folder.name}: {len(lens):,} records", lengths=lens,
+        summary=summarize(lens, trained), seq_len=seq,
+        packing={"packing_efficiency": c["packing_efficiency"], "rows": c["rows"]},
+        packing_line=(
+            f"packing efficiency {c['packing_efficiency']:.2%} ({c['rows']:,} rows of {seq}; "
+            f"{'packed' if index['packed'] else 'not packed'})"
+        ),
+    )  # fmt: skip
+
+
+def jsonl_stats(
+    inputs: Sequence[str | Path], *, names: Sequence[str], tokenizer: str, template: str,
+    train_on: str, seq_len: int | None,
+) -> StatsReport:  # fmt: skip
+    """The figures of canonical JSONL files (``names``: as the user gave them), rendered and
+    encoded as pack does; with ``seq_len``, the efficiency packing them would reach."""
+    lens, trained = jsonl_lengths(inputs, tokenizer=tokenizer, template=template, train_on=train_on)
+    report = StatsReport(
+        title=f"{', '.join(names)}: {len(lens):,} records", lengths=lens,
+        summary=summarize(lens, trained), seq_len=seq_len,
+    )  # fmt: skip
+    if seq_len:
+        eff, rows, left_out = packing_estimate(lens, seq_len)
+        report.packing = {"packing_efficiency": eff, "rows": rows, "left_out": left_out}
+        report.packing_line = (
+            f"packing efficiency {eff:.2%} at seq_len {seq_len} ({rows:,} rows; "
+            f"{counted(left_out, 'record')} longer than seq_len left out)"
+        )
+    return report
 
 
 def summarize(lengths: np.ndarray, trained: np.ndarray) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from pathlib import Path
 import click
 
 from sftdata.commands.pack import pack_option
-from sftdata.text import counted
 
 
 @click.command("stats")
@@ -53,68 +52,32 @@ def command(
     from sftdata.errors import ConfigError
     from sftdata.inputs import readable, refuse_overwriting
     from sftdata.remote import is_url, localize
-    from sftdata.stats import (
-        jsonl_lengths,
-        packing_estimate,
-        shard_lengths,
-        summarize,
-        write_histogram,
-    )
+    from sftdata.stats import folder_stats, jsonl_stats, write_histogram
 
     # a shard folder's URL: read from the node-local cache, each shard checked
-    inputs = tuple(localize(p) if is_url(p) else Path(p) for p in inputs)  # type: ignore[assignment]
-    lines = []
+    paths = [localize(p) if is_url(p) else Path(p) for p in inputs]
     if plot is not None:
-        refuse_overwriting(inputs, plot)
-    if len(inputs) == 1 and inputs[0].is_dir():
-        lens, trained, index = shard_lengths(inputs[0])
-        c = index["counts"]
-        seq = int(index["seq_len"])
-        packing = {"packing_efficiency": c["packing_efficiency"], "rows": c["rows"]}
-        eff_line = (
-            f"packing efficiency {c['packing_efficiency']:.2%} ({c['rows']:,} rows of {seq}; "
-            f"{'packed' if index['packed'] else 'not packed'})"
-        )
-        title = f"{inputs[0].name}: {len(lens):,} records"
+        refuse_overwriting(paths, plot)
+    if len(paths) == 1 and paths[0].is_dir():
+        report = folder_stats(paths[0])
     else:
         if tokenizer is None:
             raise ConfigError("--tokenizer is needed to count tokens of JSONL input")
-        for p in inputs:
+        for p in paths:
             if p.is_dir():
                 raise ConfigError(f"{p}: a folder among JSONL inputs (give one shard folder alone)")
-        with readable([str(p) for p in inputs]) as paths:  # '-', pipes and FIFOs read once
-            lens, trained = jsonl_lengths(
-                paths, tokenizer=tokenizer, template=template, train_on=train_on
-            )
-        seq = seq_len
-        eff_line = None
-        packing = {}
-        if seq_len:
-            eff, rows, left_out = packing_estimate(lens, seq_len)
-            packing = {"packing_efficiency": eff, "rows": rows, "left_out": left_out}
-            eff_line = (
-                f"packing efficiency {eff:.2%} at seq_len {seq_len} ({rows:,} rows; "
-                f"{counted(left_out, 'record')} longer than seq_len left out)"
-            )
-        title = f"{', '.join(p.name for p in inputs)}: {len(lens):,} records"
-    s = summarize(lens, trained)
-    lines.append(
-        f"records {s['records']:,}; tokens {s['tokens']:,}; trained {s['trained_tokens']:,}"
-    )
-    if s["records"]:
-        lines.append(
-            f"tokens per record: min {s['min']:,}, median {s['median']:,}, p90 {s['p90']:,}, "
-            f"p99 {s['p99']:,}, max {s['max']:,}"
-        )
-    lines.append(f"trained ratio {s['trained_ratio']:.1%}")
-    if eff_line:
-        lines.append(eff_line)
+        with readable([str(p) for p in paths]) as files:  # '-', pipes and FIFOs read once
+            report = jsonl_stats(
+                files, names=[p.name for p in paths], tokenizer=tokenizer, template=template,
+                train_on=train_on, seq_len=seq_len,
+            )  # fmt: skip
+    lines = report.summary_lines()
     if plot is not None:
-        write_histogram(lens, plot, title=title, seq_len=seq)
+        write_histogram(report.lengths, plot, title=report.title, seq_len=report.seq_len)
         lines.append(f"histogram written to {plot}")
     if as_json:
         import json
 
-        click.echo(json.dumps({**s, **packing, "seq_len": seq}))
+        click.echo(json.dumps(report.to_dict()))
         return
     click.echo("\n".join(lines))

@@ -77,12 +77,7 @@ def command(
     from sfttrain.commands import quiet_libraries
 
     quiet_libraries()
-    from sfttrain.config import build_config
-    from sfttrain.data import check_compatible, has_split, open_split
-    from sfttrain.distributed import Dist
-    from sfttrain.evaluate import evaluate, perplexity
-    from sfttrain.loss import LossModel, isolation_for
-    from sfttrain.model import load_for_inference
+    from sfttrain.evaluate import evaluate_model
 
     shards, model_spec = _what_to_evaluate(shards, model_spec)
     if generate and output is None:
@@ -93,44 +88,17 @@ def command(
         from sfttrain.predict import check_installed
 
         check_installed("--generate")
-    if split is None:
-        split = "validation" if has_split(shards, "validation") else "train"
-    reader = open_split(shards, split, verify="full")
-    from sfttrain.checkpoint import verify_before_use
-
-    verify_before_use(model_spec, adapter, allow_unverified=allow_unverified)
-    model, tokenizer = load_for_inference(
-        model_spec, adapter=adapter, attn_implementation=attn_implementation
-    )
-    check_compatible(reader.index, tokenizer, model, shards_dir=reader.path, model_spec=model_spec)
-    loss_model = LossModel(
-        model, isolation=isolation_for(build_config({"attn_implementation": attn_implementation}))
-    )
-    import contextlib
-
-    dist = Dist()  # the GPU when there is one (the model comes back on the CPU)
-    loss_model = loss_model.to(dist.device)
-    loss, tokens = evaluate(
-        loss_model, reader, batch_size=batch_size, dist=dist, autocast=contextlib.nullcontext
-    )
-    ppl = perplexity(loss) if tokens else float("nan")
-    # no trained token: no loss to report (JSON has no NaN; a strict parser refuses one)
-    result: dict = {"loss": loss if tokens else None, "perplexity": ppl if tokens else None,
-                    "tokens": tokens, "split": split}  # fmt: skip
-    if generate:
-        from sfttrain.predict import predict, scores, write_predictions
-
-        rows = predict(
-            model, tokenizer, reader, max_new_tokens=max_new_tokens, batch_size=batch_size,
-            limit=max_samples, device=dist.device,
-        )  # fmt: skip
-        result |= scores([r["prediction"] for r in rows], [r["reference"] for r in rows])
-        result["predicted"] = len(rows)
-        write_predictions(rows, result, output)
+    report = evaluate_model(
+        shards, model_spec, adapter=adapter, split=split, batch_size=batch_size,
+        attn_implementation=attn_implementation, allow_unverified=allow_unverified,
+        generate_to=output if generate else None, max_new_tokens=max_new_tokens,
+        max_samples=max_samples,
+    )  # fmt: skip
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(json.dumps(report.to_dict()))
         return
-    _echo(result, output)
+    for line in report.summary_lines():
+        click.echo(line)
 
 
 def _what_to_evaluate(shards: str, model_spec: str | None) -> tuple[str, str]:
@@ -160,16 +128,4 @@ def _check_output(output: Path, reads: list, *, generate: bool, overwrite: bool)
         raise ConfigError(
             f"{output}: already holds {earlier[0]} of an earlier evaluation; pass --overwrite "
             "to replace it, or give another -o"
-        )
-
-
-def _echo(result: dict, output: Path | None) -> None:
-    split, tokens = result["split"], result["tokens"]
-    loss, ppl = result["loss"] or float("nan"), result["perplexity"] or float("nan")
-    click.echo(f"{split}: loss {loss:.4f}, perplexity {ppl:.2f} over {tokens:,} trained tokens")
-    if "predicted" in result:
-        click.echo(
-            f"{split}: {result['predicted']:,} replies generated: BLEU-4 {result['bleu-4']:.2f}, "
-            f"ROUGE-1 {result['rouge-1']:.2f}, ROUGE-2 {result['rouge-2']:.2f}, "
-            f"ROUGE-L {result['rouge-l']:.2f}; predictions in {output}/predictions.jsonl"
         )
