@@ -93,44 +93,83 @@ def init_worker(opts: PackOptions) -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+@dataclass
+class _Encoded:
+    """One chunk rendered and tokenized, before any policy: every sample's tokens back to back."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    lens: np.ndarray
+    """Tokens of each sample (int64)."""
+    starts: np.ndarray
+    """Where each sample starts in ``ids``."""
+    sample_ids: list[str]
+    owners: list[Conversation]
+    """The record each sample came from."""
+    owner_at: np.ndarray
+    """Its index in the chunk."""
+    n_in: int
+    stats: dict[str, Any]
+
+    def trained(self, upto: np.ndarray) -> np.ndarray:
+        """Trained tokens among 1..upto-1 of each sample: the first token's label is always
+        ignored once packed, so it never counts."""
+        csum = self._csum
+        return csum[self.starts + upto] - csum[np.minimum(self.starts + 1, self.starts + upto)]
+
+    def __post_init__(self) -> None:
+        self._csum = np.zeros(len(self.mask) + 1, dtype=np.int64)
+        np.cumsum(self.mask, out=self._csum[1:])
+
+
+def _encode(convs: Sequence[Conversation], opts: PackOptions) -> _Encoded:
+    """Render and tokenize one chunk with one ``encode_batch`` call (vectorised over the chunk:
+    a per-record Python loop showed in the pack profile)."""
+    records = get_renderer(opts).encode_batch(convs, skip_invalid=opts.skip_invalid)
+    encoded = [s for r in records for s in r.samples]
+    n = len(encoded)
+    lens = np.fromiter((len(e.input_ids) for e in encoded), dtype=np.int64, count=n)
+    starts = np.zeros(n, dtype=np.int64)
+    if n:
+        np.cumsum(lens[:-1], out=starts[1:])
+    return _Encoded(
+        ids=np.concatenate([e.input_ids for e in encoded] or [np.empty(0, np.int32)]).astype(
+            np.int32, copy=False
+        ),
+        mask=np.concatenate([e.train_mask for e in encoded] or [np.empty(0, bool)]).astype(
+            bool, copy=False
+        ),
+        lens=lens,
+        starts=starts,
+        sample_ids=[
+            c.id if k == 0 else f"{c.id}#turn{k}"
+            for c, r in zip(convs, records, strict=True)
+            for k in range(len(r.samples))
+        ],
+        owners=[c for c, r in zip(convs, records, strict=True) for _ in r.samples],
+        owner_at=np.fromiter(
+            (k for k, r in enumerate(records) for _ in r.samples), dtype=np.int64, count=n
+        ),
+        n_in=len(records),
+        stats=render_stats(records),
+    )
+
+
 def encode_chunk(
     convs: Sequence[Conversation], opts: PackOptions, *, keep_zero_trained: bool = False
 ) -> Chunk:
-    """Encode one chunk with one ``encode_batch`` call and apply the drop/overflow policies."""
-    renderer = get_renderer(opts)
-    records = renderer.encode_batch(convs, skip_invalid=opts.skip_invalid)
-    stats = render_stats(records)
-    encoded = [s for r in records for s in r.samples]
-    owners = [c for c, r in zip(convs, records, strict=True) for _ in r.samples]
-    owner_at = np.fromiter(
-        (k for k, r in enumerate(records) for _ in r.samples), dtype=np.int64, count=len(owners)
-    )
-    sample_ids = [
-        c.id if k == 0 else f"{c.id}#turn{k}"
-        for c, r in zip(convs, records, strict=True)
-        for k in range(len(r.samples))
-    ]
-    convs = owners
-    n = len(encoded)
+    """Encode one chunk and apply the drop/overflow policies (``keep_zero_trained``: keep the
+    samples nothing is trained in, as ``stats`` counts them)."""
+    enc = _encode(convs, opts)
+    n, lens, starts, ids, mask = len(enc.lens), enc.lens, enc.starts, enc.ids, enc.mask
+    convs = enc.owners  # the record of each sample
     if n == 0:
         return Chunk(
-            np.empty(0, np.int32), np.empty(0, bool), np.empty(0, np.int32), [],
-            np.empty(0, np.int64), len(records), 0, 0, 0, stats,
+            ids=np.empty(0, np.int32), mask=np.empty(0, bool), lengths=np.empty(0, np.int32),
+            record_ids=[], owners=np.empty(0, np.int64), n_in=enc.n_in, zero_trained=0,
+            overflow=0, truncated=0, stats=enc.stats,
         )  # fmt: skip
-    # Vectorised over the chunk (a per-record Python loop showed in the pack profile).
-    lens = np.fromiter((len(e.input_ids) for e in encoded), dtype=np.int64, count=n)
-    ids = np.concatenate([e.input_ids for e in encoded]).astype(np.int32, copy=False)
-    mask = np.concatenate([e.train_mask for e in encoded]).astype(bool, copy=False)
-    starts = np.zeros(n, dtype=np.int64)
-    np.cumsum(lens[:-1], out=starts[1:])
-    csum = np.zeros(len(mask) + 1, dtype=np.int64)
-    np.cumsum(mask, out=csum[1:])
-
-    def trained(upto: np.ndarray) -> np.ndarray:
-        # Trained tokens among 1..upto-1 of each record: the first token's label is always
-        # ignored once packed, so it never counts.
-        return csum[starts + upto] - csum[np.minimum(starts + 1, starts + upto)]
-
+    trained = enc.trained
     seq_len = opts.seq_len
     zero = np.zeros(n, bool) if keep_zero_trained else trained(lens) == 0
     over = (lens > seq_len) & ~zero
@@ -145,7 +184,7 @@ def encode_chunk(
     if opts.overflow == "cutoff":
         for i in np.flatnonzero(over).tolist():
             own = slice(starts[i], starts[i] + lens[i])
-            cuts[i] = _cutoff(renderer, convs[i], ids[own], mask[own], opts)
+            cuts[i] = _cutoff(get_renderer(opts), convs[i], ids[own], mask[own], opts)
             new_lens[i] = int(cuts[i].sum())
     if opts.overflow in ("truncate", "cutoff"):
         kept_trained = trained(new_lens)
@@ -172,13 +211,13 @@ def encode_chunk(
         ids=kept_ids,
         mask=kept_mask,
         lengths=new_lens[keep].astype(np.int32),
-        record_ids=[c for c, k in zip(sample_ids, keep.tolist(), strict=True) if k],
-        owners=owner_at[keep],
-        n_in=len(records),
+        record_ids=[c for c, k in zip(enc.sample_ids, keep.tolist(), strict=True) if k],
+        owners=enc.owner_at[keep],
+        n_in=enc.n_in,
         zero_trained=n_zero,
         overflow=n_over,
         truncated=n_trunc,
-        stats=stats,
+        stats=enc.stats,
         overflow_tokens=over_tokens,
         truncated_tokens=cut_tokens,
         full_lengths=lens[~zero].astype(np.int32),

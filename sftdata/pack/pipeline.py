@@ -212,8 +212,8 @@ def _build(
         "fingerprint": fp,
         "counts": {
             "records_in": spill.n_in,
-            "dropped": {"zero_trained": spill.zero, "overflow": spill.over},
-            "truncated": spill.trunc,
+            "dropped": {"zero_trained": spill.zero_trained, "overflow": spill.overflow},
+            "truncated": spill.truncated,
             "records": len(spill.lengths),
             "rows": total_rows,
             "tokens": tokens,
@@ -226,8 +226,8 @@ def _build(
             "fallback": stats["fallback"],
             "no_stop": stats["no_stop"],
             "appended_stops": stats["appended_stops"],
-            "dropped_tokens": {"overflow": spill.over_tokens},
-            "truncated_tokens": spill.cut_tokens,
+            "dropped_tokens": {"overflow": spill.overflow_tokens},
+            "truncated_tokens": spill.truncated_tokens,
             "lengths": _percentiles(spill.length_counts),
         },
         "refusal_examples": stats["examples"],
@@ -247,12 +247,12 @@ class _Spilled:
     owners: np.ndarray
     """The input record each sample came from (int32)."""
     n_in: int
-    zero: int
-    over: int
-    trunc: int
+    zero_trained: int
+    overflow: int
+    truncated: int
     stats: dict[str, Any]
-    over_tokens: int = 0
-    cut_tokens: int = 0
+    overflow_tokens: int = 0
+    truncated_tokens: int = 0
     length_counts: Counter = field(default_factory=Counter)
     """How many samples had each length before any cut (the length percentiles)."""
 
@@ -330,7 +330,9 @@ def _spill(
         )
     owners = np.concatenate(owner_parts)
     return _Spilled(
-        lengths, owners, n_in, zero, over, trunc, stats, over_tokens, cut_tokens, counts,
+        lengths=lengths, owners=owners, n_in=n_in, zero_trained=zero, overflow=over,
+        truncated=trunc, stats=stats, overflow_tokens=over_tokens, truncated_tokens=cut_tokens,
+        length_counts=counts,
     )  # fmt: skip
 
 
