@@ -27,7 +27,7 @@ from sftdata.audit.oracle import (  # the second renderer, shared with `sftdata 
     trained_flags,
 )
 from sftdata.conversation import Conversation, Message, Source
-from sftdata.render import Encoded, Renderer, mask_from_offsets
+from sftdata.render import EncodedSample, Renderer, mask_from_offsets
 from sftdata.tokenizer import load_tokenizer
 
 DATE = PINNED["date"]  # sftdata's default --template-date
@@ -136,7 +136,7 @@ def cached_tokenizer(spec: str) -> Any:
 
 
 def assert_c2(
-    renderer: Renderer, tok: Any, conv: Conversation, enc: Encoded, template: str
+    renderer: Renderer, tok: Any, conv: Conversation, enc: EncodedSample, template: str
 ) -> None:
     """C2: the trained tokens are exactly the trained contents plus their end-of-turn tokens."""
     assert enc.render.refusal is None, enc.render.refusal
@@ -345,7 +345,7 @@ def expected_runs(renderer: Renderer, tok: Any, conv: Conversation, template: st
     return runs
 
 
-def trained_runs(tok: Any, enc: Encoded) -> list[tuple[str, str, str]]:
+def trained_runs(tok: Any, enc: EncodedSample) -> list[tuple[str, str, str]]:
     """Decode each maximal run of trained tokens separately: (run, its first token, its last)."""
     m = np.concatenate([[False], enc.train_mask, [False]]).astype(np.int8)
     edges = np.flatnonzero(np.diff(m))

@@ -94,7 +94,7 @@ def init_worker(opts: PackOptions) -> None:
 
 
 @dataclass
-class _Encoded:
+class _EncodedChunk:
     """One chunk rendered and tokenized, before any policy: every sample's tokens back to back."""
 
     ids: np.ndarray
@@ -122,7 +122,7 @@ class _Encoded:
         np.cumsum(self.mask, out=self._csum[1:])
 
 
-def _encode(convs: Sequence[Conversation], opts: PackOptions) -> _Encoded:
+def _encode(convs: Sequence[Conversation], opts: PackOptions) -> _EncodedChunk:
     """Render and tokenize one chunk with one ``encode_batch`` call (vectorised over the chunk:
     a per-record Python loop showed in the pack profile)."""
     records = get_renderer(opts).encode_batch(convs, skip_invalid=opts.skip_invalid)
@@ -132,7 +132,7 @@ def _encode(convs: Sequence[Conversation], opts: PackOptions) -> _Encoded:
     starts = np.zeros(n, dtype=np.int64)
     if n:
         np.cumsum(lens[:-1], out=starts[1:])
-    return _Encoded(
+    return _EncodedChunk(
         ids=np.concatenate([e.input_ids for e in encoded] or [np.empty(0, np.int32)]).astype(
             np.int32, copy=False
         ),

@@ -18,7 +18,13 @@ from sftdata.render.control import SPECIAL_TEXT, ControlTokens, SpecialText, fin
 from sftdata.render.foldins import FOLD_INS, TOOL_RESULT_HEADER
 from sftdata.render.masks import mask_from_offsets
 from sftdata.render.renderer import TRAIN_ON, Renderer, TrainOn
-from sftdata.render.samples import REFUSALS, Encoded, EncodedRecord, RecordRender, Rendered
+from sftdata.render.samples import (
+    REFUSALS,
+    EncodedRecord,
+    EncodedSample,
+    RenderedRecord,
+    RenderedSample,
+)
 from sftdata.render.stops import MISSING_STOP, MissingStop, Stop
 
 __all__ = [
@@ -29,11 +35,11 @@ __all__ = [
     "TOOL_RESULT_HEADER",
     "TRAIN_ON",
     "ControlTokens",
-    "Encoded",
     "EncodedRecord",
+    "EncodedSample",
     "MissingStop",
-    "RecordRender",
-    "Rendered",
+    "RenderedRecord",
+    "RenderedSample",
     "Renderer",
     "SpecialText",
     "Stop",

@@ -11,11 +11,11 @@ import numpy as np
 
 from sftdata.render.control import SplitEncoder
 from sftdata.render.masks import mask_by_edges, mask_from_offsets
-from sftdata.render.samples import Encoded, EncodedRecord, RecordRender
+from sftdata.render.samples import EncodedRecord, EncodedSample, RenderedRecord
 
 
 def encode_renders(
-    backend: Any, renders: Sequence[RecordRender], split: SplitEncoder | None
+    backend: Any, renders: Sequence[RenderedRecord], split: SplitEncoder | None
 ) -> list[EncodedRecord]:
     """Tokenize every sample of ``renders`` (``backend``: a ``tokenizers.Tokenizer``).
 
@@ -37,7 +37,7 @@ def encode_renders(
             if sample.hidden is not None:
                 assert split is not None
                 ids, offsets = split.encode(sample.hidden)
-                samples.append(Encoded(ids, mask_from_offsets(offsets, sample.spans)))
+                samples.append(EncodedSample(ids, mask_from_offsets(offsets, sample.spans)))
                 continue
             enc = next(encodings)
             ids = np.array(enc.ids, dtype=np.int32)
@@ -46,7 +46,7 @@ def encode_renders(
                 mask = mask_from_offsets(
                     np.array(enc.offsets, dtype=np.int64).reshape(-1, 2), sample.spans
                 )
-            samples.append(Encoded(input_ids=ids, train_mask=mask))
+            samples.append(EncodedSample(input_ids=ids, train_mask=mask))
         out.append(EncodedRecord(samples=samples, render=r))
     return out
 

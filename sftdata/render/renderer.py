@@ -54,7 +54,7 @@ from sftdata.render.encoding import encode_renders
 from sftdata.render.foldins import as_parts, template_messages
 from sftdata.render.masks import subtract
 from sftdata.render.probe import PROBE, probe_caps
-from sftdata.render.samples import EncodedRecord, RecordRender, Rendered
+from sftdata.render.samples import EncodedRecord, RenderedRecord, RenderedSample
 from sftdata.render.stops import (
     MISSING_STOP,
     NoStop,
@@ -226,19 +226,19 @@ class Renderer:
             ]
         return [m.train is not False for m in msgs]
 
-    def _refuse(self, conv: Conversation, out: RecordRender, reason: str, why: str) -> None:
+    def _refuse(self, conv: Conversation, out: RenderedRecord, reason: str, why: str) -> None:
         out.samples = []
         out.reason = reason
         out.refusal = f"{conv.source}: template {self.name}: record {conv.id!r}: {why}"
 
-    def render_record(self, conv: Conversation) -> RecordRender:
+    def render_record(self, conv: Conversation) -> RenderedRecord:
         """Render one record into its samples and trained spans, or say why it is refused.
 
         Raises:
             TemplateError: a trained reply would end without a stop token (``missing_stop``
                 ``error``, or ``append`` with no token to append): the whole pack fails.
         """
-        out = RecordRender()
+        out = RenderedRecord()
         original = None
         why, hidden = screen(conv, self.control, self.special_text, self.tokenizer_name)
         if why is not None:
@@ -251,11 +251,13 @@ class Renderer:
         except NoStop as x:
             raise TemplateError(f"{conv.source}: record {conv.id!r}: {x}") from None
         if original is not None and out.refusal is None:
-            out.samples = [Rendered(restore(x.text), x.spans, hidden=x.text) for x in out.samples]
+            out.samples = [
+                RenderedSample(restore(x.text), x.spans, hidden=x.text) for x in out.samples
+            ]
         return out
 
     def _render_into(
-        self, conv: Conversation, out: RecordRender, original: Conversation | None
+        self, conv: Conversation, out: RenderedRecord, original: Conversation | None
     ) -> None:
         msgs, tools, origin, folds = self.template_messages(conv)
         out.fold_ins = folds
@@ -280,7 +282,7 @@ class Renderer:
         spans: list[tuple[int, int]] = []
         excluded: list[tuple[int, int]] = []
         inserts: list[int] = []
-        extra: list[Rendered] = []
+        extra: list[RenderedSample] = []
         cursor = 0
         try:
             for j, d in enumerate(msgs):
@@ -332,7 +334,7 @@ class Renderer:
         out.appended += len(inserts)
         if everything:
             spans = subtract([(0, len(text))], excluded)
-        out.samples = [Rendered(text, [(s, e) for s, e in spans if e > s]), *extra]
+        out.samples = [RenderedSample(text, [(s, e) for s, e in spans if e > s]), *extra]
         out.split_turns = len(extra)
         missing = not_rendered(conv, [x.text for x in out.samples])
         if missing:
@@ -345,9 +347,9 @@ class Renderer:
         j: int,
         text: str,
         cursor: int,
-        out: RecordRender,
+        out: RenderedRecord,
         i: int | None,
-    ) -> tuple[int, int, int | None, Rendered | None]:
+    ) -> tuple[int, int, int | None, RenderedSample | None]:
         """(start, end, where the appended stop goes or None, None) of turn ``j`` inside
         ``text``, or (start, end, None, its own sample); ``i`` is its message in the record."""
         last = j == len(msgs) - 1
@@ -385,10 +387,10 @@ class Renderer:
         if text.startswith(whole[:e]) and s >= cursor:
             return s, e, at, None
         if at is None:
-            return s, e, None, Rendered(whole[:e], [(s, e)])
+            return s, e, None, RenderedSample(whole[:e], [(s, e)])
         out.appended += 1
         stop = self.append_stop or ""
-        return s, e, None, Rendered(whole[:e] + stop, [(s, e + len(stop))])
+        return s, e, None, RenderedSample(whole[:e] + stop, [(s, e + len(stop))])
 
     def render(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
         """The whole record's text and trained spans (split turns are not included).

@@ -12,7 +12,7 @@ REFUSALS = ("template_error", "not_rendered", "strict", "control_token")
 
 
 @dataclass(frozen=True)
-class Encoded:
+class EncodedSample:
     """One tokenized sample: token ids and which of them are trained."""
 
     input_ids: np.ndarray
@@ -22,7 +22,7 @@ class Encoded:
 
 
 @dataclass(frozen=True)
-class Rendered:
+class RenderedSample:
     """One rendered sample: its text and trained character spans (sorted, disjoint)."""
 
     text: str
@@ -33,10 +33,10 @@ class Rendered:
 
 
 @dataclass
-class RecordRender:
+class RenderedRecord:
     """What rendering one record gave: its samples, or the reason it was refused."""
 
-    samples: list[Rendered] = field(default_factory=list)
+    samples: list[RenderedSample] = field(default_factory=list)
     """The whole record first, then one sample per split turn."""
     fold_ins: list[str] = field(default_factory=list)
     """The documented fold-ins applied (kinds from :data:`FOLD_INS`)."""
@@ -56,7 +56,7 @@ class RecordRender:
 
 @dataclass
 class EncodedRecord:
-    """One record tokenized: a sample per :class:`Rendered` of its :class:`RecordRender`."""
+    """One record tokenized: a sample per :class:`RenderedSample` of its :class:`RenderedRecord`."""
 
-    samples: list[Encoded]
-    render: RecordRender
+    samples: list[EncodedSample]
+    render: RenderedRecord

@@ -10,7 +10,7 @@ import pytest
 
 from sftdata.conversation import Conversation, Message, Source
 from sftdata.errors import ConfigError, TemplateError
-from sftdata.render import TRAIN_ON, Encoded, Renderer, mask_from_offsets
+from sftdata.render import TRAIN_ON, EncodedSample, Renderer, mask_from_offsets
 from tests.chat_oracle import EOT, _norm, assert_c2, cached_tokenizer, trained_runs
 from tests.conftest import ROOT
 
@@ -120,7 +120,7 @@ def test_everything_trains_all_tokens_except_explicit_false(tiny: Any, template:
     flagged = FIXTURES["flags"]
     text, spans = r.render(flagged)
     enc = r.encode(flagged).samples[0]
-    inverse = Encoded(enc.input_ids, ~enc.train_mask)
+    inverse = EncodedSample(enc.input_ids, ~enc.train_mask)
     untrained = _norm("".join(run for run, _, _ in trained_runs(tiny, inverse)))
     # Only the excluded reply, through its stop token, is untrained (a token straddling its
     # first character is trained).
