@@ -76,8 +76,8 @@ def setup_data(config: TrainConfig, shards: str | Path) -> RunData:
         open_split(folder, config.eval_split, verify=verify, fetch=fetch) if has_eval else None
     )
     return RunData(
-        folder, reader, eval_reader, shards_identity(folder, reader.index),
-        int(reader.index["seq_len"]),
+        folder=folder, reader=reader, eval_reader=eval_reader,
+        identity=shards_identity(folder, reader.index), seq_len=int(reader.index["seq_len"]),
     )  # fmt: skip
 
 
@@ -153,8 +153,10 @@ def setup_training(
         eps=config.adam_epsilon,
     )
     return Training(
-        model, loss_model, params, optimizer, lr_schedule(optimizer, config, total_steps),
-        sampler, total_steps, autocast_for(config, device), flops_per_token, peak_tflops,
+        model=model, loss_model=loss_model, params=params, optimizer=optimizer,
+        scheduler=lr_schedule(optimizer, config, total_steps), sampler=sampler,
+        total_steps=total_steps, autocast=autocast_for(config, device),
+        flops_per_token=flops_per_token, peak_tflops=peak_tflops,
     )  # fmt: skip
 
 

@@ -41,14 +41,14 @@ def hash_inputs(inputs: Sequence[Path]) -> tuple[list[dict[str, Any]], int]:
 
 
 def fingerprint(
-    inputs: list[dict[str, Any]], tok_sha: str, tpl_sha: str, opts: PackOptions, seq_len: int
+    inputs: list[dict[str, Any]], tokenizer_sha: str, template_key: str, opts: PackOptions
 ) -> str:
     """sha256 of everything that decides the output bytes; equal fingerprints => pack is a no-op."""
     payload = {
         "inputs": [[i["sha256"], i["bytes"]] for i in inputs],
-        "tokenizer": tok_sha,
-        "template": tpl_sha,
-        "seq_len": seq_len,
+        "tokenizer": tokenizer_sha,
+        "template": template_key,
+        "seq_len": opts.seq_len,
         "options": opts.output_options(),
         "tool": __version__,
     }

@@ -101,7 +101,7 @@ def pack(
     tpl_sha = hashlib.sha256(renderer.template_text.encode("utf-8")).hexdigest()
     stops = "\0".join(renderer.stop_tokens)
     tpl_key = f"{renderer.name}:{tpl_sha}:{stops}:{renderer.append_stop or ''}"
-    fp = fingerprint(in_meta, ident["sha256"], tpl_key, opts, opts.seq_len)
+    fp = fingerprint(in_meta, ident["sha256"], tpl_key, opts)
 
     up_to_date = remote.up_to_date(url, fp, overwrite=overwrite) if url is not None else None
     if up_to_date is not None:  # object storage: up to date by the remote index
