@@ -251,9 +251,7 @@ class Renderer:
         except NoStop as x:
             raise TemplateError(f"{conv.source}: record {conv.id!r}: {x}") from None
         if original is not None and out.refusal is None:
-            out.samples = [
-                RenderedSample(restore(x.text), x.spans, hidden=x.text) for x in out.samples
-            ]
+            out.samples = [RenderedSample(restore(x.text), x.spans, x.text) for x in out.samples]
         return out
 
     def _render_into(
