@@ -161,10 +161,10 @@ def shard_source(path: Any) -> tuple[Path, Callable[[str], Any] | None]:
     now and its shards are fetched into it when first read or fetched ahead (the ranks of a node
     share it: one fetches a file, the others wait), each checked against the index's size and
     sha256; a local folder has no fetch."""
-    from sftdata.remote import RemoteFolder, is_url
+    from sftdata.remote import RemoteFolder, is_url, local_path
 
     if not is_url(path):
-        return Path(path), None
+        return local_path(path), None
     remote = RemoteFolder(str(path))
     return remote.path, remote.fetch
 
@@ -186,10 +186,12 @@ def open_split(
 
 def has_split(path: Any, split: str) -> bool:
     """True if the shard folder (a URL's: its index) has a non-empty ``split``."""
-    from sftdata.remote import RemoteFolder, is_url
+    from sftdata.remote import RemoteFolder, is_url, local_path
     from sftdata.shards import read_index
 
-    splits = (RemoteFolder(str(path)).index if is_url(path) else read_index(path))["splits"]
+    splits = (RemoteFolder(str(path)).index if is_url(path) else read_index(local_path(path)))[
+        "splits"
+    ]
     return split in splits and int(splits[split]["rows"]) > 0
 
 

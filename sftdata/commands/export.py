@@ -80,10 +80,10 @@ def command(
 
     if fmt == "mindrecord":
         from sftdata.export.mindrecord import export_mindrecord
-        from sftdata.remote import is_url, localize
+        from sftdata.remote import is_url, local_path, localize
 
         rep = export_mindrecord(
-            localize(input_path) if is_url(input_path) else Path(input_path),
+            localize(input_path) if is_url(input_path) else local_path(input_path),
             output,
             split=split,
             layout=layout,

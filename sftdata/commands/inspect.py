@@ -9,7 +9,6 @@ with a line
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
@@ -63,7 +62,7 @@ def command(
     from rich.console import Console
     from rich.text import Text
 
-    from sftdata.remote import is_url, localize
+    from sftdata.remote import is_url, local_path, localize
     from sftdata.rowview import (
         classify,
         load_decoder,
@@ -74,7 +73,7 @@ def command(
         visible,
     )
 
-    folder = localize(shards) if is_url(shards) else Path(shards)  # a URL: the verified cache
+    folder = localize(shards) if is_url(shards) else local_path(shards)  # a URL: the verified cache
     view = locate_row(folder, row_i=row_i, record_id=record_id, split=split)
     tok = load_decoder(view.reader.index, tokenizer)
 

@@ -51,11 +51,11 @@ def command(
     """
     from sftdata.errors import ConfigError
     from sftdata.inputs import readable, refuse_overwriting
-    from sftdata.remote import is_url, localize
+    from sftdata.remote import is_url, local_path, localize
     from sftdata.stats import folder_stats, jsonl_stats, write_histogram
 
     # a shard folder's URL: read from the node-local cache, each shard checked
-    paths = [localize(p) if is_url(p) else Path(p) for p in inputs]
+    paths = [localize(p) if is_url(p) else local_path(p) for p in inputs]
     if plot is not None:
         refuse_overwriting(paths, plot)
     if len(paths) == 1 and paths[0].is_dir():

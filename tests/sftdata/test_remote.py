@@ -240,7 +240,14 @@ def test_a_local_folder_and_file_urls_are_unchanged(tmp_path: Path) -> None:
     assert not remote.is_url("shards/") and not remote.is_url("file:///tmp/x")
     assert remote.is_url("s3://bkt/x") and remote.is_url("https://h/x")
     assert remote.local_path("file:///tmp/x") == Path("/tmp/x")
-    shutil.rmtree(tmp_path, ignore_errors=True)
+    # a file:// URL is the folder itself, for every command that takes one
+    url = f"file://{tmp_path}/shards"
+    assert _run(tmp_path, "sftdata", "pack", _data(tmp_path), "-o", url, *PACK).returncode == 0
+    assert (tmp_path / "shards" / "index.json").is_file()
+    for argv in (["inspect", "--row", "0", "--plain"], ["stats", "--json"]):
+        by_url = _run(tmp_path, "sftdata", argv[0], url, *argv[1:])
+        by_path = _run(tmp_path, "sftdata", argv[0], "shards", *argv[1:])
+        assert by_url.returncode == 0 and by_url.stdout == by_path.stdout, by_url.stderr
 
 
 def test_missing_credentials_are_one_line(s3: dict[str, str], tmp_path: Path) -> None:
