@@ -60,7 +60,7 @@ def _conversion_error(shown: Path, e: Exception, *, tmp: Path | None = None) -> 
     if tmp is not None:
         msg = msg.replace(str(tmp / "tokenizer.model"), str(shown)).replace(str(tmp), str(shown))
     # transformers 5.23 without protobuf falls back to a tiktoken reader and reports
-    # "tiktoken is required", which sends users the wrong way (DESIGN §7).
+    # "tiktoken is required", which sends users the wrong way (README, "Set-up").
     missing = _missing_packages()
     if missing and (isinstance(e, ImportError) or "tiktoken" in msg.lower()):
         return ConfigError(

@@ -32,7 +32,7 @@ from sftdata import __version__, sha256_file
 from sftdata.errors import CheckpointError
 from sftdata.inputs import read_small
 from sftdata.jsonfile import read_json, schema_problem
-from sfttrain.config import TrainConfig, config_from_dict, trajectory_hash
+from sfttrain.config import TrainConfig, build_config, trajectory_hash
 from sfttrain.data import Cursor
 from sfttrain.weights import optimizer_state, save_optimizer, save_rng, save_weights, written
 
@@ -344,7 +344,7 @@ def check_resumable(
     accumulation × ranks) is the same: 2 ranks × accumulation 4 resume as 1 rank × accumulation 8.
     """
     state = read_state(folder)
-    saved = config_from_dict(state["config"], where=f"{folder / STATE_FILE}: config: ")
+    saved = build_config(state["config"], where=f"{folder / STATE_FILE}: config: ")
     saved_ws = int(state.get("world_size", 1))
     if trajectory_hash(saved, world_size=saved_ws) != state["config_hash"]:
         raise CheckpointError(

@@ -363,17 +363,11 @@ def _closest(key: str) -> str | None:
     return m[0] if m else None
 
 
-def config_from_dict(d: dict[str, Any], *, where: str = "") -> TrainConfig:
-    """Rebuild a saved resolved config (from a checkpoint) with the same validation."""
-    return build_config(d, where=where)
-
-
 __all__ = [
     "NON_TRAJECTORY_KEYS",
     "PER_DEVICE_BATCH_KEYS",
     "TrainConfig",
     "build_config",
-    "config_from_dict",
     "field_docs",
     "global_batch_rows",
     "lora_target_modules",

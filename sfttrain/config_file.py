@@ -32,16 +32,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config (optional), apply ``key=value`` overrides, validate. Errors name the key."""
-    return load_run_config(path, overrides)[0]
-
-
 def load_run_config(
     path: str | Path | None, overrides: list[str] | None = None
 ) -> tuple[TrainConfig, dict[str, Any] | None]:
-    """:func:`load_config` and the config's ``data:`` section (a LLaMA-Factory YAML's data keys
-    become one), unparsed: ``sftdata.recipe.parse_data_section`` reads it."""
+    """(the config, its ``data:`` section): a YAML config read (optional), ``key=value``
+    overrides applied, validated, errors naming the key; the data section (a LLaMA-Factory
+    YAML's data keys become one) unparsed: ``sftdata.recipe.parse_data_section`` reads it."""
     values: dict[str, Any] = {}
     where = ""
     if path is not None:
@@ -71,4 +67,4 @@ def load_run_config(
         raise
 
 
-__all__ = ["load_config", "load_run_config", "parse_overrides"]
+__all__ = ["load_run_config", "parse_overrides"]

@@ -49,7 +49,7 @@ def default_device(local_rank: int | None = None) -> torch.device:
 
 @dataclass
 class Dist:
-    """Process-group hooks of the loop. This single-process version is the identity; issue 5's
+    """Process-group hooks of the loop. This single-process version is the identity; the
     torch.distributed version overrides the methods (all-reduce over the group, DDP/FSDP wrap)."""
 
     rank: int = 0
@@ -70,7 +70,7 @@ class Dist:
         return flag
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        """The module the loop calls (DDP/FSDP wrapper in issue 5)."""
+        """The module the loop calls (the DDP/FSDP wrapper under torchrun)."""
         return module
 
     def no_sync(self, module: torch.nn.Module, *, last: bool) -> contextlib.AbstractContextManager:

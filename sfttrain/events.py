@@ -70,8 +70,8 @@ def precision_of(config: Any, device: Any) -> str:
     if not config.bf16:
         return "fp32"
     if getattr(device, "type", str(device)) == "cpu":
-        # bf16 autocast on a CPU without bf16 matrix units is slower than fp32, not faster (seen
-        # on these machines, issue 27); a user who kept a GPU config's bf16 should know.
+        # bf16 autocast on a CPU without bf16 matrix units is slower than fp32, not faster (measured
+        # on the CPUs these tests run on); a user who kept a GPU config's bf16 should know.
         return "bf16 autocast (on a CPU usually slower than fp32: set bf16: false)"
     return "bf16 autocast"
 

@@ -229,7 +229,7 @@ def _names(d: dict[str, Any], key: str, where: str) -> list[str] | None:
 def translate_for_load(
     d: dict[str, Any], ours: frozenset[str], *, where: str = ""
 ) -> dict[str, Any]:
-    """Translate an LF YAML for ``load_config``: errors prefixed with ``where``; ONE warning logged.
+    """Translate an LF YAML for ``load_run_config``: errors prefixed with ``where``; ONE warning logged.
 
     The warning goes to the ``sftpipe`` logger (printed as one line on stderr when the
     application configured no logging).

@@ -172,6 +172,13 @@ def test_pack_options_are_declared_once() -> None:
     assert {n: s for n, s in spelled.items() if s} == {}
 
 
+def test_comments_point_at_the_readme_not_at_design_notes_or_issues() -> None:
+    # a user reads the README; DESIGN.md paragraphs and issue numbers are the team's, and go stale
+    stale = re.compile(r"DESIGN §|DESIGN\.md|\bissues? \d+")
+    found = [n for n, p in MODULES.items() if stale.search(p.read_text("utf-8"))]
+    assert found == []
+
+
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 90
 LONG_ON_PURPOSE: set[tuple[str, str]] = set()

@@ -1,4 +1,4 @@
-"""Chat-template rendering with exact label masks (DESIGN §2, invariant C2).
+"""Chat-template rendering with exact label masks (invariant C2; README, "Pack").
 
 - ``renderer``: :class:`Renderer` — a record through its template, the trained spans of every
   turn (by construction from generation-prompt prefixes, or one render with our own

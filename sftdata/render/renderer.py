@@ -1,4 +1,4 @@
-"""Chat-template rendering with exact label masks (DESIGN §2, invariant C2).
+"""Chat-template rendering with exact label masks (invariant C2; README, "Pack").
 
 What is trained, for each trained assistant turn, is exactly what the model must generate at
 inference: from the end of the generation prompt for the preceding messages

@@ -15,7 +15,7 @@ from sfttrain.config import (
     lora_target_modules,
     trajectory_hash,
 )
-from sfttrain.config_file import load_config
+from sfttrain.config_file import load_run_config
 
 
 def test_yaml_and_overrides_are_typed(tmp_path) -> None:
@@ -25,7 +25,9 @@ def test_yaml_and_overrides_are_typed(tmp_path) -> None:
         "finetuning_type: lora\nlora_rank: 16\nlearning_rate: 1e-4\nbf16: false\n"
         "lr_scheduler_type: linear\nsave_total_limit: 3\n"
     )
-    c = load_config(cfg, ["lora_rank=32", "bf16=true", "warmup_ratio=0.1", "eval_steps=null"])
+    c = load_run_config(cfg, ["lora_rank=32", "bf16=true", "warmup_ratio=0.1", "eval_steps=null"])[
+        0
+    ]
     assert c.lora_rank == 32 and c.bf16 is True and c.warmup_ratio == 0.1
     assert c.learning_rate == pytest.approx(1e-4) and isinstance(c.learning_rate, float)
     assert c.lr_scheduler_type == "linear" and c.save_total_limit == 3 and c.eval_steps is None
@@ -54,27 +56,27 @@ def test_yaml_and_overrides_are_typed(tmp_path) -> None:
 )
 def test_bad_overrides_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [override])
+        load_run_config(None, [override])[0]
 
 
 def test_yaml_errors_name_the_file_and_key(tmp_path) -> None:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("learning_rate: -0.5\n")
     with pytest.raises(ConfigError, match=r"cfg\.yaml: learning_rate: -0\.5 must be > 0"):
-        load_config(cfg, [])
+        load_run_config(cfg, [])[0]
     cfg.write_text("per_device_train_batch_size: [1, 2]\n")
     with pytest.raises(
         ConfigError, match=r"cfg\.yaml: per_device_train_batch_size: expected an integer"
     ):
-        load_config(cfg, [])
+        load_run_config(cfg, [])[0]
     cfg.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
-        load_config(cfg, [])
+        load_run_config(cfg, [])[0]
     cfg.write_text("a: [\n")
     with pytest.raises(ConfigError, match=r"cfg\.yaml:\d+: not valid YAML"):
-        load_config(cfg, [])
+        load_run_config(cfg, [])[0]
     with pytest.raises(ConfigError, match=r"missing\.yaml: no such file \(config\)"):
-        load_config(tmp_path / "missing.yaml", [])
+        load_run_config(tmp_path / "missing.yaml", [])[0]
 
 
 def test_every_field_has_a_docstring() -> None:

@@ -28,10 +28,10 @@ def _convert(*args: str):
 
 
 def test_llamafactory_yaml_loads_with_one_warning(caplog) -> None:
-    from sfttrain.config_file import load_config
+    from sfttrain.config_file import load_run_config
 
     with caplog.at_level(logging.WARNING, logger="sftpipe"):
-        cfg = load_config(LF_YAML, ["model_name_or_path=tiny"])
+        cfg = load_run_config(LF_YAML, ["model_name_or_path=tiny"])[0]
     assert cfg.model_name_or_path == "tiny"
     assert (cfg.finetuning_type, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) == (
         "lora",
@@ -122,14 +122,14 @@ def test_lora_alpha_default_follows_llamafactory() -> None:
 def test_llamafactory_yaml_refusals_name_the_key(tmp_path: Path, extra: dict, message: str) -> None:
     import yaml
 
-    from sfttrain.config_file import load_config
+    from sfttrain.config_file import load_run_config
 
     d = yaml.safe_load(LF_YAML.read_text(encoding="utf-8"))
     d.update(extra)
     p = tmp_path / "lf.yaml"
     p.write_text(yaml.safe_dump(d), encoding="utf-8")
     with pytest.raises(ConfigError) as e:
-        load_config(p, [])
+        load_run_config(p, [])[0]
     assert str(e.value) == f"{p}: {message}" or str(e.value).startswith(f"{p}: {message}")
 
 
