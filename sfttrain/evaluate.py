@@ -114,7 +114,6 @@ def evaluate_model(
     import contextlib
 
     from sfttrain.checkpoint import verify_before_use
-    from sfttrain.config import build_config
     from sfttrain.data import check_compatible, has_split, open_split
     from sfttrain.loss import LossModel, isolation_for
     from sfttrain.model import load_for_inference
@@ -127,7 +126,7 @@ def evaluate_model(
         model_spec, adapter=adapter, attn_implementation=attn_implementation
     )
     check_compatible(reader.index, tokenizer, model, shards_dir=reader.path, model_spec=model_spec)
-    isolation = isolation_for(build_config({"attn_implementation": attn_implementation}))
+    isolation = isolation_for(attn_implementation)
     dist = Dist()  # the GPU when there is one (the model comes back on the CPU)
     loss_model = LossModel(model, isolation=isolation).to(dist.device)
     loss, tokens = evaluate(

@@ -31,16 +31,11 @@ import torch
 
 from sftdata import IGNORE_INDEX
 from sftdata.errors import ConfigError
-from sfttrain.config import TrainConfig
 from sfttrain.wrappers import unwrap
 
-# Implementation -> the isolation mechanism `attn_isolation: auto` picks (tested in tests/invariants/test_c1_isolation.py).
-AUTO_ISOLATION = {
-    "sdpa": "position_ids",
-    "eager": "position_ids",
-    "flex_attention": "position_ids",
-    "flash_attention_2": "position_ids",
-}
+AUTO_ISOLATION = "position_ids"
+"""What ``attn_isolation: auto`` picks under every attention implementation (each tested in
+tests/invariants/test_c1_isolation.py)."""
 
 
 # Architectures whose CausalLM forward is exactly `lm_head(decoder(...))` (no logit scaling or
@@ -49,16 +44,14 @@ AUTO_ISOLATION = {
 _PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2"})
 
 
-def isolation_for(config: TrainConfig) -> str:
-    """The isolation mechanism for the configured attention implementation."""
-    if config.attn_isolation == "block_mask" and config.attn_implementation == "flex_attention":
+def isolation_for(attn_implementation: str, attn_isolation: str = "auto") -> str:
+    """The isolation mechanism of ``attn_isolation`` under ``attn_implementation``."""
+    if attn_isolation == "block_mask" and attn_implementation == "flex_attention":
         raise ConfigError(
             "attn_isolation: block_mask is a dense float mask, which flex_attention does not take; "
             "use auto (position_ids: a per-record BlockMask)"
         )
-    if config.attn_isolation != "auto":
-        return config.attn_isolation
-    return AUTO_ISOLATION[config.attn_implementation]
+    return AUTO_ISOLATION if attn_isolation == "auto" else attn_isolation
 
 
 def liger_loss(model):

@@ -143,7 +143,8 @@ def setup_training(
     fused_loss = liger_loss(model) if config.use_liger_kernel else None
     if config.torch_compile:
         compile_layers(model)
-    loss_model = dist.wrap(LossModel(model, isolation=isolation_for(config), fused_loss=fused_loss))
+    isolation = isolation_for(config.attn_implementation, config.attn_isolation)
+    loss_model = dist.wrap(LossModel(model, isolation=isolation, fused_loss=fused_loss))
     # After wrapping: FSDP2 replaces parameters by sharded DTensors, the optimizer must see those.
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(

@@ -43,10 +43,6 @@ def arrow_schema(seq_len: int):
     )
 
 
-# Arrays are built from buffers: pa.array() on numpy arrays or Python lists imports pandas on
-# first use, a cost every pack worker would pay on its first shard (profiled).
-
-
 def validate_index(index: Any, *, where: str) -> None:
     """Check ``index`` against ``schemas/shard_index.v1.json``; ShardError naming ``where``."""
     problem = schema_problem(index, SCHEMA)

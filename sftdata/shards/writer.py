@@ -95,6 +95,8 @@ def _offsets(lengths: Sequence[int]) -> np.ndarray:
     return offsets
 
 
+# Arrays are built from buffers: pa.array() on numpy arrays or Python lists imports pandas on
+# first use, a cost every pack worker would pay on its first shard (profiled).
 def _int32(values: np.ndarray) -> Any:
     import pyarrow as pa
 

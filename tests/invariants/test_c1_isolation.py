@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sfttrain.config import build_config
 from sfttrain.loss import AUTO_ISOLATION, LossModel, forward_kwargs, isolation_for
 from sfttrain.model import CPU_ATTN_IMPLEMENTATIONS
 from tests.sfttrain_helpers import packed_row, small_model
@@ -46,18 +45,15 @@ def test_packed_row_equals_separate_records(impl: str, isolation: str, pad: int)
 
 @pytest.mark.parametrize("impl", CPU_ATTN_IMPLEMENTATIONS)
 def test_auto_isolation_is_a_tested_mechanism(impl: str) -> None:
-    cfg = build_config({"attn_implementation": impl})
-    assert isolation_for(cfg) in ("position_ids", "block_mask")
-    assert isolation_for(build_config({"attn_isolation": "block_mask"})) == "block_mask"
+    assert isolation_for(impl) == AUTO_ISOLATION == "position_ids"
+    assert isolation_for("sdpa", "block_mask") == "block_mask"
 
 
 def test_flex_attention_refuses_a_dense_mask() -> None:
     from sftdata.errors import ConfigError
 
-    cfg = build_config({"attn_implementation": "flex_attention", "attn_isolation": "block_mask"})
     with pytest.raises(ConfigError, match="flex_attention"):
-        isolation_for(cfg)
-    assert set(CPU_ATTN_IMPLEMENTATIONS) <= set(AUTO_ISOLATION)
+        isolation_for("flex_attention", "block_mask")
 
 
 def test_selective_head_equals_full_logits_loss() -> None:
