@@ -241,6 +241,7 @@ def eval_batches(
 __all__ = [
     "Cursor",
     "StepSampler",
+    "check_compatible",
     "eval_batches",
     "has_split",
     "open_split",

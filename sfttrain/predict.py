@@ -239,6 +239,7 @@ __all__ = [
     "LF_FILES",
     "PREDICTION_FILES",
     "Example",
+    "check_eval_generate",
     "check_installed",
     "examples",
     "generation_metrics",

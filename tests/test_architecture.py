@@ -172,6 +172,29 @@ def test_pack_options_are_declared_once() -> None:
     assert {n: s for n, s in spelled.items() if s} == {}
 
 
+def _declared_all(path: Path) -> set[str] | None:
+    for node in ast.parse(path.read_text("utf-8")).body:
+        if isinstance(node, ast.Assign) and any(
+            getattr(t, "id", "") == "__all__" for t in node.targets
+        ):
+            return set(ast.literal_eval(node.value))
+    return None
+
+
+def test_a_module_that_declares_all_is_used_through_it() -> None:
+    # __all__ is a module's face: where one is declared, other modules import only what it lists
+    faces = {n: a for n, p in MODULES.items() if (a := _declared_all(p)) is not None}
+    assert len(faces) > 40
+    behind = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module in faces:
+                behind += [(name, node.module, a.name) for a in node.names
+                           if a.name not in faces[node.module] and not a.name.startswith("_")
+                           and f"{node.module}.{a.name}" not in MODULES]  # fmt: skip
+    assert behind == []
+
+
 def test_comments_point_at_the_readme_not_at_design_notes_or_issues() -> None:
     # a user reads the README; DESIGN.md paragraphs and issue numbers are the team's, and go stale
     stale = re.compile(r"DESIGN §|DESIGN\.md|\bissues? \d+")

@@ -334,6 +334,7 @@ __all__ = [
     "MARKER_RE",
     "SPECIAL_TEXT",
     "ControlTokens",
+    "SpecialText",
     "SplitEncoder",
     "check_markers",
     "find_control",

@@ -200,6 +200,7 @@ def insert_stops(
 
 __all__ = [
     "MISSING_STOP",
+    "MissingStop",
     "NoStop",
     "Stop",
     "appended_stop",
