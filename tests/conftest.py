@@ -103,11 +103,21 @@ def s3() -> Iterator[dict[str, str]]:
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
            "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+    # moto keeps its buckets in the process, not in the server: an earlier module's server left
+    # them there, so this one starts from moto's own reset
+    import urllib.request
+
+    urllib.request.urlopen(
+        urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"), timeout=30
+    ).close()
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
         import fsspec
 
-        fsspec.filesystem("s3", skip_instance_cache=True).mkdir("bkt")
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        type(fs).clear_instance_cache()  # instances made for an earlier server's endpoint
+        fs.mkdir("bkt")
         yield env
+        type(fs).clear_instance_cache()
     server.stop()
