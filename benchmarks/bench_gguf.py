@@ -44,7 +44,7 @@ def build_model(folder: Path) -> None:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from sftdata.tokenizer import load_tokenizer
-    from sfttrain.gguf_export.vocab import SPLIT_RULES
+    from sfttrain.export.gguf.vocab import SPLIT_RULES
 
     load_tokenizer("tiny").save_pretrained(folder)
     spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))

@@ -146,7 +146,7 @@ def save_final(
     final_dir = run_dir / "final"
     link_final(run_dir)
     if config.save_merged and config.finetuning_type == "lora":
-        from sfttrain.export import export_checkpoint
+        from sfttrain.export.hf import export_checkpoint
 
         export_checkpoint(final_dir, run_dir / "final_merged", merge=True, overwrite=True)
     return final_dir

@@ -79,7 +79,7 @@ def command(
             )
         from dataclasses import asdict
 
-        from sfttrain.gguf_export import export_gguf
+        from sfttrain.export.gguf import export_gguf
 
         report = export_gguf(checkpoint, output, quant=quant or "f16", overwrite=overwrite)
         if as_json:
@@ -103,7 +103,7 @@ def command(
         return
     if quant is not None:
         raise ConfigError("--quant is for --format gguf; an hf export takes --dtype")
-    from sfttrain.export import export_checkpoint
+    from sfttrain.export.hf import export_checkpoint
 
     what = export_checkpoint(checkpoint, output, merge=merge, dtype=dtype, overwrite=overwrite)
     if as_json:

@@ -13,7 +13,7 @@ import torch
 from sftdata.errors import ConfigError
 from sfttrain.config import build_config
 from sfttrain.data import open_split, to_tensors
-from sfttrain.export import check_mergeable_base
+from sfttrain.export.hf import check_mergeable_base
 from sfttrain.loss import LossModel, forward_kwargs
 from sfttrain.model import build_tiny, load_base_model
 from tests.sfttrain_helpers import demo_shards, small_model_dir, train_losses
@@ -117,7 +117,7 @@ def test_c1_under_the_fast_paths_in_bf16(impl, shards, tmp_path) -> None:
 @needs_cuda
 def test_qlora_step_trains_and_merges_into_the_original_weights(shards, tmp_path) -> None:
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed on this GPU machine")
-    from sfttrain.export import export_checkpoint
+    from sfttrain.export.hf import export_checkpoint
     from sfttrain.train import train
 
     folder = small_model_dir(tmp_path / "m", seed=1)

@@ -1,6 +1,6 @@
 """`sftdata export --format sharegpt|alpaca|openai` (sftdata/export/chat.py): round trips on real data, refusals, schemas.
 
-(Named apart from tests/sfttrain/test_export.py, which tests sfttrain/export.py.)
+(Named apart from tests/sfttrain/export/test_hf.py, which tests sfttrain/export/hf.py.)
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import pytest
 
 from sftdata.errors import ConfigError, ModelError
 from sftdata.tokenizer import load_tokenizer
-from sfttrain.gguf_export import QUANTS, export_gguf
+from sfttrain.export.gguf import QUANTS, export_gguf
 from sfttrain.model import build_tiny
 from tests.sfttrain_helpers import run_cli, small_model_dir
 
@@ -184,7 +184,7 @@ def test_a_k_quant_without_llama_cpp_names_the_extra(monkeypatch) -> None:
     import importlib.util
 
     from sftdata.errors import ConfigError
-    from sfttrain.gguf_export.quant import check_quant
+    from sfttrain.export.gguf.quant import check_quant
 
     find = importlib.util.find_spec
     monkeypatch.setattr(
@@ -262,7 +262,7 @@ def test_hf_and_gguf_options_do_not_mix(tmp_path) -> None:
 
 
 def test_an_interrupted_export_leaves_nothing(tmp_path, monkeypatch) -> None:
-    import sfttrain.gguf_export.quant as quant
+    import sfttrain.export.gguf.quant as quant
 
     def boom(*_a, **_k):
         raise KeyboardInterrupt

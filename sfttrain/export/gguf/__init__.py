@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sftdata.errors import ConfigError
-from sfttrain.gguf_export.quant import K_QUANTS, QUANTS, check_quant, writable
+from sfttrain.export.gguf.quant import K_QUANTS, QUANTS, check_quant, writable
 
 
 @dataclass
@@ -70,7 +70,7 @@ def _export(spec: str | Path, out: Path, quant: str) -> GGUFReport:
         if quant not in K_QUANTS:
             report = _write(spec, tmp, quant)
         else:  # an f16 file first, beside the output, then llama.cpp's quantiser
-            from sfttrain.gguf_export.quant import llama_quantize
+            from sfttrain.export.gguf.quant import llama_quantize
 
             f16 = tmp.with_name(tmp.name + ".f16")
             try:
@@ -87,10 +87,10 @@ def _write(spec: str | Path, out: Path, quant: str) -> GGUFReport:
     """``spec`` written to ``out`` in a type the ``gguf`` package writes (``QUANTS``)."""
     import gguf
 
-    from sfttrain.export import check_mergeable_base
-    from sfttrain.gguf_export.arch import arch_for, gguf_tensors, write_hparams
-    from sfttrain.gguf_export.quant import encode, file_type, header_entry, tensor_type
-    from sfttrain.gguf_export.vocab import vocab_entries, write_vocab
+    from sfttrain.export.gguf.arch import arch_for, gguf_tensors, write_hparams
+    from sfttrain.export.gguf.quant import encode, file_type, header_entry, tensor_type
+    from sfttrain.export.gguf.vocab import vocab_entries, write_vocab
+    from sfttrain.export.hf import check_mergeable_base
     from sfttrain.model import TINY, adapter_base, is_adapter_dir, load_for_inference
 
     where = str(spec)

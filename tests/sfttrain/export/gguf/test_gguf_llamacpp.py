@@ -14,9 +14,9 @@ import torch
 
 from sftdata.convert import convert
 from sftdata.tokenizer import load_tokenizer
+from sfttrain.export.gguf import export_gguf
+from sfttrain.export.gguf.vocab import SPLIT_RULES
 from sfttrain.generate import generate, render_prompt
-from sfttrain.gguf_export import export_gguf
-from sfttrain.gguf_export.vocab import SPLIT_RULES
 from sfttrain.model import load_for_inference
 from tests.sfttrain_helpers import ROOT, demo_jsonl, run_cli
 
