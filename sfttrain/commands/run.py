@@ -131,8 +131,8 @@ def command(
         results = predict_alone(config, section, shards, model_spec, output_dir, prepare=_prepare)
         click.echo(json.dumps({"predict": results}) if as_json else predict_line(results))
         return
-    if section is not None and (launching or not under_torchrun()):
-        shards = str(_prepare(section, model_spec))  # once, before any rank starts
+    if launching or not under_torchrun():
+        shards = _shards_folder(section, shards, model_spec)  # once, before any rank starts
     predict_set = (
         predict_set_of(config, section, shards, model_spec, prepare=_prepare)
         if config.do_predict
@@ -144,19 +144,32 @@ def command(
 
     quiet_libraries()
     dist = dist_from_env(config)
-    if section is not None and under_torchrun():  # torchrun started by the user: rank 0 packs
-        if dist.is_main:
-            shards = str(_prepare(section, model_spec))
-        dist.barrier()
-        from sftdata.recipe import work_dir
-
-        shards = str(work_dir(section, model_spec) / "shards")
+    if under_torchrun():
+        shards = _shards_folder(section, shards, model_spec, dist=dist)
     assert shards is not None
     result = _train(config, shards, output_dir, model_spec, resume=resume,
                     allow_unverified=allow_unverified, no_progress=no_progress, dist=dist)  # fmt: skip
     predicted = predict_after(config, predict_set, result.final_dir, output_dir)
     if dist.is_main:  # rank 0 reports for the group
         _echo_result(result, as_json=as_json, predicted=predicted)
+
+
+def _shards_folder(
+    section: Any, shards: str | None, model_spec: str, *, dist: Any = None
+) -> str | None:
+    """The shard folder the run trains on: SHARDS as given; else the data section packed, here
+    (one process, or before ``--nproc`` starts its ranks) or, under a torchrun the user started
+    (``dist``), by rank 0 while the others wait, every rank then naming the same folder."""
+    if section is None:
+        return shards
+    if dist is None:
+        return str(_prepare(section, model_spec))
+    if dist.is_main:
+        _prepare(section, model_spec)
+    dist.barrier()
+    from sftdata.recipe import work_dir
+
+    return str(work_dir(section, model_spec) / "shards")
 
 
 def _train(
