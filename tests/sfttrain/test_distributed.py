@@ -512,3 +512,38 @@ def test_a_stop_request_is_reported_when_the_signal_comes_once() -> None:
         time.sleep(0.01)
         assert heard == ["SIGTERM"]
     assert signal.getsignal(signal.SIGTERM) is not stop._handle  # restored
+
+
+@pytest.mark.parametrize("launch", ["nproc", "torchrun"])
+def test_a_data_section_is_packed_once_for_every_rank(launch: str, tmp_path: Path) -> None:
+    """``run -c`` with a ``data:`` section on two ranks: packed before the ranks start (``--nproc``)
+    or by rank 0 while the other waits (a torchrun the user started); both ranks train the same
+    shards, and one step's loss is one process's on them."""
+    import yaml
+
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "data": {"inputs": [str(ROOT / "fixtures" / "demo" / "qa.csv")], "seq_len": 128,
+                 "cache_dir": str(tmp_path / "work")},
+        "max_steps": 1, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 2,
+        "report_to": "none", "seed": 3, "learning_rate": 1e-3,
+    }), encoding="utf-8")  # fmt: skip
+    common = ["-c", str(tmp_path / "run.yaml"), "--model", "tiny", "--no-progress"]
+    if launch == "nproc":
+        cmd = [sys.executable, "-m", "sfttrain", "run", *common, "-o", str(tmp_path / "out"),
+               "--nproc", "2"]  # fmt: skip
+    else:
+        cmd = [*torchrun_cmd(tmp_path / "x", tmp_path / "out", {})[:9], *common, "-o",
+               str(tmp_path / "out")]  # fmt: skip
+    r = run(cmd)
+    assert r.stdout.count("trained 1 step,") == 1, r.stdout + r.stderr[-2000:]
+    assert (r.stdout + r.stderr).count("data: packed ") == 1  # by one process, once
+    shards = tmp_path / "work" / "shards"
+    assert (
+        read_state(complete_checkpoints(tmp_path / "out")[-1])["shards"]["fingerprint"]
+        == (open_split(shards, "train").index["fingerprint"])
+    )
+    one = {"max_steps": 1, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4,
+           "report_to": "none", "seed": 3, "learning_rate": 1e-3}  # fmt: skip
+    ref = in_process(shards, tmp_path / "ref", one)
+    assert ref.step == 1
+    assert_same_losses(train_losses(tmp_path / "out"), train_losses(tmp_path / "ref"), [1])
