@@ -101,17 +101,30 @@ class EvalIndex:
         self.hashes = all_h[order]
         self.owners = np.concatenate(owners)[order] if owners else np.empty(0, np.int64)
 
-    def match(self, ngrams: np.ndarray) -> str | None:
-        """The evaluation item ``ngrams`` share the most n-grams with, in words, or None."""
-        if len(self.hashes) == 0 or len(ngrams) == 0:
-            return None
-        at = np.searchsorted(self.hashes, ngrams).clip(max=len(self.hashes) - 1)
-        hit = self.hashes[at] == ngrams
+    def match(self, grams: list[np.ndarray]) -> list[str | None]:
+        """For each record's n-gram hashes: the evaluation item it shares the most n-grams with
+        (the first such item on a tie), in words, or None. One lookup for a whole task."""
+        out: list[str | None] = [None] * len(grams)
+        lens = np.fromiter(map(len, grams), dtype=np.int64, count=len(grams))
+        if len(self.hashes) == 0 or not lens.sum():
+            return out
+        every = np.concatenate(grams)
+        at = np.searchsorted(self.hashes, every).clip(max=len(self.hashes) - 1)
+        hit = self.hashes[at] == every
         if not hit.any():
-            return None
-        owners, counts = np.unique(self.owners[at[hit]], return_counts=True)
-        best = int(owners[int(np.argmax(counts))])
-        return f"{int(hit.sum())} n-gram(s) shared with evaluation item {self.items[best]}"
+            return out
+        record = np.repeat(np.arange(len(grams)), lens)[hit]
+        shared = np.bincount(record, minlength=len(grams))
+        # (record, item) pairs counted, then per record the item with the most, lowest first
+        pairs, counts = np.unique(
+            record * len(self.items) + self.owners[at[hit]], return_counts=True
+        )
+        rec, item = np.divmod(pairs, len(self.items))
+        order = np.lexsort((item, -counts, rec))
+        first = order[np.r_[True, rec[order][1:] != rec[order][:-1]]]
+        for r, i in zip(rec[first].tolist(), item[first].tolist(), strict=True):
+            out[r] = f"{int(shared[r])} n-gram(s) shared with evaluation item {self.items[i]}"
+        return out
 
 
 @dataclass(frozen=True)

@@ -144,15 +144,17 @@ class Collector:
 
     def add(self, chunk: list[Facts]) -> None:
         """Take one task's facts."""
-        for f in chunk:
+        hits: list[str | None] = [None] * len(chunk)
+        if self.eval_index is not None:
+            none = np.empty(0, np.uint64)
+            hits = self.eval_index.match([none if f.ngrams is None else f.ngrams for f in chunk])
+        for f, hit in zip(chunk, hits, strict=True):
             if f.id in self.validation_ids:
                 f.split = "validation"
             self._record_checks(f)
-            if f.ngrams is not None and self.eval_index is not None:
-                hit = self.eval_index.match(f.ngrams)
-                if hit:
-                    self._found("contamination", f, hit)
-                f.ngrams = None
+            if hit:
+                self._found("contamination", f, hit)
+            f.ngrams = None
             self._cluster(f)
             self.facts.append(f)
 

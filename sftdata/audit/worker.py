@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from sftdata.audit.facts import Facts, text_facts
+from sftdata.audit.facts import Facts, signatures, text_facts
 from sftdata.conversation import Conversation
 from sftdata.errors import first_line
 from sftdata.pack.encode import RawChunk, get_renderer, parse_chunk, renderer_key
@@ -79,36 +79,69 @@ def _expected(opts: PackOptions, conv: Conversation) -> list[tuple[str, Any]] | 
 
 
 def crosscheck(opts: PackOptions, pairs: list[tuple[Conversation, Any]]) -> list[str | None]:
-    """For each (record, its encoding): how its samples differ from the second renderer's, in
-    one line, or None. The second renderer's texts are tokenized in one batch."""
+    """For each (record, its encoding, with offsets): how its samples differ from the second
+    renderer's, in one line, or None.
+
+    The second renderer's spans are compared token by token with ours for every record. Its
+    texts are tokenized by transformers' tokenizer (in one batch) where they differ from ours,
+    and for the first of every :data:`TOKENIZE_EVERY` records, which checks that tokenizer
+    agrees with ours; elsewhere the texts are ours character for character and our tokens'
+    offsets stand for them."""
     second = second_renderer(opts) if pairs else None
     if second is None:
         return [None] * len(pairs)
     hf = second[0]
     wants = [_expected(opts, conv) for conv, _ in pairs]
-    texts = [t for w in wants if not isinstance(w, str) for t, _ in w]
+    tokenize = [
+        not isinstance(w, str) and (k % TOKENIZE_EVERY == 0 or not _same_texts(enc, w))
+        for k, ((_, enc), w) in enumerate(zip(pairs, wants, strict=True))
+    ]
+    texts = [t for w, yes in zip(wants, tokenize, strict=True) if yes for t, _ in w]
     encodings = iter(hf.backend_tokenizer.encode_batch(texts, add_special_tokens=False))
     out: list[str | None] = []
-    for (_, enc), want in zip(pairs, wants, strict=True):
+    for (_, enc), want, yes in zip(pairs, wants, tokenize, strict=True):
         if isinstance(want, str):
             out.append(want)
             continue
-        theirs = [next(encodings) for _ in want]
+        if yes:
+            theirs = [(e.ids, e.offsets) for e in (next(encodings) for _ in want)]
+        else:
+            theirs = [(None, s.offsets) for s in enc.samples]  # our own tokens
         out.append(_compare(hf, enc, want, theirs))
     return out
 
 
-def _compare(hf: Any, enc: Any, want: list[tuple[str, Any]], theirs: list[Any]) -> str | None:
+TOKENIZE_EVERY = 16
+"""transformers' tokenizer reads the second renderer's texts for the first of every this many
+records :func:`crosscheck` is given (and wherever they differ from ours)."""
+
+
+def _same_texts(enc: Any, want: list[tuple[str, Any]]) -> bool:
+    """Whether the second renderer's sample texts are ours character for character (a sample
+    tokenized by the control-text encoder, or without offsets, never counts as the same)."""
+    return len(enc.samples) == len(want) and all(
+        s.offsets is not None and r.hidden is None and r.text == text
+        for s, r, (text, _) in zip(enc.samples, enc.render.samples, want, strict=True)
+    )
+
+
+def _compare(
+    hf: Any, enc: Any, want: list[tuple[str, Any]], theirs: list[tuple[list[int] | None, Any]]
+) -> str | None:
+    """How ``enc`` differs from the second renderer's samples ``want`` given their tokens
+    (``theirs``: ids and offsets per sample; ids None: ours, the same text)."""
     from sftdata.audit.oracle import spans_mask
 
     if len(enc.samples) != len(want):
         return f"{len(enc.samples)} samples here, {len(want)} by the second renderer"
-    for k, (got, (_, spans), e) in enumerate(zip(enc.samples, want, theirs, strict=True)):
-        ids = e.ids
-        if got.input_ids.tolist() != ids:
+    for k, (got, (_, spans), (ids, offsets)) in enumerate(
+        zip(enc.samples, want, theirs, strict=True)
+    ):
+        if ids is not None and got.input_ids.tolist() != ids:
             return f"sample {k}: its text differs from transformers' render of the template"
-        mask = spans_mask(e.offsets, spans)
+        mask = spans_mask(offsets, spans)
         if not np.array_equal(got.train_mask, mask):
+            ids = got.input_ids.tolist()
             ours = _pieces(hf, ids, np.flatnonzero(got.train_mask & ~mask))
             other = _pieces(hf, ids, np.flatnonzero(mask & ~got.train_mask))
             return (
@@ -125,7 +158,9 @@ def _record_lines(raw: RawChunk) -> list[int]:
 def audit_chunk(raw: RawChunk, opts: PackOptions, settings: Settings) -> list[Facts]:
     """The facts of every record of ``raw``."""
     convs = parse_chunk(raw)
-    records = get_renderer(opts).encode_batch(convs, skip_invalid=True)
+    records = get_renderer(opts).encode_batch(
+        convs, skip_invalid=True, offsets=bool(settings.every)
+    )
     lines = _record_lines(raw)
     out = []
     for conv, rec, line in zip(convs, records, lines, strict=True):
@@ -139,8 +174,11 @@ def audit_chunk(raw: RawChunk, opts: PackOptions, settings: Settings) -> list[Fa
             appended=rr.appended, no_stop=rr.no_stop,
         )  # fmt: skip
         f.checked = rr.refusal is None and bool(settings.every) and line % settings.every == 0
-        text_facts(conv, f, minhash=settings.minhash, ngrams=settings.ngrams)
         out.append(f)
+    shingles = text_facts(convs, out, ngrams=settings.ngrams)
+    if settings.minhash:
+        for f, sig in zip(out, signatures(shingles), strict=True):
+            f.minhash = sig
     pairs = [(c, r) for c, r, f in zip(convs, records, out, strict=True) if f.checked]
     mismatches = iter(crosscheck(opts, pairs))
     for f in out:

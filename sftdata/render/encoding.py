@@ -15,9 +15,14 @@ from sftdata.render.samples import EncodedRecord, EncodedSample, RenderedRecord
 
 
 def encode_renders(
-    backend: Any, renders: Sequence[RenderedRecord], split: SplitEncoder | None
+    backend: Any,
+    renders: Sequence[RenderedRecord],
+    split: SplitEncoder | None,
+    *,
+    offsets: bool = False,
 ) -> list[EncodedRecord]:
-    """Tokenize every sample of ``renders`` (``backend``: a ``tokenizers.Tokenizer``).
+    """Tokenize every sample of ``renders`` (``backend``: a ``tokenizers.Tokenizer``); with
+    ``offsets``, each sample keeps its tokens' character offsets.
 
     Samples whose record text holds control tokens under ``--special-text split`` (``hidden``
     set) go through ``split`` one by one; the rest through one ``encode_batch`` call. Token
@@ -36,17 +41,19 @@ def encode_renders(
             sample = next(it)
             if sample.hidden is not None:
                 assert split is not None
-                ids, offsets = split.encode(sample.hidden)
-                samples.append(EncodedSample(ids, mask_from_offsets(offsets, sample.spans)))
+                ids, offs = split.encode(sample.hidden)
+                mask = mask_from_offsets(offs, sample.spans)
+                samples.append(EncodedSample(ids, mask, offs if offsets else None))
                 continue
             enc = next(encodings)
             ids = np.array(enc.ids, dtype=np.int32)
             mask = mask_by_edges(enc, len(ids), len(sample.text), sample.spans)
+            offs = None
+            if mask is None or offsets:
+                offs = np.array(enc.offsets, dtype=np.int64).reshape(-1, 2)
             if mask is None:
-                mask = mask_from_offsets(
-                    np.array(enc.offsets, dtype=np.int64).reshape(-1, 2), sample.spans
-                )
-            samples.append(EncodedSample(input_ids=ids, train_mask=mask))
+                mask = mask_from_offsets(offs, sample.spans)
+            samples.append(EncodedSample(ids, mask, offs if offsets else None))
         out.append(EncodedRecord(samples=samples, render=r))
     return out
 

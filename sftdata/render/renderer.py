@@ -408,12 +408,12 @@ class Renderer:
         return self.encode_batch([conv])[0]
 
     def encode_batch(
-        self, convs: Sequence[Conversation], *, skip_invalid: bool = False
+        self, convs: Sequence[Conversation], *, skip_invalid: bool = False, offsets: bool = False
     ) -> list[EncodedRecord]:
         """Render and tokenize records with ONE batched call of the Rust tokenizer.
 
         A refused record raises its TemplateError, or with ``skip_invalid`` comes back with no
-        samples and its ``render.refusal`` set.
+        samples and its ``render.refusal`` set. ``offsets``: samples keep their tokens' offsets.
 
         Masks: ``sftdata.render.encoding.encode_renders``.
         """
@@ -424,7 +424,7 @@ class Renderer:
                     raise TemplateError(r.refusal)
         if self._split is None and any(x.hidden for r in renders for x in r.samples):
             self._split = SplitEncoder(self._backend_tok, self.control)
-        return encode_renders(self._backend_tok, renders, self._split)
+        return encode_renders(self._backend_tok, renders, self._split, offsets=offsets)
 
 
 def _blocks_of(

@@ -19,6 +19,9 @@ class EncodedSample:
     """int32 token ids of the rendered sample (no padding)."""
     train_mask: np.ndarray
     """bool, same length: True where the token is trained (its label is itself)."""
+    offsets: np.ndarray | None = None
+    """int64[n, 2]: each token's characters in the sample's text, kept only when asked for (the
+    audit's second renderer reads them); None otherwise."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from sftdata.audit.checks import CHECKS, Check, Collector, parse_fail_on
@@ -187,22 +188,27 @@ def test_junit_report_reads_as_ci_systems_read_it(report: dict[str, Any]) -> Non
     assert "ctl0" in cases["control_tokens"].result[0].text
 
 
+@pytest.mark.parametrize("record", ["b0", "b3"])
 def test_a_mask_the_second_renderer_disagrees_with_is_named(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record: str
 ) -> None:
-    """A bug planted in the first renderer (one trained token more in record b3) shows as a
-    masks finding naming the record and the token; the other records agree."""
+    """A bug planted in the first renderer (one trained token more) shows as a masks finding
+    naming the record and the token; the other records agree. b0's texts are tokenized again
+    by transformers' tokenizer, b3's are not (the same text: our tokens' offsets stand for
+    them), and the bug is found either way."""
     from sftdata.audit import AuditOptions, audit
+    from sftdata.audit.worker import TOKENIZE_EVERY
     from sftdata.pack import PackOptions
     from sftdata.pack import encode as pack_encode
     from sftdata.render import Renderer
 
+    assert TOKENIZE_EVERY > 3
     real = Renderer.encode_batch
 
     def planted_bug(self: Renderer, convs: Any, **kw: Any) -> Any:
         out = real(self, convs, **kw)
         for conv, rec in zip(convs, out, strict=True):
-            if conv.id == "b3":
+            if conv.id == record:
                 mask = rec.samples[0].train_mask
                 mask[1] = True  # a prompt token trained
         return out
@@ -217,11 +223,73 @@ def test_a_mask_the_second_renderer_disagrees_with_is_named(
     masks = rep.checks["masks"]
     assert masks.count == 1 and masks.fails and masks.total == 6
     (f,) = masks.findings
-    assert f.id == "b3" and f.where == f"{data}:4"
+    assert f.id == record and f.where == f"{data}:{int(record[1:]) + 1}"
     assert (
         f.detail.startswith("sample 0: trained only here: ")
         and "only by the second renderer: ''" in f.detail
     )
+
+
+def test_tokens_that_differ_from_transformers_tokenizer_are_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where transformers' tokenizer reads the text again (the first record of a task), ids
+    that differ from its tokenization of the same text are a mismatch."""
+    from sftdata.audit import AuditOptions, audit
+    from sftdata.pack import PackOptions
+    from sftdata.pack import encode as pack_encode
+    from sftdata.render import Renderer
+
+    real = Renderer.encode_batch
+
+    def other_ids(self: Renderer, convs: Any, **kw: Any) -> Any:
+        out = real(self, convs, **kw)
+        out[0].samples[0].input_ids[2] += 1
+        return out
+
+    monkeypatch.setattr(Renderer, "encode_batch", other_ids)
+    monkeypatch.setattr(pack_encode, "_STATE", {})
+    data = _write(tmp_path / "d.jsonl", [_rec(f"b{i}", f"Q {i}?", f"A {i}.") for i in range(3)])
+    opts = PackOptions(seq_len=1 << 62, tokenizer="tiny", template="chatml")
+    masks = audit([data], opts, AuditOptions(), seq_len=None).checks["masks"]
+    assert [(f.id, f.detail) for f in masks.findings] == [
+        ("b0", "sample 0: its text differs from transformers' render of the template")
+    ]
+
+
+def test_contamination_names_the_item_sharing_the_most_ngrams(tmp_path: Path) -> None:
+    """A task's records matched at once: each names the evaluation item it shares the most
+    13-grams with (the first on a tie) and how many it shares; a record sharing none, or with
+    no text, names nothing."""
+    from sftdata.audit import EvalIndex
+    from sftdata.audit.facts import ngram_hashes
+
+    words = [f"w{i}" for i in range(40)]
+    a, b = " ".join(words[:20]), " ".join(words[10:40])
+    ix = EvalIndex([str(_write(tmp_path / "eval.jsonl", [_rec("e1", a, "x"), _rec("e2", b, "y")]))])
+    grams = [ngram_hashes(t) for t in (" ".join(words[12:30]), a, "nothing shared here", "")]
+    assert ix.match(grams) == [
+        f"6 n-gram(s) shared with evaluation item 'e2' ({tmp_path / 'eval.jsonl'}:2)",
+        f"8 n-gram(s) shared with evaluation item 'e1' ({tmp_path / 'eval.jsonl'}:1)",
+        None,
+        None,
+    ]
+
+
+def test_minhash_signatures_are_datasketchs() -> None:
+    """The signatures a task computes at once equal datasketch's MinHash of each set, for
+    empty sets and sets longer than a block too."""
+    from datasketch import MinHash
+
+    from sftdata.audit.facts import BLOCK, NUM_PERM, SCHEME, signatures
+
+    rng = np.random.default_rng(0)
+    sizes = (0, 1, 3, 0, 2 * BLOCK + 5, 100, BLOCK, 7, 0)
+    sets = [rng.integers(0, 1 << 64, size=n, dtype=np.uint64) for n in sizes]
+    for shingles, sig in zip(sets, signatures(sets), strict=True):
+        mh = MinHash(num_perm=NUM_PERM, seed=1, scheme=SCHEME, hashfunc=lambda x: x)
+        mh.update_batch(shingles.tolist())
+        assert np.array_equal(sig, mh.hashvalues.astype(np.uint64))
 
 
 def test_fail_on_rates_and_names() -> None:
