@@ -89,8 +89,30 @@ def _import_transformers() -> Any:
     return AutoTokenizer
 
 
-def _load_folder(path: Path, *, shown: Path | None = None) -> Any:
-    AutoTokenizer = _import_transformers()
+def tokenizer_class(tok: Any) -> str:
+    """``module:qualname`` of a transformers tokenizer's class (for :func:`load_tokenizer`'s
+    ``cls``)."""
+    return f"{type(tok).__module__}:{type(tok).__qualname__}"
+
+
+def _named_class(name: str) -> Any:
+    """The transformers tokenizer class :func:`tokenizer_class` named (nothing else imports)."""
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    module, _, qualname = name.partition(":")
+    found = None
+    if module == "transformers" or module.startswith("transformers."):
+        with contextlib.suppress(ImportError, AttributeError):
+            found = getattr(importlib.import_module(module), qualname)
+    if not (isinstance(found, type) and issubclass(found, PreTrainedTokenizerBase)):
+        raise ConfigError(f"{name}: not a transformers tokenizer class")
+    return found
+
+
+def _load_folder(path: Path, *, shown: Path | None = None, cls: str | None = None) -> Any:
+    # The class AutoTokenizer would pick, when known, is loaded directly: AutoTokenizer's model
+    # registry imports torch, most of the time a load takes.
+    AutoTokenizer = _import_transformers() if cls is None else _named_class(cls)
     from transformers.utils import logging as tf_logging
 
     shown = shown or path
@@ -103,9 +125,12 @@ def _load_folder(path: Path, *, shown: Path | None = None) -> Any:
     previous = tf_logging.get_verbosity()
     tf_logging.set_verbosity_error()  # its fallback warnings would precede our one-line error
     try:
-        tok = AutoTokenizer.from_pretrained(
-            str(path), local_files_only=True, trust_remote_code=False, use_fast=True
-        )
+        if cls is None:
+            tok = AutoTokenizer.from_pretrained(
+                str(path), local_files_only=True, trust_remote_code=False, use_fast=True
+            )
+        else:  # the call AutoTokenizer makes once it has picked the class
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         if converted:
             _restore_dummy_prefix(tok, path / "tokenizer.model")
         return tok
@@ -151,7 +176,7 @@ def _restore_dummy_prefix(tok: Any, model_file: Path) -> None:
     )
 
 
-def _load_sentencepiece_file(path: Path) -> Any:
+def _load_sentencepiece_file(path: Path, cls: str | None = None) -> Any:
     try:
         with path.open("rb") as f:
             head = f.read(64)
@@ -163,13 +188,17 @@ def _load_sentencepiece_file(path: Path) -> Any:
     # content hash is the same whichever way the user points at it.
     with tempfile.TemporaryDirectory(prefix="sftdata-spm-") as tmp:
         (Path(tmp) / "tokenizer.model").symlink_to(path.resolve())
-        tok = _load_folder(Path(tmp), shown=path)
+        tok = _load_folder(Path(tmp), shown=path, cls=cls)
     tok.name_or_path = str(path)
     return tok
 
 
-def load_tokenizer(spec: str | Path) -> PreTrainedTokenizerFast:
+def load_tokenizer(spec: str | Path, *, cls: str | None = None) -> PreTrainedTokenizerFast:
     """Load a fast tokenizer from ``"tiny"``, a local HF folder or a SentencePiece ``.model`` file.
+
+    ``cls``: the class ``AutoTokenizer`` picks for it (:func:`tokenizer_class` of an earlier
+    load, e.g. :attr:`TokenizerSnapshot.tokenizer_class`), loaded directly: the same tokenizer,
+    without importing torch.
 
     Raises:
         ConfigError: one line naming the path: it does not exist, is not a tokenizer, needs
@@ -177,11 +206,11 @@ def load_tokenizer(spec: str | Path) -> PreTrainedTokenizerFast:
     """
     path = resolve_spec(spec)
     if path.is_dir():
-        tok = _load_folder(path)
+        tok = _load_folder(path, cls=cls)
     elif path.suffix == ".model":
-        tok = _load_sentencepiece_file(path)
+        tok = _load_sentencepiece_file(path, cls)
     elif path.name == "tokenizer.json" or path.name == "tokenizer_config.json":
-        tok = _load_folder(path.parent)
+        tok = _load_folder(path.parent, cls=cls)
     else:
         raise ConfigError(
             f"{path}: not a tokenizer (expected a folder with tokenizer.json or tokenizer.model, "
@@ -324,6 +353,8 @@ class TokenizerSnapshot:
     """Where it was loaded from this time (names the tokenizer in the identity)."""
     max_length: int | None = None
     """:func:`max_length` of the full tokenizer (None: not stated)."""
+    tokenizer_class: str = ""
+    """:func:`tokenizer_class` of the full tokenizer: the class ``AutoTokenizer`` picked."""
 
     @classmethod
     def of(cls, tok: Any) -> TokenizerSnapshot:
@@ -339,6 +370,7 @@ class TokenizerSnapshot:
             stop_sources=stop_sources(tok),
             name_or_path=str(getattr(tok, "name_or_path", "") or ""),
             max_length=max_length(tok),
+            tokenizer_class=tokenizer_class(tok),
         )
 
     @cached_property

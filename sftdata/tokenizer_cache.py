@@ -26,7 +26,7 @@ from sftdata.tokenizer import (
     resolve_spec,
 )
 
-SNAPSHOT_VERSION = 4
+SNAPSHOT_VERSION = 5
 """Bump when loading changes what a snapshot holds (e.g. ``_restore_dummy_prefix``)."""
 
 
@@ -111,6 +111,7 @@ def _read_cached(path: Path, key: str) -> TokenizerSnapshot | None:
             identity=dict(d["identity"]),
             stop_sources=tuple((t, tuple(src)) for t, src in d["stop_sources"]),
             max_length=d["max_length"],
+            tokenizer_class=str(d["tokenizer_class"]),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
@@ -127,6 +128,7 @@ def _write_cached(path: Path, key: str, snap: TokenizerSnapshot) -> None:
         "identity": snap.identity,
         "stop_sources": [[t, list(src)] for t, src in snap.stop_sources],
         "max_length": snap.max_length,
+        "tokenizer_class": snap.tokenizer_class,
     }
     # A cache: a read-only or full disk only costs the next run its load time.
     with contextlib.suppress(OSError, ConfigError):

@@ -40,12 +40,14 @@ def second_renderer(opts: PackOptions) -> tuple[Any, list[str], str | None] | No
     key = renderer_key(opts)
     if _SECOND.get("key") != key:
         from sftdata.audit.oracle import PINNED, appended_token, stop_strings
+        from sftdata.pack.encode import loaded_tokenizer
         from sftdata.tokenizer import load_tokenizer, resolve_spec
 
         renderer = get_renderer(opts)
         value = None
         if not renderer.name.startswith("fastchat:"):
-            hf = load_tokenizer(opts.tokenizer)
+            # the class AutoTokenizer picked when the snapshot was taken, loaded directly
+            hf = load_tokenizer(opts.tokenizer, cls=loaded_tokenizer().tokenizer_class or None)
             hf.chat_template = renderer.template_text
             PINNED["date"] = datetime.fromisoformat(renderer.template_date)
             folder = resolve_spec(opts.tokenizer)

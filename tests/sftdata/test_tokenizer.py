@@ -151,3 +151,43 @@ def test_llama2_pieces_equal_sentencepiece_per_chunk(llama2_tokenizer_dir: Path)
 
 
 # ------------------------------------------------------------------ snapshots and their cache
+
+
+LOAD_BY_CLASS = """
+import json, sys
+from sftdata.tokenizer import load_tokenizer
+tok = load_tokenizer(sys.argv[1], cls=sys.argv[2])
+print(json.dumps({"torch": "torch" in sys.modules, "backend": tok.backend_tokenizer.to_str(),
+                  "specials": tok.special_tokens_map, "template": tok.chat_template,
+                  "added": {str(k): str(v) for k, v in tok.added_tokens_decoder.items()}}))
+"""
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama2", "qwen2", "llama3", "phi3"])
+def test_the_class_autotokenizer_picked_loads_the_same_tokenizer_without_torch(
+    name: str, shared_tokenizers: Path
+) -> None:
+    """The audit's second renderer loads the class AutoTokenizer picked (recorded in the
+    snapshot) directly: the same tokenizer as AutoTokenizer's (the oracle here: the Rust
+    tokenizer, special tokens, template and added tokens), and torch is never imported."""
+    from sftdata.tokenizer import tokenizer_class
+    from sftdata.tokenizer_cache import load_snapshot
+
+    spec = name if name == "tiny" else str(shared_tokenizers / name)
+    auto = load_tokenizer(spec)  # AutoTokenizer
+    assert load_snapshot(spec).tokenizer_class == tokenizer_class(auto)
+    argv = [sys.executable, "-c", LOAD_BY_CLASS, spec, tokenizer_class(auto)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True)
+    assert json.loads(r.stdout) == {
+        "torch": False,
+        "backend": auto.backend_tokenizer.to_str(),
+        "specials": auto.special_tokens_map,
+        "template": auto.chat_template,
+        "added": {str(k): str(v) for k, v in auto.added_tokens_decoder.items()},
+    }
+
+
+def test_a_class_name_outside_transformers_is_refused() -> None:
+    for name in ("os:system", "transformers:nothing_here", "json:JSONDecoder"):
+        with pytest.raises(ConfigError, match="not a transformers tokenizer class"):
+            load_tokenizer("tiny", cls=name)
