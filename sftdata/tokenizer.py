@@ -73,13 +73,16 @@ def _conversion_error(shown: Path, e: Exception, *, tmp: Path | None = None) -> 
     )
 
 
-def _import_transformers() -> Any:
-    """``transformers.AutoTokenizer``, imported without its advisory that PyTorch is missing
+def _import_transformers(cls: str | None = None) -> Any:
+    """``transformers.AutoTokenizer``, or the tokenizer class ``cls`` names
+    (:func:`tokenizer_class`), imported without transformers' advisory that PyTorch is missing
     (the data half never needs it: ``pip install sftpipe`` has no torch)."""
     quiet = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
     before = os.environ.get(quiet)
     os.environ[quiet] = "1"
     try:
+        if cls is not None:
+            return _named_class(cls)
         from transformers import AutoTokenizer
     finally:
         if before is None:
@@ -96,7 +99,8 @@ def tokenizer_class(tok: Any) -> str:
 
 
 def _named_class(name: str) -> Any:
-    """The transformers tokenizer class :func:`tokenizer_class` named (nothing else imports)."""
+    """The transformers tokenizer class :func:`tokenizer_class` named (a name outside
+    transformers is refused before anything is imported)."""
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
     module, _, qualname = name.partition(":")
@@ -112,7 +116,7 @@ def _named_class(name: str) -> Any:
 def _load_folder(path: Path, *, shown: Path | None = None, cls: str | None = None) -> Any:
     # The class AutoTokenizer would pick, when known, is loaded directly: AutoTokenizer's model
     # registry imports torch, most of the time a load takes.
-    AutoTokenizer = _import_transformers() if cls is None else _named_class(cls)
+    loader = _import_transformers(cls)
     from transformers.utils import logging as tf_logging
 
     shown = shown or path
@@ -126,11 +130,11 @@ def _load_folder(path: Path, *, shown: Path | None = None, cls: str | None = Non
     tf_logging.set_verbosity_error()  # its fallback warnings would precede our one-line error
     try:
         if cls is None:
-            tok = AutoTokenizer.from_pretrained(
+            tok = loader.from_pretrained(
                 str(path), local_files_only=True, trust_remote_code=False, use_fast=True
             )
         else:  # the call AutoTokenizer makes once it has picked the class
-            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            tok = loader.from_pretrained(str(path), local_files_only=True)
         if converted:
             _restore_dummy_prefix(tok, path / "tokenizer.model")
         return tok
