@@ -259,7 +259,8 @@ def _permutations() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not _PERMUTATIONS:
         mh = MinHash(num_perm=NUM_PERM, seed=1, scheme=SCHEME)
         a, b = mh.permutations
-        _PERMUTATIONS.append((a.astype(np.uint64), b.astype(np.uint64), mh.hashvalues.copy()))
+        empty = mh.hashvalues.astype(np.uint64)  # a copy, in the signatures' dtype
+        _PERMUTATIONS.append((a.astype(np.uint64), b.astype(np.uint64), empty))
     return _PERMUTATIONS[0]
 
 
@@ -270,7 +271,7 @@ def signatures(shingles: list[np.ndarray]) -> np.ndarray:
     permutation, the minimum over the set), for a whole task in blocks rather than one MinHash
     object per record (the tests check the two agree)."""
     a, b, empty = _permutations()
-    sig = np.tile(empty.astype(np.uint64), (len(shingles), 1))
+    sig = np.tile(empty, (len(shingles), 1))
     lens = np.fromiter(map(len, shingles), dtype=np.int64, count=len(shingles))
     if not lens.sum():
         return sig
