@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import BIN, ROOT, SHARED, run_child
+from _util import BIN, ROOT, SHARED, byte_compile, run_child
 from bench_pack import make_records
 
 OUT = ROOT / "bench_out"
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
+    byte_compile()
     OUT.mkdir(exist_ok=True)
     raw = make_records(args.copies)
     data = OUT / "audit_alpaca.jsonl"

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import BIN, ROOT, SHARED, last_json_line, run_child
+from _util import BIN, ROOT, SHARED, byte_compile, last_json_line, run_child
 
 OUT = ROOT / "bench_out"
 TOKENIZER = SHARED / "tokenizers" / "llama2"
@@ -134,6 +134,7 @@ def main() -> None:
     if not TOKENIZER.is_dir():
         raise SystemExit("needs ../shared/tokenizers/llama2 beside the project")
     OUT.mkdir(exist_ok=True)
+    byte_compile()
     raw = make_records(a.copies)
     conv = OUT / f"alpaca_x{a.copies}.jsonl"
     results = []
