@@ -56,6 +56,14 @@ def _paired_call(call_id: str | None, calls: list[dict[str, Any]], k: int) -> di
     return calls[k] if k < len(calls) else {}
 
 
+def message_text(m: dict[str, Any]) -> str:
+    """A template message's text: its string content, or its parts' text (:func:`as_parts`)."""
+    c = m.get("content")
+    if isinstance(c, list):
+        return "".join(p.get("text", "") for p in c if isinstance(p, dict))
+    return c if isinstance(c, str) else ""
+
+
 def as_parts(m: dict[str, Any]) -> dict[str, Any]:
     """A message with its text content as one ``{"type": "text"}`` part."""
     c = m.get("content")

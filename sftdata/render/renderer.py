@@ -27,9 +27,9 @@ overlaps a trained span: no prompt prefix is tokenized separately, so BPE merges
 boundary cannot shift the mask.
 
 Nothing is dropped silently: the template's capabilities are probed once (``probe``), what it
-cannot render natively is folded in, documented and counted (``foldins``; ``strict`` refuses
-instead), and after rendering everything the record holds must be in the text (``coverage``).
-Control tokens come only from the template (``control``, C8).
+cannot render natively is folded in and counted (``foldins``; ``strict`` refuses instead), all
+the record holds must be in the text (``coverage``); control tokens come only from the template
+(``control``, C8); a record's renders share one CPU floor (``templates.bounds.cpu_floor``).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from sftdata.render.control import (
 )
 from sftdata.render.coverage import find_text, not_rendered
 from sftdata.render.encoding import encode_renders
-from sftdata.render.foldins import as_parts, template_messages
+from sftdata.render.foldins import as_parts, message_text, template_messages
 from sftdata.render.masks import subtract
 from sftdata.render.probe import PROBE, probe_caps
 from sftdata.render.samples import EncodedRecord, RenderedRecord, RenderedSample
@@ -65,7 +65,7 @@ from sftdata.render.stops import (
     stop_end,
     stop_pattern,
 )
-from sftdata.templates import DEFAULT_TEMPLATE_DATE, load_template
+from sftdata.templates import DEFAULT_TEMPLATE_DATE, bounds, load_template
 from sftdata.tokenizer import tokenizer_name
 
 TrainOn = Literal["all-assistant", "last-assistant", "everything"]
@@ -247,9 +247,12 @@ class Renderer:
         if hidden is not None:
             original, conv = conv, hidden
         try:
-            self._render_into(conv, out, original)
+            with bounds.cpu_floor():
+                self._render_into(conv, out, original)
         except NoStop as x:
             raise TemplateError(f"{conv.source}: record {conv.id!r}: {x}") from None
+        except bounds.TemplateBoundError as e:  # the floor went off between two renders
+            self._refuse(conv, out, "template_error", f"TemplateBoundError: {_one_line(e)}")
         if original is not None and out.refusal is None:
             out.samples = [RenderedSample(restore(x.text), x.spans, x.text) for x in out.samples]
         return out
@@ -313,7 +316,7 @@ class Renderer:
                     if at is not None:
                         inserts.append(at)
                 else:
-                    s, e = find_text(text, _text(d), cursor)  # as written, trimmed, escaped
+                    s, e = find_text(text, message_text(d), cursor)  # as written, trimmed, escaped
                     if s < 0:
                         continue  # checked as "not rendered" below
                 (excluded if everything else spans).append((s, e))
@@ -367,7 +370,7 @@ class Renderer:
                     "be derived"
                 )
         follow = text if text.startswith(whole) else None
-        original = _text(msgs[j])
+        original = message_text(msgs[j])
         # A reply that itself holds a stop token's text ("... </s> ok") is searched past.
         after = s
         if self._stop_re is not None and self._stop_re.search(original):
@@ -436,13 +439,6 @@ def _blocks_of(
     if blocks is None or len(blocks) != len(assistants):
         return {}
     return dict(zip(assistants, blocks, strict=True))
-
-
-def _text(m: dict[str, Any]) -> str:
-    c = m.get("content")
-    if isinstance(c, list):
-        return "".join(p.get("text", "") for p in c if isinstance(p, dict))
-    return c if isinstance(c, str) else ""
 
 
 class _Fallback(Exception):

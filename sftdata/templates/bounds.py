@@ -24,6 +24,7 @@ range and output bounds: what they do grows only with the record's messages and 
 
 from __future__ import annotations
 
+import _signal
 import copy
 import math
 import re
@@ -40,8 +41,8 @@ a context window)."""
 MAX_ITEMS = 1 << 20
 """Items of any list or tuple a template builds with ``*``/``+``."""
 MAX_RENDER_CPU_S = 20.0
-"""CPU seconds one render may take (the floor under the counts; real renders take
-milliseconds)."""
+"""CPU seconds the renders of one record may take (the floor under the counts; real renders
+take milliseconds)."""
 _WIDE_NUMBER = re.compile(r"\d{8,}")
 """A width/precision of eight digits or more in a format string (10**7 characters and up)."""
 
@@ -58,10 +59,12 @@ _BUDGET = _Budget()
 
 
 class cpu_floor:
-    """Context: the render inside is stopped with :class:`TemplateBoundError` once this process
-    has spent :data:`MAX_RENDER_CPU_S` CPU seconds in it (``ITIMER_PROF``; the ``SIGPROF``
-    handler is installed once per process). Only in the main thread (where Python runs signal
-    handlers) and while the timer is nobody else's; elsewhere the counted bounds stand alone."""
+    """Context: the renders inside are stopped with :class:`TemplateBoundError` once this
+    process has spent :data:`MAX_RENDER_CPU_S` CPU seconds in them (``ITIMER_PROF``; the
+    ``SIGPROF`` handler is installed once per process). The renderer arms it once around all the
+    renders of a record; nested, only the outermost counts. Only in the main thread (where Python
+    runs signal handlers) and while the timer is nobody else's; elsewhere the counted bounds
+    stand alone."""
 
     _active = False
     _installed = False
@@ -69,6 +72,10 @@ class cpu_floor:
     def __enter__(self) -> cpu_floor:
         import signal
 
+        # Armed around every render (a prefix-render template renders a record several times),
+        # so this is kept cheap: ``signal.getsignal`` converts a Python handler through the
+        # Handlers enum by a caught ValueError, a third of a short render's time (measured);
+        # ``_signal.getsignal``, which it wraps, returns the handler as it is.
         self._armed = False
         if cpu_floor._active or threading.current_thread() is not threading.main_thread():
             return self
@@ -77,7 +84,7 @@ class cpu_floor:
                 return self  # a profiler's handler: leave it be
             signal.signal(signal.SIGPROF, _over_cpu)
             cpu_floor._installed = True
-        elif signal.getsignal(signal.SIGPROF) is not _over_cpu:
+        elif _signal.getsignal(signal.SIGPROF) is not _over_cpu:
             return self
         cpu_floor._active = self._armed = True
         signal.setitimer(signal.ITIMER_PROF, render_cpu_s())
@@ -95,8 +102,11 @@ def render_cpu_s() -> float:
     """:data:`MAX_RENDER_CPU_S`, or ``SFTPIPE_RENDER_CPU_S`` where set (a positive number)."""
     import os
 
+    text = os.environ.get("SFTPIPE_RENDER_CPU_S")
+    if not text:  # the usual case, without the cost of a caught ValueError per render
+        return MAX_RENDER_CPU_S
     try:
-        value = float(os.environ.get("SFTPIPE_RENDER_CPU_S", ""))
+        value = float(text)
     except ValueError:
         return MAX_RENDER_CPU_S
     return value if value > 0 else MAX_RENDER_CPU_S
@@ -367,9 +377,26 @@ def sandbox_generator() -> type:
     """The sandbox's code generator: ``~`` goes through :func:`checked_concat` (Jinja compiles it
     to a plain join, which no operator hook sees)."""
     from jinja2 import nodes
-    from jinja2.compiler import CodeGenerator
+    from jinja2.compiler import CodeGenerator, optimizeconst
 
     class BoundedConcat(CodeGenerator):
+        @optimizeconst
+        def visit_Add(self, node: Any, frame: Any) -> None:
+            # '+' is most of the operators a chat template runs (Qwen2's own: six per message,
+            # in every prefix render): it calls the environment's two-argument ``plus`` rather
+            # than the sandbox's ``call_binop(context, '+', left, right)``, which the template
+            # then ran through one more call and a compare per '+' (measured: a fifth of a
+            # sandboxed render). Constants fold as Jinja's own visitor folds them (none: the
+            # sandbox intercepts '+'). Our own templates (not sandboxed) keep a plain '+'.
+            if not self.environment.sandboxed:
+                return super().visit_Add(node, frame)
+            self.write("environment.plus(")
+            self.visit(node.left, frame)
+            self.write(", ")
+            self.visit(node.right, frame)
+            self.write(")")
+            return None
+
         def visit_For(self, node: Any, frame: Any) -> None:
             # every item of every loop spends a step (a loop over a long string nests too)
             if not node.recursive:

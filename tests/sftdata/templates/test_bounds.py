@@ -173,3 +173,70 @@ def test_a_render_that_escapes_the_counts_meets_the_cpu_floor(monkeypatch, tmp_p
     ]  # fmt: skip
     with pytest.raises(TemplateError, match=r"d\.jsonl:2: .*record 'r1'.*CPU seconds"):
         r.encode_batch(convs)
+
+
+PREFIX_RENDERED = (  # a file template without generation blocks: spans come from prefix renders
+    "{% for m in messages %}{{ m.role }}: {{ m.content }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def test_one_cpu_floor_covers_all_the_renders_of_a_record(monkeypatch, tmp_path) -> None:
+    """The floor is armed once per record, however many prefix renders its turns take (arming
+    it costs a third of a short render), and is off between records."""
+    import signal
+
+    path = tmp_path / "prefix.jinja"
+    path.write_text(PREFIX_RENDERED, encoding="utf-8")
+    r = Renderer(load_snapshot("tiny"), template=str(path))
+    turns = [Message(role, f"{role} {k}") for k in range(3) for role in ("user", "assistant")]
+    conv = Conversation("r0", turns, Source("d.jsonl", line=1))
+    renders, arms = [], []
+    real_render, real_setitimer = JinjaTemplate.render, signal.setitimer
+
+    def render(self, *a, **k):
+        renders.append(1)
+        return real_render(self, *a, **k)
+
+    def setitimer(which, seconds, *rest):
+        arms.append(seconds)
+        return real_setitimer(which, seconds, *rest)
+
+    monkeypatch.setattr(JinjaTemplate, "render", render)
+    monkeypatch.setattr(signal, "setitimer", setitimer)
+    (enc,) = r.encode_batch([conv])
+    assert enc.render.refusal is None and len(renders) >= 5  # the record, 3 prompts, 2 turns
+    assert arms == [bounds.render_cpu_s(), 0]
+    assert real_setitimer(signal.ITIMER_PROF, 0) == (0.0, 0.0)  # off after the record
+
+
+def test_the_floor_going_off_between_two_renders_refuses_the_record(monkeypatch) -> None:
+    """SIGPROF can land in the renderer's own code between two renders of a record: the record
+    is refused naming it, like a bound met inside a render, and the next record renders."""
+    import sftdata.render.renderer as renderer_module
+
+    real = renderer_module.insert_stops
+    calls = []
+
+    def insert_stops(*a, **k):  # runs between the record's renders and its coverage check
+        calls.append(1)
+        if len(calls) == 2:
+            raise bounds.TemplateBoundError("the template took more than 20 CPU seconds")
+        return real(*a, **k)
+
+    monkeypatch.setattr(renderer_module, "insert_stops", insert_stops)
+    r = Renderer(load_snapshot("tiny"), template="llama2")
+    convs = [
+        Conversation(f"r{i}", [Message("user", "q"), Message("assistant", "a")],
+                     Source("d.jsonl", line=i + 1))
+        for i in range(3)
+    ]  # fmt: skip
+    encs = r.encode_batch(convs, skip_invalid=True)
+    assert [e.render.refusal is None for e in encs] == [True, False, True]
+    assert encs[1].render.refusal == (
+        "d.jsonl:2: template llama2: record 'r1': TemplateBoundError: the template took more "
+        "than 20 CPU seconds"
+    )
+    with pytest.raises(TemplateError, match=r"d\.jsonl:2: .*record 'r1'.*CPU seconds"):
+        calls.clear()
+        r.encode_batch(convs)
