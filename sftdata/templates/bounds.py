@@ -406,6 +406,19 @@ def sandbox_generator() -> type:
                 )
             super().visit_For(node, frame)
 
+        def visit_Call(self, node: Any, frame: Any, forward_caller: bool = False) -> None:
+            # visit_For's own wrapper is called directly, not through the sandbox's checks of
+            # a template's calls (a template cannot name an environment attribute)
+            if (
+                isinstance(node.node, nodes.EnvironmentAttribute)
+                and node.node.name == "counted_iter"
+            ):
+                self.write("environment.counted_iter(")
+                self.visit(node.args[0], frame)
+                self.write(")")
+                return None
+            return super().visit_Call(node, frame, forward_caller=forward_caller)
+
         def visit_Concat(self, node: Any, frame: Any) -> None:
             if frame.eval_ctx.volatile or frame.eval_ctx.autoescape:
                 return super().visit_Concat(node, frame)
