@@ -14,7 +14,7 @@ import numpy as np
 
 from sftdata.pack.encode import Chunk, encode_raw, init_worker, read_raw_chunks
 from sftdata.pack.options import PackOptions
-from sftdata.pack.rows import build_row
+from sftdata.pack.rows import build_rows
 from sftdata.shards import ShardWriter
 
 SPILL_IDS, SPILL_MASK = ".spill-ids.bin", ".spill-mask.bin"
@@ -163,6 +163,31 @@ class ShardTask:
     """Offset of each row in ``samples`` (one more entry: the total)."""
 
 
+BLOCK_TOKENS = 1 << 20
+"""Tokens a shard writer reads and lays out at a time: ``build_rows``' index arrays take about
+40 bytes a token, so a block stays within tens of MB however large a shard is."""
+
+
+def _read_records(
+    fds: dict[str, int], samples: np.ndarray, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Tokens and masks (back to back), lengths and record ids of ``samples``, in their order."""
+    size = SAMPLE.itemsize
+    where = np.frombuffer(
+        b"".join([os.pread(fds[SPILL_SAMPLES], size, size * i) for i in samples.tolist()]),
+        dtype=SAMPLE,
+    )
+    lens = lengths.astype(np.int64)
+    spans = list(zip(where["start"].tolist(), lens.tolist(), strict=True))
+    ids = b"".join([os.pread(fds[SPILL_IDS], 4 * n, 4 * a) for a, n in spans])
+    mask = b"".join([os.pread(fds[SPILL_MASK], n, a) for a, n in spans])
+    rids = [
+        os.pread(fds[SPILL_RIDS], n, a).decode("utf-8")
+        for a, n in zip(where["rid"].tolist(), where["rid_len"].tolist(), strict=True)
+    ]
+    return np.frombuffer(ids, dtype=np.int32), np.frombuffer(mask, dtype=np.bool_), lens, rids
+
+
 def write_shard(task: ShardTask) -> tuple[str, int, dict[str, Any], int, int]:
     """Gather, lay out and write one shard; return its split, rows, index entry, tokens and
     trained tokens."""
@@ -180,22 +205,20 @@ def write_shard(task: ShardTask) -> tuple[str, int, dict[str, Any], int, int]:
             first_shard=task.number,
         )  # fmt: skip
         tokens = trained = 0
-        size = SAMPLE.itemsize
-        for r in range(n_rows):
-            segs, rids = [], []
-            for j in range(task.row_starts[r], task.row_starts[r + 1]):
-                i, n = int(task.samples[j]), int(task.lengths[j])
-                (where,) = np.frombuffer(os.pread(fds[SPILL_SAMPLES], size, size * i), dtype=SAMPLE)
-                a = int(where["start"])
-                ids = np.frombuffer(os.pread(fds[SPILL_IDS], 4 * n, 4 * a), dtype=np.int32)
-                mask = np.frombuffer(os.pread(fds[SPILL_MASK], n, a), dtype=np.bool_)
-                rid = os.pread(fds[SPILL_RIDS], int(where["rid_len"]), int(where["rid"]))
-                tokens += n
-                trained += int(np.count_nonzero(mask[1:]))
-                segs.append((ids, mask))
-                rids.append(rid.decode("utf-8"))
-            # The last add fills the writer (shard_size = rows), which writes the file.
-            writer.add(build_row(segs, seq_len=task.seq_len, pad_id=task.pad_id), rids)
+        step = max(1, BLOCK_TOKENS // task.seq_len)  # rows laid out at a time
+        for r0 in range(0, n_rows, step):
+            starts = task.row_starts[r0 : r0 + step + 1]
+            picked = slice(int(starts[0]), int(starts[-1]))
+            ids, mask, lens, rids = _read_records(fds, task.samples[picked], task.lengths[picked])
+            local = starts - starts[0]
+            firsts = np.cumsum(lens) - lens
+            tokens += len(ids)
+            # a record's first token is never trained once packed (build_row): it never counts
+            trained += int(np.count_nonzero(mask)) - int(np.count_nonzero(mask[firsts]))
+            rows = build_rows(ids, mask, lens, local, seq_len=task.seq_len, pad_id=task.pad_id)
+            for r, row in enumerate(rows):
+                # The last add fills the writer (shard_size = rows), which writes the file.
+                writer.add(row, rids[local[r] : local[r + 1]])
     finally:
         for fd in fds.values():
             os.close(fd)

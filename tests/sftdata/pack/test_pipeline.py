@@ -260,14 +260,20 @@ def test_c5_num_proc_gives_identical_shards_and_rerun_is_a_noop(tmp_path: Path, 
     assert "packed" in changed and read_index(tmp_path / "p1")["options"]["val_count"] == 5
 
 
-def test_chunking_and_workers_do_not_change_bytes(tmp_path: Path, data: Path) -> None:
-    from sftdata.pack import PackOptions, pack
+def test_chunking_and_workers_do_not_change_bytes(
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sftdata.pack import PackOptions, pack, workers
 
     base = {"seq_len": 256, "tokenizer": "tiny", "shard_size": 5}
     pack([data], tmp_path / "x", PackOptions(**base, chunk_size=2000, num_proc=1))
     rep = pack([data], tmp_path / "y", PackOptions(**base, chunk_size=4, num_proc=2))
     assert not rep.noop and rep.records == 30
     assert shard_hashes(tmp_path / "x") == shard_hashes(tmp_path / "y")
+    # shard writers that lay out two rows at a time (the workers fork with the lowered block)
+    monkeypatch.setattr(workers, "BLOCK_TOKENS", 2 * 256)
+    pack([data], tmp_path / "z", PackOptions(**base, num_proc=2))
+    assert shard_hashes(tmp_path / "x") == shard_hashes(tmp_path / "z")
 
 
 def test_cold_and_warm_tokenizer_cache_give_identical_shards(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sftdata import IGNORE_INDEX
-from sftdata.pack.rows import build_row, efficiency, next_fit, pack_rows
+from sftdata.pack.rows import build_row, build_rows, efficiency, next_fit, pack_rows
 
 
 def _alpaca_like(n: int, seed: int = 0) -> np.ndarray:
@@ -92,3 +92,46 @@ def test_build_row_full_row_has_no_pad_segment() -> None:
 def test_build_row_refuses_overfull() -> None:
     with pytest.raises(ValueError, match="more than seq_len"):
         build_row([(np.ones(6, np.int32), np.ones(6, bool))] * 2, seq_len=10, pad_id=0)
+
+
+def _random_rows(
+    rng: np.random.Generator, seq_len: int
+) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    rows = []
+    for _ in range(int(rng.integers(0, 6))):
+        segs, room = [], seq_len
+        while room > 0 and (not segs or rng.random() < 0.8):
+            n = int(rng.integers(1, room + 1))
+            room -= n
+            segs.append((rng.integers(0, 1000, n).astype(np.int32), rng.random(n) < 0.5))
+        rows.append(segs)
+    return rows
+
+
+def test_build_rows_lays_out_rows_as_build_row_does() -> None:
+    """The shard writers' array layout of many rows at once, against the one-row reference on
+    random rows: full rows, rows of one record, one-token records, no rows at all."""
+    rng = np.random.default_rng(0)
+    for seq_len in [1, 2, 7, 64] * 50:
+        rows = _random_rows(rng, seq_len)
+        segs = [s for row in rows for s in row]
+        ids = np.concatenate([i for i, _ in segs] or [np.empty(0, np.int32)])
+        mask = np.concatenate([m for _, m in segs] or [np.empty(0, bool)])
+        starts = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+        lens = np.array([len(i) for i, _ in segs], dtype=np.int64)
+        got = build_rows(ids, mask, lens, starts, seq_len=seq_len, pad_id=3)
+        want = [build_row(row, seq_len=seq_len, pad_id=3) for row in rows]
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            for name in ("input_ids", "labels", "position_ids", "seq_lens"):
+                a, b = getattr(g, name), getattr(w, name)
+                assert a.dtype == b.dtype == np.int32 and a.tolist() == b.tolist(), name
+            assert g.num_pad == w.num_pad
+
+
+def test_build_rows_refuses_what_build_row_refuses() -> None:
+    ids, mask = np.ones(12, np.int32), np.ones(12, bool)
+    with pytest.raises(ValueError, match="more than seq_len"):
+        build_rows(ids, mask, np.array([6, 6]), np.array([0, 2]), seq_len=10, pad_id=0)
+    with pytest.raises(ValueError, match="empty record"):
+        build_rows(ids, mask, np.array([0, 6, 6]), np.array([0, 1, 3]), seq_len=10, pad_id=0)
