@@ -334,6 +334,23 @@ def max_length(tok: Any) -> int | None:
     return min(found) if found else None
 
 
+def compact_merges(backend_json: str) -> str:
+    """A serialized ``tokenizers.Tokenizer`` with its BPE merges as ``"a b"`` strings rather than
+    ``["a", "b"]`` pairs where no merged piece holds a space (where one does, only the pairs say
+    where it splits): the same tokenizer (it serializes back to the same JSON), which
+    ``Tokenizer.from_str`` builds faster (measured: a quarter less for Llama 3's 280k merges), a
+    time every pack spends before its workers start."""
+    d = json.loads(backend_json)
+    model = d.get("model") or {}
+    merges = model.get("merges")
+    if model.get("type") != "BPE" or not merges or not all(isinstance(m, list) for m in merges):
+        return backend_json
+    if any(" " in a or " " in b for a, b in merges):
+        return backend_json
+    model["merges"] = [f"{a} {b}" for a, b in merges]
+    return json.dumps(d, ensure_ascii=False)
+
+
 @dataclass(frozen=True)
 class TokenizerSnapshot:
     """What rendering, masking and packing need from a tokenizer, without ``transformers``.
@@ -344,7 +361,7 @@ class TokenizerSnapshot:
     """
 
     backend_json: str
-    """The Rust tokenizer serialized (``backend_tokenizer.to_str()``)."""
+    """The Rust tokenizer serialized (``backend_tokenizer.to_str()``, :func:`compact_merges`)."""
     specials: dict[str, str | None]
     """bos/eos/unk/pad token strings (None where the tokenizer has none)."""
     chat_template: str | None
@@ -367,7 +384,7 @@ class TokenizerSnapshot:
         ident.pop("name")
         template = tok.chat_template if isinstance(tok.chat_template, str) else None
         return cls(
-            backend_json=tok.backend_tokenizer.to_str(),
+            backend_json=compact_merges(tok.backend_tokenizer.to_str()),
             specials={k: getattr(tok, k) for k in _SPECIALS},
             chat_template=template,
             identity=ident,

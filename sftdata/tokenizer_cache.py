@@ -26,7 +26,7 @@ from sftdata.tokenizer import (
     resolve_spec,
 )
 
-SNAPSHOT_VERSION = 5
+SNAPSHOT_VERSION = 6
 """Bump when loading changes what a snapshot holds (e.g. ``_restore_dummy_prefix``)."""
 
 

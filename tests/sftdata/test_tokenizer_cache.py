@@ -114,3 +114,30 @@ def test_snapshot_errors_are_those_of_load_tokenizer(tmp_path: Path, fresh_cache
     with pytest.raises(ConfigError, match="not a tokenizer folder"):
         load_snapshot(tmp_path / "empty")
     assert not fresh_cache.exists()
+
+
+def test_snapshots_hold_the_same_rust_tokenizer_with_compact_merges(
+    shared_tokenizers: Path, llama2_tokenizer_dir: Path, fresh_cache: Path
+) -> None:
+    """Merges kept as "a b" strings (faster to load) give the very tokenizer the folder holds:
+    the same JSON once loaded, on tiny, Llama-2 and the three real vocabularies."""
+    folders = ["tiny", llama2_tokenizer_dir] + [
+        shared_tokenizers / n for n in ("qwen2", "llama3", "phi3")
+    ]
+    for folder in folders:
+        full = load_tokenizer(folder).backend_tokenizer.to_str()
+        snap = load_snapshot(folder)
+        assert json.loads(snap.backend_json)["model"]["merges"][0].count(" ") == 1, folder
+        assert snap.backend_tokenizer.to_str() == full, folder
+
+
+def test_merges_of_pieces_holding_a_space_stay_pairs() -> None:
+    from tokenizers import Tokenizer, models
+
+    from sftdata.tokenizer import compact_merges
+
+    vocab = {"x": 0, "y z": 1, "xy z": 2}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("x", "y z")]))
+    text = tok.to_str()
+    assert compact_merges(text) == text  # "x y z" would not say where the pair splits
+    assert Tokenizer.from_str(compact_merges(text)).to_str() == text
