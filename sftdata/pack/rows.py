@@ -192,14 +192,18 @@ def build_rows(
     *,
     seq_len: int,
     pad_id: int,
+    out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> list[Row]:
-    """:func:`build_row` for many rows at once, laid out with array operations (a shard's tens
-    of thousands of records took a Python loop each, most of a shard writer's time).
+    """:func:`build_row` for many rows at once: a row is three slice copies, not a Python loop
+    per record (a shard's tens of thousands of records were most of a shard writer's time).
 
     Args:
         ids, mask: the records' tokens and train masks back to back, row after row.
         lens: each record's length (every one at least 1).
         row_starts: offset of each row's first record in ``lens`` (one more entry: the total).
+        out: int32 ``(rows, seq_len)`` arrays for input_ids, labels and position_ids with room
+            for the rows, reused between calls (the rows returned are views of them); fresh
+            arrays when None.
     """
     lens = np.asarray(lens, dtype=np.int64)
     row_starts = np.asarray(row_starts, dtype=np.int64)
@@ -207,30 +211,29 @@ def build_rows(
     if lens.size and lens.min() < 1:
         raise ValueError("empty record in a row")
     first = np.cumsum(lens) - lens  # each record's first token in ``ids``
-    ends = np.append(first, len(ids))[row_starts]  # each row's first token (and the total)
-    used = np.diff(ends)
-    if n_rows and used.max() > seq_len:
-        r = int(np.argmax(used))
-        raise ValueError(f"records total {int(used[r])} tokens, more than seq_len {seq_len}")
-    record_row = np.repeat(np.arange(n_rows), np.diff(row_starts))
-    token_record = np.repeat(np.arange(len(lens)), lens)
-    in_record = np.arange(len(ids), dtype=np.int64) - first[token_record]
-    # every token's place in the (rows, seq_len) block: its row, then its offset in the row
-    token_row = record_row[token_record]
-    dest = token_row * seq_len + (np.arange(len(ids), dtype=np.int64) - ends[token_row])
-    input_ids = np.full((n_rows, seq_len), pad_id, dtype=np.int32)
-    labels = np.full((n_rows, seq_len), IGNORE_INDEX, dtype=np.int32)
-    input_ids.reshape(-1)[dest] = ids
-    trained = np.asarray(mask, dtype=bool) & (in_record > 0)  # never a record's first token
-    labels.reshape(-1)[dest] = np.where(trained, ids, IGNORE_INDEX)
-    # padding counts 0.. from the end of the row's records; the records' tokens are set below
-    position_ids = (np.arange(seq_len, dtype=np.int64)[None, :] - used[:, None]).astype(np.int32)
-    position_ids.reshape(-1)[dest] = in_record
-    num_pad = seq_len - used
-    out = []
+    ends = np.append(first, len(ids))[row_starts].tolist()  # each row's first token, the total
+    used = [b - a for a, b in itertools.pairwise(ends)]
+    if used and max(used) > seq_len:
+        raise ValueError(f"records total {max(used)} tokens, more than seq_len {seq_len}")
+    labels_flat = np.where(mask, ids, IGNORE_INDEX).astype(np.int32)
+    labels_flat[first] = IGNORE_INDEX  # no record is predicted from its neighbour's last token
+    positions = (np.arange(len(ids), dtype=np.int64) - np.repeat(first, lens)).astype(np.int32)
+    if out is None:
+        shape = (n_rows, seq_len)
+        out = (np.empty(shape, np.int32), np.empty(shape, np.int32), np.empty(shape, np.int32))
+    input_ids, labels, position_ids = (x[:n_rows] for x in out)
+    counting = np.arange(seq_len, dtype=np.int32)
+    rows = []
     for r in range(n_rows):
+        a, n = ends[r], used[r]
+        input_ids[r, :n] = ids[a : a + n]
+        input_ids[r, n:] = pad_id
+        labels[r, :n] = labels_flat[a : a + n]
+        labels[r, n:] = IGNORE_INDEX
+        position_ids[r, :n] = positions[a : a + n]
+        position_ids[r, n:] = counting[: seq_len - n]
         segs = lens[row_starts[r] : row_starts[r + 1]]
-        pad = int(num_pad[r])
-        seq_lens = np.append(segs, pad) if pad else segs
-        out.append(Row(input_ids[r], labels[r], position_ids[r], seq_lens.astype(np.int32), pad))
-    return out
+        pad = seq_len - n
+        seq_lens = (np.append(segs, pad) if pad else segs).astype(np.int32)
+        rows.append(Row(input_ids[r], labels[r], position_ids[r], seq_lens, pad))
+    return rows

@@ -164,8 +164,9 @@ class ShardTask:
 
 
 BLOCK_TOKENS = 1 << 20
-"""Tokens a shard writer reads and lays out at a time: ``build_rows``' index arrays take about
-40 bytes a token, so a block stays within tens of MB however large a shard is."""
+"""Tokens a shard writer reads and lays out at a time (into the same three arrays, block after
+block): about 30 bytes a token while a block is laid out, so tens of MB however large a shard
+is."""
 
 
 def _read_records(
@@ -206,6 +207,8 @@ def write_shard(task: ShardTask) -> tuple[str, int, dict[str, Any], int, int]:
         )  # fmt: skip
         tokens = trained = 0
         step = max(1, BLOCK_TOKENS // task.seq_len)  # rows laid out at a time
+        shape = (min(step, n_rows), task.seq_len)
+        block = (np.empty(shape, np.int32), np.empty(shape, np.int32), np.empty(shape, np.int32))
         for r0 in range(0, n_rows, step):
             starts = task.row_starts[r0 : r0 + step + 1]
             picked = slice(int(starts[0]), int(starts[-1]))
@@ -215,7 +218,9 @@ def write_shard(task: ShardTask) -> tuple[str, int, dict[str, Any], int, int]:
             tokens += len(ids)
             # a record's first token is never trained once packed (build_row): it never counts
             trained += int(np.count_nonzero(mask)) - int(np.count_nonzero(mask[firsts]))
-            rows = build_rows(ids, mask, lens, local, seq_len=task.seq_len, pad_id=task.pad_id)
+            rows = build_rows(
+                ids, mask, lens, local, seq_len=task.seq_len, pad_id=task.pad_id, out=block
+            )
             for r, row in enumerate(rows):
                 # The last add fills the writer (shard_size = rows), which writes the file.
                 writer.add(row, rids[local[r] : local[r + 1]])
