@@ -53,7 +53,7 @@ class PackOptions:
     seed: int = 0
     """Seed of the validation pick and row shuffle (and of a data section's fractional weights)."""
     shard_size: int | None = None
-    """Rows per shard file [default: about 64 MB per file]."""
+    """Rows per shard file [default: a split's rows in equal files of at most about 64 MB]."""
     num_proc: int = 1
     """Worker processes that encode and write shards (the output is identical)."""
     chunk_size: int = 2000
@@ -74,10 +74,23 @@ class PackOptions:
     """A trained reply after which the template writes no stop token (GLM-4's last reply): append the model's stop token (trained), error, or allow (train replies without one)."""
 
     def resolved_shard_size(self) -> int:
-        """Rows per shard file after applying the automatic default."""
+        """Rows per shard file after applying the automatic default (at most: see
+        :meth:`shard_rows`)."""
         if self.shard_size is not None:
             return self.shard_size
         return max(1, SHARD_BYTES // (12 * self.seq_len))
+
+    def shard_bounds(self, rows: int) -> list[int]:
+        """Where each shard file of a split of ``rows`` rows starts (one more entry: ``rows``):
+        every ``shard_size`` rows as given, or by default the rows split evenly (sizes one apart
+        at most) among as few files as hold them (the workers write one file each at a time, so
+        a last file much smaller than the others left a worker idle while the largest was
+        written)."""
+        most = self.resolved_shard_size()
+        if self.shard_size is not None:
+            return [*range(0, rows, most), rows]
+        files = max(1, -(-rows // most))
+        return [k * rows // files for k in range(files + 1)]
 
     def output_options(self) -> dict[str, Any]:
         """The options recorded in the index and fingerprinted (those that change the bytes)."""

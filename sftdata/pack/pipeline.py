@@ -23,6 +23,7 @@ once everything succeeded, so an interrupted or failed pack leaves no ``index.js
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -400,14 +401,13 @@ def _write_shards(
     """Stage 4, writing: the shard files of every split (in the workers: shards are
     independent files); returns each split's index entry. Tasks are made as the workers take
     them, so only the shards in flight exist in memory."""
-    shard_size = opts.resolved_shard_size()
     lengths = spill.lengths
 
     def tasks():
         for name, plan in plans.items():
             n_rows = len(plan.row_starts) - 1
-            for number, first in enumerate(range(0, n_rows, shard_size)):
-                last = min(first + shard_size, n_rows)
+            bounds = opts.shard_bounds(n_rows)
+            for number, (first, last) in enumerate(itertools.pairwise(bounds)):
                 a, b = plan.row_starts[first], plan.row_starts[last]
                 yield ShardTask(
                     folder=str(work), split=name, number=number, seq_len=opts.seq_len,

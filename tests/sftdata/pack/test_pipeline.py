@@ -638,3 +638,23 @@ def test_seq_len_past_the_models_maximum_needs_allow_long(tmp_path: Path) -> Non
         [src], tmp_path / "o", PackOptions(seq_len=4096, tokenizer="tiny", allow_long=True)
     )
     assert report.rows == 1
+
+
+def test_default_shards_split_a_split_evenly(
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default a split's rows go into as few files as hold them, of sizes one apart at most
+    (a small last file left a worker idle); an explicit --shard-size is kept as given."""
+    from sftdata.pack import options
+
+    opts = PackOptions(seq_len=4096, tokenizer="tiny")
+    most = opts.resolved_shard_size()
+    assert opts.shard_bounds(most) == [0, most]
+    assert opts.shard_bounds(most + 1) == [0, (most + 1) // 2, most + 1]
+    assert opts.shard_bounds(2049) == [0, 1024, 2049] and opts.shard_bounds(0) == [0, 0]
+    explicit = PackOptions(seq_len=4096, tokenizer="tiny", shard_size=1365)
+    assert explicit.shard_bounds(2049) == [0, 1365, 2049]
+    monkeypatch.setattr(options, "SHARD_BYTES", 4 * 12 * 256)  # at most 4 rows a file
+    pack([data], tmp_path / "even", PackOptions(seq_len=256, tokenizer="tiny"))
+    rows = [s["rows"] for s in read_index(tmp_path / "even")["splits"]["train"]["shards"]]
+    assert sum(rows) > 4 and max(rows) <= 4 and max(rows) - min(rows) <= 1, rows
