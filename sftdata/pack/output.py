@@ -40,6 +40,12 @@ def hash_inputs(inputs: Sequence[Path]) -> tuple[list[dict[str, Any]], int]:
     return out, lines
 
 
+LAYOUT = 2
+"""Bump when the same inputs and options come to be written as different bytes (2: default shard
+files split a split's rows evenly), so a folder written the older way is rebuilt, not served as
+up to date under a fingerprint that no longer says what its bytes are."""
+
+
 def fingerprint(
     inputs: list[dict[str, Any]], tokenizer_sha: str, template_key: str, opts: PackOptions
 ) -> str:
@@ -51,6 +57,7 @@ def fingerprint(
         "seq_len": opts.seq_len,
         "options": opts.output_options(),
         "tool": __version__,
+        "layout": LAYOUT,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -304,6 +304,23 @@ def test_input_change_rebuilds(tmp_path: Path, data: Path) -> None:
     assert "packed 20 records" in text and read_index(out)["fingerprint"] != before
 
 
+def test_a_folder_an_older_layout_wrote_is_rebuilt(
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same inputs and options, written the older way (the layout the fingerprint records):
+    rebuilt, not served as up to date."""
+    from sftdata.pack import output
+
+    out = tmp_path / "o"
+    monkeypatch.setattr(output, "LAYOUT", output.LAYOUT - 1)
+    pack_ok(data, "-o", out, "--tokenizer", "tiny", "--seq-len", 256)
+    before = read_index(out)["fingerprint"]
+    monkeypatch.undo()
+    again = pack_ok(data, "-o", out, "--tokenizer", "tiny", "--seq-len", 256)
+    assert "packed" in again and "up to date" not in again
+    assert read_index(out)["fingerprint"] != before
+
+
 # ------------------------------------------------------------------ bad input (C6)
 
 
