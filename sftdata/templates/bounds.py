@@ -72,9 +72,9 @@ class cpu_floor:
     def __enter__(self) -> cpu_floor:
         import signal
 
-        # Armed around every render (a prefix-render template renders a record several times),
-        # so this is kept cheap: ``signal.getsignal`` converts a Python handler through the
-        # Handlers enum by a caught ValueError, a third of a short render's time (measured);
+        # Entered around every render and armed once per record (nested entries return at
+        # once), so arming is kept cheap: ``signal.getsignal`` converts a Python handler through
+        # the Handlers enum by a caught ValueError, a third of a short render's time (measured);
         # ``_signal.getsignal``, which it wraps, returns the handler as it is.
         self._armed = False
         if cpu_floor._active or threading.current_thread() is not threading.main_thread():
