@@ -75,7 +75,7 @@ class PackOptions:
 
     def resolved_shard_size(self) -> int:
         """Rows per shard file after applying the automatic default (at most: see
-        :meth:`shard_rows`)."""
+        :meth:`shard_bounds`)."""
         if self.shard_size is not None:
             return self.shard_size
         return max(1, SHARD_BYTES // (12 * self.seq_len))
