@@ -103,3 +103,24 @@ def byte_compile() -> None:
 
     for package in ("sftdata", "sfttrain"):
         compileall.compile_dir(str(ROOT / package), quiet=1)
+
+
+def machine() -> str:
+    """The CPU a run was timed on, for its heading: ratios against the raw tokenizer move with it
+    (benchmarks/README: the same pack code gave 75–85% on one machine, 59–68% on a slower one)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    import platform
+
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    detail = [f"family {fields['cpu family']} model {fields['model']}"] if "model" in fields else []
+    if "cpu MHz" in fields:
+        detail.append(f"{float(fields['cpu MHz']):.0f} MHz")
+    detail.append(f"{os.cpu_count()} cores")
+    return f"{name} ({', '.join(detail)})"

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import BIN, ROOT, SHARED, byte_compile, last_json_line, run_child
+from _util import BIN, ROOT, SHARED, byte_compile, last_json_line, machine, run_child
 
 OUT = ROOT / "bench_out"
 TOKENIZER = SHARED / "tokenizers" / "llama2"
@@ -289,6 +289,7 @@ def main() -> None:
             f"{check['seconds'] / one['seconds']:.1%} of a one-process pack ({one['seconds']:.2f} s)"
         )
 
+    print(f"machine: {machine()}\n")
     print(
         "| step | records | tokens | seconds | records/s | tokens/s | vs raw tokenizer | rows (floor) | "
         "efficiency | peak RSS MB, largest process | peak RSS MB, all processes |"
@@ -342,7 +343,7 @@ def main() -> None:
         {"step": "time to first batch", "seconds": first_batch_s, "peak_rss_mb": r["peak_rss_mb"]}
     )
     (OUT / "pack_results.json").write_text(
-        json.dumps([*results, *groups, {"control": control_rows}], indent=2)
+        json.dumps([{"machine": machine()}, *results, *groups, {"control": control_rows}], indent=2)
     )
 
 
