@@ -16,8 +16,9 @@ from sftdata.jsonfile import read_json_object
 from sfttrain.config import TrainConfig, lora_target_modules
 from sfttrain.wrappers import decoder_layers, unwrap
 
-# Implementations that run on CPU, i.e. that C1 is tested for in the CPU test suite.
-CPU_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+# Implementations that run on CPU, i.e. that C1 is tested for in the CPU test suite
+# (flex_attention runs on CUDA only: check_attn_implementation; C1 under it: pytest -m gpu).
+CPU_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 TINY = "tiny"
@@ -140,12 +141,23 @@ def check_attn_implementation(name: str, *, cuda: bool | None = None) -> None:
     """Refuse an attention implementation this machine cannot run, in one line (the one check,
     used when a model is loaded and by ``perf.check_platform`` before training); ``cuda``: whether
     the run's device is a working GPU (default: whether CUDA is available)."""
-    if name != "flash_attention_2":
+    if name not in ("flash_attention_2", "flex_attention"):
         return
     import importlib.util
 
     if cuda is None:
         cuda = torch.cuda.is_available()
+    if name == "flex_attention":
+        if not cuda:
+            # torch 2.13's CPU kernel for it (compiled by transformers) has no backward, and its
+            # forward let packed records see each other on an AVX2 CPU (AMD EPYC Zen 1): logits
+            # 0.4 apart where tests/invariants/test_c1_isolation.py allows 1e-5; eager flex and
+            # the AVX-512 machines before it held C1. Not run where C1 is not known to hold.
+            raise ConfigError(
+                "attn_implementation: flex_attention runs on a CUDA GPU only (on CPU PyTorch's "
+                "kernel for it has no backward and can let packed records see each other); use sdpa"
+            )
+        return
     if not cuda or importlib.util.find_spec("flash_attn") is None:
         raise ConfigError(
             "attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package; "

@@ -138,13 +138,10 @@ def check_platform(config: Any, device: torch.device) -> None:
             raise ConfigError(
                 "attn_implementation: flash_attention_2 computes in bf16/fp16 only; set bf16: true"
             )
-    if config.attn_implementation == "flex_attention" and not cuda:
-        # torch 2.13: "FlexAttention does not support backward on CPU" (forward-only there, so
-        # eval and generate may use it; training may not)
-        raise ConfigError(
-            "attn_implementation: flex_attention trains on a CUDA GPU only (PyTorch has no CPU "
-            "backward for it); use sdpa on CPU"
-        )
+    if config.attn_implementation == "flex_attention":
+        from sfttrain.model import check_attn_implementation
+
+        check_attn_implementation(config.attn_implementation, cuda=cuda)
     if config.bf16 and cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError(
             f"bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; set bf16: false"

@@ -10,7 +10,8 @@ from sfttrain.loss import AUTO_ISOLATION, LossModel, forward_kwargs, isolation_f
 from sfttrain.model import CPU_ATTN_IMPLEMENTATIONS
 from tests.sfttrain_helpers import packed_row, small_model
 
-# flex_attention takes its document mask from position ids only (isolation_for refuses block_mask)
+# (flex_attention, CUDA only, takes its document mask from position ids only: isolation_for
+# refuses block_mask; the filter keeps that rule should it run here again)
 CASES = [
     (impl, iso)
     for impl in CPU_ATTN_IMPLEMENTATIONS
@@ -47,6 +48,19 @@ def test_packed_row_equals_separate_records(impl: str, isolation: str, pad: int)
 def test_auto_isolation_is_a_tested_mechanism(impl: str) -> None:
     assert isolation_for(impl) == AUTO_ISOLATION == "position_ids"
     assert isolation_for("sdpa", "block_mask") == "block_mask"
+
+
+def test_flex_attention_is_refused_off_cuda() -> None:
+    # its CPU kernel has no backward and let packed records see each other on an AVX2 CPU
+    from sftdata.errors import ConfigError
+    from sfttrain.model import check_attn_implementation, load_base_model
+
+    with pytest.raises(ConfigError, match="flex_attention runs on a CUDA GPU only"):
+        check_attn_implementation("flex_attention", cuda=False)
+    check_attn_implementation("flex_attention", cuda=True)
+    if not torch.cuda.is_available():  # eval and chat load models through here
+        with pytest.raises(ConfigError, match="use sdpa"):
+            load_base_model("tiny", attn_implementation="flex_attention")
 
 
 def test_flex_attention_refuses_a_dense_mask() -> None:

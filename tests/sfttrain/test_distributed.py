@@ -408,7 +408,7 @@ def test_fsdp_full_finetuning_matches_one_rank_and_its_checkpoint_resumes_on_one
     [
         ("quantization_bit=4", "quantization_bit: 4-bit QLoRA needs a CUDA GPU"),
         ("attn_implementation=flash_attention_2", "flash_attention_2 needs a CUDA GPU"),
-        ("attn_implementation=flex_attention", "flex_attention trains on a CUDA GPU only"),
+        ("attn_implementation=flex_attention", "flex_attention runs on a CUDA GPU only"),
     ],
 )
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusals")
