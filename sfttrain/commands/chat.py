@@ -76,6 +76,13 @@ def command(
 
 def converse(chat, name: str) -> None:
     """The read-reply loop on the terminal."""
+    import signal
+
+    # Ctrl-C must stop a reply even where this process was started with SIGINT ignored (a
+    # process inherits that across exec, and Python then installs no handler for it: seen
+    # under a test runner's worker; shells do it for background jobs).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     click.echo(f"Chatting with {name}. {HELP}")
     while True:
         try:
