@@ -289,14 +289,14 @@ def main() -> None:
             f"{check['seconds'] / one['seconds']:.1%} of a one-process pack ({one['seconds']:.2f} s)"
         )
 
-    print(f"machine: {machine()}\n")
+    cpu = machine()
+    print(f"machine: {cpu}\n")
     print(
         "| step | records | tokens | seconds | records/s | tokens/s | vs raw tokenizer | rows (floor) | "
         "efficiency | peak RSS MB, largest process | peak RSS MB, all processes |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for x in results:
-        ref, ref_rps = raw_tps, raw_rps
         tokens = x.get("tokens")
         tps = tokens / x["seconds"] if tokens else None
         rows = f"{x['rows']} ({x.get('floor_rows', '')})" if "rows" in x else ""
@@ -306,9 +306,9 @@ def main() -> None:
         # record, also those it then drops as longer than --seq-len (whose tokens it does not
         # count); where nothing is dropped this equals the tokens/s ratio.
         same = x.get("records") and "efficiency" in x
-        ratio = f"{x['records'] / x['seconds'] / ref_rps:.0%}" if same else ""
+        ratio = f"{x['records'] / x['seconds'] / raw_rps:.0%}" if same else ""
         if tps and not same:
-            ratio = f"{tps / ref:.0%}"
+            ratio = f"{tps / raw_tps:.0%}"
         eff = f"{x['efficiency']:.2%}" if "efficiency" in x else ""
         print(
             f"| {x['step']} | {x.get('records', '')} | {tokens or ''} | {x['seconds']:.2f} | "
@@ -343,7 +343,7 @@ def main() -> None:
         {"step": "time to first batch", "seconds": first_batch_s, "peak_rss_mb": r["peak_rss_mb"]}
     )
     (OUT / "pack_results.json").write_text(
-        json.dumps([{"machine": machine()}, *results, *groups, {"control": control_rows}], indent=2)
+        json.dumps([{"machine": cpu}, *results, *groups, {"control": control_rows}], indent=2)
     )
 
 

@@ -147,18 +147,16 @@ def check_attn_implementation(name: str, *, cuda: bool | None = None) -> None:
 
     if cuda is None:
         cuda = torch.cuda.is_available()
-    if name == "flex_attention":
-        if not cuda:
-            # torch 2.13's CPU kernel for it (compiled by transformers) has no backward, and its
-            # forward let packed records see each other on an AVX2 CPU (AMD EPYC Zen 1): logits
-            # 0.4 apart where tests/invariants/test_c1_isolation.py allows 1e-5; eager flex and
-            # the AVX-512 machines before it held C1. Not run where C1 is not known to hold.
-            raise ConfigError(
-                "attn_implementation: flex_attention runs on a CUDA GPU only (on CPU PyTorch's "
-                "kernel for it has no backward and can let packed records see each other); use sdpa"
-            )
-        return
-    if not cuda or importlib.util.find_spec("flash_attn") is None:
+    if name == "flex_attention" and not cuda:
+        # torch 2.13's CPU kernel for it (compiled by transformers) has no backward, and its
+        # forward let packed records see each other on an AVX2 CPU (AMD EPYC Zen 1): logits 0.4
+        # apart where tests/invariants/test_c1_isolation.py allows 1e-5; eager flex, and the
+        # compiled kernel on the machines before it, held C1. Not run where C1 is not known to hold.
+        raise ConfigError(
+            "attn_implementation: flex_attention runs on a CUDA GPU only (on CPU PyTorch's "
+            "kernel for it has no backward and can let packed records see each other); use sdpa"
+        )
+    if name == "flash_attention_2" and (not cuda or importlib.util.find_spec("flash_attn") is None):
         raise ConfigError(
             "attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package; "
             "use sdpa (packed rows stay isolated through position_ids)"

@@ -130,18 +130,13 @@ def check_platform(config: Any, device: torch.device) -> None:
             raise ConfigError(
                 "use_liger_kernel: Liger's Triton kernels need a CUDA GPU; this machine has none"
             )
-    if config.attn_implementation == "flash_attention_2":
-        from sfttrain.model import check_attn_implementation
+    from sfttrain.model import check_attn_implementation
 
-        check_attn_implementation(config.attn_implementation, cuda=cuda)
-        if not config.bf16:
-            raise ConfigError(
-                "attn_implementation: flash_attention_2 computes in bf16/fp16 only; set bf16: true"
-            )
-    if config.attn_implementation == "flex_attention":
-        from sfttrain.model import check_attn_implementation
-
-        check_attn_implementation(config.attn_implementation, cuda=cuda)
+    check_attn_implementation(config.attn_implementation, cuda=cuda)
+    if config.attn_implementation == "flash_attention_2" and not config.bf16:
+        raise ConfigError(
+            "attn_implementation: flash_attention_2 computes in bf16/fp16 only; set bf16: true"
+        )
     if config.bf16 and cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError(
             f"bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; set bf16: false"
