@@ -4,6 +4,7 @@ span of its sample)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +14,68 @@ from sftdata.render.control import SplitEncoder
 from sftdata.render.masks import mask_by_edges, mask_from_offsets
 from sftdata.render.samples import EncodedRecord, EncodedSample, RenderedRecord
 
+NORMAL_FORMS = frozenset({"NFC", "NFD", "NFKC", "NFKD"})
+"""Normalizers that leave every ASCII text as it is: a Unicode composition or decomposition
+always involves a character outside ASCII, and no ASCII character has a compatibility mapping."""
+
+
+def _normal_forms_only(spec: dict[str, Any]) -> bool:
+    kind = spec.get("type")
+    if kind == "Sequence":
+        return all(_normal_forms_only(x) for x in spec.get("normalizers", []))
+    return kind in NORMAL_FORMS
+
+
+def ascii_twin(backend: Any) -> Any | None:
+    """The same tokenizer without its normalizer, for ASCII texts, or None where that is not
+    the same tokenizer on every ASCII text.
+
+    Where the normalizer is only Unicode normal forms (Qwen2's NFC), it changes no ASCII text
+    and no offset, yet it rebuilds every text's alignments: skipping it is a tenth or more of
+    the Rust encode on mostly-ASCII records (benchmarks/README.md, "ASCII twin"). The twin shares
+    ``backend``'s model, pre-tokenizer, post-processor and decoder and re-adds its added tokens
+    in id order; it is used only where the added tokens came back under the same ids.
+    """
+    from tokenizers import Tokenizer
+
+    normalizer = backend.normalizer
+    if normalizer is None or backend.truncation is not None or backend.padding is not None:
+        return None
+    try:
+        spec = json.loads(normalizer.__getstate__())
+    except Exception:  # a custom (Python) normalizer does not serialize: keep the tokenizer
+        return None
+    if not _normal_forms_only(spec):
+        return None
+    twin = Tokenizer(backend.model)
+    twin.pre_tokenizer = backend.pre_tokenizer
+    twin.post_processor = backend.post_processor
+    twin.decoder = backend.decoder
+    added = backend.get_added_tokens_decoder()
+    for i in sorted(added):
+        token = added[i]
+        (twin.add_special_tokens if token.special else twin.add_tokens)([token])
+    return twin if twin.get_added_tokens_decoder() == added else None
+
+
+def encode_texts(backend: Any, texts: list[str], twin: Any | None) -> list[Any]:
+    """``backend.encode_batch(texts)`` without special tokens, the ASCII texts through
+    ``twin`` (:func:`ascii_twin`) where there is one: the same encodings, in order."""
+    if twin is None:
+        return backend.encode_batch(texts, add_special_tokens=False)
+    ascii_at = [i for i, t in enumerate(texts) if t.isascii()]
+    if not ascii_at:
+        return backend.encode_batch(texts, add_special_tokens=False)
+    if len(ascii_at) == len(texts):
+        return twin.encode_batch(texts, add_special_tokens=False)
+    out: list[Any] = [None] * len(texts)
+    others = [i for i, t in enumerate(texts) if not t.isascii()]
+    for idx, tok in ((ascii_at, twin), (others, backend)):
+        encodings = tok.encode_batch([texts[i] for i in idx], add_special_tokens=False)
+        for i, enc in zip(idx, encodings, strict=True):
+            out[i] = enc
+    return out
+
 
 def encode_renders(
     backend: Any,
@@ -20,9 +83,11 @@ def encode_renders(
     split: SplitEncoder | None,
     *,
     offsets: bool = False,
+    twin: Any | None = None,
 ) -> list[EncodedRecord]:
     """Tokenize every sample of ``renders`` (``backend``: a ``tokenizers.Tokenizer``); with
-    ``offsets``, each sample keeps its tokens' character offsets.
+    ``offsets``, each sample keeps its tokens' character offsets; ``twin``: :func:`ascii_twin`
+    of ``backend`` (or None).
 
     Samples whose record text holds control tokens under ``--special-text split`` (``hidden``
     set) go through ``split`` one by one; the rest through one ``encode_batch`` call. Token
@@ -32,7 +97,7 @@ def encode_renders(
     """
     flat = [s for r in renders for s in r.samples]
     plain = [s.text for s in flat if s.hidden is None]
-    encodings = iter(backend.encode_batch(plain, add_special_tokens=False))
+    encodings = iter(encode_texts(backend, plain, twin))
     it = iter(flat)
     out = []
     for r in renders:
@@ -58,4 +123,4 @@ def encode_renders(
     return out
 
 
-__all__ = ["encode_renders"]
+__all__ = ["ascii_twin", "encode_renders", "encode_texts"]

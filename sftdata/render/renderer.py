@@ -50,7 +50,7 @@ from sftdata.render.control import (
     screen,
 )
 from sftdata.render.coverage import find_text, not_rendered
-from sftdata.render.encoding import encode_renders
+from sftdata.render.encoding import ascii_twin, encode_renders
 from sftdata.render.foldins import as_parts, message_text, template_messages
 from sftdata.render.masks import subtract
 from sftdata.render.probe import PROBE, probe_caps
@@ -141,6 +141,7 @@ class Renderer:
         self.name, self.template_text, self._backend = load_template(
             str(template), tokenizer, specials=self._specials, date=template_date
         )
+        self._twin = ascii_twin(self._backend_tok)
         self.control = ControlTokens.of(self._backend_tok)
         """The tokenizer's control tokens (``sftdata.render.control``)."""
         self._split: SplitEncoder | None = None
@@ -427,7 +428,9 @@ class Renderer:
                     raise TemplateError(r.refusal)
         if self._split is None and any(x.hidden for r in renders for x in r.samples):
             self._split = SplitEncoder(self._backend_tok, self.control)
-        return encode_renders(self._backend_tok, renders, self._split, offsets=offsets)
+        return encode_renders(
+            self._backend_tok, renders, self._split, offsets=offsets, twin=self._twin
+        )
 
 
 def _blocks_of(
