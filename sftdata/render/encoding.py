@@ -31,8 +31,8 @@ def ascii_twin(backend: Any) -> Any | None:
     the same tokenizer on every ASCII text.
 
     Where the normalizer is only Unicode normal forms (Qwen2's NFC), it changes no ASCII text
-    and no offset, yet it rebuilds every text's alignments: skipping it is a tenth or more of
-    the Rust encode on mostly-ASCII records (benchmarks/README.md, "ASCII twin"). The twin shares
+    and no offset, yet it rebuilds every text's alignments, a measurable share of the Rust
+    encode on mostly-ASCII records (benchmarks/README.md, "ASCII twin"). The twin shares
     ``backend``'s model, pre-tokenizer, post-processor and decoder and re-adds its added tokens
     in id order; it is used only where the added tokens came back under the same ids.
     """
