@@ -63,13 +63,13 @@ def encode_texts(backend: Any, texts: list[str], twin: Any | None) -> list[Any]:
     ``twin`` (:func:`ascii_twin`) where there is one: the same encodings, in order."""
     if twin is None:
         return backend.encode_batch(texts, add_special_tokens=False)
-    ascii_at = [i for i, t in enumerate(texts) if t.isascii()]
-    if not ascii_at:
-        return backend.encode_batch(texts, add_special_tokens=False)
-    if len(ascii_at) == len(texts):
+    ascii_at: list[int] = []
+    others: list[int] = []
+    for i, t in enumerate(texts):
+        (ascii_at if t.isascii() else others).append(i)
+    if not others:
         return twin.encode_batch(texts, add_special_tokens=False)
     out: list[Any] = [None] * len(texts)
-    others = [i for i, t in enumerate(texts) if not t.isascii()]
     for idx, tok in ((ascii_at, twin), (others, backend)):
         encodings = tok.encode_batch([texts[i] for i in idx], add_special_tokens=False)
         for i, enc in zip(idx, encodings, strict=True):
