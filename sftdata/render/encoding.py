@@ -67,8 +67,6 @@ def encode_texts(backend: Any, texts: list[str], twin: Any | None) -> list[Any]:
     others: list[int] = []
     for i, t in enumerate(texts):
         (ascii_at if t.isascii() else others).append(i)
-    if not others:
-        return twin.encode_batch(texts, add_special_tokens=False)
     out: list[Any] = [None] * len(texts)
     for idx, tok in ((ascii_at, twin), (others, backend)):
         encodings = tok.encode_batch([texts[i] for i in idx], add_special_tokens=False)

@@ -80,7 +80,6 @@ def test_encodings_are_the_tokenizers_own_in_order(
     texts = [x for pair in zip(en, zh, strict=True) for x in (pair[0]["output"], pair[1]["output"])]
     texts += ["cafe\u0301 <|im_end|>", "<|im_start|>user\nhi<|im_end|>\n", ""]
     assert any(t.isascii() for t in texts) and not all(t.isascii() for t in texts)
-    want = backend.encode_batch(texts, add_special_tokens=False)
     for batch in (texts, [t for t in texts if t.isascii()], [t for t in texts if not t.isascii()]):
         got = encode_texts(backend, batch, twin)
         want = backend.encode_batch(batch, add_special_tokens=False)
