@@ -69,11 +69,15 @@ def test_the_tutorial_llamafactory_yaml_trains_evaluates_and_plots(
     # cutoff_len is the row length; longer records are cut as LLaMA-Factory cuts them, kept
     assert index["seq_len"] == 1024 and index["options"]["overflow"] == "cutoff"
     assert index["splits"]["validation"]["records"] == 20  # val_size 0.1 of max_samples 200
-    # a second run reuses the shards; overwrite_output_dir: true starts the run afresh
-    again = _run("run", "-c", "qwen-sft.yaml", cwd=tmp_path)
+    # a second run reuses the shards; overwrite_output_dir: true starts the run afresh. Two
+    # steps tell it (and halve the test): the first run's log must be gone, not continued.
+    again = _run("run", "-c", "qwen-sft.yaml", "--set", "max_steps=2", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already up to date" in again.stderr
-    assert _metrics(run)[0]["step"] == rows[0]["step"] and len(_metrics(run)) == len(rows)
+    assert "overwrite_output_dir: removed the earlier run" in again.stderr
+    fresh = _metrics(run)
+    assert fresh[0]["step"] == rows[0]["step"] == 2
+    assert max(m["step"] for m in fresh) == 2 < max(m["step"] for m in rows)
 
 
 @pytest.mark.slow
